@@ -1,0 +1,247 @@
+"""The ``npc-engine`` command. Errors reach the user as one message; ``--debug`` shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from npc_engine import __version__
+from npc_engine.config import EngineConfig, load_config
+from npc_engine.errors import NpcEngineError
+
+SCHEMA_NAMES = ("persona", "world")
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine settings (override env and config file)")
+    group.add_argument("--personas", dest="personas_dir", type=Path, help="personas folder")
+    group.add_argument("--data-dir", type=Path, help="memory folder (one engine owns it)")
+    group.add_argument("--cache-dir", type=Path, help="model cache folder")
+    group.add_argument("--model", help="known model id or path to a GGUF file")
+    group.add_argument("--chat-format", help="chat format for a GGUF without a template")
+    group.add_argument("--n-ctx", type=int)
+    group.add_argument("--n-threads", type=int)
+    group.add_argument("--n-gpu-layers", type=int)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--temperature", type=float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="npc-engine", description="Local-first dialogue engine for game NPCs."
+    )
+    parser.add_argument("--version", action="version", version=f"npc-engine {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--config", type=Path, help="YAML config file (default: ./npc-engine.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check persona and world files")
+    validate.add_argument("paths", nargs="*", type=Path, help="files or folders (default: personas)")
+
+    say = commands.add_parser("say", help="one reply from an NPC, streamed; memory is written")
+    say.add_argument("--npc", required=True, help="NPC id")
+    say.add_argument("--player", default="player", help="player id (default: player)")
+    say.add_argument(
+        "--context", action="append", default=[], metavar="KEY=VALUE", help="game context"
+    )
+    say.add_argument("--max-tokens", type=int, help="cap on this reply")
+    say.add_argument("--show-prompt", action="store_true", help="print prompt and memories")
+    say.add_argument("--json", action="store_true", help="print the turn as JSON at the end")
+    say.add_argument("text", help="what the player says")
+    _engine_flags(say)
+
+    models = commands.add_parser("models", help="list, install or verify known models")
+    models.add_argument("action", nargs="?", default="list", choices=["list", "install", "verify"])
+    models.add_argument("ids", nargs="*", help="model ids (default: the defaults)")
+    models.add_argument("--cache-dir", type=Path)
+
+    schema = commands.add_parser("schema", help="print a JSON Schema")
+    schema.add_argument("name", choices=SCHEMA_NAMES)
+    return parser
+
+
+def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> EngineConfig:
+    names = (
+        "personas_dir data_dir cache_dir model chat_format n_ctx n_threads n_gpu_layers seed "
+        "temperature"
+    ).split()
+    overrides = {name: getattr(args, name, None) for name in names}
+    overrides.update(extra or {})
+    return load_config(args.config, **overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from npc_engine.persona.loader import load_personas
+
+    paths = args.paths or [_config(args).personas_dir]
+    registry = load_personas(paths)
+    for problem in registry.problems:
+        print(problem)
+    loaded = len(registry.personas)
+    if registry.problems:
+        print(f"{len(registry.problems)} problem(s); {loaded} persona(s) valid.", file=sys.stderr)
+        return 1
+    worlds = len(registry.worlds)
+    print(f"OK: {loaded} persona(s) and {worlds} world file(s) valid.")
+    return 0
+
+
+def _parse_context(pairs: Sequence[str]) -> dict[str, str]:
+    context = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise NpcEngineError(f"--context expects KEY=VALUE, got {pair!r}")
+        context[key.strip()] = value.strip()
+    return context
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    from npc_engine.runtime import open_engine
+
+    context = _parse_context(args.context)
+    runtime = open_engine(_config(args), _progress)
+    try:
+        result = runtime.engine.say(
+            args.npc,
+            args.text,
+            player_id=args.player,
+            context=context,
+            max_tokens=args.max_tokens,
+            on_delta=lambda piece: print(piece, end="", flush=True),
+        )
+        print(flush=True)
+        ids = result.memory_write.result(timeout=60) if result.memory_write else []
+        timings = result.timings
+        ttft = f"{timings.ttft_ms:.0f}" if timings.ttft_ms is not None else "-"
+        print(
+            f"[{result.reason} · first token {ttft} ms · total {timings.total_ms:.0f} ms · "
+            f"retrieval {timings.retrieval_ms:.0f} ms · prompt {result.prompt_tokens} tokens "
+            f"({result.cached_tokens} cached) · {result.completion_tokens} generated · "
+            f"{len(result.memories)} memories recalled · {len(ids)} stored]",
+            file=sys.stderr,
+        )
+        if result.error:
+            print(f"generation failed, fallback line used: {result.error}", file=sys.stderr)
+        if args.show_prompt:
+            print("--- memories ---", file=sys.stderr)
+            for m in result.memories:
+                print(
+                    f"{m.score:.2f} (rel {m.relevance:.2f} rec {m.recency:.3f} "
+                    f"imp {m.importance:.1f}) {m.memory.text}",
+                    file=sys.stderr,
+                )
+            print("--- prompt ---", file=sys.stderr)
+            print(result.prompt, file=sys.stderr)
+        if args.json:
+            print(json.dumps(_turn_json(result, ids), indent=2))
+        return 0 if result.reason != "error" else 1
+    finally:
+        runtime.close()
+
+
+def _turn_json(result: Any, ids: list[str]) -> dict[str, Any]:
+    return {
+        "npc_id": result.npc_id,
+        "player_id": result.player_id,
+        "text": result.text,
+        "reason": result.reason,
+        "error": result.error,
+        "prompt_tokens": result.prompt_tokens,
+        "cached_tokens": result.cached_tokens,
+        "completion_tokens": result.completion_tokens,
+        "timings_ms": vars(result.timings),
+        "memories": [
+            {
+                "id": m.memory.id,
+                "text": m.memory.text,
+                "score": m.score,
+                "relevance": m.relevance,
+                "recency": m.recency,
+                "importance": m.importance,
+            }
+            for m in result.memories
+        ],
+        "stored_memory_ids": ids,
+    }
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from npc_engine.model_registry import DEFAULT_CHAT_MODEL, EMBEDDING_MODEL, MODELS, ModelCache
+
+    config = load_config(args.config, cache_dir=args.cache_dir)
+    cache = ModelCache(config.cache_dir)
+    unknown = [model_id for model_id in args.ids if model_id not in MODELS]
+    if unknown:
+        raise NpcEngineError(f"Unknown model(s): {', '.join(unknown)}. Known: {', '.join(MODELS)}")
+    if args.action == "list":
+        print(f"Model cache: {config.cache_dir}")
+        for spec in MODELS.values():
+            state = "installed" if cache.is_installed(spec) else "not installed"
+            default = " (default)" if spec.id in (DEFAULT_CHAT_MODEL, EMBEDDING_MODEL) else ""
+            print(f"  {spec.id:<24} {spec.kind:<9} {state:<14} {spec.description}{default}")
+            print(f"  {'':<24} {cache.model_dir(spec)}")
+        return 0
+    ids = args.ids or [DEFAULT_CHAT_MODEL, EMBEDDING_MODEL]
+    if args.action == "install":
+        for model_id in ids:
+            path = cache.install(MODELS[model_id], _progress)
+            print(f"{model_id}: installed and verified in {path}")
+        return 0
+    failed = False
+    for model_id in ids:
+        problems = cache.verify(MODELS[model_id])
+        for problem in problems:
+            print(problem)
+        failed = failed or bool(problems)
+        if not problems:
+            print(f"{model_id}: every file matches its pinned sha256")
+    return 1 if failed else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from npc_engine.schemas import schema_text
+
+    print(schema_text(args.name))
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "say": cmd_say, "models": cmd_models, "schema": cmd_schema}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except NpcEngineError as exc:
+        if args.debug:
+            raise
+        print(f"npc-engine: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # an unexpected bug: still one line unless --debug
+        if args.debug:
+            raise
+        print(
+            f"npc-engine: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+            file=sys.stderr,
+        )
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

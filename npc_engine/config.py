@@ -1,0 +1,156 @@
+"""Engine configuration: flags > environment (``NPC_ENGINE_…``) > config file > defaults.
+
+One pydantic-settings model validates all three sources, so a typo in the config file or
+an out-of-range environment value is reported the same way as a bad flag.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from npc_engine.errors import ConfigError
+from npc_engine.model_registry import DEFAULT_CHAT_MODEL
+
+CONFIG_FILE_ENV = "NPC_ENGINE_CONFIG"
+DEFAULT_CONFIG_FILE = Path("npc-engine.yaml")
+
+
+class RetrievalConfig(BaseModel):
+    """Generative Agents memory scoring (Park et al. 2023, §4.1).
+
+    score = w_recency*recency + w_relevance*relevance + w_importance*importance, each
+    min-max normalised over the candidates. The defaults are the released reference
+    code's weights (0.5, 3, 2); the paper used 1, 1, 1.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(6, ge=0, le=100, description="Memories put into each prompt.")
+    candidates: int = Field(40, ge=1, le=1000, description="Nearest memories scored per turn.")
+    weight_recency: float = Field(0.5, ge=0)
+    weight_relevance: float = Field(3.0, ge=0)
+    weight_importance: float = Field(2.0, ge=0)
+    recency_decay: float = Field(
+        0.995, gt=0, le=1, description="Recency factor per hour since last retrieval (paper)."
+    )
+    normalize_floor: float = Field(
+        0.1,
+        ge=0,
+        description="A spread smaller than this is not stretched to [0, 1] by min-max scaling, "
+        "so near-identical values (ten memories from the same minute) do not look far apart.",
+    )
+    min_relevance: float = Field(
+        0.0, ge=-1, le=1, description="Memories below this cosine similarity are never used."
+    )
+
+
+class EngineConfig(BaseSettings):
+    """Every setting of the engine, with its default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NPC_ENGINE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    personas_dir: Path = Field(Path("personas"), description="Folder of persona YAML files.")
+    data_dir: Path = Field(
+        Path(platformdirs.user_data_dir("npc-engine")),
+        description="Where memories are stored (Chroma). One engine process owns it.",
+    )
+    cache_dir: Path = Field(
+        Path(platformdirs.user_cache_dir("npc-engine")) / "models",
+        description="Where verified model files are cached.",
+    )
+    model: str = Field(
+        DEFAULT_CHAT_MODEL,
+        description="A known model id (see `npc-engine models`) or a path to any GGUF file.",
+    )
+    chat_format: str | None = Field(
+        None,
+        description="llama-cpp-python chat format for a GGUF without a chat template "
+        "(e.g. chatml, llama-3, gemma). Never guessed.",
+    )
+    n_ctx: int = Field(4096, ge=256, le=131072)
+    n_threads: int | None = Field(None, ge=1, description="Decode threads (default: all cores).")
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1 = all).")
+    seed: int = Field(-1, description="Sampling seed; -1 picks a random one per reply.")
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repeat_penalty: float = Field(1.1, ge=0)
+    max_tokens: int = Field(80, ge=1, le=2048, description="Default cap on a reply.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+    history_turns: int = Field(
+        12, ge=0, description="Earlier turns of the conversation kept in the prompt at most."
+    )
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # type: ignore[arg-type]
+
+    # Server settings (used by `npc-engine serve`).
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    token: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = _config_file_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def model_is_path(self) -> bool:
+        return self.model.endswith(".gguf") or os.sep in self.model
+
+
+_explicit_config_file: Path | None = None
+
+
+def _config_file_path() -> Path | None:
+    if _explicit_config_file is not None:
+        return _explicit_config_file
+    from_env = os.environ.get(CONFIG_FILE_ENV)
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_config(config_file: Path | None = None, **overrides: Any) -> EngineConfig:
+    """Build the configuration; ``overrides`` are flag values (None means "not given")."""
+    global _explicit_config_file
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"{config_file}: config file not found")
+    chosen = config_file or _config_file_path()
+    if chosen is not None and not chosen.is_file():
+        raise ConfigError(f"{chosen}: config file not found (set by {CONFIG_FILE_ENV})")
+    _explicit_config_file = config_file
+    try:
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return EngineConfig(**given)
+    except ValidationError as exc:
+        where = f" (config file {chosen})" if chosen else ""
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"Invalid configuration{where}: {problems}") from exc
+    finally:
+        _explicit_config_file = None

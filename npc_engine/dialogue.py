@@ -1,0 +1,306 @@
+"""The dialogue core: persona + memory + prompt + generation, with no I/O framework in it.
+
+``DialogueEngine.say`` runs one turn synchronously and reports text through a callback as
+it streams; the server and the CLI run it on a worker thread. Memory writes leave through
+the background ``MemoryWriter`` after the reply, so they never delay a first token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from npc_engine.cleaning import StreamCleaner, strip_special_tokens
+from npc_engine.config import EngineConfig
+from npc_engine.errors import NpcEngineError, UnknownNpcError
+from npc_engine.generation.base import GenerationParams, Generator
+from npc_engine.memory.importance import rate_importance
+from npc_engine.memory.scoring import score_candidates
+from npc_engine.memory.types import Memory, MemoryKind, MemoryStore, ScoredMemory, utc_now
+from npc_engine.memory.writer import MemoryWriter
+from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
+from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn
+
+log = logging.getLogger(__name__)
+
+ReplyReason = Literal["stop", "length", "cancelled", "error"]
+DEFAULT_PLAYER = "player"
+MAX_MEMORY_CHARS = 600
+# Lines the model writes when it starts to play the player too: cut the reply there.
+ROLE_STOPS = ["\nThe player (", "The player (", "\nPlayer:", "\nUser:"]
+
+
+@dataclass
+class TurnTimings:
+    retrieval_ms: float = 0.0
+    prompt_ms: float = 0.0
+    ttft_ms: float | None = None
+    generation_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class TurnResult:
+    npc_id: str
+    player_id: str
+    text: str
+    reason: ReplyReason
+    prompt: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    memories: list[ScoredMemory] = field(default_factory=list)
+    timings: TurnTimings = field(default_factory=TurnTimings)
+    error: str | None = None
+    used_fallback: bool = False
+    dropped: dict[str, int] = field(default_factory=dict)
+    memory_write: Future[list[str]] | None = None
+
+
+def sanitize_for_memory(text: str) -> str:
+    """Memories are quoted observations: no role tokens, no line breaks, bounded length."""
+    clean = re.sub(r"\s+", " ", strip_special_tokens(text)).strip().replace('"', "'")
+    return clean[:MAX_MEMORY_CHARS]
+
+
+def player_line_memory(npc_id: str, player_id: str, text: str, when: datetime) -> Memory:
+    quoted = sanitize_for_memory(text)
+    return Memory(
+        npc_id=npc_id,
+        player_id=player_id,
+        kind="dialogue",
+        text=f'The player {player_id} told me: "{quoted}"',
+        importance=rate_importance(quoted),
+        created_at=when,
+    )
+
+
+def reply_memory(npc_id: str, player_id: str, text: str, when: datetime) -> Memory:
+    quoted = sanitize_for_memory(text)
+    return Memory(
+        npc_id=npc_id,
+        player_id=player_id,
+        kind="dialogue",
+        text=f'I answered the player {player_id}: "{quoted}"',
+        importance=max(1, rate_importance(quoted) - 1),
+        created_at=when,
+    )
+
+
+class DialogueEngine:
+    def __init__(
+        self,
+        registry: PersonaRegistry,
+        generator: Generator,
+        store: MemoryStore,
+        config: EngineConfig,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.registry = registry
+        self.generator = generator
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.writer = MemoryWriter(store)
+        self.prompts = PromptBuilder(generator)
+        self._history: dict[tuple[str, str], list[Turn]] = {}
+        self._history_lock = threading.Lock()
+        self._fallback_counter = itertools.count()
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def persona(self, npc_id: str) -> LoadedPersona:
+        loaded = self.registry.get(npc_id)
+        if loaded is None:
+            raise UnknownNpcError(npc_id, self.registry.ids())
+        return loaded
+
+    def npc_names(self) -> dict[str, str]:
+        return {npc_id: p.persona.name for npc_id, p in self.registry.personas.items()}
+
+    def history(self, npc_id: str, player_id: str) -> list[Turn]:
+        with self._history_lock:
+            return list(self._history.get((npc_id, player_id), []))
+
+    def reset_conversation(self, npc_id: str, player_id: str) -> None:
+        with self._history_lock:
+            self._history.pop((npc_id, player_id), None)
+
+    # -- memory --------------------------------------------------------------------------
+
+    def recall(self, npc_id: str, player_id: str | None, query: str, limit: int) -> list[ScoredMemory]:
+        retrieval = self.config.retrieval
+        candidates = self.store.search(npc_id, player_id, query, max(retrieval.candidates, limit))
+        return score_candidates(candidates, self.clock(), retrieval)[:limit]
+
+    def recent_memories(self, npc_id: str, player_id: str | None, limit: int) -> list[Memory]:
+        self.persona(npc_id)
+        return self.store.recent(npc_id, player_id, limit)
+
+    def add_event(
+        self,
+        npc_ids: Sequence[str],
+        text: str,
+        *,
+        player_id: str | None = None,
+        importance: int | None = None,
+        kind: MemoryKind = "event",
+    ) -> Future[list[str]]:
+        """Record something the NPCs witnessed; ``["*"]`` means every NPC."""
+        targets = self.registry.ids() if list(npc_ids) == ["*"] else list(npc_ids)
+        for npc_id in targets:
+            self.persona(npc_id)
+        clean = sanitize_for_memory(text)
+        if not clean:
+            raise NpcEngineError("An event needs some text.")
+        when = self.clock()
+        rating = importance if importance is not None else rate_importance(clean, base=4)
+        memories = [
+            Memory(npc_id=n, player_id=player_id, kind=kind, text=clean, importance=rating, created_at=when)
+            for n in targets
+        ]
+        return self.writer.submit(memories)
+
+    def forget(
+        self,
+        npc_id: str,
+        *,
+        player_id: str | None = None,
+        memory_ids: Sequence[str] | None = None,
+        everything: bool = False,
+    ) -> int:
+        self.persona(npc_id)
+        self.writer.flush()
+        count = self.store.forget(
+            npc_id, player_id=player_id, memory_ids=memory_ids, everything=everything
+        )
+        if everything or player_id is not None:
+            with self._history_lock:
+                for key in [k for k in self._history if k[0] == npc_id]:
+                    if everything or key[1] == player_id:
+                        del self._history[key]
+        return count
+
+    # -- one turn ------------------------------------------------------------------------
+
+    def _params(self, loaded: LoadedPersona, max_tokens: int | None) -> GenerationParams:
+        overrides = loaded.persona.generation
+        config = self.config
+        cap = max_tokens or overrides.max_tokens or config.max_tokens
+        return GenerationParams(
+            max_tokens=cap,
+            temperature=overrides.temperature if overrides.temperature is not None else config.temperature,
+            top_p=overrides.top_p if overrides.top_p is not None else config.top_p,
+            repeat_penalty=overrides.repeat_penalty
+            if overrides.repeat_penalty is not None
+            else config.repeat_penalty,
+            stop=[*config.stop, *(overrides.stop or []), *ROLE_STOPS],
+            seed=config.seed,
+        )
+
+    def fallback_line(self, loaded: LoadedPersona) -> str:
+        lines = loaded.persona.fallback_lines
+        return lines[next(self._fallback_counter) % len(lines)]
+
+    def say(
+        self,
+        npc_id: str,
+        text: str,
+        *,
+        player_id: str = DEFAULT_PLAYER,
+        context: Mapping[str, Any] | None = None,
+        max_tokens: int | None = None,
+        on_delta: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TurnResult:
+        """One turn: recall, build the prompt, stream the reply, queue the memory writes."""
+        loaded = self.persona(npc_id)
+        started = time.perf_counter()
+        now = self.clock()
+        result = TurnResult(npc_id=npc_id, player_id=player_id, text="", reason="stop")
+        emit = on_delta or (lambda _piece: None)
+
+        def deliver(piece: str) -> None:
+            if piece:
+                if result.timings.ttft_ms is None:
+                    result.timings.ttft_ms = (time.perf_counter() - started) * 1000
+                result.text += piece
+                emit(piece)
+
+        try:
+            memories = self.recall(npc_id, player_id, text, self.config.retrieval.top_k)
+        except Exception as exc:  # memory trouble must not silence the NPC
+            log.warning("memory recall failed for %s: %s", npc_id, exc)
+            memories = []
+        result.timings.retrieval_ms = (time.perf_counter() - started) * 1000
+
+        params = self._params(loaded, max_tokens)
+        try:
+            mark = time.perf_counter()
+            built: BuiltPrompt = self.prompts.build(
+                persona=loaded.persona,
+                world=loaded.world,
+                names=self.npc_names(),
+                history=self.history(npc_id, player_id)[-self.config.history_turns :]
+                if self.config.history_turns
+                else [],
+                memories=memories,
+                context=context or {},
+                player_id=player_id,
+                player_text=text,
+                max_tokens=params.max_tokens,
+                now=now,
+            )
+            result.timings.prompt_ms = (time.perf_counter() - mark) * 1000
+            result.prompt = built.rendered.text
+            result.prompt_tokens = built.token_count
+            result.memories = built.memories
+            result.dropped = {k: v for k, v in built.dropped.items() if v}
+
+            cleaner = StreamCleaner(loaded.persona.name)
+            mark = time.perf_counter()
+            stats = self.generator.generate(
+                built.rendered, params, lambda piece: deliver(cleaner.feed(piece)), cancel
+            )
+            deliver(cleaner.finish())
+            result.timings.generation_ms = (time.perf_counter() - mark) * 1000
+            result.cached_tokens = stats.cached_tokens
+            result.completion_tokens = stats.completion_tokens
+            result.reason = stats.finish_reason
+        except Exception as exc:
+            log.warning("generation failed for %s: %s", npc_id, exc, exc_info=True)
+            result.reason = "error"
+            result.error = str(exc)
+
+        if result.reason in ("stop", "length", "error") and not result.text.strip():
+            result.used_fallback = True
+            deliver(self.fallback_line(loaded))
+
+        if result.reason in ("stop", "length"):
+            with self._history_lock:
+                turns = self._history.setdefault((npc_id, player_id), [])
+                turns.append(Turn(text, result.text))
+                del turns[: max(len(turns) - self.config.history_turns, 0)]
+
+        to_write = [player_line_memory(npc_id, player_id, text, now)]
+        if result.reason in ("stop", "length") and not result.used_fallback:
+            to_write.append(reply_memory(npc_id, player_id, result.text, self.clock()))
+        result.memory_write = self.writer.submit(to_write)
+        if result.memories:
+            self.writer.touch(npc_id, [m.memory.id for m in result.memories], now)
+        result.timings.total_ms = (time.perf_counter() - started) * 1000
+        return result
+
+    def close(self) -> None:
+        self.writer.close()
+        self.store.close()
+        self.generator.close()

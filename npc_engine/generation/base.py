@@ -1,0 +1,61 @@
+"""The generation port. A backend renders chat messages with the model's own template, counts
+tokens, and streams a reply. Implementations: ``LlamaGenerator`` (llama-cpp-python, any GGUF)
+and ``ScriptedGenerator`` (tests). A remote OpenAI-compatible backend fits the same shape."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled"]
+Message = dict[str, str]
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 80
+    temperature: float = 0.7
+    top_p: float = 0.95
+    repeat_penalty: float = 1.1
+    stop: list[str] = field(default_factory=list)
+    seed: int = -1
+
+
+@dataclass
+class RenderedPrompt:
+    """The exact text the model reads, and its tokens where the backend has them."""
+
+    text: str
+    stop: list[str] = field(default_factory=list)
+    tokens: list[int] | None = None
+
+    @property
+    def token_count(self) -> int:
+        return len(self.tokens) if self.tokens is not None else len(self.text.split())
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason = "stop"
+
+
+class Generator(Protocol):
+    name: str
+    n_ctx: int
+
+    def render(self, messages: Sequence[Message]) -> RenderedPrompt: ...
+
+    def generate(
+        self,
+        prompt: RenderedPrompt,
+        params: GenerationParams,
+        on_text: Callable[[str], None],
+        cancel: threading.Event | None = None,
+    ) -> GenerationStats: ...
+
+    def close(self) -> None: ...

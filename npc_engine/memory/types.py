@@ -1,0 +1,88 @@
+"""Memory records and the small interface every store implements."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal, Protocol
+
+MemoryKind = Literal["dialogue", "event", "fact", "summary"]
+MEMORY_KINDS: tuple[MemoryKind, ...] = ("dialogue", "event", "fact", "summary")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_memory_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Memory:
+    npc_id: str
+    text: str
+    kind: MemoryKind = "dialogue"
+    importance: int = 3
+    player_id: str | None = None  # None: the NPC's own knowledge, recallable with any player
+    id: str = field(default_factory=new_memory_id)
+    created_at: datetime = field(default_factory=utc_now)
+    last_accessed_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.importance <= 10:
+            raise ValueError(f"importance must be 1–10, got {self.importance}")
+        if self.kind not in MEMORY_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(MEMORY_KINDS)}")
+        if self.last_accessed_at is None:
+            self.last_accessed_at = self.created_at
+
+
+@dataclass
+class Candidate:
+    """A memory returned by a store's similarity search, before scoring."""
+
+    memory: Memory
+    relevance: float  # cosine similarity to the query, -1..1
+
+
+@dataclass
+class ScoredMemory:
+    memory: Memory
+    score: float
+    relevance: float
+    recency: float
+    importance: float
+
+
+class MemoryStore(Protocol):
+    """Where memories live. Implementations: Chroma on disk, and an in-memory fake for tests.
+
+    ``player_id=None`` in a query means: only the NPC's own memories (tied to no player).
+    With a player id: that player's memories plus the NPC's own; never another player's.
+    """
+
+    def add(self, memories: Sequence[Memory]) -> None: ...
+
+    def search(
+        self, npc_id: str, player_id: str | None, query: str, limit: int
+    ) -> list[Candidate]: ...
+
+    def recent(self, npc_id: str, player_id: str | None, limit: int) -> list[Memory]: ...
+
+    def touch(self, npc_id: str, memory_ids: Sequence[str], when: datetime) -> None: ...
+
+    def forget(
+        self,
+        npc_id: str,
+        *,
+        player_id: str | None = None,
+        memory_ids: Sequence[str] | None = None,
+        everything: bool = False,
+    ) -> int: ...
+
+    def count(self, npc_id: str) -> int: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,182 @@
+"""YAML → Python values plus the line of every key, with the limits a writer-facing loader needs.
+
+PyYAML's constructors forget where values came from, silently keep the last of two duplicate
+keys and expand aliases without limit; none of the well-known YAML libraries gives all three
+of line maps, duplicate-key errors and an alias-expansion budget, so this small walker over
+PyYAML's node graph does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_FILE_BYTES = 256 * 1024
+MAX_NODES = 20_000
+
+Location = tuple[str | int, ...]
+
+
+@dataclass
+class SourceProblem:
+    line: int
+    field: str
+    message: str
+
+
+@dataclass
+class ParsedYaml:
+    data: Any = None
+    lines: dict[Location, int] = field(default_factory=dict)
+    problems: list[SourceProblem] = field(default_factory=list)
+
+    def line_of(self, location: Location) -> int:
+        """Line of the deepest known part of ``location`` (1 for the document)."""
+        for end in range(len(location), -1, -1):
+            line = self.lines.get(tuple(location[:end]))
+            if line is not None:
+                return line
+        return 1
+
+
+class _NodeBudgetExceeded(Exception):
+    pass
+
+
+class _Walker:
+    def __init__(self, parsed: ParsedYaml) -> None:
+        self.parsed = parsed
+        self.loader = yaml.SafeLoader("")
+        self.nodes_seen = 0
+
+    def value(self, node: yaml.Node, location: Location) -> Any:
+        self.nodes_seen += 1
+        if self.nodes_seen > MAX_NODES:
+            raise _NodeBudgetExceeded
+        self.parsed.lines.setdefault(location, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            return self.mapping(node, location)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.value(item, (*location, index)) for index, item in enumerate(node.value)]
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.MappingNode, location: Location) -> dict[Any, Any]:
+        self.loader.flatten_mapping(node)  # resolves YAML merge keys (<<)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                self.parsed.problems.append(
+                    SourceProblem(
+                        key_node.start_mark.line + 1, _dotted(location), "keys must be plain text"
+                    )
+                )
+                continue
+            child: Location = (*location, str(key))
+            if str(key) in result:
+                self.parsed.problems.append(
+                    SourceProblem(
+                        key_node.start_mark.line + 1,
+                        _dotted(child),
+                        f"duplicate key (first given on line {self.parsed.lines.get(child, '?')})",
+                    )
+                )
+                continue
+            self.parsed.lines[child] = key_node.start_mark.line + 1
+            result[str(key)] = self.value(value_node, child)
+        return result
+
+
+def _dotted(location: Location) -> str:
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "(document)"
+
+
+def dotted(location: Location) -> str:
+    return _dotted(location)
+
+
+def parse_yaml_file(path: Path) -> ParsedYaml:
+    """Read and parse ``path``; every problem lands in ``problems`` instead of raising."""
+    parsed = ParsedYaml()
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            parsed.problems.append(
+                SourceProblem(
+                    1,
+                    "(document)",
+                    f"file is {size:,} bytes; persona files are limited to {MAX_FILE_BYTES:,}",
+                )
+            )
+            return parsed
+        raw = path.read_bytes()
+    except OSError as exc:
+        parsed.problems.append(SourceProblem(1, "(document)", f"cannot read file: {exc.strerror}"))
+        return parsed
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        parsed.problems.append(
+            SourceProblem(
+                line,
+                "(document)",
+                f"file is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                "save it as UTF-8",
+            )
+        )
+        return parsed
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        parsed.problems.append(SourceProblem(line, "(document)", f"invalid YAML: {problem}"))
+        return parsed
+    documents = [doc for doc in documents if doc is not None]
+    if not documents:
+        parsed.problems.append(SourceProblem(1, "(document)", "file is empty"))
+        return parsed
+    if len(documents) > 1:
+        parsed.problems.append(
+            SourceProblem(
+                documents[1].start_mark.line + 1,
+                "(document)",
+                "file holds several YAML documents (---); put one character per file",
+            )
+        )
+        return parsed
+    root = documents[0]
+    if not isinstance(root, yaml.MappingNode):
+        kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+        parsed.problems.append(
+            SourceProblem(
+                root.start_mark.line + 1,
+                "(document)",
+                f"expected a mapping of fields (name: …, role: …), found {kind}",
+            )
+        )
+        return parsed
+    walker = _Walker(parsed)
+    try:
+        parsed.data = walker.value(root, ())
+    except _NodeBudgetExceeded:
+        parsed.data = None
+        parsed.problems.append(
+            SourceProblem(
+                1,
+                "(document)",
+                f"file expands to more than {MAX_NODES:,} values (YAML aliases nested too deep?)",
+            )
+        )
+    except yaml.YAMLError as exc:
+        parsed.data = None
+        parsed.problems.append(SourceProblem(1, "(document)", f"invalid YAML: {exc}"))
+    return parsed

@@ -1,0 +1,96 @@
+"""Wires the real adapters together: data-dir lock, personas, models, Chroma, llama.cpp."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from npc_engine.config import EngineConfig
+from npc_engine.datadir import DataDirLock
+from npc_engine.dialogue import DialogueEngine
+from npc_engine.errors import ConfigError, ModelUnavailableError, NpcEngineError
+from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache, ModelSpec
+from npc_engine.persona.loader import PersonaRegistry, load_personas
+
+Progress = Callable[[str], None]
+
+
+def _ensure_installed(cache: ModelCache, spec: ModelSpec, progress: Progress) -> Path:
+    if not cache.is_installed(spec):
+        progress(f"First run: installing model {spec.id!r} into {cache.model_dir(spec)}")
+        cache.install(spec, progress)
+    return cache.require(spec)
+
+
+def resolve_chat_model(config: EngineConfig, progress: Progress) -> tuple[Path, str | None]:
+    """The GGUF to load and the chat format to force (None: use the GGUF's template)."""
+    if config.model in MODELS:
+        spec = MODELS[config.model]
+        if spec.kind != "chat":
+            raise ConfigError(f"Model {spec.id!r} is an embedding model, not a chat model.")
+        cache = ModelCache(config.cache_dir)
+        _ensure_installed(cache, spec, progress)
+        return cache.path_of(spec), config.chat_format or spec.chat_format
+    path = Path(config.model).expanduser()
+    if not path.is_file():
+        known = ", ".join(sorted(MODELS))
+        raise ModelUnavailableError(
+            f"Model {config.model!r} is neither a known model ({known}) nor an existing GGUF file."
+        )
+    return path, config.chat_format
+
+
+def load_registry(config: EngineConfig) -> PersonaRegistry:
+    if not config.personas_dir.is_dir():
+        raise NpcEngineError(f"Personas folder {config.personas_dir} does not exist.")
+    registry = load_personas(config.personas_dir)
+    if not registry.personas:
+        details = "\n".join(str(p) for p in registry.problems[:20])
+        raise NpcEngineError(
+            f"No persona could be loaded from {config.personas_dir}."
+            + (f"\n{details}" if details else "")
+        )
+    return registry
+
+
+@dataclass
+class EngineRuntime:
+    engine: DialogueEngine
+    lock: DataDirLock
+    registry: PersonaRegistry
+
+    def close(self) -> None:
+        try:
+            self.engine.close()
+        finally:
+            self.lock.release()
+
+
+def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> EngineRuntime:
+    from npc_engine.generation.llama import LlamaGenerator
+    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
+
+    registry = load_registry(config)
+    for problem in registry.problems:
+        progress(f"skipped: {problem}")
+    lock = DataDirLock(config.data_dir)
+    lock.acquire()
+    try:
+        cache = ModelCache(config.cache_dir)
+        _ensure_installed(cache, MODELS[EMBEDDING_MODEL], progress)
+        model_path, chat_format = resolve_chat_model(config, progress)
+        store = ChromaMemoryStore(config.data_dir / "chroma", OfflineMiniLM(cache))
+        generator = LlamaGenerator(
+            model_path,
+            n_ctx=config.n_ctx,
+            n_threads=config.n_threads,
+            n_gpu_layers=config.n_gpu_layers,
+            chat_format=chat_format,
+            seed=config.seed,
+        )
+        engine = DialogueEngine(registry, generator, store, config)
+    except BaseException:
+        lock.release()
+        raise
+    return EngineRuntime(engine, lock, registry)
