@@ -96,13 +96,16 @@ class StreamCleaner:
                 low = self._pending.lower()
                 if not low:
                     break
-                if not final and any(p.startswith(low) and len(low) < len(p) for p in self._name_prefixes):
+                if not final and any(
+                    p.startswith(low) and len(low) < len(p) for p in self._name_prefixes
+                ):
                     break
                 for prefix in self._name_prefixes:
                     if low.startswith(prefix):
                         self._pending = self._pending[len(prefix) :].lstrip()
                         break
-                self._started = True
+                # After "Mara:" alone, the reply proper (and its leading space) is still to come.
+                self._started = bool(self._pending)
                 continue
             if self._dropping:
                 match = re.search(r"[.!?]+(\s|$)", self._pending)
@@ -133,7 +136,10 @@ class StreamCleaner:
                         self._pending = ""
                     break
                 low = stripped.lower()
-                if any(low.startswith(b) and not low[len(b) : len(b) + 1].isalpha() for b in _BOILERPLATE):
+                if any(
+                    low.startswith(b) and not low[len(b) : len(b) + 1].isalpha()
+                    for b in _BOILERPLATE
+                ):
                     if not final and any(b.startswith(low) and b != low for b in _BOILERPLATE):
                         break  # "as an ai" could still become "as an aide…"
                     self._dropping = True

@@ -1,4 +1,7 @@
-"""The ``npc-engine`` command. Errors reach the user as one message; ``--debug`` shows tracebacks."""
+"""The ``npc-engine`` command.
+
+Errors reach the user as one message; ``--debug`` shows tracebacks.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     validate = commands.add_parser("validate", help="check persona and world files")
-    validate.add_argument("paths", nargs="*", type=Path, help="files or folders (default: personas)")
+    validate.add_argument(
+        "paths", nargs="*", type=Path, help="files or folders (default: personas)"
+    )
 
     say = commands.add_parser("say", help="one reply from an NPC, streamed; memory is written")
     say.add_argument("--npc", required=True, help="NPC id")
@@ -66,10 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> EngineConfig:
-    names = (
-        "personas_dir data_dir cache_dir model chat_format n_ctx n_threads n_gpu_layers seed "
-        "temperature"
-    ).split()
+    names = [
+        "personas_dir",
+        "data_dir",
+        "cache_dir",
+        "model",
+        "chat_format",
+        "n_ctx",
+        "n_threads",
+        "n_gpu_layers",
+        "seed",
+        "temperature",
+    ]
     overrides = {name: getattr(args, name, None) for name in names}
     overrides.update(extra or {})
     return load_config(args.config, **overrides)
@@ -211,7 +224,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from npc_engine.schemas import schema_text
 
-    print(schema_text(args.name))
+    sys.stdout.write(schema_text(args.name))
     return 0
 
 
@@ -237,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"npc-engine: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+            f"npc-engine: internal error: {type(exc).__name__}: {exc} "
+            "(run with --debug for details)",
             file=sys.stderr,
         )
         return 3

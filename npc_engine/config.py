@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -95,7 +95,7 @@ class EngineConfig(BaseSettings):
     history_turns: int = Field(
         12, ge=0, description="Earlier turns of the conversation kept in the prompt at most."
     )
-    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)  # type: ignore[arg-type]
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
     # Server settings (used by `npc-engine serve`).
     host: str = "127.0.0.1"

@@ -137,7 +137,9 @@ class DialogueEngine:
 
     # -- memory --------------------------------------------------------------------------
 
-    def recall(self, npc_id: str, player_id: str | None, query: str, limit: int) -> list[ScoredMemory]:
+    def recall(
+        self, npc_id: str, player_id: str | None, query: str, limit: int
+    ) -> list[ScoredMemory]:
         retrieval = self.config.retrieval
         candidates = self.store.search(npc_id, player_id, query, max(retrieval.candidates, limit))
         return score_candidates(candidates, self.clock(), retrieval)[:limit]
@@ -165,7 +167,14 @@ class DialogueEngine:
         when = self.clock()
         rating = importance if importance is not None else rate_importance(clean, base=4)
         memories = [
-            Memory(npc_id=n, player_id=player_id, kind=kind, text=clean, importance=rating, created_at=when)
+            Memory(
+                npc_id=n,
+                player_id=player_id,
+                kind=kind,
+                text=clean,
+                importance=rating,
+                created_at=when,
+            )
             for n in targets
         ]
         return self.writer.submit(memories)
@@ -198,7 +207,9 @@ class DialogueEngine:
         cap = max_tokens or overrides.max_tokens or config.max_tokens
         return GenerationParams(
             max_tokens=cap,
-            temperature=overrides.temperature if overrides.temperature is not None else config.temperature,
+            temperature=overrides.temperature
+            if overrides.temperature is not None
+            else config.temperature,
             top_p=overrides.top_p if overrides.top_p is not None else config.top_p,
             repeat_penalty=overrides.repeat_penalty
             if overrides.repeat_penalty is not None

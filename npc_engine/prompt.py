@@ -116,7 +116,9 @@ def render_turn_block(
 ) -> str:
     lines: list[str] = []
     if memories:
-        lines.append("(Things you remember that may matter now; your notes, not the player's words:)")
+        lines.append(
+            "(Things you remember that may matter now; your notes, not the player's words:)"
+        )
         lines += [f"- {describe_age(m.memory.created_at, now)}: {m.memory.text}" for m in memories]
     if context:
         scene = "; ".join(f"{key}: {value}" for key, value in context.items())
@@ -154,12 +156,11 @@ class PromptBuilder:
 
         while True:
             messages: list[Message] = [{"role": "system", "content": system}]
-            for example in examples:
-                messages.append({"role": "user", "content": player_message("player", example.player)})
-                messages.append({"role": "assistant", "content": example.npc})
-            for turn in turns:
-                messages.append({"role": "user", "content": player_message(player_id, turn.player_text)})
-                messages.append({"role": "assistant", "content": turn.reply_text})
+            exchanges = [("player", e.player, e.npc) for e in examples]
+            exchanges += [(player_id, t.player_text, t.reply_text) for t in turns]
+            for speaker, said, answer in exchanges:
+                messages.append({"role": "user", "content": player_message(speaker, said)})
+                messages.append({"role": "assistant", "content": answer})
             block = render_turn_block(kept_memories, scene, now)
             messages.append({"role": "user", "content": block + player_message(player_id, text)})
             rendered = self.generator.render(messages)

@@ -19,7 +19,7 @@ from npc_engine.generation.base import (
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     count = 0
-    for left, right in zip(a, b):
+    for left, right in zip(a, b, strict=False):
         if left != right:
             break
         count += 1
@@ -74,7 +74,7 @@ class LlamaGenerator:
                 raise ModelUnavailableError(
                     f"Unknown chat_format {chat_format!r} (llama-cpp-python has no {function_name})"
                 )
-            return formatter  # type: ignore[no-any-return]
+            return formatter
         template = self._llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelUnavailableError(
@@ -96,7 +96,9 @@ class LlamaGenerator:
 
     def render(self, messages: Sequence[Message]) -> RenderedPrompt:
         result = self._formatter(messages=list(messages))
-        stop = [s for s in ([result.stop] if isinstance(result.stop, str) else result.stop or []) if s]
+        stop = [
+            s for s in ([result.stop] if isinstance(result.stop, str) else result.stop or []) if s
+        ]
         tokens = self.tokenize(result.prompt, add_bos=not result.added_special)
         return RenderedPrompt(text=result.prompt, stop=stop, tokens=tokens)
 
@@ -112,9 +114,11 @@ class LlamaGenerator:
             llama = self._llama
             kept = _common_prefix(llama._input_ids[: llama.n_tokens].tolist(), tokens)
             # llama-cpp-python re-evaluates at least the last prompt token.
-            stats = GenerationStats(prompt_tokens=len(tokens), cached_tokens=min(kept, len(tokens) - 1))
+            stats = GenerationStats(
+                prompt_tokens=len(tokens), cached_tokens=min(kept, len(tokens) - 1)
+            )
             try:
-                stream = llama.create_completion(
+                stream: Any = llama.create_completion(
                     prompt=tokens,
                     max_tokens=params.max_tokens,
                     temperature=params.temperature,
@@ -126,19 +130,21 @@ class LlamaGenerator:
                 )
                 finish: str | None = None
                 for chunk in stream:
-                    choice = chunk["choices"][0]  # type: ignore[index]
+                    choice = chunk["choices"][0]
                     if choice["text"]:
                         on_text(choice["text"])
                     finish = choice.get("finish_reason") or finish
                     if cancel is not None and cancel.is_set():
-                        stream.close()  # type: ignore[union-attr]
+                        stream.close()
                         finish = "cancelled"
                         break
             except Exception as exc:
                 raise GenerationError(f"generation failed: {exc}") from exc
             stats.completion_tokens = max(llama.n_tokens - len(tokens), 0)
-            stats.finish_reason = "length" if finish == "length" else (
-                "cancelled" if finish == "cancelled" else "stop"
+            stats.finish_reason = (
+                "length"
+                if finish == "length"
+                else ("cancelled" if finish == "cancelled" else "stop")
             )
             return stats
 

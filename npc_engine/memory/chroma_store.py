@@ -29,7 +29,7 @@ class OfflineMiniLM:
         spec = MODELS[EMBEDDING_MODEL]
         model_dir = cache.require(spec)  # raises with "what is missing, how to provide it"
 
-        class _Pinned(ONNXMiniLM_L6_V2):  # type: ignore[misc]
+        class _Pinned(ONNXMiniLM_L6_V2):
             DOWNLOAD_PATH = model_dir.parent
 
         self._function = _Pinned(preferred_providers=["CPUExecutionProvider"])
@@ -148,7 +148,10 @@ class ChromaMemoryStore:
         memories = [
             _memory(memory_id, document, metadata)
             for memory_id, document, metadata in zip(
-                result["ids"], result.get("documents") or [], result.get("metadatas") or []
+                result["ids"],
+                result.get("documents") or [],
+                result.get("metadatas") or [],
+                strict=False,
             )
         ]
         memories.sort(key=lambda m: m.created_at, reverse=True)

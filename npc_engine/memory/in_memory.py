@@ -47,7 +47,10 @@ class InMemoryStore:
     def search(self, npc_id: str, player_id: str | None, query: str, limit: int) -> list[Candidate]:
         query_bag = _bag(query)
         ranked = sorted(
-            (Candidate(m, _cosine(query_bag, _bag(m.text))) for m in self._visible(npc_id, player_id)),
+            (
+                Candidate(m, _cosine(query_bag, _bag(m.text)))
+                for m in self._visible(npc_id, player_id)
+            ),
             key=lambda c: c.relevance,
             reverse=True,
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -108,11 +108,7 @@ class MemoryWriter:
                 write.done.set_result([m.id for m in write.memories])
         for item in batch:
             if isinstance(item, _Touch):
-                _best_effort(lambda t=item: self._store.touch(t.npc_id, t.memory_ids, t.when))
-
-
-def _best_effort(action: Callable[[], None]) -> None:
-    try:
-        action()
-    except Exception:
-        log.warning("memory touch failed", exc_info=True)
+                try:
+                    self._store.touch(item.npc_id, item.memory_ids, item.when)
+                except Exception:  # recency refresh is best effort
+                    log.warning("memory touch failed", exc_info=True)

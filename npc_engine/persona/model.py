@@ -74,7 +74,7 @@ class Persona(_Strict):
         min_length=1,
         description="Said when generation fails or times out.",
     )
-    generation: GenerationOverrides = Field(default_factory=GenerationOverrides)  # type: ignore[arg-type]
+    generation: GenerationOverrides = Field(default_factory=GenerationOverrides)
 
 
 class Place(_Strict):

