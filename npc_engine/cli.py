@@ -17,7 +17,7 @@ from npc_engine import __version__
 from npc_engine.config import EngineConfig, load_config
 from npc_engine.errors import NpcEngineError
 
-SCHEMA_NAMES = ("persona", "world")
+SCHEMA_NAMES = ("persona", "world", "protocol")
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("action", nargs="?", default="list", choices=["list", "install", "verify"])
     models.add_argument("ids", nargs="*", help="model ids (default: the defaults)")
     models.add_argument("--cache-dir", type=Path)
+
+    serve_cmd = commands.add_parser("serve", help="run the WebSocket server (protocol v1)")
+    serve_cmd.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
+    serve_cmd.add_argument("--token", help="required from clients; mandatory off loopback")
+    serve_cmd.add_argument("--origin", action="append", help="allowed browser Origin (repeat)")
+    _engine_flags(serve_cmd)
 
     schema = commands.add_parser("schema", help="print a JSON Schema")
     schema.add_argument("name", choices=SCHEMA_NAMES)
@@ -228,7 +235,48 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "say": cmd_say, "models": cmd_models, "schema": cmd_schema}
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from npc_engine.runtime import open_engine
+    from npc_engine.server import NpcServer
+
+    config = _config(args, {"host": args.host, "port": args.port, "token": args.token})
+    runtime = open_engine(config, _progress)
+
+    async def run() -> None:
+        server = NpcServer(
+            runtime.engine,
+            host=config.host,
+            port=config.port,
+            token=config.token,
+            origins=args.origin,
+        )
+        await server.start()
+        npcs = ", ".join(runtime.registry.ids())
+        print(f"npc-engine serving {server.url} · NPCs: {npcs}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        runtime.close()
+    return 0
+
+
+COMMANDS = {
+    "validate": cmd_validate,
+    "say": cmd_say,
+    "models": cmd_models,
+    "schema": cmd_schema,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

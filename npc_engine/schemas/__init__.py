@@ -22,6 +22,10 @@ def _models() -> dict[str, type[BaseModel]]:
 
 
 def schema_for(name: str) -> dict[str, Any]:
+    if name == "protocol":
+        from npc_engine.protocol import protocol_schema
+
+        return protocol_schema()
     model = _models()[name]
     schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

@@ -1,0 +1,213 @@
+"""An asyncio client for protocol v1 (used by the tests and the playtest tool).
+
+async with await NpcClient.connect("ws://127.0.0.1:8765/") as client:
+    reply = await client.say("mara", "Any rooms free?", player_id="p1")
+    async for delta in reply:
+        print(delta, end="")
+    end = await reply.result()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import msgpack
+from websockets.asyncio.client import ClientConnection, connect
+
+
+class ProtocolError(Exception):
+    """The server answered a request with an ``error`` message."""
+
+    def __init__(self, message: dict[str, Any]) -> None:
+        self.code = str(message.get("code"))
+        self.details = message.get("details", {})
+        self.message = message
+        super().__init__(f"{self.code}: {message.get('message')}")
+
+
+class ReplyStream:
+    """The deltas of one reply, then its ``reply.end``."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.start: dict[str, Any] | None = None
+        self._deltas: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._end: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    def _feed(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "reply.start":
+            self.start = message
+        elif kind == "reply.delta":
+            self._deltas.put_nowait(message)
+        elif kind == "reply.end":
+            self._deltas.put_nowait(message)
+            if not self._end.done():
+                self._end.set_result(message)
+        elif kind == "error" and not self._end.done():
+            self._end.set_exception(ProtocolError(message))
+            self._deltas.put_nowait(message)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while True:
+            message = await self._deltas.get()
+            if message.get("type") != "reply.delta":
+                if message.get("type") == "error":
+                    raise ProtocolError(message)
+                return
+            yield str(message["text"])
+
+    async def result(self) -> dict[str, Any]:
+        return await self._end
+
+
+class NpcClient:
+    def __init__(self, websocket: ClientConnection, encoding: str) -> None:
+        self._ws = websocket
+        self._encoding = encoding
+        self._ids = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._streams: dict[str, ReplyStream] = {}
+        self._reader = asyncio.create_task(self._read())
+        self.welcome: dict[str, Any] = {}
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str = "ws://127.0.0.1:8765/",
+        *,
+        token: str | None = None,
+        client_name: str = "npc-engine-python",
+        encoding: str = "json",
+    ) -> NpcClient:
+        websocket = await connect(url, max_size=None)
+        client = cls(websocket, encoding)
+        hello: dict[str, Any] = {"type": "hello", "protocol": "1", "client": client_name}
+        if token is not None:
+            hello["token"] = token
+        client.welcome = await client.request(hello)
+        return client
+
+    async def __aenter__(self) -> NpcClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._ws.close()
+        self._reader.cancel()
+
+    def _next_id(self) -> str:
+        return str(next(self._ids))
+
+    async def send_raw(self, message: dict[str, Any]) -> None:
+        if self._encoding == "msgpack":
+            await self._ws.send(msgpack.packb(message, use_bin_type=True))
+        else:
+            await self._ws.send(json.dumps(message))
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its single answer (raises ``ProtocolError``)."""
+        request_id = message.setdefault("id", self._next_id())
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = answer
+        await self.send_raw(message)
+        reply = await answer
+        if reply.get("type") == "error":
+            raise ProtocolError(reply)
+        return reply
+
+    async def say(
+        self,
+        npc_id: str,
+        text: str,
+        *,
+        player_id: str = "player",
+        context: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+    ) -> ReplyStream:
+        request_id = self._next_id()
+        stream = ReplyStream(request_id)
+        self._streams[request_id] = stream
+        message: dict[str, Any] = {
+            "type": "say",
+            "id": request_id,
+            "npc_id": npc_id,
+            "player_id": player_id,
+            "text": text,
+        }
+        if context is not None:
+            message["context"] = context
+        if max_tokens is not None:
+            message["max_tokens"] = max_tokens
+        await self.send_raw(message)
+        return stream
+
+    async def cancel(self, target: str) -> dict[str, Any]:
+        return await self.request({"type": "cancel", "target": target})
+
+    async def event(
+        self,
+        npc_ids: list[str],
+        text: str,
+        *,
+        player_id: str | None = None,
+        importance: int | None = None,
+    ) -> list[str]:
+        message: dict[str, Any] = {"type": "event", "npc_ids": npc_ids, "text": text}
+        if player_id is not None:
+            message["player_id"] = player_id
+        if importance is not None:
+            message["importance"] = importance
+        return list((await self.request(message))["memory_ids"])
+
+    async def memory_list(
+        self,
+        npc_id: str,
+        *,
+        player_id: str | None = None,
+        query: str | None = None,
+        limit: int = 10,
+    ) -> list[dict[str, Any]]:
+        message: dict[str, Any] = {"type": "memory.list", "npc_id": npc_id, "limit": limit}
+        if player_id is not None:
+            message["player_id"] = player_id
+        if query is not None:
+            message["query"] = query
+        return list((await self.request(message))["items"])
+
+    async def memory_forget(self, npc_id: str, **what: Any) -> int:
+        return int(
+            (await self.request({"type": "memory.forget", "npc_id": npc_id, **what}))["count"]
+        )
+
+    async def npcs(self) -> list[dict[str, Any]]:
+        return list((await self.request({"type": "npc.list"}))["npcs"])
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.request({"type": "ping"})
+
+    async def _read(self) -> None:
+        async for frame in self._ws:
+            message = msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
+            request_id = message.get("re")
+            stream = self._streams.get(request_id) if request_id else None
+            if stream is not None:
+                stream._feed(message)
+                if message.get("type") in ("reply.end", "error"):
+                    self._streams.pop(request_id, None)
+                continue
+            waiter = self._waiting.pop(request_id, None) if request_id else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)

@@ -1,0 +1,360 @@
+"""Protocol v1, sans I/O: frames in, typed requests or errors out; typed messages to frames.
+
+No sockets here, so every rule of ``protocol-v1`` is unit-tested and fuzzed directly; the
+asyncio server is a thin layer around ``ProtocolSession``. The pydantic models are the
+single source of truth (``npc-engine schema protocol`` prints their JSON Schema).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = "1"
+SUPPORTED_PROTOCOLS = [PROTOCOL_VERSION]
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+
+ErrorCode = Literal[
+    "bad_frame",
+    "too_large",
+    "hello_required",
+    "unsupported_protocol",
+    "unauthorized",
+    "unknown_type",
+    "invalid_request",
+    "unknown_npc",
+    "busy",
+    "rate_limited",
+    "internal",
+    "shutdown",
+    "deadline",
+]
+Encoding = Literal["json", "msgpack"]
+
+RequestId = Annotated[str, Field(min_length=1, max_length=128)]
+Text = Annotated[str, Field(min_length=1, max_length=4000)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored (protocol rule)
+    id: RequestId
+
+
+class Hello(_Request):
+    type: Literal["hello"]
+    protocol: str
+    client: str | None = None
+    token: str | None = None
+
+
+class Say(_Request):
+    type: Literal["say"]
+    npc_id: str
+    player_id: str = "player"
+    text: Text
+    context: dict[str, Any] | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1024)
+
+
+class Cancel(_Request):
+    type: Literal["cancel"]
+    target: str
+
+
+class Event(_Request):
+    type: Literal["event"]
+    npc_ids: list[str] = Field(min_length=1)
+    player_id: str | None = None
+    text: Text
+    importance: int | None = Field(None, ge=1, le=10)
+
+
+class MemoryList(_Request):
+    type: Literal["memory.list"]
+    npc_id: str
+    player_id: str | None = None
+    query: str | None = None
+    limit: int = Field(10, ge=1, le=100)
+
+
+class MemoryForget(_Request):
+    type: Literal["memory.forget"]
+    npc_id: str
+    player_id: str | None = None
+    memory_ids: list[str] | None = None
+    all: bool = False
+
+
+class NpcList(_Request):
+    type: Literal["npc.list"]
+
+
+class Ping(_Request):
+    type: Literal["ping"]
+
+
+Request = Annotated[
+    Hello | Say | Cancel | Event | MemoryList | MemoryForget | NpcList | Ping,
+    Field(discriminator="type"),
+]
+REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)
+REQUEST_TYPES = {
+    "hello",
+    "say",
+    "cancel",
+    "event",
+    "memory.list",
+    "memory.forget",
+    "npc.list",
+    "ping",
+}
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NpcInfo(_Message):
+    id: str
+    name: str
+    role: str
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    re: str
+    protocol: str = PROTOCOL_VERSION
+    server: str
+    session: str
+    capabilities: list[str]
+    npcs: list[NpcInfo]
+
+
+class ReplyStart(_Message):
+    type: Literal["reply.start"] = "reply.start"
+    re: str
+    npc_id: str
+    turn_id: str
+
+
+class ReplyDelta(_Message):
+    type: Literal["reply.delta"] = "reply.delta"
+    re: str
+    seq: int
+    text: str
+
+
+class ErrorInfo(_Message):
+    code: ErrorCode
+    message: str
+
+
+class Usage(_Message):
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_ms: int | None
+    total_ms: int
+
+
+class ReplyEnd(_Message):
+    type: Literal["reply.end"] = "reply.end"
+    re: str
+    text: str
+    reason: Literal["stop", "length", "cancelled", "error"]
+    emotion: str | None = None
+    action: dict[str, Any] | None = None
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+
+class Ok(_Message):
+    type: Literal["ok"] = "ok"
+    re: str
+    memory_ids: list[str] | None = None
+    count: int | None = None
+
+
+class MemoryItem(_Message):
+    id: str
+    text: str
+    kind: str
+    importance: int
+    player_id: str | None
+    created_at: str
+    score: float | None = None
+
+
+class MemoryItems(_Message):
+    type: Literal["memory.items"] = "memory.items"
+    re: str
+    items: list[MemoryItem]
+
+
+class NpcItems(_Message):
+    type: Literal["npc.items"] = "npc.items"
+    re: str
+    npcs: list[NpcInfo]
+
+
+class Pong(_Message):
+    type: Literal["pong"] = "pong"
+    re: str
+
+
+class Error(_Message):
+    type: Literal["error"] = "error"
+    re: str | None = None
+    code: ErrorCode
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+ServerMessage = (
+    Welcome | ReplyStart | ReplyDelta | ReplyEnd | Ok | MemoryItems | NpcItems | Pong | Error
+)
+
+
+def encode(message: BaseModel, encoding: Encoding) -> str | bytes:
+    data = message.model_dump(mode="json", exclude_none=isinstance(message, Error))
+    if isinstance(message, Error) and message.re is None:
+        data.pop("re", None)
+    if encoding == "msgpack":
+        packed: bytes = msgpack.packb(data, use_bin_type=True)
+        return packed
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class Outcome:
+    """What one incoming frame produced: a request to serve, or an error to send back."""
+
+    request: Request | None = None
+    error: Error | None = None
+    encoding: Encoding = "json"  # the encoding of the frame (errors answer in it)
+    close_code: int | None = None  # set when the connection must be closed after sending
+
+
+def _error(code: ErrorCode, message: str, re: str | None, **details: Any) -> Error:
+    return Error(re=re, code=code, message=message, details=details)
+
+
+@dataclass
+class ProtocolSession:
+    """The state of one connection: handshake, encoding, request ids in flight."""
+
+    token: str | None = None
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    hello_done: bool = False
+    encoding: Encoding = "json"
+    in_flight: set[str] = field(default_factory=set)
+
+    def receive(self, frame: str | bytes) -> Outcome:
+        frame_encoding: Encoding = "msgpack" if isinstance(frame, bytes) else "json"
+        size = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
+        if size > self.max_frame_bytes:
+            return Outcome(
+                error=_error(
+                    "too_large",
+                    f"Frame of {size} bytes exceeds the limit of {self.max_frame_bytes}.",
+                    None,
+                    limit=self.max_frame_bytes,
+                ),
+                encoding=frame_encoding,
+            )
+        try:
+            data = self._decode(frame)
+        except ValueError as exc:
+            return Outcome(error=_error("bad_frame", str(exc), None), encoding=frame_encoding)
+        request_id = data.get("id") if isinstance(data.get("id"), str) and data.get("id") else None
+        kind = data.get("type")
+
+        def fail(code: ErrorCode, message: str, **details: Any) -> Outcome:
+            return Outcome(
+                error=_error(code, message, request_id, **details), encoding=frame_encoding
+            )
+
+        if not self.hello_done and kind not in ("hello", "ping"):
+            return fail("hello_required", "Send hello first.")
+        if request_id is None:
+            return fail("invalid_request", "Every request needs a string id.", field="id")
+        if not isinstance(kind, str) or kind not in REQUEST_TYPES:
+            return fail("unknown_type", f"Unknown message type {kind!r}.", type=str(kind))
+        if request_id in self.in_flight:
+            return fail(
+                "invalid_request", f"Request id {request_id!r} is still in flight.", field="id"
+            )
+        try:
+            request = REQUEST_ADAPTER.validate_python(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"][1:]) or "type"
+            return fail("invalid_request", f"{where}: {first['msg']}", field=where)
+        if isinstance(request, Hello):
+            return self._hello(request, frame_encoding)
+        if isinstance(request, MemoryForget) and not (
+            request.player_id is not None or request.memory_ids is not None or request.all
+        ):
+            return fail(
+                "invalid_request",
+                "memory.forget needs player_id, memory_ids or all: true.",
+                field="all",
+            )
+        return Outcome(request=request, encoding=frame_encoding)
+
+    def _hello(self, hello: Hello, frame_encoding: Encoding) -> Outcome:
+        def fail(
+            code: ErrorCode, message: str, close: int | None = None, **details: Any
+        ) -> Outcome:
+            return Outcome(
+                error=_error(code, message, hello.id, **details),
+                encoding=frame_encoding,
+                close_code=close,
+            )
+
+        if self.hello_done:
+            return fail("invalid_request", "hello was already sent on this connection.")
+        if hello.protocol not in SUPPORTED_PROTOCOLS:
+            return fail(
+                "unsupported_protocol",
+                f"Protocol {hello.protocol!r} is not supported.",
+                supported=SUPPORTED_PROTOCOLS,
+            )
+        if self.token is not None and hello.token != self.token:
+            return fail("unauthorized", "Missing or wrong token.", close=4401)
+        self.hello_done = True
+        self.encoding = frame_encoding
+        return Outcome(request=hello, encoding=frame_encoding)
+
+    @staticmethod
+    def _decode(frame: str | bytes) -> dict[str, Any]:
+        if isinstance(frame, bytes):
+            try:
+                data = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+            except Exception as exc:
+                raise ValueError(f"Binary frame is not MessagePack: {exc}") from None
+        else:
+            try:
+                data = json.loads(frame)
+            except ValueError as exc:
+                raise ValueError(f"Text frame is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("A frame must hold one object (a map) with a 'type'.")
+        return data
+
+
+def protocol_schema() -> dict[str, Any]:
+    """JSON Schema of every client request and server message."""
+    requests = TypeAdapter(Request).json_schema()
+    messages = TypeAdapter(ServerMessage).json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://npc-engine.dev/schemas/protocol-v1.schema.json",
+        "title": "npc-engine protocol v1",
+        "$defs": {**requests.pop("$defs", {}), **messages.pop("$defs", {})},
+        "properties": {"request": requests, "server_message": messages},
+    }

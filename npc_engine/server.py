@@ -1,0 +1,417 @@
+"""The WebSocket server: a thin asyncio layer around ``ProtocolSession`` and the engine.
+
+Generation runs on one worker thread (one ``Llama`` serves one generation at a time); its
+single FIFO queue also keeps requests for the same (npc_id, player_id) in order. Memory
+and Chroma calls run on a separate small pool. Nothing blocking runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from npc_engine import __version__
+from npc_engine.dialogue import DialogueEngine, TurnResult
+from npc_engine.errors import NpcEngineError, UnknownNpcError
+from npc_engine.memory.types import Memory
+from npc_engine.protocol import (
+    Cancel,
+    Encoding,
+    Error,
+    ErrorCode,
+    ErrorInfo,
+    Event,
+    Hello,
+    MemoryForget,
+    MemoryItem,
+    MemoryItems,
+    MemoryList,
+    NpcInfo,
+    NpcItems,
+    NpcList,
+    Ok,
+    Ping,
+    Pong,
+    ProtocolSession,
+    ReplyDelta,
+    ReplyEnd,
+    ReplyStart,
+    Say,
+    Usage,
+    Welcome,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass
+class ServerLimits:
+    max_frame_bytes: int = 1 << 20
+    max_in_flight_per_connection: int = 8
+    max_queued_generations: int = 64
+    rate_per_second: float = 20.0
+    rate_burst: int = 40
+    ping_interval: float = 20.0
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.capacity = rate, float(burst)
+        self.tokens, self.stamp = float(burst), time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class _Reply:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class NpcServer:
+    def __init__(
+        self,
+        engine: DialogueEngine,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        token: str | None = None,
+        limits: ServerLimits | None = None,
+        origins: list[str] | None = None,
+    ) -> None:
+        if host not in LOOPBACK and not token:
+            raise NpcEngineError(
+                f"Refusing to listen on {host} without a token: set --token (or NPC_ENGINE_TOKEN)."
+            )
+        self.engine = engine
+        self.host, self.port, self.token = host, port, token
+        self.limits = limits or ServerLimits()
+        self.origins = origins
+        self._generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="npc-generate")
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="npc-memory")
+        self._queued = 0
+        self._replies: dict[tuple[int, str], _Reply] = {}
+        self._server: Server | None = None
+        self.stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            max_size=self.limits.max_frame_bytes * 4,  # hard cap; above our limit: too_large
+            ping_interval=self.limits.ping_interval,
+            origins=self.origins,  # type: ignore[arg-type]
+        )
+        sockets = self._server.sockets
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}/"
+
+    async def stop(self) -> None:
+        """Stop accepting, end every reply with ``reply.end`` (code shutdown), flush memory."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        for reply in list(self._replies.values()):
+            reply.cancel.set()
+        tasks = [r.task for r in self._replies.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self.engine.writer.flush, 60.0)
+        self._generation.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def _handle(self, websocket: ServerConnection) -> None:
+        session = ProtocolSession(token=self.token, max_frame_bytes=self.limits.max_frame_bytes)
+        bucket = _TokenBucket(self.limits.rate_per_second, self.limits.rate_burst)
+        conn_id = id(websocket)
+        try:
+            async for frame in websocket:
+                await self._on_frame(websocket, session, bucket, conn_id, frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            for (owner, _rid), reply in list(self._replies.items()):
+                if owner == conn_id:
+                    reply.cancel.set()  # running: stops between tokens; queued: dropped
+
+    async def _send(self, websocket: ServerConnection, message: Any, encoding: Encoding) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await websocket.send(encode(message, encoding))
+
+    async def _on_frame(
+        self,
+        websocket: ServerConnection,
+        session: ProtocolSession,
+        bucket: _TokenBucket,
+        conn_id: int,
+        frame: str | bytes,
+    ) -> None:
+        outcome = session.receive(frame)
+        if outcome.error is not None:
+            await self._send(websocket, outcome.error, outcome.encoding)
+            if outcome.close_code is not None:
+                await websocket.close(outcome.close_code, outcome.error.code)
+            return
+        request = outcome.request
+        encoding = session.encoding if session.hello_done else "json"
+
+        async def fail(code: ErrorCode, message: str, **details: Any) -> None:
+            assert request is not None
+            error = Error(re=request.id, code=code, message=message, details=details)
+            await self._send(websocket, error, outcome.encoding)
+
+        if isinstance(request, Hello):
+            await self._send(
+                websocket,
+                Welcome(
+                    re=request.id,
+                    server=f"npc-engine/{__version__}",
+                    session=uuid.uuid4().hex,
+                    capabilities=["stream", "msgpack", "memory"],
+                    npcs=self._npc_infos(),
+                ),
+                encoding,
+            )
+            return
+        if isinstance(request, Ping):
+            await self._send(websocket, Pong(re=request.id), encoding)
+            return
+        if request is None:
+            return
+        if not bucket.take():
+            await fail("rate_limited", "Too many requests; slow down.")
+            return
+        try:
+            if isinstance(request, Say):
+                await self._say(websocket, session, conn_id, request, encoding, fail)
+            elif isinstance(request, Cancel):
+                reply = self._replies.get((conn_id, request.target))
+                if reply is not None:
+                    reply.cancel.set()
+                await self._send(websocket, Ok(re=request.id), encoding)
+            elif isinstance(request, NpcList):
+                await self._send(
+                    websocket, NpcItems(re=request.id, npcs=self._npc_infos()), encoding
+                )
+            elif isinstance(request, Event):
+                ids = await self._in_io(self._event, request)
+                await self._send(websocket, Ok(re=request.id, memory_ids=ids), encoding)
+            elif isinstance(request, MemoryList):
+                items = await self._in_io(self._memory_list, request)
+                await self._send(websocket, MemoryItems(re=request.id, items=items), encoding)
+            elif isinstance(request, MemoryForget):
+                count = await self._in_io(
+                    lambda r: self.engine.forget(
+                        r.npc_id, player_id=r.player_id, memory_ids=r.memory_ids, everything=r.all
+                    ),
+                    request,
+                )
+                await self._send(websocket, Ok(re=request.id, count=count), encoding)
+        except UnknownNpcError as exc:
+            await fail("unknown_npc", str(exc), known=exc.known)
+        except NpcEngineError as exc:
+            await fail("invalid_request", str(exc))
+        except Exception as exc:  # a bug in one request must not touch the others
+            log.exception("request %s failed", request.id)
+            await fail("internal", f"Internal error: {type(exc).__name__}")
+
+    async def _in_io(self, function: Callable[[Any], Any], request: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, function, request)
+
+    def _npc_infos(self) -> list[NpcInfo]:
+        return [
+            NpcInfo(id=npc_id, name=p.persona.name, role=p.persona.role)
+            for npc_id, p in sorted(self.engine.registry.personas.items())
+        ]
+
+    def _event(self, request: Event) -> list[str]:
+        done = self.engine.add_event(
+            request.npc_ids,
+            request.text,
+            player_id=request.player_id,
+            importance=request.importance,
+        )
+        return done.result(60)
+
+    def _memory_list(self, request: MemoryList) -> list[MemoryItem]:
+        self.engine.persona(request.npc_id)
+        self.engine.writer.flush(60)
+        pairs: list[tuple[Memory, float | None]]
+        if request.query:
+            scored = self.engine.recall(
+                request.npc_id, request.player_id, request.query, request.limit
+            )
+            pairs = [(s.memory, s.score) for s in scored]
+        else:
+            memories = self.engine.recent_memories(request.npc_id, request.player_id, request.limit)
+            pairs = [(m, None) for m in memories]
+        return [
+            MemoryItem(
+                id=m.id,
+                text=m.text,
+                kind=m.kind,
+                importance=m.importance,
+                player_id=m.player_id,
+                created_at=m.created_at.isoformat().replace("+00:00", "Z"),
+                score=score,
+            )
+            for m, score in pairs
+        ]
+
+    # -- say -----------------------------------------------------------------------------
+
+    async def _say(
+        self,
+        websocket: ServerConnection,
+        session: ProtocolSession,
+        conn_id: int,
+        request: Say,
+        encoding: Encoding,
+        fail: Callable[..., Any],
+    ) -> None:
+        self.engine.persona(request.npc_id)  # unknown_npc before anything is accepted
+        if self.stopping:
+            await fail("busy", "The server is shutting down.")
+            return
+        mine = sum(1 for owner, _ in self._replies if owner == conn_id)
+        if mine >= self.limits.max_in_flight_per_connection:
+            await fail("busy", "Too many requests in flight on this connection; retry later.")
+            return
+        if self._queued >= self.limits.max_queued_generations:
+            await fail("busy", "The generation queue is full; retry later.")
+            return
+        session.in_flight.add(request.id)
+        reply = _Reply()
+        self._replies[(conn_id, request.id)] = reply
+        self._queued += 1
+        turn_id = uuid.uuid4().hex
+        await self._send(
+            websocket, ReplyStart(re=request.id, npc_id=request.npc_id, turn_id=turn_id), encoding
+        )
+        reply.task = asyncio.create_task(
+            self._run_say(websocket, session, conn_id, request, encoding, reply)
+        )
+
+    async def _run_say(
+        self,
+        websocket: ServerConnection,
+        session: ProtocolSession,
+        conn_id: int,
+        request: Say,
+        encoding: Encoding,
+        reply: _Reply,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def on_delta(piece: str) -> None:
+            loop.call_soon_threadsafe(deltas.put_nowait, piece)
+
+        def work() -> TurnResult | None:
+            if reply.cancel.is_set():
+                return None  # cancelled or disconnected while queued: dropped
+            return self.engine.say(
+                request.npc_id,
+                request.text,
+                player_id=request.player_id,
+                context=request.context,
+                max_tokens=request.max_tokens,
+                on_delta=on_delta,
+                cancel=reply.cancel,
+            )
+
+        async def pump() -> None:
+            seq = 0
+            while (piece := await deltas.get()) is not None:
+                await self._send(
+                    websocket, ReplyDelta(re=request.id, seq=seq, text=piece), encoding
+                )
+                seq += 1
+
+        pumping = asyncio.create_task(pump())
+        end: ReplyEnd
+        try:
+            result = await loop.run_in_executor(self._generation, work)
+            deltas.put_nowait(None)
+            await pumping
+            end = self._reply_end(request, result)
+        except Exception as exc:
+            log.exception("say %s failed", request.id)
+            deltas.put_nowait(None)
+            await pumping
+            line = self.engine.fallback_line(self.engine.persona(request.npc_id))
+            if line:
+                await self._send(websocket, ReplyDelta(re=request.id, seq=0, text=line), encoding)
+            end = ReplyEnd(
+                re=request.id,
+                text=line,
+                reason="error",
+                error=ErrorInfo(code="internal", message=f"{type(exc).__name__}: {exc}"),
+            )
+        finally:
+            self._queued -= 1
+            self._replies.pop((conn_id, request.id), None)
+            session.in_flight.discard(request.id)
+        await self._send(websocket, end, encoding)
+
+    def _reply_end(self, request: Say, result: TurnResult | None) -> ReplyEnd:
+        if result is None or result.reason == "cancelled":
+            text = result.text if result is not None else ""
+            if self.stopping:
+                return ReplyEnd(
+                    re=request.id,
+                    text=text,
+                    reason="error",
+                    error=ErrorInfo(code="shutdown", message="The server is stopping."),
+                )
+            return ReplyEnd(re=request.id, text=text, reason="cancelled")
+        timings = result.timings
+        usage = Usage(
+            prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens,
+            completion_tokens=result.completion_tokens,
+            ttft_ms=round(timings.ttft_ms) if timings.ttft_ms is not None else None,
+            total_ms=round(timings.total_ms),
+        )
+        error = (
+            ErrorInfo(code="internal", message=result.error or "generation failed")
+            if result.reason == "error"
+            else None
+        )
+        return ReplyEnd(
+            re=request.id, text=result.text, reason=result.reason, usage=usage, error=error
+        )

@@ -1,0 +1,211 @@
+"""Protocol v1 over real loopback WebSockets, with the real model and Chroma behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+import pytest
+from websockets.asyncio.client import connect
+
+from npc_engine.client import NpcClient, ProtocolError
+from npc_engine.config import EngineConfig
+from npc_engine.runtime import EngineRuntime
+from npc_engine.server import NpcServer, ServerLimits
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def server(real_runtime: EngineRuntime) -> AsyncIterator[NpcServer]:
+    instance = NpcServer(real_runtime.engine, port=0, limits=ServerLimits(max_frame_bytes=4096))
+    await instance.start()
+    try:
+        yield instance
+    finally:
+        await instance.stop()
+
+
+async def raw_exchange(url: str, frames: list[Any]) -> list[Any]:
+    """Send frames one by one on one connection; collect one answer per frame."""
+    answers = []
+    async with connect(url) as websocket:
+        for frame in frames:
+            await websocket.send(frame)
+            answer = await asyncio.wait_for(websocket.recv(), 30)
+            answers.append(
+                msgpack.unpackb(answer) if isinstance(answer, bytes) else json.loads(answer)
+            )
+    return answers
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_say_streams_a_reply(server: NpcServer, encoding: str) -> None:
+    async with await NpcClient.connect(server.url, encoding=encoding) as client:
+        assert client.welcome["type"] == "welcome"
+        assert {npc["id"] for npc in client.welcome["npcs"]} == {
+            "mara",
+            "guard_tom",
+            "wren",
+            "ysolde",
+        }
+        stream = await client.say("mara", "Any rooms free tonight?", player_id="p1", max_tokens=16)
+        deltas = [delta async for delta in stream]
+        end = await stream.result()
+        assert stream.start is not None and stream.start["npc_id"] == "mara"
+        assert end["reason"] in ("stop", "length")
+        assert "".join(deltas) == end["text"] and end["text"]
+        assert end["usage"]["prompt_tokens"] > 0
+
+
+async def test_memory_event_list_forget(server: NpcServer) -> None:
+    async with await NpcClient.connect(server.url) as client:
+        ids = await client.event(["*"], "The bell of the chapel cracked.", importance=6)
+        assert len(ids) == 4
+        stream = await client.say("guard_tom", "My name is Aria.", player_id="aria", max_tokens=8)
+        await stream.result()
+        items = await client.memory_list("guard_tom", player_id="aria", query="what is my name?")
+        assert any("My name is Aria" in item["text"] for item in items)
+        assert all(item["score"] is not None for item in items)
+        newest = await client.memory_list("guard_tom")
+        assert [item["text"] for item in newest] == ["The bell of the chapel cracked."]
+        about_aria = [
+            item
+            for item in await client.memory_list("guard_tom", player_id="aria", limit=100)
+            if item["player_id"] == "aria"
+        ]
+        assert len(about_aria) >= 1
+        assert await client.memory_forget("guard_tom", player_id="aria") == len(about_aria)
+        remaining = await client.memory_list("guard_tom", player_id="aria", limit=100)
+        assert [item["player_id"] for item in remaining] == [None]
+        with pytest.raises(ProtocolError) as info:
+            await client.memory_forget("guard_tom")
+        assert info.value.code == "invalid_request"
+
+
+async def test_cancel_ends_with_cancelled(server: NpcServer) -> None:
+    async with await NpcClient.connect(server.url) as client:
+        stream = await client.say("wren", "Tell me everything about the marsh.", max_tokens=200)
+        async for _delta in stream:
+            await client.cancel(stream.request_id)
+            break
+        end = await stream.result()
+        assert end["reason"] == "cancelled"
+        assert (await client.cancel("unknown-id"))["type"] == "ok"
+
+
+async def test_ping_is_answered_while_replies_stream(server: NpcServer) -> None:
+    async with (
+        await NpcClient.connect(server.url) as talker,
+        await NpcClient.connect(server.url) as pinger,
+    ):
+        streams = [
+            await talker.say("ysolde", "Tell me a long tale.", max_tokens=120) for _ in range(2)
+        ]
+        await asyncio.sleep(0.3)
+        lags = []
+        for _ in range(5):
+            started = time.perf_counter()
+            await pinger.ping()
+            lags.append(time.perf_counter() - started)
+        assert max(lags) < 0.5, lags
+        for stream in streams:
+            await stream.result()
+
+
+async def test_error_codes_keep_the_connection_open(server: NpcServer) -> None:
+    hello = json.dumps({"type": "hello", "id": "h", "protocol": "1"})
+    answers = await raw_exchange(
+        server.url,
+        [
+            json.dumps({"type": "npc.list", "id": "0"}),
+            hello,
+            "not json",
+            b"\xc1\xc1",
+            "x" * 5000,
+            json.dumps({"type": "teleport", "id": "1"}),
+            json.dumps({"type": "say", "id": "2", "npc_id": "marra", "text": "hi"}),
+            json.dumps({"type": "say", "id": "3", "npc_id": "mara"}),
+            json.dumps({"type": "ping", "id": "4"}),
+        ],
+    )
+    codes = [a.get("code", a["type"]) for a in answers]
+    assert codes == [
+        "hello_required",
+        "welcome",
+        "bad_frame",
+        "bad_frame",
+        "too_large",
+        "unknown_type",
+        "unknown_npc",
+        "invalid_request",
+        "pong",
+    ]
+    assert answers[6]["re"] == "2" and "Known: guard_tom, mara" in answers[6]["message"]
+    unsupported = await raw_exchange(
+        server.url, [json.dumps({"type": "hello", "id": "1", "protocol": "7"})]
+    )
+    assert unsupported[0]["code"] == "unsupported_protocol"
+
+
+async def test_token_is_required_when_set(real_runtime: EngineRuntime) -> None:
+    guarded = NpcServer(real_runtime.engine, port=0, token="s3cret")
+    await guarded.start()
+    try:
+        with pytest.raises(ProtocolError) as info:
+            await NpcClient.connect(guarded.url, token="wrong")
+        assert info.value.code == "unauthorized"
+        async with await NpcClient.connect(guarded.url, token="s3cret") as client:
+            assert (await client.ping())["type"] == "pong"
+    finally:
+        await guarded.stop()
+
+
+def test_non_loopback_without_token_is_refused(real_runtime: EngineRuntime) -> None:
+    from npc_engine.errors import NpcEngineError
+
+    with pytest.raises(NpcEngineError, match="without a token"):
+        NpcServer(real_runtime.engine, host="0.0.0.0")
+
+
+def test_serve_command_prints_url_and_stops_on_sigterm(real_config: EngineConfig) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "npc_engine.cli",
+            "serve",
+            "--port",
+            "0",
+            "--personas",
+            str(real_config.personas_dir),
+            "--data-dir",
+            str(real_config.data_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("npc-engine serving ws://127.0.0.1:"), line
+    assert "mara" in line
+    url = line.split()[2]
+
+    async def talk() -> str:
+        async with await NpcClient.connect(url) as client:
+            stream = await client.say("mara", "Hello!", max_tokens=8)
+            return str((await stream.result())["reason"])
+
+    assert asyncio.run(talk()) in ("stop", "length")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
