@@ -20,6 +20,11 @@ import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 
 
+def _request(kind: str, **fields: Any) -> dict[str, Any]:
+    """A request message; optional fields left as None are not sent."""
+    return {"type": kind, **{key: value for key, value in fields.items() if value is not None}}
+
+
 class ProtocolError(Exception):
     """The server answered a request with an ``error`` message."""
 
@@ -140,17 +145,15 @@ class NpcClient:
         request_id = self._next_id()
         stream = ReplyStream(request_id)
         self._streams[request_id] = stream
-        message: dict[str, Any] = {
-            "type": "say",
-            "id": request_id,
-            "npc_id": npc_id,
-            "player_id": player_id,
-            "text": text,
-        }
-        if context is not None:
-            message["context"] = context
-        if max_tokens is not None:
-            message["max_tokens"] = max_tokens
+        message = _request(
+            "say",
+            id=request_id,
+            npc_id=npc_id,
+            player_id=player_id,
+            text=text,
+            context=context,
+            max_tokens=max_tokens,
+        )
         await self.send_raw(message)
         return stream
 
@@ -165,11 +168,9 @@ class NpcClient:
         player_id: str | None = None,
         importance: int | None = None,
     ) -> list[str]:
-        message: dict[str, Any] = {"type": "event", "npc_ids": npc_ids, "text": text}
-        if player_id is not None:
-            message["player_id"] = player_id
-        if importance is not None:
-            message["importance"] = importance
+        message = _request(
+            "event", npc_ids=npc_ids, text=text, player_id=player_id, importance=importance
+        )
         return list((await self.request(message))["memory_ids"])
 
     async def memory_list(
@@ -180,11 +181,9 @@ class NpcClient:
         query: str | None = None,
         limit: int = 10,
     ) -> list[dict[str, Any]]:
-        message: dict[str, Any] = {"type": "memory.list", "npc_id": npc_id, "limit": limit}
-        if player_id is not None:
-            message["player_id"] = player_id
-        if query is not None:
-            message["query"] = query
+        message = _request(
+            "memory.list", npc_id=npc_id, limit=limit, player_id=player_id, query=query
+        )
         return list((await self.request(message))["items"])
 
     async def memory_forget(self, npc_id: str, **what: Any) -> int:

@@ -117,10 +117,6 @@ class EngineConfig(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
 
-    @property
-    def model_is_path(self) -> bool:
-        return self.model.endswith(".gguf") or os.sep in self.model
-
 
 _explicit_config_file: Path | None = None
 

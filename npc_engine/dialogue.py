@@ -35,7 +35,7 @@ ReplyReason = Literal["stop", "length", "cancelled", "error"]
 DEFAULT_PLAYER = "player"
 MAX_MEMORY_CHARS = 600
 # Lines the model writes when it starts to play the player too: cut the reply there.
-ROLE_STOPS = ["\nThe player (", "The player (", "\nPlayer:", "\nUser:"]
+ROLE_STOPS = ["The player (", "\nPlayer:", "\nUser:"]
 
 
 @dataclass

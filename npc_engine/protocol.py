@@ -31,7 +31,6 @@ ErrorCode = Literal[
     "rate_limited",
     "internal",
     "shutdown",
-    "deadline",
 ]
 Encoding = Literal["json", "msgpack"]
 

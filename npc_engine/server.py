@@ -83,6 +83,27 @@ class _TokenBucket:
 
 
 @dataclass
+class _Connection:
+    """One client: its socket, protocol state and rate limit."""
+
+    websocket: ServerConnection
+    session: ProtocolSession
+    bucket: _TokenBucket
+
+    @property
+    def key(self) -> int:
+        return id(self.websocket)
+
+    @property
+    def encoding(self) -> Encoding:
+        return self.session.encoding if self.session.hello_done else "json"
+
+    async def send(self, message: Any, encoding: Encoding | None = None) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.websocket.send(encode(message, encoding or self.encoding))
+
+
+@dataclass
 class _Reply:
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
@@ -154,48 +175,36 @@ class NpcServer:
     # -- connection ----------------------------------------------------------------------
 
     async def _handle(self, websocket: ServerConnection) -> None:
-        session = ProtocolSession(token=self.token, max_frame_bytes=self.limits.max_frame_bytes)
-        bucket = _TokenBucket(self.limits.rate_per_second, self.limits.rate_burst)
-        conn_id = id(websocket)
+        conn = _Connection(
+            websocket,
+            ProtocolSession(token=self.token, max_frame_bytes=self.limits.max_frame_bytes),
+            _TokenBucket(self.limits.rate_per_second, self.limits.rate_burst),
+        )
         try:
-            async for frame in websocket:
-                await self._on_frame(websocket, session, bucket, conn_id, frame)
-        except ConnectionClosed:
-            pass
+            with contextlib.suppress(ConnectionClosed):
+                async for frame in websocket:
+                    await self._on_frame(conn, frame)
         finally:
             for (owner, _rid), reply in list(self._replies.items()):
-                if owner == conn_id:
+                if owner == conn.key:
                     reply.cancel.set()  # running: stops between tokens; queued: dropped
 
-    async def _send(self, websocket: ServerConnection, message: Any, encoding: Encoding) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await websocket.send(encode(message, encoding))
-
-    async def _on_frame(
-        self,
-        websocket: ServerConnection,
-        session: ProtocolSession,
-        bucket: _TokenBucket,
-        conn_id: int,
-        frame: str | bytes,
-    ) -> None:
-        outcome = session.receive(frame)
+    async def _on_frame(self, conn: _Connection, frame: str | bytes) -> None:
+        outcome = conn.session.receive(frame)
         if outcome.error is not None:
-            await self._send(websocket, outcome.error, outcome.encoding)
+            await conn.send(outcome.error, outcome.encoding)
             if outcome.close_code is not None:
-                await websocket.close(outcome.close_code, outcome.error.code)
+                await conn.websocket.close(outcome.close_code, outcome.error.code)
             return
         request = outcome.request
-        encoding = session.encoding if session.hello_done else "json"
 
         async def fail(code: ErrorCode, message: str, **details: Any) -> None:
             assert request is not None
             error = Error(re=request.id, code=code, message=message, details=details)
-            await self._send(websocket, error, outcome.encoding)
+            await conn.send(error, outcome.encoding)
 
         if isinstance(request, Hello):
-            await self._send(
-                websocket,
+            await conn.send(
                 Welcome(
                     re=request.id,
                     server=f"npc-engine/{__version__}",
@@ -203,35 +212,32 @@ class NpcServer:
                     capabilities=["stream", "msgpack", "memory"],
                     npcs=self._npc_infos(),
                 ),
-                encoding,
             )
             return
         if isinstance(request, Ping):
-            await self._send(websocket, Pong(re=request.id), encoding)
+            await conn.send(Pong(re=request.id))
             return
         if request is None:
             return
-        if not bucket.take():
+        if not conn.bucket.take():
             await fail("rate_limited", "Too many requests; slow down.")
             return
         try:
             if isinstance(request, Say):
-                await self._say(websocket, session, conn_id, request, encoding, fail)
+                await self._say(conn, request, fail)
             elif isinstance(request, Cancel):
-                reply = self._replies.get((conn_id, request.target))
+                reply = self._replies.get((conn.key, request.target))
                 if reply is not None:
                     reply.cancel.set()
-                await self._send(websocket, Ok(re=request.id), encoding)
+                await conn.send(Ok(re=request.id))
             elif isinstance(request, NpcList):
-                await self._send(
-                    websocket, NpcItems(re=request.id, npcs=self._npc_infos()), encoding
-                )
+                await conn.send(NpcItems(re=request.id, npcs=self._npc_infos()))
             elif isinstance(request, Event):
                 ids = await self._in_io(self._event, request)
-                await self._send(websocket, Ok(re=request.id, memory_ids=ids), encoding)
+                await conn.send(Ok(re=request.id, memory_ids=ids))
             elif isinstance(request, MemoryList):
                 items = await self._in_io(self._memory_list, request)
-                await self._send(websocket, MemoryItems(re=request.id, items=items), encoding)
+                await conn.send(MemoryItems(re=request.id, items=items))
             elif isinstance(request, MemoryForget):
                 count = await self._in_io(
                     lambda r: self.engine.forget(
@@ -239,7 +245,7 @@ class NpcServer:
                     ),
                     request,
                 )
-                await self._send(websocket, Ok(re=request.id, count=count), encoding)
+                await conn.send(Ok(re=request.id, count=count))
         except UnknownNpcError as exc:
             await fail("unknown_npc", str(exc), known=exc.known)
         except NpcEngineError as exc:
@@ -294,47 +300,27 @@ class NpcServer:
 
     # -- say -----------------------------------------------------------------------------
 
-    async def _say(
-        self,
-        websocket: ServerConnection,
-        session: ProtocolSession,
-        conn_id: int,
-        request: Say,
-        encoding: Encoding,
-        fail: Callable[..., Any],
-    ) -> None:
+    async def _say(self, conn: _Connection, request: Say, fail: Callable[..., Any]) -> None:
         self.engine.persona(request.npc_id)  # unknown_npc before anything is accepted
         if self.stopping:
             await fail("busy", "The server is shutting down.")
             return
-        mine = sum(1 for owner, _ in self._replies if owner == conn_id)
+        mine = sum(1 for owner, _ in self._replies if owner == conn.key)
         if mine >= self.limits.max_in_flight_per_connection:
             await fail("busy", "Too many requests in flight on this connection; retry later.")
             return
         if self._queued >= self.limits.max_queued_generations:
             await fail("busy", "The generation queue is full; retry later.")
             return
-        session.in_flight.add(request.id)
+        conn.session.in_flight.add(request.id)
         reply = _Reply()
-        self._replies[(conn_id, request.id)] = reply
+        self._replies[(conn.key, request.id)] = reply
         self._queued += 1
         turn_id = uuid.uuid4().hex
-        await self._send(
-            websocket, ReplyStart(re=request.id, npc_id=request.npc_id, turn_id=turn_id), encoding
-        )
-        reply.task = asyncio.create_task(
-            self._run_say(websocket, session, conn_id, request, encoding, reply)
-        )
+        await conn.send(ReplyStart(re=request.id, npc_id=request.npc_id, turn_id=turn_id))
+        reply.task = asyncio.create_task(self._run_say(conn, request, reply))
 
-    async def _run_say(
-        self,
-        websocket: ServerConnection,
-        session: ProtocolSession,
-        conn_id: int,
-        request: Say,
-        encoding: Encoding,
-        reply: _Reply,
-    ) -> None:
+    async def _run_say(self, conn: _Connection, request: Say, reply: _Reply) -> None:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -354,13 +340,12 @@ class NpcServer:
                 cancel=reply.cancel,
             )
 
+        sent: list[str] = []  # what the client has received, in order (seq = index)
+
         async def pump() -> None:
-            seq = 0
             while (piece := await deltas.get()) is not None:
-                await self._send(
-                    websocket, ReplyDelta(re=request.id, seq=seq, text=piece), encoding
-                )
-                seq += 1
+                await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=piece))
+                sent.append(piece)
 
         pumping = asyncio.create_task(pump())
         end: ReplyEnd
@@ -373,20 +358,22 @@ class NpcServer:
             log.exception("say %s failed", request.id)
             deltas.put_nowait(None)
             await pumping
-            line = self.engine.fallback_line(self.engine.persona(request.npc_id))
+            # Keep the stream consistent: the fallback continues what was already sent.
+            line = "" if sent else self.engine.fallback_line(self.engine.persona(request.npc_id))
             if line:
-                await self._send(websocket, ReplyDelta(re=request.id, seq=0, text=line), encoding)
+                await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=line))
+                sent.append(line)
             end = ReplyEnd(
                 re=request.id,
-                text=line,
+                text="".join(sent),
                 reason="error",
                 error=ErrorInfo(code="internal", message=f"{type(exc).__name__}: {exc}"),
             )
         finally:
             self._queued -= 1
-            self._replies.pop((conn_id, request.id), None)
-            session.in_flight.discard(request.id)
-        await self._send(websocket, end, encoding)
+            self._replies.pop((conn.key, request.id), None)
+            conn.session.in_flight.discard(request.id)
+        await conn.send(end)
 
     def _reply_end(self, request: Say, result: TurnResult | None) -> ReplyEnd:
         if result is None or result.reason == "cancelled":

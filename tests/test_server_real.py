@@ -209,3 +209,20 @@ def test_serve_command_prints_url_and_stops_on_sigterm(real_config: EngineConfig
     assert asyncio.run(talk()) in ("stop", "length")
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
+
+
+async def test_failure_mid_reply_still_ends_consistently(
+    server: NpcServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_say(*_args: Any, on_delta: Any = None, **_kwargs: Any) -> Any:
+        on_delta("Half a sentence")
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(server.engine, "say", broken_say)
+    async with await NpcClient.connect(server.url) as client:
+        stream = await client.say("mara", "Hello?")
+        deltas = [delta async for delta in stream]
+        end = await stream.result()
+        assert end["reason"] == "error" and end["error"]["code"] == "internal"
+        assert deltas == ["Half a sentence"] == [end["text"]]
+        assert (await client.ping())["type"] == "pong"

@@ -63,4 +63,4 @@ class ScriptedGenerator:
         return stats
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the script lives in memory."""

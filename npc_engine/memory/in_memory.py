@@ -32,11 +32,9 @@ class InMemoryStore:
     def __init__(self) -> None:
         self._memories: dict[str, Memory] = {}
         self._lock = threading.Lock()
-        self.add_calls = 0
 
     def add(self, memories: Sequence[Memory]) -> None:
         with self._lock:
-            self.add_calls += 1
             for memory in memories:
                 self._memories[memory.id] = memory
 
@@ -100,4 +98,4 @@ class InMemoryStore:
             return [m for m in self._memories.values() if m.npc_id == npc_id]
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the dict goes with the object."""

@@ -43,7 +43,7 @@ class ParsedYaml:
 
 
 class _NodeBudgetExceeded(Exception):
-    pass
+    """The document expands to more than MAX_NODES values (an alias bomb, usually)."""
 
 
 class _Walker:
@@ -71,7 +71,7 @@ class _Walker:
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 self.parsed.problems.append(
                     SourceProblem(
-                        key_node.start_mark.line + 1, _dotted(location), "keys must be plain text"
+                        key_node.start_mark.line + 1, dotted(location), "keys must be plain text"
                     )
                 )
                 continue
@@ -80,7 +80,7 @@ class _Walker:
                 self.parsed.problems.append(
                     SourceProblem(
                         key_node.start_mark.line + 1,
-                        _dotted(child),
+                        dotted(child),
                         f"duplicate key (first given on line {self.parsed.lines.get(child, '?')})",
                     )
                 )
@@ -90,15 +90,11 @@ class _Walker:
         return result
 
 
-def _dotted(location: Location) -> str:
+def dotted(location: Location) -> str:
     text = ""
     for part in location:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
     return text or "(document)"
-
-
-def dotted(location: Location) -> str:
-    return _dotted(location)
 
 
 def parse_yaml_file(path: Path) -> ParsedYaml:
