@@ -251,6 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=config.host,
             port=config.port,
             token=config.token,
+            limits=config.limits,
             origins=args.origin,
         )
         await server.start()

@@ -55,6 +55,33 @@ class RetrievalConfig(BaseModel):
     )
 
 
+class ServerLimits(BaseModel):
+    """Safety limits of ``npc-engine serve``; every one has a safe default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_frame_bytes: int = Field(1 << 20, ge=1024, description="Larger frames get too_large.")
+    max_in_flight_per_connection: int = Field(
+        8, ge=1, description="Accepted, unfinished says per connection; more get busy."
+    )
+    max_queued_generations: int = Field(
+        64, ge=1, description="Says waiting for or in generation, all connections; more get busy."
+    )
+    rate_per_second: float = Field(
+        20.0, gt=0, description="Sustained requests per second per connection (rate_limited)."
+    )
+    rate_burst: int = Field(40, ge=1, description="Requests a connection may send in a burst.")
+    idle_timeout: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds without a frame and with no reply running before the server "
+        "closes the connection (close code 4408); 0 disables.",
+    )
+    ping_interval: float = Field(
+        20.0, gt=0, description="WebSocket keepalive ping every this many seconds."
+    )
+
+
 class EngineConfig(BaseSettings):
     """Every setting of the engine, with its default."""
 
@@ -101,6 +128,7 @@ class EngineConfig(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
     token: str | None = None
+    limits: ServerLimits = Field(default_factory=ServerLimits)
 
     @classmethod
     def settings_customise_sources(

@@ -1,8 +1,9 @@
 """The WebSocket server: a thin asyncio layer around ``ProtocolSession`` and the engine.
 
-Generation runs on one worker thread (one ``Llama`` serves one generation at a time); its
-single FIFO queue also keeps requests for the same (npc_id, player_id) in order. Memory
-and Chroma calls run on a separate small pool. Nothing blocking runs on the event loop.
+Generation runs on one worker thread (one ``Llama`` serves one generation at a time) fed
+by ``GenerationScheduler``, which keeps requests for the same (npc_id, player_id) in order.
+Memory and Chroma calls run on a separate small pool. Nothing blocking runs on the event
+loop.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from npc_engine import __version__
+from npc_engine.config import ServerLimits
 from npc_engine.dialogue import DialogueEngine, TurnResult
 from npc_engine.errors import NpcEngineError, UnknownNpcError
 from npc_engine.memory.types import Memory
@@ -52,19 +54,13 @@ from npc_engine.protocol import (
     Welcome,
     encode,
 )
+from npc_engine.scheduling import GenerationScheduler
 
 log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-@dataclass
-class ServerLimits:
-    max_frame_bytes: int = 1 << 20
-    max_in_flight_per_connection: int = 8
-    max_queued_generations: int = 64
-    rate_per_second: float = 20.0
-    rate_burst: int = 40
-    ping_interval: float = 20.0
+# Private-use close code (4000-4999), mirroring HTTP 408: the client sent nothing for
+# ``limits.idle_timeout`` seconds and had no reply running.
+IDLE_CLOSE_CODE = 4408
 
 
 class _TokenBucket:
@@ -128,7 +124,7 @@ class NpcServer:
         self.host, self.port, self.token = host, port, token
         self.limits = limits or ServerLimits()
         self.origins = origins
-        self._generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="npc-generate")
+        self._generation = GenerationScheduler()
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="npc-memory")
         self._queued = 0
         self._replies: dict[tuple[int, str], _Reply] = {}
@@ -169,7 +165,7 @@ class NpcServer:
             await self._server.wait_closed()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self.engine.writer.flush, 60.0)
-        self._generation.shutdown(wait=True)
+        self._generation.close()
         self._io.shutdown(wait=True)
 
     # -- connection ----------------------------------------------------------------------
@@ -180,14 +176,25 @@ class NpcServer:
             ProtocolSession(token=self.token, max_frame_bytes=self.limits.max_frame_bytes),
             _TokenBucket(self.limits.rate_per_second, self.limits.rate_burst),
         )
+        idle_timeout = self.limits.idle_timeout or None
         try:
             with contextlib.suppress(ConnectionClosed):
-                async for frame in websocket:
+                while True:
+                    try:
+                        frame = await asyncio.wait_for(websocket.recv(), idle_timeout)
+                    except TimeoutError:
+                        if not self._has_replies(conn):
+                            await websocket.close(IDLE_CLOSE_CODE, "idle timeout")
+                            return
+                        continue
                     await self._on_frame(conn, frame)
         finally:
             for (owner, _rid), reply in list(self._replies.items()):
                 if owner == conn.key:
                     reply.cancel.set()  # running: stops between tokens; queued: dropped
+
+    def _has_replies(self, conn: _Connection) -> bool:
+        return any(owner == conn.key for owner, _ in self._replies)
 
     async def _on_frame(self, conn: _Connection, frame: str | bytes) -> None:
         outcome = conn.session.receive(frame)
@@ -350,7 +357,7 @@ class NpcServer:
         pumping = asyncio.create_task(pump())
         end: ReplyEnd
         try:
-            result = await loop.run_in_executor(self._generation, work)
+            result = await asyncio.wrap_future(self._generation.submit(request.npc_id, work))
             deltas.put_nowait(None)
             await pumping
             end = self._reply_end(request, result)

@@ -56,3 +56,32 @@ def run_cli(
         cwd=REPO,
         stdin=subprocess.DEVNULL,
     )
+
+
+def start_server_process(config: EngineConfig, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """Start ``npc-engine serve`` on a free loopback port; returns the process and its URL."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "npc_engine.cli",
+            "serve",
+            "--port",
+            "0",
+            "--personas",
+            str(config.personas_dir),
+            "--data-dir",
+            str(config.data_dir),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("npc-engine serving ws://"):
+        process.kill()
+        raise AssertionError(f"serve did not start: {line!r} {process.communicate()[1]}")
+    return process, line.split()[2]

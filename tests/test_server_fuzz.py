@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
+from npc_engine.config import ServerLimits
 from npc_engine.runtime import EngineRuntime
-from npc_engine.server import NpcServer, ServerLimits
+from npc_engine.server import NpcServer
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,10 +14,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 from npc_engine.client import NpcClient, ProtocolError
-from npc_engine.config import EngineConfig
+from npc_engine.config import EngineConfig, ServerLimits
 from npc_engine.runtime import EngineRuntime
-from npc_engine.server import NpcServer, ServerLimits
-from tests.conftest import REPO
+from npc_engine.server import NpcServer
+from tests.conftest import start_server_process
 
 pytestmark = pytest.mark.slow
 
@@ -177,29 +175,7 @@ def test_non_loopback_without_token_is_refused(real_runtime: EngineRuntime) -> N
 
 
 def test_serve_command_prints_url_and_stops_on_sigterm(real_config: EngineConfig) -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "npc_engine.cli",
-            "serve",
-            "--port",
-            "0",
-            "--personas",
-            str(real_config.personas_dir),
-            "--data-dir",
-            str(real_config.data_dir),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("npc-engine serving ws://127.0.0.1:"), line
-    assert "mara" in line
-    url = line.split()[2]
+    process, url = start_server_process(real_config)
 
     async def talk() -> str:
         async with await NpcClient.connect(url) as client:
@@ -226,3 +202,24 @@ async def test_failure_mid_reply_still_ends_consistently(
         assert end["reason"] == "error" and end["error"]["code"] == "internal"
         assert deltas == ["Half a sentence"] == [end["text"]]
         assert (await client.ping())["type"] == "pong"
+
+
+async def test_idle_connections_are_closed_but_not_while_a_reply_runs(
+    real_runtime: EngineRuntime,
+) -> None:
+    idle = NpcServer(real_runtime.engine, port=0, limits=ServerLimits(idle_timeout=0.4))
+    await idle.start()
+    try:
+        async with connect(idle.url) as websocket:
+            await websocket.send(json.dumps({"type": "hello", "id": "1", "protocol": "1"}))
+            await websocket.recv()
+            await asyncio.wait_for(websocket.wait_closed(), 10)
+            assert websocket.close_code == 4408
+        async with await NpcClient.connect(idle.url) as client:
+            # A reply longer than the idle timeout: the silent client is not cut off.
+            stream = await client.say("mara", "Tell me a long story.", max_tokens=48)
+            await asyncio.sleep(0.6)
+            end = await stream.result()
+            assert end["reason"] in ("stop", "length")
+    finally:
+        await idle.stop()

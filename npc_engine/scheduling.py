@@ -1,0 +1,93 @@
+"""The generation queue: one worker thread, jobs picked with NPC affinity.
+
+One ``Llama`` serves one generation at a time, so every reply goes through one worker.
+Taking jobs strictly first-in-first-out would make the model switch NPC on nearly every
+turn when many players talk to many NPCs, and every switch re-evaluates the new NPC's
+world + persona prefix (about a second per thousand tokens on a small CPU). So the worker
+prefers the oldest waiting job for the NPC it served last, which keeps that prefix in
+the KV cache, and bounds how often the oldest waiting job may be passed over so that no
+conversation starves.
+
+Order is kept where the protocol promises it: jobs for the same (npc_id, player_id) are
+always for the same NPC, and among one NPC's jobs the oldest is always taken first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class _Job:
+    npc_id: str
+    work: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+    passed_over: int = 0
+
+
+class GenerationScheduler:
+    """Runs submitted jobs one at a time on a dedicated thread."""
+
+    def __init__(self, *, max_passed_over: int = 6, name: str = "npc-generate") -> None:
+        self.max_passed_over = max_passed_over
+        self._waiting: list[_Job] = []
+        self._condition = threading.Condition()
+        self._closed = False
+        self._last_npc: str | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, npc_id: str, work: Callable[[], Any]) -> Future[Any]:
+        """Queue ``work`` for ``npc_id``; the future holds its result or exception."""
+        job = _Job(npc_id, work)
+        with self._condition:
+            if self._closed:
+                raise RuntimeError("the generation scheduler is closed")
+            self._waiting.append(job)
+            self._condition.notify()
+        return job.future
+
+    @property
+    def waiting(self) -> int:
+        with self._condition:
+            return len(self._waiting)
+
+    def close(self, wait: bool = True) -> None:
+        """Run what is already queued, then stop the worker."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        if wait:
+            self._thread.join()
+
+    def pick(self) -> _Job:
+        """Choose the next job (called with the lock held and at least one job waiting)."""
+        oldest = self._waiting[0]
+        chosen = oldest
+        if oldest.npc_id != self._last_npc and oldest.passed_over < self.max_passed_over:
+            same_npc = next((j for j in self._waiting if j.npc_id == self._last_npc), None)
+            if same_npc is not None:
+                chosen = same_npc
+                oldest.passed_over += 1
+        self._waiting.remove(chosen)
+        self._last_npc = chosen.npc_id
+        return chosen
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._waiting and not self._closed:
+                    self._condition.wait()
+                if not self._waiting:
+                    return
+                job = self.pick()
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                job.future.set_result(job.work())
+            except BaseException as exc:  # handed to whoever awaits the future
+                job.future.set_exception(exc)

@@ -1,0 +1,83 @@
+"""GenerationScheduler: NPC affinity, bounded unfairness, order per NPC, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from npc_engine.scheduling import GenerationScheduler
+
+
+def run_all(scheduler: GenerationScheduler, jobs: list[tuple[str, str]]) -> list[str]:
+    """Queue ``jobs`` (npc, label) while the worker is held, then return the run order."""
+    order: list[str] = []
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait()
+
+    scheduler.submit("blocker", hold)
+    assert started.wait(10)
+    futures = [
+        scheduler.submit(npc, lambda label=label: order.append(label)) for npc, label in jobs
+    ]
+    gate.set()
+    for future in futures:
+        future.result(10)
+    return order
+
+
+def test_prefers_the_npc_it_served_last_and_keeps_each_npcs_order() -> None:
+    scheduler = GenerationScheduler(max_passed_over=100)
+    try:
+        scheduler.submit("mara", lambda: None).result(10)
+        order = run_all(
+            scheduler,
+            [("tom", "tom1"), ("mara", "mara1"), ("tom", "tom2"), ("mara", "mara2")],
+        )
+    finally:
+        scheduler.close()
+    # The blocker ran last, so "blocker" is the warm NPC: nothing matches; FIFO from there,
+    # then the worker stays on tom while tom has work.
+    assert order == ["tom1", "tom2", "mara1", "mara2"]
+
+
+def test_the_oldest_job_is_passed_over_a_bounded_number_of_times() -> None:
+    scheduler = GenerationScheduler(max_passed_over=2)
+    try:
+        jobs = [("mara", "mara1"), ("tom", "tom1")] + [("mara", f"mara{i}") for i in range(2, 7)]
+        order = run_all(scheduler, jobs)
+    finally:
+        scheduler.close()
+    assert order.index("tom1") == 3  # mara1, then two more mara turns, then tom's turn
+    assert [label for label in order if label.startswith("mara")] == [
+        f"mara{i}" for i in range(1, 7)
+    ]
+
+
+def test_exceptions_reach_the_caller_and_the_worker_keeps_going() -> None:
+    scheduler = GenerationScheduler()
+    try:
+
+        def boom() -> None:
+            raise ValueError("bad turn")
+
+        with pytest.raises(ValueError, match="bad turn"):
+            scheduler.submit("mara", boom).result(10)
+        assert scheduler.submit("mara", lambda: 42).result(10) == 42
+    finally:
+        scheduler.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.submit("mara", lambda: None)
+
+
+def test_close_runs_what_is_queued() -> None:
+    scheduler = GenerationScheduler()
+    gate = threading.Event()
+    scheduler.submit("mara", gate.wait)
+    later = scheduler.submit("tom", lambda: "done")
+    gate.set()
+    scheduler.close()
+    assert later.result(0) == "done"
