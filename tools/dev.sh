@@ -29,6 +29,10 @@ if [ "${1:-}" = "test" ]; then
     echo "== ruff ==" >&2
     "$VENV/bin/ruff" check npc_engine tests tools
     "$VENV/bin/ruff" format --check npc_engine tests tools
+    echo "== gdscript (gdtoolkit) ==" >&2
+    mapfile -t GD_FILES < <(find godot_bridge examples/godot_demo -name '*.gd')  # the demo's addons/ is a link: not followed
+    "$VENV/bin/gdlint" "${GD_FILES[@]}"
+    "$VENV/bin/gdformat" --check "${GD_FILES[@]}"
     echo "== mypy ==" >&2
     "$VENV/bin/mypy" npc_engine
     echo "== pytest ==" >&2

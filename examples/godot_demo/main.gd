@@ -1,0 +1,125 @@
+extends Node2D
+## The demo: arrow keys walk, Enter talks to the nearest NPC, Esc cuts a reply short.
+##
+## The NPCs come from the server's welcome, so the demo shows whatever personas the
+## engine loaded. Start the engine first: `tools/dev.sh serve` in the npc-engine repo.
+
+const PLAYER_SPEED := 220.0
+const TALK_DISTANCE := 90.0
+const PLAYER_ID := "demo-player"
+const COLOURS: Array[Color] = [
+	Color.CORNFLOWER_BLUE, Color.INDIAN_RED, Color.SEA_GREEN, Color.GOLDENROD, Color.ORCHID
+]
+
+var _player := Node2D.new()
+var _markers := {}  # npc id -> NpcMarker
+var _status := Label.new()
+var _input := LineEdit.new()
+var _talking_to: NpcMarker = null
+var _reply_id := ""
+
+
+func _ready() -> void:
+	_player.position = Vector2(512, 480)
+	_player.draw.connect(func() -> void: _player.draw_circle(Vector2.ZERO, 14, Color.WHITE))
+	add_child(_player)
+	_status.position = Vector2(16, 12)
+	add_child(_status)
+	_input.position = Vector2(262, 548)
+	_input.size = Vector2(500, 32)
+	_input.placeholder_text = "Say something and press Enter (Esc to leave)"
+	_input.visible = false
+	_input.text_submitted.connect(_on_line_submitted)
+	add_child(_input)
+
+	NpcEngine.connected.connect(_on_connected)
+	NpcEngine.disconnected.connect(_on_disconnected)
+	NpcEngine.reply_started.connect(_on_reply_started)
+	NpcEngine.reply_delta.connect(_on_reply_delta)
+	NpcEngine.reply_finished.connect(_on_reply_finished)
+	NpcEngine.error_received.connect(_on_error_received)
+	_status.text = "Connecting to %s …" % NpcEngine.url
+
+
+func _process(delta: float) -> void:
+	if not _input.visible:
+		var direction := Input.get_vector("ui_left", "ui_right", "ui_up", "ui_down")
+		_player.position += direction * PLAYER_SPEED * delta
+	var nearest := _nearest_marker()
+	if nearest != null and not _input.visible:
+		_status.text = "Press Enter to talk to %s" % nearest.display_name
+
+
+func _unhandled_input(event: InputEvent) -> void:
+	if event.is_action_pressed("ui_accept") and not _input.visible:
+		_talking_to = _nearest_marker()
+		if _talking_to != null:
+			_input.visible = true
+			_input.grab_focus()
+	elif event.is_action_pressed("ui_cancel"):
+		if not _reply_id.is_empty():
+			NpcEngine.cancel(_reply_id)
+		_input.visible = false
+
+
+func _on_connected(welcome: Dictionary) -> void:
+	_status.text = "Connected to %s" % welcome.get("server", "npc-engine")
+	for marker: NpcMarker in _markers.values():
+		marker.queue_free()
+	_markers.clear()
+	var npcs: Array = welcome.get("npcs", [])
+	for index in npcs.size():
+		var npc: Dictionary = npcs[index]
+		var marker := NpcMarker.new()
+		marker.npc_id = npc["id"]
+		marker.display_name = npc.get("name", npc["id"])
+		marker.colour = COLOURS[index % COLOURS.size()]
+		marker.position = Vector2(160 + index * 720.0 / maxi(1, npcs.size() - 1), 250)
+		add_child(marker)
+		_markers[marker.npc_id] = marker
+
+
+func _on_disconnected(_code: int, reason: String) -> void:
+	_status.text = "Engine not reachable (%s); retrying …" % reason
+
+
+func _on_line_submitted(text: String) -> void:
+	if _talking_to == null or text.strip_edges().is_empty():
+		return
+	_input.clear()
+	var context := {"location": "the demo square", "time_of_day": "evening"}
+	_reply_id = NpcEngine.say(_talking_to.npc_id, text, PLAYER_ID, context)
+
+
+func _on_reply_started(request_id: String, npc_id: String) -> void:
+	if request_id == _reply_id and _markers.has(npc_id):
+		_markers[npc_id].show_thinking()
+
+
+func _on_reply_delta(request_id: String, _seq: int, text: String) -> void:
+	if request_id == _reply_id and _talking_to != null:
+		_talking_to.append_reply(text)
+
+
+func _on_reply_finished(request_id: String, reply: Dictionary) -> void:
+	if request_id == _reply_id and _talking_to != null:
+		_talking_to.finish_reply(reply)
+		_reply_id = ""
+
+
+func _on_error_received(
+	_request_id: String, code: String, message: String, _details: Dictionary
+) -> void:
+	_status.text = "npc-engine error %s: %s" % [code, message]
+
+
+func _nearest_marker() -> NpcMarker:
+	var best: NpcMarker = null
+	for marker: NpcMarker in _markers.values():
+		var distance := marker.position.distance_to(_player.position)
+		if (
+			distance < TALK_DISTANCE
+			and (best == null or distance < best.position.distance_to(_player.position))
+		):
+			best = marker
+	return best

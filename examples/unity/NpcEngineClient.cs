@@ -1,0 +1,621 @@
+// npc-engine protocol v1 client for Unity and any .NET / Mono program.
+//
+// Drop this one file into a Unity project (Assets/Scripts/...). It has no dependencies
+// beyond the base class library: System.Net.WebSockets.ClientWebSocket for the socket and a
+// small JSON reader/writer at the bottom (Unity's JsonUtility cannot read the protocol's
+// free-form objects such as `context` and `details`, and requiring Newtonsoft would add a
+// package to every game that uses this file).
+//
+// Threading: frames are read on a background task. If the client is created on a thread
+// that has a SynchronizationContext (Unity's main thread has one), every event and every
+// awaited result is delivered on that thread, so handlers may touch GameObjects directly.
+// Created elsewhere (a console program, a worker thread), events arrive on the reader
+// thread; marshal them yourself, e.g. through a ConcurrentQueue drained in Update().
+//
+//   var client = new NpcEngineClient();
+//   await client.ConnectAsync(new Uri("ws://127.0.0.1:8765/"));
+//   var reply = await client.SayAsync("mara", "Any rooms free?", "player1",
+//       onDelta: text => bubble.text += text);
+//   Debug.Log(reply.Text + " (" + reply.Reason + ")");
+
+using System;
+using System.Collections.Generic;
+using System.Globalization;
+using System.IO;
+using System.Net.WebSockets;
+using System.Text;
+using System.Threading;
+using System.Threading.Tasks;
+
+namespace NpcEngine
+{
+    /// <summary>The final <c>reply.end</c> of a <c>say</c>.</summary>
+    public sealed class NpcReply
+    {
+        public string RequestId;
+        public string NpcId;
+        public string Text;
+        /// <summary>stop, length, cancelled or error.</summary>
+        public string Reason;
+        public string Emotion;
+        public string ErrorCode;
+        public string ErrorMessage;
+        /// <summary>Milliseconds from acceptance to the first token, when one came.</summary>
+        public double? FirstTokenMs;
+        public Dictionary<string, object> Raw;
+    }
+
+    /// <summary>An <c>error</c> message from the server, thrown by the awaiting call.</summary>
+    public sealed class NpcEngineException : Exception
+    {
+        public readonly string Code;
+        public readonly Dictionary<string, object> Details;
+
+        public NpcEngineException(string code, string message, Dictionary<string, object> details)
+            : base(code + ": " + message)
+        {
+            Code = code;
+            Details = details ?? new Dictionary<string, object>();
+        }
+    }
+
+    public sealed class NpcEngineClient : IDisposable
+    {
+        /// <summary>A <c>say</c> was accepted: (request id, npc id). Show the NPC "thinking".</summary>
+        public event Action<string, string> ReplyStarted;
+        /// <summary>A piece of a reply: (request id, seq, text). Append it to the speech bubble.</summary>
+        public event Action<string, int, string> ReplyDelta;
+        /// <summary>A reply ended (any reason).</summary>
+        public event Action<NpcReply> ReplyFinished;
+        /// <summary>An <c>error</c> message arrived (also thrown by the awaiting call).</summary>
+        public event Action<NpcEngineException> ErrorReceived;
+        /// <summary>The connection closed; the string says why.</summary>
+        public event Action<string> Disconnected;
+
+        /// <summary>The server's <c>welcome</c> message.</summary>
+        public Dictionary<string, object> Welcome { get; private set; }
+
+        private sealed class PendingReply
+        {
+            public string NpcId;
+            public Action<string> OnDelta;
+            public readonly StringBuilder Text = new StringBuilder();
+            public readonly TaskCompletionSource<NpcReply> Done =
+                new TaskCompletionSource<NpcReply>(TaskCreationOptions.RunContinuationsAsynchronously);
+        }
+
+        private readonly ClientWebSocket _socket = new ClientWebSocket();
+        private readonly SemaphoreSlim _sendLock = new SemaphoreSlim(1, 1);
+        private readonly SynchronizationContext _context = SynchronizationContext.Current;
+        private readonly object _lock = new object();
+        private readonly Dictionary<string, TaskCompletionSource<Dictionary<string, object>>> _answers =
+            new Dictionary<string, TaskCompletionSource<Dictionary<string, object>>>();
+        private readonly Dictionary<string, PendingReply> _replies = new Dictionary<string, PendingReply>();
+        private readonly CancellationTokenSource _closing = new CancellationTokenSource();
+        private long _nextId;
+        private Task _reading;
+
+        public bool IsConnected
+        {
+            get { return _socket.State == WebSocketState.Open; }
+        }
+
+        /// <summary>Open the socket and say hello; returns the <c>welcome</c>.</summary>
+        public async Task<Dictionary<string, object>> ConnectAsync(
+            Uri url, string token = null, string clientName = "unity-client/1.0",
+            CancellationToken cancellation = default(CancellationToken))
+        {
+            await _socket.ConnectAsync(url, cancellation).ConfigureAwait(false);
+            _reading = Task.Run(ReadLoopAsync);
+            var hello = Message("hello");
+            hello["protocol"] = "1";
+            hello["client"] = clientName;
+            if (token != null) hello["token"] = token;
+            Welcome = await RequestAsync(hello).ConfigureAwait(false);
+            return Welcome;
+        }
+
+        /// <summary>
+        /// Ask an NPC something. Deltas go to <paramref name="onDelta"/> and the ReplyDelta
+        /// event; the task completes with the final reply (it never throws for a reply that
+        /// was accepted; a rejected say throws NpcEngineException, e.g. code "busy").
+        /// </summary>
+        public async Task<NpcReply> SayAsync(
+            string npcId, string text, string playerId = null,
+            Dictionary<string, object> context = null, int? maxTokens = null,
+            Action<string> onDelta = null, string requestId = null)
+        {
+            var message = Message("say", requestId);
+            message["npc_id"] = npcId;
+            message["text"] = text;
+            if (playerId != null) message["player_id"] = playerId;
+            if (context != null) message["context"] = context;
+            if (maxTokens.HasValue) message["max_tokens"] = maxTokens.Value;
+            var id = (string)message["id"];
+            var pending = new PendingReply { NpcId = npcId, OnDelta = onDelta };
+            lock (_lock) _replies[id] = pending;
+            try
+            {
+                await SendAsync(message).ConfigureAwait(false);
+            }
+            catch
+            {
+                lock (_lock) _replies.Remove(id);
+                throw;
+            }
+            return await pending.Done.Task.ConfigureAwait(false);
+        }
+
+        /// <summary>The id the next request will get, e.g. to cancel a say you are about to send.</summary>
+        public string NewRequestId()
+        {
+            return "cs-" + Interlocked.Increment(ref _nextId).ToString(CultureInfo.InvariantCulture);
+        }
+
+        /// <summary>End a running or queued say with reason "cancelled".</summary>
+        public Task CancelAsync(string targetRequestId)
+        {
+            var message = Message("cancel");
+            message["target"] = targetRequestId;
+            return RequestAsync(message);
+        }
+
+        /// <summary>Something the NPCs saw or heard; returns the stored memory ids.</summary>
+        public async Task<List<string>> SendEventAsync(
+            IList<string> npcIds, string text, string playerId = null, int? importance = null)
+        {
+            var message = Message("event");
+            message["npc_ids"] = new List<object>(npcIds);
+            message["text"] = text;
+            if (playerId != null) message["player_id"] = playerId;
+            if (importance.HasValue) message["importance"] = importance.Value;
+            var answer = await RequestAsync(message).ConfigureAwait(false);
+            return Strings(answer, "memory_ids");
+        }
+
+        /// <summary>The NPCs the server knows: each has id, name and role.</summary>
+        public async Task<List<Dictionary<string, object>>> ListNpcsAsync()
+        {
+            var answer = await RequestAsync(Message("npc.list")).ConfigureAwait(false);
+            return Objects(answer, "npcs");
+        }
+
+        /// <summary>An NPC's memories: newest first, or ranked by <paramref name="query"/>.</summary>
+        public async Task<List<Dictionary<string, object>>> ListMemoriesAsync(
+            string npcId, string playerId = null, string query = null, int limit = 10)
+        {
+            var message = Message("memory.list");
+            message["npc_id"] = npcId;
+            if (playerId != null) message["player_id"] = playerId;
+            if (query != null) message["query"] = query;
+            message["limit"] = limit;
+            var answer = await RequestAsync(message).ConfigureAwait(false);
+            return Objects(answer, "items");
+        }
+
+        public Task<Dictionary<string, object>> PingAsync()
+        {
+            return RequestAsync(Message("ping"));
+        }
+
+        /// <summary>Close the connection politely; pending calls end with a disconnect.</summary>
+        public async Task CloseAsync()
+        {
+            if (_socket.State == WebSocketState.Open)
+            {
+                try
+                {
+                    await _socket.CloseOutputAsync(
+                        WebSocketCloseStatus.NormalClosure, "bye", CancellationToken.None).ConfigureAwait(false);
+                }
+                catch (WebSocketException)
+                {
+                    // Already gone: the read loop reports the disconnect.
+                }
+            }
+        }
+
+        public void Dispose()
+        {
+            _closing.Cancel();
+            if (_reading != null) _reading.Wait(TimeSpan.FromSeconds(2));
+            _socket.Dispose();
+        }
+
+        // -- plumbing -------------------------------------------------------------------
+
+        private Dictionary<string, object> Message(string type, string id = null)
+        {
+            return new Dictionary<string, object> { { "type", type }, { "id", id ?? NewRequestId() } };
+        }
+
+        private async Task<Dictionary<string, object>> RequestAsync(Dictionary<string, object> message)
+        {
+            var id = (string)message["id"];
+            var answer = new TaskCompletionSource<Dictionary<string, object>>(
+                TaskCreationOptions.RunContinuationsAsynchronously);
+            lock (_lock) _answers[id] = answer;
+            await SendAsync(message).ConfigureAwait(false);
+            return await answer.Task.ConfigureAwait(false);
+        }
+
+        private async Task SendAsync(Dictionary<string, object> message)
+        {
+            var bytes = Encoding.UTF8.GetBytes(Json.Serialize(message));
+            // ClientWebSocket allows one send at a time.
+            await _sendLock.WaitAsync().ConfigureAwait(false);
+            try
+            {
+                await _socket.SendAsync(
+                    new ArraySegment<byte>(bytes), WebSocketMessageType.Text, true, _closing.Token).ConfigureAwait(false);
+            }
+            finally
+            {
+                _sendLock.Release();
+            }
+        }
+
+        private async Task ReadLoopAsync()
+        {
+            var buffer = new byte[16 * 1024];
+            var frame = new MemoryStream();
+            string why = "closed";
+            try
+            {
+                while (_socket.State == WebSocketState.Open)
+                {
+                    var result = await _socket.ReceiveAsync(new ArraySegment<byte>(buffer), _closing.Token)
+                        .ConfigureAwait(false);
+                    if (result.MessageType == WebSocketMessageType.Close)
+                    {
+                        why = "closed by server: " + result.CloseStatus + " " + result.CloseStatusDescription;
+                        break;
+                    }
+                    frame.Write(buffer, 0, result.Count);
+                    if (!result.EndOfMessage) continue;
+                    var text = Encoding.UTF8.GetString(frame.ToArray());
+                    frame.SetLength(0);
+                    var message = Json.Parse(text) as Dictionary<string, object>;
+                    if (message != null) Dispatch(message);
+                }
+            }
+            catch (Exception exc)
+            {
+                why = exc.Message;
+            }
+            FailEverything(why);
+        }
+
+        private void Dispatch(Dictionary<string, object> message)
+        {
+            var type = Str(message, "type");
+            var re = Str(message, "re");
+            PendingReply reply = null;
+            TaskCompletionSource<Dictionary<string, object>> answer = null;
+            lock (_lock)
+            {
+                if (re != null && _replies.TryGetValue(re, out reply) && (type == "reply.end" || type == "error"))
+                    _replies.Remove(re);
+                if (reply == null && re != null && _answers.TryGetValue(re, out answer))
+                    _answers.Remove(re);
+            }
+            if (type == "error")
+            {
+                var details = message.ContainsKey("details") ? message["details"] as Dictionary<string, object> : null;
+                var error = new NpcEngineException(Str(message, "code"), Str(message, "message"), details);
+                Post(() => { if (ErrorReceived != null) ErrorReceived(error); });
+                if (reply != null) reply.Done.TrySetException(error);
+                else if (answer != null) answer.TrySetException(error);
+                return;
+            }
+            if (reply != null)
+            {
+                if (type == "reply.start")
+                {
+                    Post(() => { if (ReplyStarted != null) ReplyStarted(re, reply.NpcId); });
+                }
+                else if (type == "reply.delta")
+                {
+                    var text = Str(message, "text") ?? "";
+                    var seq = Convert.ToInt32(message["seq"], CultureInfo.InvariantCulture);
+                    reply.Text.Append(text);
+                    Post(() =>
+                    {
+                        if (reply.OnDelta != null) reply.OnDelta(text);
+                        if (ReplyDelta != null) ReplyDelta(re, seq, text);
+                    });
+                }
+                else if (type == "reply.end")
+                {
+                    var final = ToReply(message, reply.NpcId);
+                    Post(() =>
+                    {
+                        if (ReplyFinished != null) ReplyFinished(final);
+                        reply.Done.TrySetResult(final);
+                    });
+                }
+                return;
+            }
+            if (answer != null) answer.TrySetResult(message);
+        }
+
+        private static NpcReply ToReply(Dictionary<string, object> message, string npcId)
+        {
+            var reply = new NpcReply
+            {
+                RequestId = Str(message, "re"),
+                NpcId = npcId,
+                Text = Str(message, "text") ?? "",
+                Reason = Str(message, "reason"),
+                Emotion = Str(message, "emotion"),
+                Raw = message,
+            };
+            var error = message.ContainsKey("error") ? message["error"] as Dictionary<string, object> : null;
+            if (error != null)
+            {
+                reply.ErrorCode = Str(error, "code");
+                reply.ErrorMessage = Str(error, "message");
+            }
+            var usage = message.ContainsKey("usage") ? message["usage"] as Dictionary<string, object> : null;
+            if (usage != null && usage.ContainsKey("ttft_ms") && usage["ttft_ms"] != null)
+                reply.FirstTokenMs = Convert.ToDouble(usage["ttft_ms"], CultureInfo.InvariantCulture);
+            return reply;
+        }
+
+        private void FailEverything(string why)
+        {
+            List<PendingReply> replies;
+            List<TaskCompletionSource<Dictionary<string, object>>> answers;
+            lock (_lock)
+            {
+                replies = new List<PendingReply>(_replies.Values);
+                answers = new List<TaskCompletionSource<Dictionary<string, object>>>(_answers.Values);
+                _replies.Clear();
+                _answers.Clear();
+            }
+            var error = new NpcEngineException("disconnected", why, null);
+            foreach (var reply in replies) reply.Done.TrySetException(error);
+            foreach (var answer in answers) answer.TrySetException(error);
+            Post(() => { if (Disconnected != null) Disconnected(why); });
+        }
+
+        private void Post(Action action)
+        {
+            if (_context != null) _context.Post(_ => action(), null);
+            else action();
+        }
+
+        private static string Str(Dictionary<string, object> message, string key)
+        {
+            object value;
+            return message.TryGetValue(key, out value) ? value as string : null;
+        }
+
+        private static List<string> Strings(Dictionary<string, object> message, string key)
+        {
+            var result = new List<string>();
+            object value;
+            if (message.TryGetValue(key, out value) && value is List<object>)
+                foreach (var item in (List<object>)value) result.Add(item as string);
+            return result;
+        }
+
+        private static List<Dictionary<string, object>> Objects(Dictionary<string, object> message, string key)
+        {
+            var result = new List<Dictionary<string, object>>();
+            object value;
+            if (message.TryGetValue(key, out value) && value is List<object>)
+                foreach (var item in (List<object>)value) result.Add(item as Dictionary<string, object>);
+            return result;
+        }
+    }
+
+    /// <summary>
+    /// Minimal JSON for the protocol: objects become Dictionary&lt;string, object&gt;, arrays
+    /// List&lt;object&gt;, numbers long or double, plus string, bool and null.
+    /// </summary>
+    public static class Json
+    {
+        public static string Serialize(object value)
+        {
+            var builder = new StringBuilder();
+            Write(builder, value);
+            return builder.ToString();
+        }
+
+        public static object Parse(string text)
+        {
+            var reader = new Reader(text);
+            var value = reader.Value();
+            reader.SkipSpace();
+            if (!reader.AtEnd) throw new FormatException("trailing characters after JSON value");
+            return value;
+        }
+
+        private static void Write(StringBuilder builder, object value)
+        {
+            if (value == null) builder.Append("null");
+            else if (value is string) WriteString(builder, (string)value);
+            else if (value is bool) builder.Append((bool)value ? "true" : "false");
+            else if (value is System.Collections.IDictionary)
+            {
+                var dictionary = (System.Collections.IDictionary)value;
+                builder.Append('{');
+                var first = true;
+                foreach (System.Collections.DictionaryEntry entry in dictionary)
+                {
+                    if (!first) builder.Append(',');
+                    first = false;
+                    WriteString(builder, Convert.ToString(entry.Key, CultureInfo.InvariantCulture));
+                    builder.Append(':');
+                    Write(builder, entry.Value);
+                }
+                builder.Append('}');
+            }
+            else if (value is System.Collections.IEnumerable)
+            {
+                builder.Append('[');
+                var first = true;
+                foreach (var item in (System.Collections.IEnumerable)value)
+                {
+                    if (!first) builder.Append(',');
+                    first = false;
+                    Write(builder, item);
+                }
+                builder.Append(']');
+            }
+            else if (value is float || value is double)
+                builder.Append(Convert.ToDouble(value, CultureInfo.InvariantCulture).ToString("R", CultureInfo.InvariantCulture));
+            else if (value is IConvertible)
+                builder.Append(Convert.ToString(value, CultureInfo.InvariantCulture));
+            else WriteString(builder, value.ToString());
+        }
+
+        private static void WriteString(StringBuilder builder, string text)
+        {
+            builder.Append('"');
+            foreach (var c in text)
+            {
+                switch (c)
+                {
+                    case '"': builder.Append("\\\""); break;
+                    case '\\': builder.Append("\\\\"); break;
+                    case '\n': builder.Append("\\n"); break;
+                    case '\r': builder.Append("\\r"); break;
+                    case '\t': builder.Append("\\t"); break;
+                    default:
+                        if (c < ' ') builder.Append("\\u").Append(((int)c).ToString("x4", CultureInfo.InvariantCulture));
+                        else builder.Append(c);
+                        break;
+                }
+            }
+            builder.Append('"');
+        }
+
+        private sealed class Reader
+        {
+            private readonly string _text;
+            private int _at;
+
+            public Reader(string text)
+            {
+                _text = text;
+            }
+
+            public bool AtEnd
+            {
+                get { return _at >= _text.Length; }
+            }
+
+            public void SkipSpace()
+            {
+                while (!AtEnd && char.IsWhiteSpace(_text[_at])) _at++;
+            }
+
+            public object Value()
+            {
+                SkipSpace();
+                if (AtEnd) throw new FormatException("unexpected end of JSON");
+                var c = _text[_at];
+                if (c == '{') return ObjectValue();
+                if (c == '[') return ArrayValue();
+                if (c == '"') return StringValue();
+                if (Take("true")) return true;
+                if (Take("false")) return false;
+                if (Take("null")) return null;
+                return NumberValue();
+            }
+
+            private bool Take(string word)
+            {
+                if (string.CompareOrdinal(_text, _at, word, 0, word.Length) != 0) return false;
+                _at += word.Length;
+                return true;
+            }
+
+            private void Expect(char c)
+            {
+                SkipSpace();
+                if (AtEnd || _text[_at] != c) throw new FormatException("expected '" + c + "' at " + _at);
+                _at++;
+            }
+
+            private Dictionary<string, object> ObjectValue()
+            {
+                var result = new Dictionary<string, object>();
+                Expect('{');
+                SkipSpace();
+                if (!AtEnd && _text[_at] == '}') { _at++; return result; }
+                while (true)
+                {
+                    SkipSpace();
+                    var key = StringValue();
+                    Expect(':');
+                    result[key] = Value();
+                    SkipSpace();
+                    if (!AtEnd && _text[_at] == ',') { _at++; continue; }
+                    Expect('}');
+                    return result;
+                }
+            }
+
+            private List<object> ArrayValue()
+            {
+                var result = new List<object>();
+                Expect('[');
+                SkipSpace();
+                if (!AtEnd && _text[_at] == ']') { _at++; return result; }
+                while (true)
+                {
+                    result.Add(Value());
+                    SkipSpace();
+                    if (!AtEnd && _text[_at] == ',') { _at++; continue; }
+                    Expect(']');
+                    return result;
+                }
+            }
+
+            private string StringValue()
+            {
+                Expect('"');
+                var builder = new StringBuilder();
+                while (true)
+                {
+                    if (AtEnd) throw new FormatException("unterminated string");
+                    var c = _text[_at++];
+                    if (c == '"') return builder.ToString();
+                    if (c != '\\') { builder.Append(c); continue; }
+                    if (AtEnd) throw new FormatException("unterminated escape");
+                    var escape = _text[_at++];
+                    switch (escape)
+                    {
+                        case 'n': builder.Append('\n'); break;
+                        case 'r': builder.Append('\r'); break;
+                        case 't': builder.Append('\t'); break;
+                        case 'b': builder.Append('\b'); break;
+                        case 'f': builder.Append('\f'); break;
+                        case 'u':
+                            if (_at + 4 > _text.Length) throw new FormatException("short \\u escape");
+                            builder.Append((char)int.Parse(_text.Substring(_at, 4), NumberStyles.HexNumber, CultureInfo.InvariantCulture));
+                            _at += 4;
+                            break;
+                        default: builder.Append(escape); break;
+                    }
+                }
+            }
+
+            private object NumberValue()
+            {
+                var start = _at;
+                while (!AtEnd && "+-0123456789.eE".IndexOf(_text[_at]) >= 0) _at++;
+                var token = _text.Substring(start, _at - start);
+                if (token.Length == 0) throw new FormatException("unexpected character at " + start);
+                long whole;
+                if (token.IndexOfAny(new[] { '.', 'e', 'E' }) < 0 &&
+                    long.TryParse(token, NumberStyles.Integer, CultureInfo.InvariantCulture, out whole))
+                    return whole;
+                return double.Parse(token, NumberStyles.Float, CultureInfo.InvariantCulture);
+            }
+        }
+    }
+}

@@ -1,0 +1,295 @@
+class_name NpcEngineClient
+extends Node
+## A connection to an npc-engine server (protocol v1, JSON text frames).
+##
+## Enabled as a plugin it is the `NpcEngine` autoload; it can also be added to a scene
+## as a node. The socket is polled in `_process`, so every signal fires on the main
+## thread. It reconnects with exponential backoff; requests made while (re)connecting are
+## queued and sent after the handshake. A reply cut off by a disconnect still ends: with
+## `reply_finished` and reason "error", code "disconnected", so no speech bubble waits
+## forever.
+
+## The handshake finished; `welcome` holds the server name and its NPCs.
+signal connected(welcome: Dictionary)
+## The connection closed (the client reconnects by itself when `reconnect` is on).
+signal disconnected(code: int, reason: String)
+## A `say` was accepted; show the NPC "thinking" until the first delta.
+signal reply_started(request_id: String, npc_id: String)
+## The next piece of a reply; `seq` counts from 0 without gaps.
+signal reply_delta(request_id: String, seq: int, text: String)
+## The reply is over. `reply` is the `reply.end` message: text, reason, emotion, usage.
+signal reply_finished(request_id: String, reply: Dictionary)
+## The server answered a request with an `error` (a rejected `say` ends here, not in
+## `reply_finished`). `request_id` is "" when the error answers no request.
+signal error_received(request_id: String, code: String, message: String, details: Dictionary)
+## Answer to `list_npcs()` (also refreshed on every connect).
+signal npcs_listed(npcs: Array)
+## Answer to `send_event()`: the ids of the stored memories.
+signal event_stored(request_id: String, memory_ids: Array)
+## Answer to `list_memories()`.
+signal memories_listed(request_id: String, items: Array)
+
+enum State { IDLE, CONNECTING, HANDSHAKE, READY, WAITING_TO_RETRY }
+
+const UNAUTHORIZED_CLOSE_CODE := 4401
+const PROTOCOL := preload("res://addons/npc_engine/npc_protocol.gd")
+
+@export var url := "ws://127.0.0.1:8765/"
+## Needed when the server was started with --token (always off loopback).
+@export var token := ""
+@export var client_name := "godot-game/1.0"
+## Connect as soon as the node enters the tree.
+@export var auto_connect := true
+@export var reconnect := true
+@export var reconnect_base_seconds := 0.5
+@export var reconnect_max_seconds := 15.0
+## Requests kept while not connected; more are refused with error "busy".
+@export var max_queued_requests := 64
+## Send a protocol ping after this many quiet seconds so the server's idle timeout
+## does not close a connection the game still wants. 0 disables.
+@export var keepalive_seconds := 60.0
+
+## The NPCs the server knows (id, name, role), from the last welcome or `list_npcs()`.
+var npcs: Array = []
+var state: State = State.IDLE
+
+var _socket := WebSocketPeer.new()
+var _next_id := 0
+var _hello_id := ""
+var _outbox: Array[Dictionary] = []
+var _open_replies := {}  # request id -> npc id, for every say sent and not yet ended
+var _open_requests := {}  # request id -> message type, for the other requests
+var _attempt := 0
+var _retry_at := 0.0
+var _last_sent := 0.0
+
+
+func _ready() -> void:
+	if auto_connect:
+		connect_to_server()
+
+
+func _exit_tree() -> void:
+	reconnect = false
+	_socket.close(1000, "bye")
+
+
+func _process(_delta: float) -> void:
+	if state == State.IDLE:
+		return
+	if state == State.WAITING_TO_RETRY:
+		if _now() >= _retry_at:
+			_open()
+		return
+	_socket.poll()
+	match _socket.get_ready_state():
+		WebSocketPeer.STATE_OPEN:
+			if state == State.CONNECTING:
+				_say_hello()
+			while _socket.get_available_packet_count() > 0:
+				var packet := _socket.get_packet()
+				if _socket.was_string_packet():
+					_on_frame(packet.get_string_from_utf8())
+			if state == State.READY and keepalive_seconds > 0:
+				if _now() - _last_sent > keepalive_seconds:
+					_send(PROTOCOL.ping(_new_id()))
+		WebSocketPeer.STATE_CLOSED:
+			_on_closed(_socket.get_close_code(), _socket.get_close_reason())
+
+
+## Connect (or reconnect now) to `server_url`, or to `url` when empty.
+func connect_to_server(server_url: String = "") -> void:
+	if not server_url.is_empty():
+		url = server_url
+	_attempt = 0
+	_open()
+
+
+func disconnect_from_server() -> void:
+	reconnect = false
+	_socket.close(1000, "bye")
+
+
+func is_ready() -> bool:
+	return state == State.READY
+
+
+## Ask `npc_id` something; returns the request id that the reply signals carry.
+## `context` is free-form game state (location, time of day, quest flags).
+func say(
+	npc_id: String, text: String, player_id: String = "", context: Dictionary = {}, max_tokens := 0
+) -> String:
+	var request_id := _new_id()
+	_open_replies[request_id] = npc_id
+	_send(PROTOCOL.say(request_id, npc_id, text, player_id, context, max_tokens))
+	return request_id
+
+
+## Stop a running or queued reply; it ends with `reply_finished`, reason "cancelled".
+func cancel(request_id: String) -> void:
+	_send(PROTOCOL.cancel(_new_id(), request_id))
+
+
+## Tell NPCs what they saw or heard. `npc_ids` may be ["*"]; `player_id` "" means
+## knowledge shared with every player. Answered by `event_stored`.
+func send_event(npc_ids: Array, text: String, player_id: String = "", importance := 0) -> String:
+	var request_id := _new_id()
+	_open_requests[request_id] = "event"
+	_send(PROTOCOL.event(request_id, npc_ids, text, player_id, importance))
+	return request_id
+
+
+## Answered by `npcs_listed`.
+func list_npcs() -> String:
+	var request_id := _new_id()
+	_open_requests[request_id] = "npc.list"
+	_send(PROTOCOL.npc_list(request_id))
+	return request_id
+
+
+## Newest first, or ranked by `query`; answered by `memories_listed`.
+func list_memories(npc_id: String, player_id := "", query := "", limit := 10) -> String:
+	var request_id := _new_id()
+	_open_requests[request_id] = "memory.list"
+	_send(PROTOCOL.memory_list(request_id, npc_id, player_id, query, limit))
+	return request_id
+
+
+func _open() -> void:
+	_socket = WebSocketPeer.new()
+	var failure := _socket.connect_to_url(url)
+	if failure != OK:
+		_on_closed(-1, "cannot connect to %s (error %d)" % [url, failure])
+		return
+	state = State.CONNECTING
+
+
+func _say_hello() -> void:
+	state = State.HANDSHAKE
+	_hello_id = _new_id()
+	_transmit(PROTOCOL.hello(_hello_id, client_name, token))
+
+
+func _send(message: Dictionary) -> void:
+	if state == State.READY:
+		_transmit(message)
+		return
+	if _outbox.size() >= max_queued_requests:
+		var request_id: String = message["id"]
+		_open_replies.erase(request_id)
+		_open_requests.erase(request_id)
+		error_received.emit(request_id, "busy", "Not connected and the outbox is full.", {})
+		return
+	_outbox.append(message)
+	if state == State.IDLE and auto_connect:
+		connect_to_server()
+
+
+func _transmit(message: Dictionary) -> void:
+	_socket.send_text(PROTOCOL.encode(message))
+	_last_sent = _now()
+
+
+func _on_frame(frame: String) -> void:
+	var message := PROTOCOL.decode(frame)
+	if message.is_empty():
+		push_warning("npc-engine: ignored a frame that is not a protocol message")
+		return
+	var request_id := PROTOCOL.answer_id(message)
+	if PROTOCOL.is_reply_message(message):
+		_on_reply_message(request_id, message)
+		return
+	match message["type"]:
+		"welcome":
+			_on_welcome(message)
+		"error":
+			_on_error(request_id, message)
+		"npc.items":
+			_open_requests.erase(request_id)
+			npcs = message.get("npcs", [])
+			npcs_listed.emit(npcs)
+		"memory.items":
+			_open_requests.erase(request_id)
+			memories_listed.emit(request_id, message.get("items", []))
+		"ok":
+			if _open_requests.get(request_id, "") == "event":
+				event_stored.emit(request_id, message.get("memory_ids", []))
+			_open_requests.erase(request_id)
+
+
+func _on_reply_message(request_id: String, message: Dictionary) -> void:
+	match message["type"]:
+		"reply.start":
+			reply_started.emit(request_id, str(message.get("npc_id", "")))
+		"reply.delta":
+			reply_delta.emit(request_id, int(message.get("seq", 0)), str(message.get("text", "")))
+		"reply.end":
+			_open_replies.erase(request_id)
+			reply_finished.emit(request_id, message)
+
+
+func _on_welcome(message: Dictionary) -> void:
+	state = State.READY
+	_attempt = 0
+	npcs = message.get("npcs", [])
+	connected.emit(message)
+	npcs_listed.emit(npcs)
+	var queued := _outbox
+	_outbox = []
+	for request in queued:
+		_transmit(request)
+
+
+func _on_error(request_id: String, message: Dictionary) -> void:
+	var code := str(message.get("code", "internal"))
+	if request_id == _hello_id and code == "unauthorized":
+		reconnect = false  # a wrong token will not get better by retrying
+	_open_replies.erase(request_id)
+	_open_requests.erase(request_id)
+	var details: Dictionary = message.get("details", {})
+	error_received.emit(request_id, code, str(message.get("message", "")), details)
+
+
+func _on_closed(code: int, reason: String) -> void:
+	var was_open := state == State.READY or state == State.HANDSHAKE
+	var unsent := {}
+	for request in _outbox:
+		unsent[request["id"]] = true
+	for request_id: String in _open_replies.keys():
+		if unsent.has(request_id):
+			continue  # still queued: it goes out after the reconnect
+		var cut_off := {
+			"type": "reply.end",
+			"re": request_id,
+			"text": "",
+			"reason": "error",
+			"error": {"code": "disconnected", "message": "connection lost: %s" % reason},
+		}
+		reply_finished.emit(request_id, cut_off)
+		_open_replies.erase(request_id)
+	for request_id: String in _open_requests.keys():
+		if not unsent.has(request_id):
+			_open_requests.erase(request_id)
+	if was_open or _attempt == 0:
+		disconnected.emit(code, reason)
+	if reconnect and code != UNAUTHORIZED_CLOSE_CODE:
+		var jitter := randf()
+		_retry_at = (
+			_now()
+			+ PROTOCOL.backoff_seconds(
+				_attempt, reconnect_base_seconds, reconnect_max_seconds, jitter
+			)
+		)
+		_attempt += 1
+		state = State.WAITING_TO_RETRY
+	else:
+		state = State.IDLE
+
+
+func _new_id() -> String:
+	_next_id += 1
+	return "g%d" % _next_id
+
+
+func _now() -> float:
+	return Time.get_ticks_msec() / 1000.0

@@ -1,0 +1,72 @@
+"""The Unity C# client, compiled with Mono and run against a live server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from npc_engine.config import EngineConfig
+from tests.conftest import REPO, start_server_process
+
+pytestmark = pytest.mark.slow
+
+SOURCES = [REPO / "examples/unity/NpcEngineClient.cs", REPO / "examples/unity/Harness.cs"]
+
+
+def mono_tools() -> tuple[str, str]:
+    mcs, mono = shutil.which("mcs"), shutil.which("mono")
+    if mcs is None or mono is None:
+        if os.environ.get("CI"):
+            pytest.fail("mcs/mono missing: .ci/run installs mono-mcs and mono-runtime")
+        pytest.skip("Mono is not installed (apt-get install mono-mcs mono-runtime)")
+    return mcs, mono
+
+
+def test_csharp_client_streams_a_reply_from_the_live_server(
+    real_config: EngineConfig, tmp_path: Path
+) -> None:
+    mcs, mono = mono_tools()
+    harness = tmp_path / "npc-harness.exe"
+    compiled = subprocess.run(
+        [mcs, "-warnaserror", f"-out:{harness}", *map(str, SOURCES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+
+    process, url = start_server_process(real_config)
+    try:
+        run = subprocess.run(
+            [mono, str(harness), url, "mara", "Any rooms free tonight?"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    steps = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines if " " in line}
+    assert steps["NPCS"] == "guard_tom,mara,wren,ysolde"
+    assert steps["EVENT"] == "1"
+
+    # The first reply's deltas, in order and gapless, add up to the final text.
+    first_reply = lines[: next(i for i, line in enumerate(lines) if line.startswith("END "))]
+    deltas = [line.split(" ", 2) for line in first_reply if line.startswith("DELTA ")]
+    assert deltas, run.stdout
+    assert [int(seq) for _, seq, _ in deltas] == list(range(len(deltas)))
+    reason, count, text = steps["END"].split(" ", 2)
+    assert reason in ("stop", "length") and int(count) == len(deltas)
+    assert "".join(json.loads(piece) for _, _, piece in deltas) == json.loads(text)
+
+    assert steps["CANCELLED"] == "cancelled"
+    assert steps["ERROR"] == "unknown_npc"
+    assert int(steps["MEMORY"]) >= 1
