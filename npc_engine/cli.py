@@ -20,12 +20,19 @@ from npc_engine.errors import NpcEngineError
 SCHEMA_NAMES = ("persona", "world", "protocol")
 
 
-def _engine_flags(parser: argparse.ArgumentParser) -> None:
+def _engine_flags(parser: argparse.ArgumentParser, *, several_models: bool = False) -> None:
     group = parser.add_argument_group("engine settings (override env and config file)")
     group.add_argument("--personas", dest="personas_dir", type=Path, help="personas folder")
     group.add_argument("--data-dir", type=Path, help="memory folder (one engine owns it)")
     group.add_argument("--cache-dir", type=Path, help="model cache folder")
-    group.add_argument("--model", help="known model id or path to a GGUF file")
+    if several_models:
+        group.add_argument(
+            "--model",
+            action="append",
+            help="known model id or GGUF path; repeat to compare models side by side",
+        )
+    else:
+        group.add_argument("--model", help="known model id or path to a GGUF file")
     group.add_argument("--chat-format", help="chat format for a GGUF without a template")
     group.add_argument("--n-ctx", type=int)
     group.add_argument("--n-threads", type=int)
@@ -71,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--token", help="required from clients; mandatory off loopback")
     serve_cmd.add_argument("--origin", action="append", help="allowed browser Origin (repeat)")
     _engine_flags(serve_cmd)
+
+    playtest = commands.add_parser(
+        "playtest", help="talk to NPCs in a terminal UI, or run golden-conversation scripts"
+    )
+    playtest.add_argument("--npc", help="NPC to start with")
+    playtest.add_argument("--player", default="player", help="player id (default: player)")
+    playtest.add_argument("--max-tokens", type=int, help="cap on each reply in the UI")
+    playtest.add_argument("--url", help="use a running server (ws://…) instead of in-process")
+    playtest.add_argument("--token", help="token for --url")
+    playtest.add_argument("--script", type=Path, help="run a golden-conversation YAML, no UI")
+    playtest.add_argument(
+        "--out", type=Path, help="report folder for --script (default: playtest-results/NAME)"
+    )
+    _engine_flags(playtest, several_models=True)
 
     schema = commands.add_parser("schema", help="print a JSON Schema")
     schema.add_argument("name", choices=SCHEMA_NAMES)
@@ -271,12 +292,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_playtest(args: argparse.Namespace) -> int:
+    from npc_engine.playtest.launch import run_playtest
+
+    models: list[str] = args.model or []
+    args.model = None
+    return run_playtest(args, _config(args), models, _progress)
+
+
 COMMANDS = {
     "validate": cmd_validate,
     "say": cmd_say,
     "models": cmd_models,
     "schema": cmd_schema,
     "serve": cmd_serve,
+    "playtest": cmd_playtest,
 }
 
 

@@ -141,6 +141,7 @@ class NpcClient:
         player_id: str = "player",
         context: dict[str, Any] | None = None,
         max_tokens: int | None = None,
+        inspect: bool | None = None,
     ) -> ReplyStream:
         request_id = self._next_id()
         stream = ReplyStream(request_id)
@@ -153,6 +154,7 @@ class NpcClient:
             text=text,
             context=context,
             max_tokens=max_tokens,
+            inspect=inspect,
         )
         await self.send_raw(message)
         return stream

@@ -131,6 +131,12 @@ class DialogueEngine:
         with self._history_lock:
             return list(self._history.get((npc_id, player_id), []))
 
+    def drop_last_turn(self, npc_id: str, player_id: str) -> Turn | None:
+        """Take the last exchange out of the conversation (to ask again: "retry")."""
+        with self._history_lock:
+            turns = self._history.get((npc_id, player_id))
+            return turns.pop() if turns else None
+
     def reset_conversation(self, npc_id: str, player_id: str) -> None:
         with self._history_lock:
             self._history.pop((npc_id, player_id), None)

@@ -57,6 +57,11 @@ class Say(_Request):
     text: Text
     context: dict[str, Any] | None = None
     max_tokens: int | None = Field(None, ge=1, le=1024)
+    inspect: bool = Field(
+        False,
+        description="Extension: reply.end carries `inspect` (the exact prompt and the recalled "
+        "memories with their scores), for tools such as `npc-engine playtest --url`.",
+    )
 
 
 class Cancel(_Request):
@@ -121,6 +126,7 @@ class NpcInfo(_Message):
     id: str
     name: str
     role: str
+    mood: str | None = Field(None, description="Extension: the persona's starting mood.")
 
 
 class Welcome(_Message):
@@ -160,6 +166,26 @@ class Usage(_Message):
     total_ms: int
 
 
+class RecalledMemory(_Message):
+    id: str
+    text: str
+    kind: str
+    score: float
+    relevance: float
+    recency: float
+    importance: float
+
+
+class TurnInspection(_Message):
+    prompt: str
+    memories: list[RecalledMemory]
+    dropped: dict[str, int] = Field(
+        default_factory=dict, description="Prompt parts left out to fit the context, by kind."
+    )
+    retrieval_ms: float
+    prompt_ms: float
+
+
 class ReplyEnd(_Message):
     type: Literal["reply.end"] = "reply.end"
     re: str
@@ -169,6 +195,7 @@ class ReplyEnd(_Message):
     action: dict[str, Any] | None = None
     usage: Usage | None = None
     error: ErrorInfo | None = None
+    inspect: TurnInspection | None = None
 
 
 class Ok(_Message):

@@ -46,10 +46,12 @@ from npc_engine.protocol import (
     Ping,
     Pong,
     ProtocolSession,
+    RecalledMemory,
     ReplyDelta,
     ReplyEnd,
     ReplyStart,
     Say,
+    TurnInspection,
     Usage,
     Welcome,
     encode,
@@ -267,7 +269,7 @@ class NpcServer:
 
     def _npc_infos(self) -> list[NpcInfo]:
         return [
-            NpcInfo(id=npc_id, name=p.persona.name, role=p.persona.role)
+            NpcInfo(id=npc_id, name=p.persona.name, role=p.persona.role, mood=p.persona.mood)
             for npc_id, p in sorted(self.engine.registry.personas.items())
         ]
 
@@ -407,5 +409,31 @@ class NpcServer:
             else None
         )
         return ReplyEnd(
-            re=request.id, text=result.text, reason=result.reason, usage=usage, error=error
+            re=request.id,
+            text=result.text,
+            reason=result.reason,
+            usage=usage,
+            error=error,
+            inspect=self._inspection(result) if request.inspect else None,
+        )
+
+    @staticmethod
+    def _inspection(result: TurnResult) -> TurnInspection:
+        return TurnInspection(
+            prompt=result.prompt,
+            memories=[
+                RecalledMemory(
+                    id=s.memory.id,
+                    text=s.memory.text,
+                    kind=s.memory.kind,
+                    score=s.score,
+                    relevance=s.relevance,
+                    recency=s.recency,
+                    importance=s.importance,
+                )
+                for s in result.memories
+            ],
+            dropped=result.dropped,
+            retrieval_ms=result.timings.retrieval_ms,
+            prompt_ms=result.timings.prompt_ms,
         )

@@ -223,3 +223,24 @@ async def test_idle_connections_are_closed_but_not_while_a_reply_runs(
             assert end["reason"] in ("stop", "length")
     finally:
         await idle.stop()
+
+
+async def test_playtest_remote_session_gets_prompt_and_scored_memories(server: NpcServer) -> None:
+    from npc_engine.playtest.session import RemoteSession
+
+    session = await RemoteSession.open(server.url, None)
+    try:
+        cards = {card.id: card for card in await session.npcs()}
+        assert cards["mara"].mood and cards["mara"].name == "Mara Saltwhistle"
+        await session.event(["mara"], "A whale was seen in the harbour.", None, 6)
+        deltas: list[str] = []
+        turn = await session.say(
+            "mara", "p9", "Did you see the whale?", max_tokens=8, on_delta=deltas.append
+        )
+        assert turn.text == "".join(deltas) and turn.reason in ("stop", "length")
+        assert "Did you see the whale?" in turn.prompt
+        recalled = [m for m in turn.memories if "whale" in m.text]
+        assert recalled and recalled[0].score is not None and recalled[0].relevance is not None
+        assert turn.prompt_tokens > 0 and turn.ttft_ms is not None
+    finally:
+        await session.close()

@@ -108,6 +108,8 @@ def _problems_from_validation(
                 message += f" (allowed: {', '.join(known)})"
         elif error["type"] == "missing":
             message = "required field is missing"
+        elif error["type"] == "value_error":  # our own validators already say what was wrong
+            message = message.removeprefix("Value error, ")
         elif "input" in error and error["type"] not in ("string_too_short",):
             shown = repr(error["input"])
             if len(shown) > 60:
@@ -118,7 +120,10 @@ def _problems_from_validation(
     return problems
 
 
-def _validate_file(path: Path, model: type[BaseModel]) -> tuple[Any, ParsedYaml, list[Any]]:
+def validate_yaml_file(
+    path: Path, model: type[BaseModel]
+) -> tuple[Any, ParsedYaml, list[PersonaProblem]]:
+    """Parse a YAML file and validate it; every problem carries file, line and field."""
     parsed = parse_yaml_file(path)
     problems: list[PersonaProblem] = [
         PersonaProblem(path, p.line, p.field, p.message) for p in parsed.problems
@@ -171,7 +176,7 @@ def load_personas(paths: Path | Sequence[Path]) -> PersonaRegistry:
     worlds: dict[Path, World | None] = {}
     world_paths = [(f, r) for f, r in files if f.name == WORLD_FILE]
     for world_path, _root in world_paths:
-        world, _parsed, problems = _validate_file(world_path, World)
+        world, _parsed, problems = validate_yaml_file(world_path, World)
         registry.problems.extend(problems)
         worlds[world_path.parent] = world
         if world is not None:
@@ -182,7 +187,7 @@ def load_personas(paths: Path | Sequence[Path]) -> PersonaRegistry:
     for persona_path, root in files:
         if persona_path.name == WORLD_FILE:
             continue
-        persona, parsed, problems = _validate_file(persona_path, Persona)
+        persona, parsed, problems = validate_yaml_file(persona_path, Persona)
         registry.problems.extend(problems)
         raw_id = parsed.data.get("id") if isinstance(parsed.data, dict) else None
         declared.add(str(raw_id) if raw_id else persona_path.stem)

@@ -1,0 +1,1 @@
+"""`npc-engine playtest`: the terminal UI and the golden-conversation script mode."""

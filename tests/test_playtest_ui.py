@@ -1,0 +1,127 @@
+"""The playtest UI driven as a user would, through Textual's Pilot, on the real model."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+from textual.pilot import Pilot
+from textual.widgets import Static
+
+from npc_engine.config import EngineConfig
+from npc_engine.playtest.app import ChatLine, PlaytestApp
+from npc_engine.playtest.session import LocalSession, PlaytestSession
+
+pytestmark = pytest.mark.slow
+
+
+def plain(widget: Static) -> str:
+    console = Console(record=True, width=200, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(widget.content)
+    return console.export_text()
+
+
+async def wait_for(pilot: Pilot[Any], condition: Callable[[], bool], timeout: float = 120) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+async def type_line(pilot: Pilot[Any], text: str) -> None:
+    await pilot.click("#line")
+    for char in text:
+        await pilot.press(char if char != " " else "space")
+    await pilot.press("enter")
+
+
+def npc_lines(app: PlaytestApp) -> list[ChatLine]:
+    return [line for line in app.query(ChatLine) if line.kind == "npc"]
+
+
+def local_app(config: EngineConfig, **kwargs: Any) -> PlaytestApp:
+    async def open_session(progress: Callable[[str], None]) -> PlaytestSession:
+        return await LocalSession.open(config, progress)
+
+    return PlaytestApp(open_session, **kwargs)
+
+
+async def test_talk_inspect_event_and_cancel(real_config: EngineConfig) -> None:
+    # Replies long enough that Esc lands while one is still streaming.
+    app = local_app(real_config, npc_id="mara", player_id="aria", max_tokens=400)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await wait_for(pilot, lambda: not app.query_one("#line").disabled)
+        assert "Mara Saltwhistle" in plain(app.query_one("#who", Static))
+
+        # Talk: the reply streams into the conversation, piece by piece.
+        await type_line(pilot, "Hello! My name is Aria.")
+        await wait_for(pilot, lambda: app.last_turn is not None)
+        reply = npc_lines(app)[-1]
+        assert app.last_turn is not None and app.last_turn.text
+        assert reply.deltas >= 2 and app.last_turn.text in reply.body
+
+        # Inspector: exact prompt, recalled memories with score parts, speed.
+        await pilot.press("f2")
+        assert app.query_one("#inspector").has_class("shown")
+        assert "Hello! My name is Aria." in plain(app.query_one("#inspect-prompt", Static))
+        stats = plain(app.query_one("#inspect-stats", Static))
+        assert "first token" in stats and "tokens" in stats
+
+        # Inject an event; the next turn recalls it, and the inspector shows it with scores.
+        await type_line(pilot, "/event The chapel bell cracked during the storm.")
+        await wait_for(pilot, lambda: "event stored" in plain(list(app.query(ChatLine))[-1]))
+        await type_line(pilot, "What happened to the chapel bell?")
+        await wait_for(pilot, lambda: "chapel bell?" in app.last_turn.player_text)  # type: ignore[union-attr]
+        assert any("bell cracked" in m.text for m in app.last_turn.memories)  # type: ignore[union-attr]
+        table = plain(app.query_one("#inspect-memories", Static))
+        assert "bell cracked" in table and "relev." in table
+
+        # /memories with a query lists them ranked, with scores.
+        await type_line(pilot, "/memories chapel bell")
+        await wait_for(pilot, lambda: "bell cracked" in plain(list(app.query(Static))[-1]))
+
+        # Esc cancels a reply in flight.
+        before = len(npc_lines(app))
+        await type_line(pilot, "Tell me the whole long history of Saltwhistle, every detail.")
+        await wait_for(
+            pilot, lambda: len(npc_lines(app)) > before and npc_lines(app)[-1].deltas > 0
+        )
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: "whole long history" in app.last_turn.player_text)  # type: ignore[union-attr]
+        assert app.last_turn is not None and app.last_turn.reason == "cancelled"
+
+        # Other slash commands answer in the conversation.
+        await type_line(pilot, "/context location=Rusty_Anchor mood=tense")
+        assert app.context == {"location": "Rusty_Anchor", "mood": "tense"}
+        await type_line(pilot, "/npc guard_tom")
+        assert app.npc_id == "guard_tom"
+        await type_line(pilot, "/nonsense")
+        assert "Unknown command /nonsense" in plain(list(app.query(ChatLine))[-1])
+
+
+async def test_persona_hot_reload_keeps_the_last_good_version(
+    real_config: EngineConfig, tmp_path: Path
+) -> None:
+    personas = tmp_path / "personas"
+    shutil.copytree(real_config.personas_dir, personas)
+    config = real_config.model_copy(update={"personas_dir": personas})
+    app = local_app(config, npc_id="wren", reload_interval=0.2)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await wait_for(pilot, lambda: not app.query_one("#line").disabled)
+        wren = personas / "wren.yaml"
+        good = wren.read_text()
+
+        wren.write_text(good.replace("role:", "rol:", 1))
+        await wait_for(pilot, lambda: any(line.kind == "problem" for line in app.query(ChatLine)))
+        problem = next(line for line in app.query(ChatLine) if line.kind == "problem")
+        assert "wren.yaml:" in problem.body and "rol" in problem.body
+        assert app.cards["wren"].role  # still the last good version
+
+        wren.write_text(good.replace("Wren", "Wrenna", 1))
+        await wait_for(pilot, lambda: "Wrenna" in app.cards["wren"].name)
+        assert "Persona files reloaded." in [line.body for line in app.query(ChatLine)]
