@@ -123,6 +123,17 @@ class EngineConfig(BaseSettings):
         12, ge=0, description="Earlier turns of the conversation kept in the prompt at most."
     )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    snapshot_ram_mb: int = Field(
+        1024,
+        ge=0,
+        description="RAM for per-conversation KV-cache snapshots (switching NPCs without "
+        "re-reading their prompts); 0 disables them.",
+    )
+    snapshot_disk_mb: int = Field(
+        0,
+        ge=0,
+        description="Disk for snapshots evicted from RAM (in data_dir/kv-snapshots); 0: none.",
+    )
 
     # Server settings (used by `npc-engine serve`).
     host: str = "127.0.0.1"

@@ -261,6 +261,7 @@ class DialogueEngine:
         result.timings.retrieval_ms = (time.perf_counter() - started) * 1000
 
         params = self._params(loaded, max_tokens)
+        params.cache_key = f"{npc_id}\x1f{player_id}"
         try:
             mark = time.perf_counter()
             built: BuiltPrompt = self.prompts.build(

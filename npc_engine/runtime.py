@@ -69,6 +69,7 @@ class EngineRuntime:
 
 def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> EngineRuntime:
     from npc_engine.generation.llama import LlamaGenerator
+    from npc_engine.generation.snapshots import SnapshotCache
     from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
 
     registry = load_registry(config)
@@ -81,6 +82,15 @@ def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> E
         _ensure_installed(cache, MODELS[EMBEDDING_MODEL], progress)
         model_path, chat_format = resolve_chat_model(config, progress)
         store = ChromaMemoryStore(config.data_dir / "chroma", OfflineMiniLM(cache))
+        snapshots = (
+            SnapshotCache(
+                config.snapshot_ram_mb << 20,
+                spill_dir=config.data_dir / "kv-snapshots",
+                disk_budget_bytes=config.snapshot_disk_mb << 20,
+            )
+            if config.snapshot_ram_mb
+            else None
+        )
         generator = LlamaGenerator(
             model_path,
             n_ctx=config.n_ctx,
@@ -88,6 +98,7 @@ def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> E
             n_gpu_layers=config.n_gpu_layers,
             chat_format=chat_format,
             seed=config.seed,
+            snapshots=snapshots,
         )
         engine = DialogueEngine(registry, generator, store, config)
     except BaseException:

@@ -21,6 +21,8 @@ class GenerationParams:
     repeat_penalty: float = 1.1
     stop: list[str] = field(default_factory=list)
     seed: int = -1
+    # Names the conversation, so a backend can keep (and later restore) its KV cache.
+    cache_key: str | None = None
 
 
 @dataclass
@@ -42,6 +44,7 @@ class GenerationStats:
     cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason = "stop"
+    restored_snapshot: bool = False
 
 
 class Generator(Protocol):

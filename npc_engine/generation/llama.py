@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from npc_engine.errors import GenerationError, ModelUnavailableError
 from npc_engine.generation.base import (
+    FinishReason,
     GenerationParams,
     GenerationStats,
     Message,
     RenderedPrompt,
 )
+from npc_engine.generation.snapshots import Snapshot, SnapshotCache, common_prefix_length
 
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    count = 0
-    for left, right in zip(a, b, strict=False):
-        if left != right:
-            break
-        count += 1
-    return count
+log = logging.getLogger(__name__)
+# Restore a snapshot only when it saves at least this many prompt tokens over what the
+# context already holds (a restore costs a few ms; re-reading 64 tokens costs more).
+RESTORE_MIN_GAIN = 64
+PROMPT_BATCH = 256  # prompt tokens per llama_decode: a cancel is noticed within one batch
 
 
 class LlamaGenerator:
@@ -39,6 +42,7 @@ class LlamaGenerator:
         n_gpu_layers: int = 0,
         chat_format: str | None = None,
         seed: int = -1,
+        snapshots: SnapshotCache | None = None,
     ) -> None:
         from llama_cpp import Llama
 
@@ -49,7 +53,7 @@ class LlamaGenerator:
             self._llama = Llama(
                 model_path=str(model_path),
                 n_ctx=n_ctx,
-                n_batch=256,  # smaller prompt chunks: a cancel is noticed sooner
+                n_batch=PROMPT_BATCH,
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_gpu_layers=n_gpu_layers,
@@ -63,6 +67,7 @@ class LlamaGenerator:
         self.n_ctx = n_ctx
         self._lock = threading.Lock()
         self._formatter = self._make_formatter(chat_format)
+        self.snapshots = snapshots
 
     def _make_formatter(self, chat_format: str | None) -> Callable[..., Any]:
         from llama_cpp import llama_chat_format
@@ -111,42 +116,112 @@ class LlamaGenerator:
     ) -> GenerationStats:
         tokens = prompt.tokens if prompt.tokens is not None else self.tokenize(prompt.text)
         with self._lock:
-            llama = self._llama
-            kept = _common_prefix(llama._input_ids[: llama.n_tokens].tolist(), tokens)
+            stats = GenerationStats(prompt_tokens=len(tokens))
+            kept, stats.restored_snapshot = self._reuse_cache(np.asarray(tokens, dtype=np.int32))
             # llama-cpp-python re-evaluates at least the last prompt token.
-            stats = GenerationStats(
-                prompt_tokens=len(tokens), cached_tokens=min(kept, len(tokens) - 1)
-            )
+            stats.cached_tokens = min(kept, len(tokens) - 1)
             try:
-                stream: Any = llama.create_completion(
-                    prompt=tokens,
-                    max_tokens=params.max_tokens,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    repeat_penalty=params.repeat_penalty,
-                    stop=list(dict.fromkeys([*prompt.stop, *params.stop])),
-                    seed=params.seed if params.seed >= 0 else None,
-                    stream=True,
-                )
-                finish: str | None = None
-                for chunk in stream:
-                    choice = chunk["choices"][0]
-                    if choice["text"]:
-                        on_text(choice["text"])
-                    finish = choice.get("finish_reason") or finish
-                    if cancel is not None and cancel.is_set():
-                        stream.close()
-                        finish = "cancelled"
-                        break
+                if not self._prefill(tokens, stats.cached_tokens, cancel):
+                    stats.finish_reason = "cancelled"
+                    return stats
+                stop = list(dict.fromkeys([*prompt.stop, *params.stop]))
+                finish = self._stream(tokens, params, stop, on_text, cancel)
             except Exception as exc:
                 raise GenerationError(f"generation failed: {exc}") from exc
-            stats.completion_tokens = max(llama.n_tokens - len(tokens), 0)
-            stats.finish_reason = (
-                "length"
-                if finish == "length"
-                else ("cancelled" if finish == "cancelled" else "stop")
-            )
+            finally:
+                if params.cache_key is not None:
+                    self._save_snapshot(params.cache_key)
+            stats.completion_tokens = max(self._llama.n_tokens - len(tokens), 0)
+            stats.finish_reason = finish
             return stats
+
+    def _reuse_cache(self, tokens: np.ndarray) -> tuple[int, bool]:
+        """Tokens already in the context, after restoring a better snapshot if there is one."""
+        llama = self._llama
+        kept = common_prefix_length(llama.input_ids[: llama.n_tokens].astype(np.int32), tokens)
+        if self.snapshots is None:
+            return kept, False
+        found = self.snapshots.best(tokens)
+        if found is None or found[1] < kept + RESTORE_MIN_GAIN:
+            return kept, False
+        snapshot, shared = found
+        if not self._restore_snapshot(snapshot):
+            return 0, False
+        return shared, True
+
+    def _restore_snapshot(self, snapshot: Snapshot) -> bool:
+        from llama_cpp import llama_cpp as low_level
+
+        llama = self._llama
+        data = self.snapshots.load(snapshot) if self.snapshots is not None else b""
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer(bytearray(data))
+        if low_level.llama_state_seq_set_data(llama._ctx.ctx, buffer, len(data), 0) == 0:
+            log.warning("could not restore a KV snapshot; evaluating the prompt instead")
+            llama.reset()
+            return False
+        count = len(snapshot.tokens)
+        llama.input_ids[:count] = snapshot.tokens
+        llama.n_tokens = count
+        llama._requires_eval = True
+        return True
+
+    def _save_snapshot(self, key: str) -> None:
+        from llama_cpp import llama_cpp as low_level
+
+        if self.snapshots is None or self._llama.n_tokens == 0:
+            return
+        ctx = self._llama._ctx.ctx
+        size = low_level.llama_state_seq_get_size(ctx, 0)
+        data = bytearray(size)
+        written = low_level.llama_state_seq_get_data(
+            ctx, (ctypes.c_uint8 * size).from_buffer(data), size, 0
+        )
+        if written:
+            tokens = self._llama.input_ids[: self._llama.n_tokens].astype(np.int32)
+            self.snapshots.put(key, tokens, bytes(data[:written]))
+
+    def _prefill(self, tokens: Sequence[int], cached: int, cancel: threading.Event | None) -> bool:
+        """Evaluate all prompt tokens but the last, one batch at a time; False if cancelled.
+
+        ``create_completion`` would evaluate the whole prompt before yielding anything, so a
+        cancel could wait for the full prompt; here it waits for one batch at most.
+        """
+        llama = self._llama
+        llama.n_tokens = cached
+        for start in range(cached, len(tokens) - 1, PROMPT_BATCH):
+            if cancel is not None and cancel.is_set():
+                return False
+            llama.eval(tokens[start : min(start + PROMPT_BATCH, len(tokens) - 1)])
+        return True
+
+    def _stream(
+        self,
+        tokens: Sequence[int],
+        params: GenerationParams,
+        stop: list[str],
+        on_text: Callable[[str], None],
+        cancel: threading.Event | None,
+    ) -> FinishReason:
+        stream: Any = self._llama.create_completion(
+            prompt=list(tokens),
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            repeat_penalty=params.repeat_penalty,
+            stop=stop,
+            seed=params.seed if params.seed >= 0 else None,
+            stream=True,
+        )
+        finish: str | None = None
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            if choice["text"]:
+                on_text(choice["text"])
+            finish = choice.get("finish_reason") or finish
+            if cancel is not None and cancel.is_set():
+                stream.close()
+                return "cancelled"
+        return "length" if finish == "length" else "stop"
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,111 @@
+"""KV snapshots: the LRU on its own, then restoring real llama.cpp state across NPC switches."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npc_engine.generation.snapshots import SnapshotCache, common_prefix_length
+
+
+def tokens(*values: int) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
+
+
+def test_common_prefix_length() -> None:
+    assert common_prefix_length(tokens(1, 2, 3), tokens(1, 2, 4)) == 2
+    assert common_prefix_length(tokens(1, 2), tokens(1, 2, 3)) == 2
+    assert common_prefix_length(tokens(), tokens(1)) == 0
+    assert common_prefix_length(tokens(5), tokens(1)) == 0
+
+
+def test_best_snapshot_shares_the_longest_prefix() -> None:
+    cache = SnapshotCache(1000)
+    cache.put("mara", tokens(1, 2, 3, 4), b"a" * 10)
+    cache.put("tom", tokens(1, 2, 9, 9), b"b" * 10)
+    found = cache.best(tokens(1, 2, 3, 7))
+    assert found is not None and found[0].key == "mara" and found[1] == 3
+    assert cache.best(tokens(8, 8)) is None
+    cache.put("mara", tokens(1, 2, 3, 4, 5), b"c" * 10)  # replaces, does not add
+    assert len(cache) == 2
+
+
+def test_lru_keeps_the_ram_budget_and_drops_the_oldest() -> None:
+    cache = SnapshotCache(25)
+    for index, key in enumerate(["a", "b", "c"]):
+        cache.put(key, tokens(index), bytes(10))
+    assert len(cache) == 2 and cache.ram_bytes == 20
+    assert cache.best(tokens(0)) is None  # "a" was least recently used
+    found = cache.best(tokens(1))
+    assert found is not None
+    cache.load(found[0])  # "b" is now the most recently used
+    cache.put("d", tokens(3), bytes(10))
+    assert cache.best(tokens(2)) is None and cache.best(tokens(1)) is not None
+
+
+def test_evicted_snapshots_spill_to_disk_and_come_back(tmp_path: Path) -> None:
+    cache = SnapshotCache(15, spill_dir=tmp_path, disk_budget_bytes=15)
+    cache.put("a", tokens(1, 1), b"A" * 10)
+    cache.put("b", tokens(2, 2), b"B" * 10)
+    assert cache.spills == 1 and len(list(tmp_path.glob("*.kv"))) == 1
+    found = cache.best(tokens(1, 1))
+    assert found is not None and cache.load(found[0]) == b"A" * 10
+    cache.put("c", tokens(3, 3), b"C" * 10)  # "b" spills; the disk budget drops "a"
+    assert cache.best(tokens(1, 1)) is None and len(list(tmp_path.glob("*.kv"))) == 1
+
+
+@pytest.mark.slow
+def test_switching_npcs_restores_each_conversation(real_runtime: object) -> None:
+    engine = real_runtime.engine  # type: ignore[attr-defined]
+    first = engine.say("mara", "Any rooms free tonight?", player_id="p", max_tokens=8)
+    engine.say("guard_tom", "Who goes there?", player_id="p", max_tokens=8)
+    second = engine.say("mara", "How much for the room?", player_id="p", max_tokens=8)
+    # Back at Mara: her persona and the first exchange come from the snapshot, not re-read.
+    assert second.cached_tokens >= first.prompt_tokens - 16
+    assert engine.generator.snapshots.hits >= 1
+
+
+@pytest.mark.slow
+def test_restored_state_generates_what_a_cold_context_does(real_runtime: object) -> None:
+    engine = real_runtime.engine  # type: ignore[attr-defined]
+    generator = engine.generator
+    harbour = "The harbour wakes: gulls, nets, tar and salt. " * 20
+    marsh = "Reeds, mud and mist over the marsh pools. " * 20
+    prompt = generator.render([{"role": "user", "content": harbour + "Describe it at dawn."}])
+    other = generator.render([{"role": "user", "content": marsh + "Name three herbs."}])
+    from npc_engine.generation.base import GenerationParams
+
+    params = GenerationParams(max_tokens=16, temperature=0.0, seed=1, cache_key="a")
+    cold: list[str] = []
+    generator.generate(prompt, params, cold.append)
+    generator.generate(other, GenerationParams(max_tokens=4, temperature=0.0, cache_key="b"), print)
+    warm: list[str] = []
+    stats = generator.generate(prompt, params, warm.append)
+    assert stats.restored_snapshot and stats.cached_tokens == len(prompt.tokens) - 1
+    assert "".join(warm) == "".join(cold)
+
+
+@pytest.mark.slow
+def test_cancel_during_the_prompt_stops_after_one_batch(
+    real_runtime: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = real_runtime.engine.generator  # type: ignore[attr-defined]
+    long_prompt = generator.render([{"role": "user", "content": "harbour " * 900}])
+    cancel = threading.Event()
+    batches: list[int] = []
+    real_eval = generator._llama.eval
+
+    def eval_then_cancel(batch: list[int]) -> None:
+        batches.append(len(batch))
+        real_eval(batch)
+        cancel.set()  # the player walked away during the first batch
+
+    monkeypatch.setattr(generator._llama, "eval", eval_then_cancel)
+    from npc_engine.generation.base import GenerationParams
+
+    stats = generator.generate(long_prompt, GenerationParams(max_tokens=8), print, cancel)
+    assert stats.finish_reason == "cancelled" and stats.completion_tokens == 0
+    assert len(batches) == 1 and len(long_prompt.tokens) > 3 * batches[0]
