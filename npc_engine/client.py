@@ -142,6 +142,8 @@ class NpcClient:
         context: dict[str, Any] | None = None,
         max_tokens: int | None = None,
         inspect: bool | None = None,
+        priority: str | None = None,
+        deadline_ms: int | None = None,
     ) -> ReplyStream:
         request_id = self._next_id()
         stream = ReplyStream(request_id)
@@ -155,6 +157,8 @@ class NpcClient:
             context=context,
             max_tokens=max_tokens,
             inspect=inspect,
+            priority=priority,
+            deadline_ms=deadline_ms,
         )
         await self.send_raw(message)
         return stream

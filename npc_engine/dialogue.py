@@ -21,6 +21,7 @@ from typing import Any, Literal
 from npc_engine.cleaning import StreamCleaner, strip_special_tokens
 from npc_engine.config import EngineConfig
 from npc_engine.errors import NpcEngineError, UnknownNpcError
+from npc_engine.expression import infer_action, infer_emotion
 from npc_engine.generation.base import GenerationParams, Generator
 from npc_engine.memory.importance import rate_importance
 from npc_engine.memory.scoring import score_candidates
@@ -63,6 +64,8 @@ class TurnResult:
     used_fallback: bool = False
     dropped: dict[str, int] = field(default_factory=dict)
     memory_write: Future[list[str]] | None = None
+    emotion: str | None = None
+    action: dict[str, Any] | None = None
 
 
 def sanitize_for_memory(text: str) -> str:
@@ -303,6 +306,8 @@ class DialogueEngine:
             result.used_fallback = True
             deliver(self.fallback_line(loaded))
 
+        result.emotion = infer_emotion(result.text, loaded.persona.mood)
+        result.action = infer_action(result.text)
         if result.reason in ("stop", "length"):
             with self._history_lock:
                 turns = self._history.setdefault((npc_id, player_id), [])

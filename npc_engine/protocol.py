@@ -31,6 +31,7 @@ ErrorCode = Literal[
     "rate_limited",
     "internal",
     "shutdown",
+    "deadline",
 ]
 Encoding = Literal["json", "msgpack"]
 
@@ -57,6 +58,18 @@ class Say(_Request):
     text: Text
     context: dict[str, Any] | None = None
     max_tokens: int | None = Field(None, ge=1, le=1024)
+    priority: Literal["foreground", "background"] = Field(
+        "foreground",
+        description="Extension: `background` (NPC chatter nobody is facing) waits while any "
+        "`foreground` say is queued.",
+    )
+    deadline_ms: int | None = Field(
+        None,
+        ge=1,
+        le=600_000,
+        description="Extension: if no token has streamed this many ms after acceptance, the "
+        "persona's fallback line is sent at once (reason error, code deadline).",
+    )
     inspect: bool = Field(
         False,
         description="Extension: reply.end carries `inspect` (the exact prompt and the recalled "

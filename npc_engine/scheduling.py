@@ -8,8 +8,11 @@ prefers the oldest waiting job for the NPC it served last, which keeps that pref
 the KV cache, and bounds how often the oldest waiting job may be passed over so that no
 conversation starves.
 
+Background jobs (chatter nobody is facing) run only while no foreground job waits.
+
 Order is kept where the protocol promises it: jobs for the same (npc_id, player_id) are
-always for the same NPC, and among one NPC's jobs the oldest is always taken first.
+always for the same NPC, among one NPC's jobs the oldest is taken first, and a
+conversation's older background job goes before its newer foreground one.
 """
 
 from __future__ import annotations
@@ -25,8 +28,14 @@ from typing import Any
 class _Job:
     npc_id: str
     work: Callable[[], Any]
+    player_id: str = ""
+    background: bool = False
     future: Future[Any] = field(default_factory=Future)
     passed_over: int = 0
+
+    @property
+    def conversation(self) -> tuple[str, str]:
+        return (self.npc_id, self.player_id)
 
 
 class GenerationScheduler:
@@ -41,9 +50,19 @@ class GenerationScheduler:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, npc_id: str, work: Callable[[], Any]) -> Future[Any]:
-        """Queue ``work`` for ``npc_id``; the future holds its result or exception."""
-        job = _Job(npc_id, work)
+    def submit(
+        self,
+        npc_id: str,
+        work: Callable[[], Any],
+        *,
+        player_id: str = "",
+        background: bool = False,
+    ) -> Future[Any]:
+        """Queue ``work`` for ``npc_id``; the future holds its result or exception.
+
+        Background jobs run only while no foreground job waits.
+        """
+        job = _Job(npc_id, work, player_id, background)
         with self._condition:
             if self._closed:
                 raise RuntimeError("the generation scheduler is closed")
@@ -66,13 +85,18 @@ class GenerationScheduler:
 
     def pick(self) -> _Job:
         """Choose the next job (called with the lock held and at least one job waiting)."""
-        oldest = self._waiting[0]
+        foreground = [j for j in self._waiting if not j.background]
+        eligible = foreground or self._waiting
+        oldest = eligible[0]
         chosen = oldest
         if oldest.npc_id != self._last_npc and oldest.passed_over < self.max_passed_over:
-            same_npc = next((j for j in self._waiting if j.npc_id == self._last_npc), None)
+            same_npc = next((j for j in eligible if j.npc_id == self._last_npc), None)
             if same_npc is not None:
                 chosen = same_npc
                 oldest.passed_over += 1
+        # Order within a conversation beats priority: an older background say of the same
+        # (npc, player) goes first.
+        chosen = next(j for j in self._waiting if j.conversation == chosen.conversation)
         self._waiting.remove(chosen)
         self._last_npc = chosen.npc_id
         return chosen

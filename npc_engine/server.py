@@ -350,16 +350,44 @@ class NpcServer:
             )
 
         sent: list[str] = []  # what the client has received, in order (seq = index)
+        ended = False  # reply.end went out early (deadline): nothing more is sent
+        sending = asyncio.Lock()  # deltas, the deadline and the end go out one at a time
 
         async def pump() -> None:
             while (piece := await deltas.get()) is not None:
-                await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=piece))
-                sent.append(piece)
+                async with sending:
+                    if not ended:
+                        await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=piece))
+                        sent.append(piece)
 
+        async def expire() -> None:
+            nonlocal ended
+            async with sending:
+                if sent or ended:
+                    return  # a token made it in time
+                ended = True
+                reply.cancel.set()  # queued: dropped; running: stops within one batch
+                message = f"No first token within {request.deadline_ms} ms."
+                await conn.send(await self._fallback_end(conn, request, sent, "deadline", message))
+
+        expiring: list[asyncio.Future[None]] = []  # holds the task while it runs
+        deadline = (
+            loop.call_later(
+                request.deadline_ms / 1000, lambda: expiring.append(asyncio.ensure_future(expire()))
+            )
+            if request.deadline_ms
+            else None
+        )
         pumping = asyncio.create_task(pump())
-        end: ReplyEnd
+        end: ReplyEnd | None = None
         try:
-            result = await asyncio.wrap_future(self._generation.submit(request.npc_id, work))
+            job = self._generation.submit(
+                request.npc_id,
+                work,
+                player_id=request.player_id,
+                background=request.priority == "background",
+            )
+            result = await asyncio.wrap_future(job)
             deltas.put_nowait(None)
             await pumping
             end = self._reply_end(request, result)
@@ -367,22 +395,36 @@ class NpcServer:
             log.exception("say %s failed", request.id)
             deltas.put_nowait(None)
             await pumping
-            # Keep the stream consistent: the fallback continues what was already sent.
-            line = "" if sent else self.engine.fallback_line(self.engine.persona(request.npc_id))
-            if line:
-                await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=line))
-                sent.append(line)
-            end = ReplyEnd(
-                re=request.id,
-                text="".join(sent),
-                reason="error",
-                error=ErrorInfo(code="internal", message=f"{type(exc).__name__}: {exc}"),
-            )
+            async with sending:
+                if not ended:
+                    message = f"{type(exc).__name__}: {exc}"
+                    end = await self._fallback_end(conn, request, sent, "internal", message)
         finally:
+            if deadline is not None:
+                deadline.cancel()
             self._queued -= 1
             self._replies.pop((conn.key, request.id), None)
             conn.session.in_flight.discard(request.id)
-        await conn.send(end)
+        async with sending:
+            if end is not None and not ended:
+                await conn.send(end)
+            ended = True
+
+    async def _fallback_end(
+        self, conn: _Connection, request: Say, sent: list[str], code: ErrorCode, message: str
+    ) -> ReplyEnd:
+        """End a failed reply: the fallback line continues what was already sent, if nothing
+        was, so the stream stays consistent (seq without gaps, text = the deltas)."""
+        line = "" if sent else self.engine.fallback_line(self.engine.persona(request.npc_id))
+        if line:
+            await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=line))
+            sent.append(line)
+        return ReplyEnd(
+            re=request.id,
+            text="".join(sent),
+            reason="error",
+            error=ErrorInfo(code=code, message=message),
+        )
 
     def _reply_end(self, request: Say, result: TurnResult | None) -> ReplyEnd:
         if result is None or result.reason == "cancelled":
@@ -412,6 +454,8 @@ class NpcServer:
             re=request.id,
             text=result.text,
             reason=result.reason,
+            emotion=result.emotion,
+            action=result.action,
             usage=usage,
             error=error,
             inspect=self._inspection(result) if request.inspect else None,

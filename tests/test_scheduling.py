@@ -81,3 +81,32 @@ def test_close_runs_what_is_queued() -> None:
     gate.set()
     scheduler.close()
     assert later.result(0) == "done"
+
+
+def test_background_waits_for_foreground_but_keeps_conversation_order() -> None:
+    scheduler = GenerationScheduler()
+    order: list[str] = []
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait()
+
+    scheduler.submit("x", hold)
+    assert started.wait(10)
+    jobs = [
+        ("wren", "chatter", "npc", True),
+        ("mara", "bg-aria", "aria", True),
+        ("tom", "fg-rook", "rook", False),
+        ("mara", "fg-aria", "aria", False),
+    ]
+    futures = [
+        scheduler.submit(npc, lambda label=label: order.append(label), player_id=p, background=b)
+        for npc, label, p, b in jobs
+    ]
+    gate.set()
+    for future in futures:
+        future.result(10)
+    scheduler.close()
+    # Foreground first; mara/aria's older background say precedes her foreground one.
+    assert order == ["fg-rook", "bg-aria", "fg-aria", "chatter"]

@@ -15,6 +15,7 @@ from websockets.asyncio.client import connect
 
 from npc_engine.client import NpcClient, ProtocolError
 from npc_engine.config import EngineConfig, ServerLimits
+from npc_engine.expression import EMOTIONS
 from npc_engine.runtime import EngineRuntime
 from npc_engine.server import NpcServer
 from tests.conftest import start_server_process
@@ -62,6 +63,7 @@ async def test_say_streams_a_reply(server: NpcServer, encoding: str) -> None:
         assert end["reason"] in ("stop", "length")
         assert "".join(deltas) == end["text"] and end["text"]
         assert end["usage"]["prompt_tokens"] > 0
+        assert end["emotion"] in EMOTIONS
 
 
 async def test_memory_event_list_forget(server: NpcServer) -> None:
@@ -244,3 +246,19 @@ async def test_playtest_remote_session_gets_prompt_and_scored_memories(server: N
         assert turn.prompt_tokens > 0 and turn.ttft_ms is not None
     finally:
         await session.close()
+
+
+async def test_deadline_sends_the_fallback_at_once_and_drops_the_generation(
+    server: NpcServer,
+) -> None:
+    async with await NpcClient.connect(server.url) as client:
+        busy = await client.say("mara", "Tell me a long story about the sea.", max_tokens=60)
+        # Queued behind a running reply: no token can come within 50 ms.
+        stream = await client.say("wren", "Quick, a remedy!", deadline_ms=50)
+        deltas = [delta async for delta in stream]
+        end = await stream.result()
+        assert end["reason"] == "error" and end["error"]["code"] == "deadline"
+        assert deltas == [end["text"]] and end["text"]  # the persona's fallback line
+        assert (await busy.result())["reason"] in ("stop", "length")
+        after = await client.say("wren", "Hello?", max_tokens=8)
+        assert (await after.result())["reason"] in ("stop", "length")

@@ -142,6 +142,8 @@ def turn_view(result: TurnResult, player_text: str) -> TurnView:
         total_ms=result.timings.total_ms,
         error=result.error,
         dropped=result.dropped,
+        emotion=result.emotion,
+        action=result.action,
     )
 
 
