@@ -1,0 +1,693 @@
+"""npc-engine speed benchmarks: every figure is a ratio of two measurements taken side by side.
+
+    .venv/bin/python tools/bench.py [--quick] [--json bench-results.json] [--only NAME ...]
+
+The machine is shared and noisy, so each target compares the engine with a baseline run
+in the same process, moments apart, on the same model and threads, and reports the ratio.
+Exits 0 whatever the figures; writes JSON for tracking. ``--quick`` shrinks every count
+(the test suite uses it to check that the benchmark runs, not its timings).
+
+Targets (issue 5):
+  warm        first-token time flat over 10 turns; vs bare llama-cpp-python on the same
+              uncached suffix; vs naive full re-evaluation
+  switch      8 NPCs in turn: first token vs single-NPC warm; with vs without snapshots
+  batch       8 concurrent conversations: aggregate tokens/s vs one stream
+  overhead    a full turn over WebSocket vs bare llama-cpp-python, same prompt and tokens
+  memory      retrieval p50 with 10,000 memories on the NPC (100 NPCs in the store);
+              batched writes per second
+  decode      single-stream decode vs a bare llama-cpp-python loop; bandwidth ceiling
+  expression  emotion/action from the finished reply vs grammar-constrained generation
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from npc_engine.config import EngineConfig, load_config  # noqa: E402
+from npc_engine.runtime import EngineRuntime, open_engine, resolve_chat_model  # noqa: E402
+
+EXTRA_LORE = [
+    "Every spring the fleet is blessed on the quay; the chapel bell rings once per boat.",
+    "The old customs house burned in the winter of the great storm and was never rebuilt.",
+    "Children are told that the fog carries the voices of drowned sailors.",
+    "Brandy from the south is cheaper in Saltwhistle than anywhere on the coast.",
+    "The Duke's last magistrate left after a single winter and refused to come back.",
+    "Salt is dried in flat pans on the shingle beach east of the harbour.",
+    "A ferry crosses to the island of Gull Point twice a week when the sea allows.",
+    "The well on the market square is said never to have frozen, even in the hard winter.",
+    "The town's only doctor drank himself to death; people now go to Old Wren instead.",
+    "Herring, cod and eel are the town's fish; oysters are for the Duke's table only.",
+    "Travellers pay a copper bit at the gate, which the guard is supposed to record.",
+    "Nobody fishes on the day of the drowned, the first new moon after midwinter.",
+    "The tide table is nailed to the door of the Rusty Anchor and updated in chalk.",
+    "Wreckers once lured ships onto the rocks with false lights; the town denies it.",
+]
+
+
+@dataclass
+class Row:
+    target: str
+    compared: str
+    engine: str
+    engine_value: float
+    baseline: str
+    baseline_value: float
+    ratio: float
+    goal: str
+    met: bool | None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# -- setup -------------------------------------------------------------------------------
+
+
+def bench_personas(folder: Path) -> list[str]:
+    """The sample world with extra lore, and 8 NPCs: the 4 samples and a relative of each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    world = yaml.safe_load((REPO / "personas/world.yaml").read_text())
+    world["lore"] = list(world.get("lore", [])) + EXTRA_LORE
+    (folder / "world.yaml").write_text(yaml.safe_dump(world, sort_keys=False))
+    ids = []
+    for path in sorted((REPO / "personas").glob("*.yaml")):
+        if path.name == "world.yaml":
+            continue
+        persona = yaml.safe_load(path.read_text())
+        persona.setdefault("id", path.stem)
+        ids.append(persona["id"])
+        (folder / path.name).write_text(yaml.safe_dump(persona, sort_keys=False))
+        relative = dict(persona)
+        relative["id"] = f"{persona['id']}_kin"
+        relative["name"] = f"{persona['name']}'s cousin"
+        relative["description"] = (
+            f"A cousin of {persona['name']} who came to Saltwhistle last spring. "
+            + persona["description"]
+        )
+        ids.append(relative["id"])
+        (folder / f"{relative['id']}.yaml").write_text(yaml.safe_dump(relative, sort_keys=False))
+    return ids
+
+
+def bench_config(root: Path, name: str, **overrides: Any) -> EngineConfig:
+    return load_config(
+        personas_dir=root / "personas",
+        data_dir=root / f"data-{name}",
+        seed=1234,
+        temperature=0.0,
+        n_ctx=4096,
+        **overrides,
+    )
+
+
+def bare_llama(config: EngineConfig) -> Any:
+    """A plain ``Llama`` on the same model and threads as the engine."""
+    from llama_cpp import Llama
+
+    path, _format = resolve_chat_model(config, lambda _message: None)
+    threads = config.n_threads or os.cpu_count() or 1
+    return Llama(
+        model_path=str(path),
+        n_ctx=config.n_ctx,
+        n_batch=256,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+        seed=1234,
+    )
+
+
+def bare_first_token(llama: Any, tokens: list[int], cached: int) -> float:
+    """Seconds to the first token with ``tokens[:cached]`` already in the context."""
+    llama.reset()
+    if cached:
+        llama.eval(tokens[:cached])
+    started = time.perf_counter()
+    for _chunk in llama.create_completion(tokens, max_tokens=1, temperature=0.0, stream=True):
+        break
+    return time.perf_counter() - started
+
+
+def bare_generate(llama: Any, tokens: list[int], cached: int, count: int) -> tuple[float, float]:
+    """(seconds to first token, seconds in all) producing ``count`` tokens greedily."""
+    llama.reset()
+    if cached:
+        llama.eval(tokens[:cached])
+    started = time.perf_counter()
+    first = None
+    for _chunk in llama.create_completion(
+        tokens, max_tokens=count, temperature=0.0, stream=True, stop=[]
+    ):
+        if first is None:
+            first = time.perf_counter() - started
+    return first or 0.0, time.perf_counter() - started
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+PLAYER_LINES = [
+    "Good evening. I just came in on the ferry.",
+    "What news is there in town these days?",
+    "Who should I talk to about work on the boats?",
+    "Is it true that the lighthouse went dark?",
+    "What do people say about the Fog Runners?",
+    "Where can I find something warm to eat?",
+    "Have you seen any strangers around lately?",
+    "What happened to the herring?",
+    "Do you know Old Wren from the marsh?",
+    "Thank you. One last thing: is the road north safe?",
+]
+
+
+# -- targets -----------------------------------------------------------------------------
+
+
+def target_warm(runtime: EngineRuntime, bare: Any, report: Report, turns: int) -> float:
+    engine = runtime.engine
+    ttfts, prompts, cached = [], [], []
+    last_prompt_tokens: list[int] = []
+    for index in range(turns):
+        result = engine.say(
+            "mara", PLAYER_LINES[index % len(PLAYER_LINES)], player_id="warm", max_tokens=24
+        )
+        if result.memory_write is not None:
+            result.memory_write.result(60)  # the player reads the reply before answering
+        ttfts.append((result.timings.ttft_ms or 0) / 1000)
+        prompts.append(result.prompt_tokens)
+        cached.append(result.cached_tokens)
+        last_prompt_tokens = engine.generator.tokenize(result.prompt)
+    bare_suffix = median([bare_first_token(bare, last_prompt_tokens, cached[-1]) for _ in range(3)])
+    naive = median([bare_first_token(bare, last_prompt_tokens, 0) for _ in range(2)])
+    last, second = ttfts[-1], ttfts[1] if len(ttfts) > 1 else ttfts[0]
+    report.details["warm"] = {"ttft_s": ttfts, "prompt_tokens": prompts, "cached": cached}
+    report.rows += [
+        Row(
+            "1 warm multi-turn",
+            f"first token, turn {turns} vs turn 2 (prompt {prompts[-1]} tokens)",
+            f"turn {turns}",
+            last,
+            "turn 2",
+            second,
+            last / second,
+            "≤ 1.5×",
+            last / second <= 1.5,
+        ),
+        Row(
+            "1 warm multi-turn",
+            f"turn {turns}: engine vs bare call evaluating the same {prompts[-1] - cached[-1]}"
+            " uncached tokens",
+            "engine",
+            last,
+            "bare llama-cpp-python",
+            bare_suffix,
+            last / bare_suffix,
+            "≤ 1.2×",
+            last / bare_suffix <= 1.2,
+        ),
+        Row(
+            "1 warm multi-turn",
+            f"naive full re-evaluation of the turn-{turns} prompt vs the engine",
+            "naive",
+            naive,
+            "engine",
+            last,
+            naive / last,
+            "≥ 10× (expected)",
+            naive / last >= 10,
+        ),
+    ]
+    return median(ttfts[1:])
+
+
+def run_switching(runtime: EngineRuntime, npcs: list[str], rounds: int) -> list[float]:
+    """First-token times of every turn after the first round of an 8-NPC rotation."""
+    ttfts = []
+    for round_index in range(rounds):
+        for npc_index, npc_id in enumerate(npcs):
+            line = PLAYER_LINES[(round_index * len(npcs) + npc_index) % len(PLAYER_LINES)]
+            result = runtime.engine.say(npc_id, line, player_id="switch", max_tokens=12)
+            if result.memory_write is not None:
+                result.memory_write.result(60)
+            if round_index:
+                ttfts.append((result.timings.ttft_ms or 0) / 1000)
+    return ttfts
+
+
+def target_switch(
+    root: Path, npcs: list[str], warm_single: float, report: Report, rounds: int
+) -> None:
+    runtime = open_engine(bench_config(root, "switch"))
+    try:
+        with_snapshots = run_switching(runtime, npcs, rounds)
+        hits = runtime.engine.generator.snapshots.hits
+    finally:
+        runtime.close()
+    runtime = open_engine(bench_config(root, "switch-nosnap", snapshot_ram_mb=0))
+    try:
+        without = run_switching(runtime, npcs, 2)
+    finally:
+        runtime.close()
+    switched = median(with_snapshots)
+    report.details["switch"] = {
+        "with_snapshots_ttft_s": with_snapshots,
+        "without_snapshots_ttft_s": without,
+        "snapshot_hits": hits,
+    }
+    report.rows += [
+        Row(
+            "2 NPC switching",
+            f"{len(npcs)} NPCs in turn: first token vs single-NPC warm",
+            "8-NPC rotation",
+            switched,
+            "single NPC warm",
+            warm_single,
+            switched / warm_single,
+            "≤ 2×",
+            switched / warm_single <= 2,
+        ),
+        Row(
+            "2 NPC switching",
+            "the same rotation without snapshots vs with",
+            "no snapshots",
+            median(without),
+            "snapshots",
+            switched,
+            median(without) / switched,
+            "(context)",
+            None,
+        ),
+    ]
+
+
+def target_overhead(runtime: EngineRuntime, bare: Any, report: Report, turns: int) -> None:
+    from npc_engine.client import NpcClient
+    from npc_engine.server import NpcServer
+
+    engine = runtime.engine
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = NpcServer(engine, port=0)
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+
+    async def one_turn(client: NpcClient, line: str) -> tuple[float, dict[str, Any]]:
+        started = time.perf_counter()
+        stream = await client.say("ysolde", line, player_id="ws", max_tokens=24)
+        end = await stream.result()
+        return time.perf_counter() - started, end
+
+    ratios, engine_times, bare_times = [], [], []
+
+    async def run() -> None:
+        async with await NpcClient.connect(server.url) as client:
+            await one_turn(client, PLAYER_LINES[0])  # cold turn, not measured
+            for index in range(1, turns + 1):
+                await asyncio.sleep(0.3)  # the previous turn's memory write settles
+                seconds, end = await one_turn(client, PLAYER_LINES[index])
+                usage = end["usage"]
+                last = engine.generator._llama.input_ids[: usage["prompt_tokens"]].tolist()
+                count = max(usage["completion_tokens"], 1)
+                _first, bare_total = bare_generate(bare, last, usage["cached_tokens"], count)
+                engine_times.append(seconds)
+                bare_times.append(bare_total)
+                ratios.append(seconds / bare_total)
+
+    try:
+        asyncio.run(run())
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    report.details["overhead"] = {"engine_s": engine_times, "bare_s": bare_times}
+    ratio = median(ratios)
+    report.rows.append(
+        Row(
+            "4 engine overhead",
+            "full turn over WebSocket (retrieval, prompt, framing, memory write) vs bare "
+            "llama-cpp-python, same prompt, cache state and tokens",
+            "engine over WebSocket",
+            median(engine_times),
+            "bare llama-cpp-python",
+            median(bare_times),
+            ratio,
+            "≤ 1.10×",
+            ratio <= 1.10,
+        )
+    )
+
+
+def target_memory(root: Path, report: Report, npcs: int, per_npc: int, others: int) -> None:
+    from npc_engine.config import RetrievalConfig
+    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
+    from npc_engine.memory.scoring import score_candidates
+    from npc_engine.memory.types import Memory, utc_now
+    from npc_engine.memory.writer import MemoryWriter
+    from npc_engine.model_registry import ModelCache
+
+    config = load_config()
+    embed = OfflineMiniLM(ModelCache(config.cache_dir))
+    store = ChromaMemoryStore(root / "memory-bench", embed)
+    rng = np.random.default_rng(7)
+    words = [
+        "salt",
+        "fog",
+        "lantern",
+        "herring",
+        "boat",
+        "bell",
+        "chapel",
+        "marsh",
+        "guard",
+        "brandy",
+        "storm",
+        "key",
+    ]
+
+    def sentences(count: int) -> list[str]:
+        return [" ".join(rng.choice(words, size=8)) + f" (note {index})" for index in range(count)]
+
+    # Filling 100 × 10,000 memories through the embedder would take an hour here, so the
+    # fill uses random unit vectors; every query below is embedded for real.
+    filled = time.perf_counter()
+    for npc_index in range(npcs):
+        npc_id = f"npc{npc_index:03d}"
+        count = per_npc if npc_index == 0 else others
+        for start in range(0, count, 2000):
+            texts = sentences(min(2000, count - start))
+            vectors = rng.normal(size=(len(texts), 384)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            memories = [Memory(npc_id=npc_id, text=t, player_id="p") for t in texts]
+            store.add_with_embeddings(memories, vectors.tolist())
+    fill_seconds = time.perf_counter() - filled
+
+    retrieval = RetrievalConfig()
+    timings = []
+    for index in range(60):
+        query = " ".join(rng.choice(words, size=6)) + f" {index}?"
+        started = time.perf_counter()
+        candidates = store.search("npc000", "p", query, retrieval.candidates)
+        score_candidates(candidates, utc_now(), retrieval)[: retrieval.top_k]
+        timings.append(time.perf_counter() - started)
+    timings = timings[5:]  # first calls warm the ONNX session
+
+    writer = MemoryWriter(store)
+    batch = [Memory(npc_id="npc001", text=t, player_id="p") for t in sentences(1000)]
+    started = time.perf_counter()
+    writer.submit(batch).result(600)
+    write_seconds = time.perf_counter() - started
+    writer.close()
+    store.close()
+    p50 = median(timings)
+    rate = len(batch) / write_seconds
+    report.details["memory"] = {
+        "retrieval_s": timings,
+        "fill_s": fill_seconds,
+        "npcs": npcs,
+        "memories_on_npc": per_npc,
+        "memories_on_others": others,
+    }
+    report.rows += [
+        Row(
+            "5 memory",
+            f"retrieval p50 (embed query + search + score), {per_npc:,} memories on the NPC, "
+            f"{npcs} NPCs in the store",
+            "p50",
+            p50,
+            "goal",
+            0.010,
+            p50 / 0.010,
+            "≤ 10 ms",
+            p50 <= 0.010,
+            note=f"p95 {percentile(timings, 0.95) * 1000:.1f} ms",
+        ),
+        Row(
+            "5 memory",
+            f"batched writes with real embeddings ({len(batch)} memories)",
+            "memories/s",
+            rate,
+            "goal",
+            500.0,
+            rate / 500.0,
+            "≥ 500/s",
+            rate >= 500,
+        ),
+    ]
+
+
+def target_decode(runtime: EngineRuntime, bare: Any, report: Report, tokens: int) -> None:
+    from npc_engine.generation.base import GenerationParams
+
+    generator = runtime.engine.generator
+    prompt = generator.render(
+        [{"role": "user", "content": "Tell me a long story about the sea, the fog and a bell."}]
+    )
+    assert prompt.tokens is not None
+    params = GenerationParams(max_tokens=tokens, temperature=0.0, stop=[])
+    engine_rates, bare_rates = [], []
+    for _ in range(3):
+        stamps: list[float] = []
+
+        def stamp(_text: str, stamps: list[float] = stamps) -> None:
+            stamps.append(time.perf_counter())
+
+        stats = generator.generate(prompt, params, stamp)
+        if len(stamps) > 1 and stats.completion_tokens > 1:
+            engine_rates.append((stats.completion_tokens - 1) / (stamps[-1] - stamps[0]))
+        first, total = bare_generate(bare, prompt.tokens, 0, tokens)
+        bare_rates.append((tokens - 1) / (total - first))
+    model_bytes = Path(generator.model_path).stat().st_size
+    bandwidth = memory_bandwidth()
+    ceiling = bandwidth / model_bytes
+    ratio = median(engine_rates) / median(bare_rates)
+    report.rows.append(
+        Row(
+            "6 single-stream decode",
+            "engine decode tokens/s vs a bare llama-cpp-python loop, same prompt and threads",
+            "engine tokens/s",
+            median(engine_rates),
+            "bare tokens/s",
+            median(bare_rates),
+            ratio,
+            "≥ 0.90×",
+            ratio >= 0.9,
+            note=f"bandwidth ceiling {ceiling:.0f} tokens/s = {bandwidth / 1e9:.1f} GB/s ÷ "
+            f"{model_bytes / 1e6:.0f} MB per token",
+        )
+    )
+
+
+def memory_bandwidth() -> float:
+    """Bytes per second for a large copy (read + write), best of three."""
+    source = np.ones(64 << 20, dtype=np.float32)  # 256 MiB
+    target = np.empty_like(source)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.nbytes / best
+
+
+def target_expression(runtime: EngineRuntime, bare: Any, report: Report, tokens: int) -> None:
+    from llama_cpp import LlamaGrammar
+
+    from npc_engine.expression import infer_action, infer_emotion
+
+    prompt = bare.tokenize(b"The innkeeper answers the traveller: ", add_bos=True)
+    first, plain_total = bare_generate(bare, prompt, 0, tokens)
+    plain_rate = (tokens - 1) / (plain_total - first)
+    schema = {
+        "type": "object",
+        "properties": {
+            "text": {"type": "string"},
+            "emotion": {"type": "string", "enum": ["neutral", "happy", "angry", "sad"]},
+        },
+        "required": ["text", "emotion"],
+    }
+    grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    bare.reset()
+    stamps = []
+    for _chunk in bare.create_completion(
+        prompt, max_tokens=tokens, temperature=0.0, stream=True, grammar=grammar
+    ):
+        stamps.append(time.perf_counter())
+    grammar_rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    reply = "Welcome, love! *slides a brass key across the counter* Room three, upstairs."
+    started = time.perf_counter()
+    for _ in range(1000):
+        infer_emotion(reply, "busy but friendly")
+        infer_action(reply)
+    per_reply = (time.perf_counter() - started) / 1000
+    report.rows += [
+        Row(
+            "structured output",
+            "decode tokens/s: plain (emotion/action read off the finished reply) vs "
+            "JSON-schema grammar",
+            "plain tokens/s",
+            plain_rate,
+            "grammar tokens/s",
+            grammar_rate,
+            plain_rate / grammar_rate if grammar_rate else float("inf"),
+            "(context)",
+            None,
+            note=f"emotion+action classifier: {per_reply * 1e6:.0f} µs per reply",
+        )
+    ]
+
+
+def target_batch(report: Report) -> None:
+    report.rows.append(
+        Row(
+            "3 many NPCs at once",
+            "8 concurrent conversations, aggregate tokens/s vs one stream",
+            "engine",
+            float("nan"),
+            "single stream",
+            float("nan"),
+            float("nan"),
+            "≥ 2.5×",
+            False,
+            note="not implemented: one sequence per context; see docs/performance.md",
+        )
+    )
+
+
+# -- driver ------------------------------------------------------------------------------
+
+
+def machine_info(config: EngineConfig) -> dict[str, Any]:
+    import llama_cpp
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    path, _format = resolve_chat_model(config, lambda _message: None)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": config.n_threads or os.cpu_count(),
+        "model": f"{path.name} ({path.stat().st_size / 1e6:.0f} MB)",
+        "llama_cpp_python": llama_cpp.__version__,
+        "build": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "python": platform.python_version(),
+    }
+
+
+def print_table(report: Report) -> None:
+    print("\nnpc-engine benchmark")
+    for key, value in report.machine.items():
+        print(f"  {key}: {value}")
+    print()
+    header = f"{'target':<22} {'engine':>12} {'baseline':>12} {'ratio':>8} {'goal':>16}  met"
+    print(header)
+    print("-" * len(header))
+    for row in report.rows:
+        met = "–" if row.met is None else ("yes" if row.met else "NO")
+        print(
+            f"{row.target:<22} {fmt(row.engine_value):>12} {fmt(row.baseline_value):>12} "
+            f"{row.ratio:>7.2f}× {row.goal:>16}  {met}"
+        )
+        print(
+            f"    {row.compared}: {row.engine} vs {row.baseline}"
+            + (f"; {row.note}" if row.note else "")
+        )
+
+
+def fmt(value: float) -> str:
+    if value != value:  # NaN
+        return "–"
+    if value < 10:
+        return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+    return f"{value:,.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts: checks it runs")
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=["warm", "switch", "batch", "overhead", "memory", "decode", "expression"],
+    )
+    args = parser.parse_args(argv)
+    wanted: Callable[[str], bool] = lambda name: not args.only or name in args.only  # noqa: E731
+    quick = args.quick
+    root = Path(tempfile.mkdtemp(prefix="npc-bench-"))
+    npcs = bench_personas(root / "personas")
+    config = bench_config(root, "main")
+    report = Report(machine_info(config))
+    runtime = open_engine(config)
+    bare = bare_llama(config)
+    try:
+        warm_single = 1.0
+        if wanted("warm") or wanted("switch"):
+            warm_single = target_warm(runtime, bare, report, 3 if quick else 10)
+        if wanted("overhead"):
+            target_overhead(runtime, bare, report, 1 if quick else 5)
+        if wanted("decode"):
+            target_decode(runtime, bare, report, 16 if quick else 64)
+        if wanted("expression"):
+            target_expression(runtime, bare, report, 8 if quick else 40)
+    finally:
+        runtime.close()
+        bare.close()
+    if wanted("switch"):
+        target_switch(root, npcs[:3] if quick else npcs, warm_single, report, 2 if quick else 3)
+    if wanted("batch"):
+        target_batch(report)
+    if wanted("memory"):
+        if quick:
+            target_memory(root, report, npcs=3, per_npc=200, others=20)
+        else:
+            target_memory(root, report, npcs=100, per_npc=10_000, others=1_000)
+    print_table(report)
+    args.json.write_text(
+        json.dumps(
+            {"machine": report.machine, "rows": [asdict(r) for r in report.rows], **report.details},
+            indent=2,
+            default=float,
+        )
+    )
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
