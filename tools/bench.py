@@ -407,7 +407,11 @@ def target_memory(root: Path, report: Report, npcs: int, per_npc: int, others: i
             texts = sentences(min(2000, count - start))
             vectors = rng.normal(size=(len(texts), 384)).astype(np.float32)
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            memories = [Memory(npc_id=npc_id, text=t, player_id="p") for t in texts]
+            # A fifth of what an NPC knows is its own; the rest is about the player.
+            memories = [
+                Memory(npc_id=npc_id, text=t, player_id=None if i % 5 == 0 else "p")
+                for i, t in enumerate(texts)
+            ]
             store.add_with_embeddings(memories, vectors.tolist())
     fill_seconds = time.perf_counter() - filled
 

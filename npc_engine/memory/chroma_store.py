@@ -1,13 +1,14 @@
 """The real memory store: one Chroma collection per NPC in a PersistentClient on disk.
 
-Per-NPC collections keep queries fast (a metadata filter over one big collection was about
-12× slower in our measurements) and make forgetting an NPC cheap. Embeddings are computed
+Collections per NPC and per (NPC, player) keep queries fast without metadata filters and
+make forgetting an NPC or a player cheap. Embeddings are computed
 here with the offline all-MiniLM-L6-v2 ONNX model and passed to Chroma explicitly, so Chroma
 never tries to fetch its own copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -116,13 +117,21 @@ def _memory(memory_id: str, document: str | None, metadata: Any) -> Memory:
     )
 
 
-def _player_filter(player_id: str | None) -> dict[str, Any]:
+def _scope_name(npc_id: str, player_id: str | None) -> str:
+    """Collection of an NPC's own memories, or of what it knows about one player."""
     if player_id is None:
-        return {"player_id": NO_PLAYER}
-    return {"player_id": {"$in": [player_id, NO_PLAYER]}}
+        return f"npc-{npc_id}-mem"
+    # Player ids are free-form; collection names allow only [a-zA-Z0-9._-].
+    return f"npc-{npc_id}-p-{hashlib.sha1(player_id.encode()).hexdigest()[:20]}"
 
 
 class ChromaMemoryStore:
+    """One Chroma collection per NPC for its own memories and one per (NPC, player).
+
+    A query then needs no metadata filter: a ``where`` on player_id made a 10,000-memory
+    query ~15× slower (tools/bench.py), because Chroma filters before the vector search.
+    """
+
     def __init__(self, path: Path, embed: Any) -> None:
         import chromadb
         from chromadb.config import Settings
@@ -135,18 +144,38 @@ class ChromaMemoryStore:
         self._collections: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def _collection(self, npc_id: str) -> Any:
+    def _collection(self, name: str, npc_id: str, *, create: bool = True) -> Any | None:
         with self._lock:
-            collection = self._collections.get(npc_id)
+            collection = self._collections.get(name)
             if collection is None:
-                collection = self._client.get_or_create_collection(
-                    name=f"npc-{npc_id}-mem",
-                    embedding_function=None,
-                    configuration={"hnsw": {"space": "cosine"}},
-                    metadata={"npc_id": npc_id},
-                )
-                self._collections[npc_id] = collection
+                if create:
+                    collection = self._client.get_or_create_collection(
+                        name=name,
+                        embedding_function=None,
+                        configuration={"hnsw": {"space": "cosine"}},
+                        metadata={"npc_id": npc_id},
+                    )
+                else:
+                    try:
+                        collection = self._client.get_collection(name, embedding_function=None)
+                    except Exception:  # Chroma raises NotFoundError (or ValueError in old ones)
+                        return None
+                self._collections[name] = collection
             return collection
+
+    def _scopes(self, npc_id: str, player_id: str | None) -> list[Any]:
+        """The collections a query for (npc, player) reads: its own, and the player's."""
+        names = [_scope_name(npc_id, None)]
+        if player_id is not None:
+            names.append(_scope_name(npc_id, player_id))
+        found = [self._collection(name, npc_id, create=False) for name in names]
+        return [c for c in found if c is not None]
+
+    def _all_of(self, npc_id: str) -> list[Any]:
+        prefix = f"npc-{npc_id}-"
+        names = [c if isinstance(c, str) else c.name for c in self._client.list_collections()]
+        found = [self._collection(n, npc_id, create=False) for n in names if n.startswith(prefix)]
+        return [c for c in found if c is not None]
 
     def add(self, memories: Sequence[Memory]) -> None:
         if memories:
@@ -154,11 +183,13 @@ class ChromaMemoryStore:
 
     def add_with_embeddings(self, memories: Sequence[Memory], vectors: Sequence[Any]) -> None:
         """Store memories whose vectors are already computed (imports, benchmarks)."""
-        by_npc: dict[str, list[int]] = {}
+        by_scope: dict[tuple[str, str | None], list[int]] = {}
         for index, memory in enumerate(memories):
-            by_npc.setdefault(memory.npc_id, []).append(index)
-        for npc_id, indexes in by_npc.items():
-            self._collection(npc_id).add(
+            by_scope.setdefault((memory.npc_id, memory.player_id), []).append(index)
+        for (npc_id, player_id), indexes in by_scope.items():
+            collection = self._collection(_scope_name(npc_id, player_id), npc_id)
+            assert collection is not None
+            collection.add(
                 ids=[memories[i].id for i in indexes],
                 embeddings=[vectors[i] for i in indexes],
                 documents=[memories[i].text for i in indexes],
@@ -166,46 +197,57 @@ class ChromaMemoryStore:
             )
 
     def search(self, npc_id: str, player_id: str | None, query: str, limit: int) -> list[Candidate]:
-        collection = self._collection(npc_id)
-        if limit <= 0 or collection.count() == 0:
+        scopes = self._scopes(npc_id, player_id)
+        if limit <= 0 or not scopes:
             return []
-        result = collection.query(
-            query_embeddings=self._embed([query]),
-            n_results=limit,
-            where=_player_filter(player_id),
-            include=["documents", "metadatas", "distances"],
-        )
-        ids = result["ids"][0]
-        documents = (result.get("documents") or [[]])[0]
-        metadatas = (result.get("metadatas") or [[]])[0]
-        distances = (result.get("distances") or [[]])[0]
-        return [
-            Candidate(_memory(ids[i], documents[i], metadatas[i]), 1.0 - float(distances[i]))
-            for i in range(len(ids))
-        ]
+        vector = self._embed([query])
+        candidates = []
+        for collection in scopes:
+            result = collection.query(
+                query_embeddings=vector,
+                n_results=limit,
+                include=["documents", "metadatas", "distances"],
+            )
+            ids = result["ids"][0]
+            documents = (result.get("documents") or [[]])[0]
+            metadatas = (result.get("metadatas") or [[]])[0]
+            distances = (result.get("distances") or [[]])[0]
+            candidates += [
+                Candidate(_memory(ids[i], documents[i], metadatas[i]), 1.0 - float(distances[i]))
+                for i in range(len(ids))
+            ]
+        candidates.sort(key=lambda c: c.relevance, reverse=True)
+        return candidates[:limit]
 
     def recent(self, npc_id: str, player_id: str | None, limit: int) -> list[Memory]:
-        result = self._collection(npc_id).get(
-            where=_player_filter(player_id), include=["documents", "metadatas"]
-        )
-        memories = [
-            _memory(memory_id, document, metadata)
-            for memory_id, document, metadata in zip(
-                result["ids"],
-                result.get("documents") or [],
-                result.get("metadatas") or [],
-                strict=False,
-            )
-        ]
+        memories = []
+        for collection in self._scopes(npc_id, player_id):
+            result = collection.get(include=["documents", "metadatas"])
+            memories += [
+                _memory(memory_id, document, metadata)
+                for memory_id, document, metadata in zip(
+                    result["ids"],
+                    result.get("documents") or [],
+                    result.get("metadatas") or [],
+                    strict=False,
+                )
+            ]
         memories.sort(key=lambda m: m.created_at, reverse=True)
         return memories[:limit]
 
     def touch(self, npc_id: str, memory_ids: Sequence[str], when: datetime) -> None:
-        if memory_ids:
-            stamp = _timestamp(when)
-            self._collection(npc_id).update(
-                ids=list(memory_ids), metadatas=[{"last_accessed_at": stamp} for _ in memory_ids]
-            )
+        if not memory_ids:
+            return
+        stamp = _timestamp(when)
+        prefix = f"npc-{npc_id}-"
+        with self._lock:  # recalled memories came from collections opened by search()
+            opened = [c for name, c in self._collections.items() if name.startswith(prefix)]
+        for collection in opened:
+            present = collection.get(ids=list(memory_ids), include=[])["ids"]
+            if present:
+                collection.update(
+                    ids=present, metadatas=[{"last_accessed_at": stamp} for _ in present]
+                )
 
     def forget(
         self,
@@ -215,21 +257,29 @@ class ChromaMemoryStore:
         memory_ids: Sequence[str] | None = None,
         everything: bool = False,
     ) -> int:
-        collection = self._collection(npc_id)
-        if everything:
-            doomed = collection.get(include=[])["ids"]
-        elif memory_ids is not None:
-            doomed = collection.get(ids=list(memory_ids), include=[])["ids"]
+        if everything or memory_ids is not None:
+            scopes = self._all_of(npc_id)
         elif player_id is not None:
-            doomed = collection.get(where={"player_id": player_id}, include=[])["ids"]
+            scopes = [
+                c
+                for c in [self._collection(_scope_name(npc_id, player_id), npc_id, create=False)]
+                if c is not None
+            ]
         else:
             raise ValueError("forget needs player_id, memory_ids or everything=True")
-        if doomed:
-            collection.delete(ids=list(doomed))
-        return len(doomed)
+        count = 0
+        for collection in scopes:
+            if memory_ids is not None and not everything:
+                doomed = collection.get(ids=list(memory_ids), include=[])["ids"]
+            else:
+                doomed = collection.get(include=[])["ids"]
+            if doomed:
+                collection.delete(ids=list(doomed))
+                count += len(doomed)
+        return count
 
     def count(self, npc_id: str) -> int:
-        return int(self._collection(npc_id).count())
+        return sum(int(c.count()) for c in self._all_of(npc_id))
 
     def close(self) -> None:
         self._collections.clear()
