@@ -256,8 +256,12 @@ class DialogueEngine:
                 result.text += piece
                 emit(piece)
 
+        history = self.history(npc_id, player_id)
+        top_k = self.config.retrieval.top_k
+        # Memories already in the history window are not repeated: fetch enough others.
+        shown = sum(len(turn.memory_ids) for turn in history)
         try:
-            memories = self.recall(npc_id, player_id, text, self.config.retrieval.top_k)
+            memories = self.recall(npc_id, player_id, text, top_k + shown if top_k else 0)
         except Exception as exc:  # memory trouble must not silence the NPC
             log.warning("memory recall failed for %s: %s", npc_id, exc)
             memories = []
@@ -265,16 +269,16 @@ class DialogueEngine:
 
         params = self._params(loaded, max_tokens)
         params.cache_key = f"{npc_id}\x1f{player_id}"
+        built: BuiltPrompt | None = None
         try:
             mark = time.perf_counter()
-            built: BuiltPrompt = self.prompts.build(
+            built = self.prompts.build(
                 persona=loaded.persona,
                 world=loaded.world,
                 names=self.npc_names(),
-                history=self.history(npc_id, player_id)[-self.config.history_turns :]
-                if self.config.history_turns
-                else [],
+                history=history if self.config.history_turns else [],
                 memories=memories,
+                memory_limit=top_k,
                 context=context or {},
                 player_id=player_id,
                 player_text=text,
@@ -308,20 +312,32 @@ class DialogueEngine:
 
         result.emotion = infer_emotion(result.text, loaded.persona.mood)
         result.action = infer_action(result.text)
-        if result.reason in ("stop", "length"):
-            with self._history_lock:
-                turns = self._history.setdefault((npc_id, player_id), [])
-                turns.append(Turn(text, result.text))
-                del turns[: max(len(turns) - self.config.history_turns, 0)]
-
         to_write = [player_line_memory(npc_id, player_id, text, now)]
         if result.reason in ("stop", "length") and not result.used_fallback:
             to_write.append(reply_memory(npc_id, player_id, result.text, self.clock()))
+        if result.reason in ("stop", "length") and built is not None:
+            shown_ids = {m.memory.id for m in built.memories} | {m.id for m in to_write}
+            self._remember_turn(
+                npc_id,
+                player_id,
+                Turn(text, result.text, built.notes, frozenset(shown_ids), built.scene),
+            )
         result.memory_write = self.writer.submit(to_write)
         if result.memories:
             self.writer.touch(npc_id, [m.memory.id for m in result.memories], now)
         result.timings.total_ms = (time.perf_counter() - started) * 1000
         return result
+
+    def _remember_turn(self, npc_id: str, player_id: str, turn: Turn) -> None:
+        window = self.config.history_turns
+        with self._history_lock:
+            turns = self._history.setdefault((npc_id, player_id), [])
+            turns.append(turn)
+            if len(turns) > window:
+                # Drop half the window at once, not one turn per turn: every drop changes
+                # the prompt right after the persona and costs a re-read of the history,
+                # so this pays it once every window/2 turns.
+                del turns[: len(turns) - max(window // 2, 1)]
 
     def close(self) -> None:
         self.writer.close()

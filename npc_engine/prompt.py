@@ -1,9 +1,12 @@
 """Builds the character prompt, most stable part first so llama.cpp reuses the cached prefix.
 
 Order: world lore → persona → example dialogue → earlier turns of this conversation →
-this turn's block (recalled memories, game context) together with the player's line.
-Earlier turns are rendered by the same functions every turn, so they are byte-identical
-and only what follows them must be evaluated again.
+this turn's notes (recalled memories, game context) together with the player's line.
+An earlier turn is rendered exactly as it was shown, notes included (they are stored with
+the turn), so the whole history stays a cached prefix and each turn evaluates only the
+last reply's end, the new notes and the new line. Memories already in the window (shown
+in an earlier turn's notes, or made from an exchange still in it) are not repeated, and
+the game context is repeated only when it changed: the notes stay short turn after turn.
 
 When the prompt does not fit the token budget, parts are dropped in this order:
 1. the oldest earlier turns, 2. the lowest-scored memories, 3. example dialogue (last
@@ -31,6 +34,9 @@ MAX_PLAYER_CHARS = 2000
 class Turn:
     player_text: str
     reply_text: str
+    notes: str = ""  # the notes shown with this line, rendered as they were
+    memory_ids: frozenset[str] = frozenset()  # memories shown in notes or made from it
+    scene: str = ""  # the game-context line in force at this turn
 
 
 @dataclass
@@ -39,6 +45,8 @@ class BuiltPrompt:
     rendered: RenderedPrompt
     memories: list[ScoredMemory]
     dropped: dict[str, int] = field(default_factory=dict)
+    notes: str = ""  # this turn's notes, to store with the turn
+    scene: str = ""
 
     @property
     def token_count(self) -> int:
@@ -111,18 +119,22 @@ def describe_age(moment: datetime, now: datetime) -> str:
     return f"{round(seconds / 86400)} days ago"
 
 
-def render_turn_block(
-    memories: Sequence[ScoredMemory], context: Mapping[str, Any], now: datetime
-) -> str:
+def render_scene(context: Mapping[str, Any]) -> str:
+    if not context:
+        return ""
+    scene = "; ".join(f"{key}: {value}" for key, value in context.items())
+    return f"(What is happening in the game: {scene})"
+
+
+def render_turn_block(memories: Sequence[ScoredMemory], scene_line: str, now: datetime) -> str:
     lines: list[str] = []
     if memories:
         lines.append(
             "(Things you remember that may matter now; your notes, not the player's words:)"
         )
         lines += [f"- {describe_age(m.memory.created_at, now)}: {m.memory.text}" for m in memories]
-    if context:
-        scene = "; ".join(f"{key}: {value}" for key, value in context.items())
-        lines.append(f"(What is happening in the game: {scene})")
+    if scene_line:
+        lines.append(scene_line)
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -139,6 +151,7 @@ class PromptBuilder:
         names: Mapping[str, str],
         history: Sequence[Turn],
         memories: Sequence[ScoredMemory],
+        memory_limit: int | None = None,
         context: Mapping[str, Any],
         player_id: str,
         player_text: str,
@@ -156,16 +169,23 @@ class PromptBuilder:
 
         while True:
             messages: list[Message] = [{"role": "system", "content": system}]
-            exchanges = [("player", e.player, e.npc) for e in examples]
-            exchanges += [(player_id, t.player_text, t.reply_text) for t in turns]
-            for speaker, said, answer in exchanges:
-                messages.append({"role": "user", "content": player_message(speaker, said)})
+            exchanges = [("", "player", e.player, e.npc) for e in examples]
+            exchanges += [(t.notes, player_id, t.player_text, t.reply_text) for t in turns]
+            for notes, speaker, said, answer in exchanges:
+                messages.append({"role": "user", "content": notes + player_message(speaker, said)})
                 messages.append({"role": "assistant", "content": answer})
-            block = render_turn_block(kept_memories, scene, now)
+            in_window = set().union(*(t.memory_ids for t in turns))
+            fresh = [m for m in kept_memories if m.memory.id not in in_window][:memory_limit]
+            scene_line = render_scene(scene)
+            last_scene = turns[-1].scene if turns else ""
+            shown_scene = scene_line if scene_line != last_scene else ""
+            block = render_turn_block(fresh, shown_scene, now)
             messages.append({"role": "user", "content": block + player_message(player_id, text)})
             rendered = self.generator.render(messages)
             if rendered.token_count <= budget:
-                return BuiltPrompt(messages, rendered, kept_memories, dropped)
+                return BuiltPrompt(
+                    messages, rendered, fresh, dropped, notes=block, scene=scene_line
+                )
             if turns:
                 turns.pop(0)
                 dropped["turns"] += 1

@@ -47,8 +47,9 @@ def test_prompt_order_and_stable_history_prefix(sample_personas: Path) -> None:
     generator = ScriptedGenerator(["First answer.", "Second answer.", "Third."])
     engine = make_engine(sample_personas, generator)
     engine.say("mara", "Hello there", player_id="p1", context={"location": "quay"})
+    engine.add_event(["mara"], "Fog rolled over the quay at dawn.").result(5)
     engine.writer.flush()
-    engine.say("mara", "Tell me about the fog", player_id="p1")
+    engine.say("mara", "Tell me about the fog", player_id="p1", context={"location": "quay"})
     second = generator.prompts[-1]
     world_at = second.index("# The world: Saltwhistle")
     persona_at = second.index("# You are Mara Saltwhistle")
@@ -57,12 +58,35 @@ def test_prompt_order_and_stable_history_prefix(sample_personas: Path) -> None:
     block_at = second.index("(Things you remember")
     line_at = second.index('says: "Tell me about the fog"')
     assert world_at < persona_at < example_at < history_at < block_at < line_at
+    # Turn one's own exchange is in the history: its memories are not repeated as notes,
+    # and the unchanged game context is not repeated either.
+    assert second.count("Hello there") == 1 and second.count("location: quay") == 1
+    assert "Fog rolled over the quay at dawn." in second
     engine.writer.flush()
-    engine.say("mara", "And the lighthouse?", player_id="p1")
+    engine.say("mara", "And the lighthouse?", player_id="p1", context={"location": "quay"})
     third = generator.prompts[-1]
-    # Everything up to the end of turn two's reply is byte-identical in turn three.
-    shared_until = second.index("(Things you remember")
-    assert third[:shared_until].startswith(second[: second.rfind("<|im_start|>user")])
+    # The whole second prompt, its notes included, is a prefix of the third: only the
+    # reply's end, new notes and the new line are new.
+    assert third.startswith(second)
+    assert third.count("Fog rolled over the quay at dawn.") == 1
+
+
+def test_history_window_drops_half_at_once(sample_personas: Path) -> None:
+    generator = ScriptedGenerator(respond=lambda _prompt: "Aye.")
+    engine = make_engine(sample_personas, generator)
+    window = engine.config.history_turns
+    for index in range(window + 1):
+        engine.say("mara", f"Line {index}", player_id="p1")
+    assert len(engine.history("mara", "p1")) == window // 2
+    prompts_before = len(generator.prompts)
+    engine.say("mara", "One more", player_id="p1")
+    engine.say("mara", "And another", player_id="p1")
+    # The history start did not move between these two turns: the prefix stayed cached.
+    first_kept = engine.history("mara", "p1")[0].player_text
+    assert first_kept == f"Line {window + 1 - window // 2}"
+    assert generator.prompts[prompts_before + 1].startswith(
+        generator.prompts[prompts_before][: generator.prompts[prompts_before].index("One more")]
+    )
 
 
 def test_memories_never_leak_between_players(sample_personas: Path) -> None:
@@ -81,16 +105,16 @@ def test_memories_never_leak_between_players(sample_personas: Path) -> None:
 
 
 def test_budget_drops_oldest_turns_first(sample_personas: Path) -> None:
-    generator = ScriptedGenerator(respond=lambda _p: "word " * 30, n_ctx=1500)
+    generator = ScriptedGenerator(respond=lambda _p: "word " * 30, n_ctx=1200)
     engine = make_engine(sample_personas, generator)
     for turn in range(8):
         engine.say("mara", f"Question number {turn} " + "blah " * 40, player_id="p1")
     engine.writer.flush()
     result = engine.say("mara", "Final question", player_id="p1")
     assert result.dropped.get("turns", 0) > 0
-    assert result.prompt_tokens <= 1500
-    assert "Question number 7" in result.prompt
-    assert "Question number 0" not in result.prompt
+    assert result.prompt_tokens <= 1200
+    assert 'says: "Question number 7' in result.prompt
+    assert 'says: "Question number 0' not in result.prompt  # dropped as a turn
 
 
 def test_generation_failure_uses_fallback_line(sample_personas: Path) -> None:

@@ -68,6 +68,7 @@ class LlamaGenerator:
         self._lock = threading.Lock()
         self._formatter = self._make_formatter(chat_format)
         self.snapshots = snapshots
+        self._context_key: str | None = None  # whose conversation the context holds now
 
     def _make_formatter(self, chat_format: str | None) -> Callable[..., Any]:
         from llama_cpp import llama_chat_format
@@ -116,6 +117,11 @@ class LlamaGenerator:
     ) -> GenerationStats:
         tokens = prompt.tokens if prompt.tokens is not None else self.tokenize(prompt.text)
         with self._lock:
+            if self._context_key is not None and self._context_key != params.cache_key:
+                # Leaving a conversation: keep its state for when the player comes back.
+                # Saved here, not after each reply, so staying with one NPC costs nothing.
+                self._save_snapshot(self._context_key)
+            self._context_key = params.cache_key
             stats = GenerationStats(prompt_tokens=len(tokens))
             kept, stats.restored_snapshot = self._reuse_cache(np.asarray(tokens, dtype=np.int32))
             # llama-cpp-python re-evaluates at least the last prompt token.
@@ -128,9 +134,6 @@ class LlamaGenerator:
                 finish = self._stream(tokens, params, stop, on_text, cancel)
             except Exception as exc:
                 raise GenerationError(f"generation failed: {exc}") from exc
-            finally:
-                if params.cache_key is not None:
-                    self._save_snapshot(params.cache_key)
             stats.completion_tokens = max(self._llama.n_tokens - len(tokens), 0)
             stats.finish_reason = finish
             return stats
@@ -181,18 +184,21 @@ class LlamaGenerator:
             self.snapshots.put(key, tokens, bytes(data[:written]))
 
     def _prefill(self, tokens: Sequence[int], cached: int, cancel: threading.Event | None) -> bool:
-        """Evaluate all prompt tokens but the last, one batch at a time; False if cancelled.
+        """Evaluate the uncached prompt one batch at a time, leaving the last batch (at most
+        ``PROMPT_BATCH`` tokens) to ``create_completion``; False if cancelled meanwhile.
 
-        ``create_completion`` would evaluate the whole prompt before yielding anything, so a
-        cancel could wait for the full prompt; here it waits for one batch at most.
+        ``create_completion`` evaluates its whole prompt before yielding anything, so a
+        cancel could wait for the full prompt; this way it waits for one batch at most,
+        and a short suffix (the usual warm turn) still takes a single decode call.
         """
         llama = self._llama
         llama.n_tokens = cached
-        for start in range(cached, len(tokens) - 1, PROMPT_BATCH):
+        last_batch_start = max(cached, len(tokens) - PROMPT_BATCH)
+        for start in range(cached, last_batch_start, PROMPT_BATCH):
             if cancel is not None and cancel.is_set():
                 return False
-            llama.eval(tokens[start : min(start + PROMPT_BATCH, len(tokens) - 1)])
-        return True
+            llama.eval(tokens[start : min(start + PROMPT_BATCH, last_batch_start)])
+        return not (cancel is not None and cancel.is_set())
 
     def _stream(
         self,
