@@ -123,6 +123,13 @@ class EngineConfig(BaseSettings):
         12, ge=0, description="Earlier turns of the conversation kept in the prompt at most."
     )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    parallel: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Conversations decoded together in one batch (each gets n_ctx tokens of "
+        "KV cache); 1 serves one reply at a time with the least memory.",
+    )
     snapshot_ram_mb: int = Field(
         1024,
         ge=0,

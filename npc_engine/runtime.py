@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from npc_engine.config import EngineConfig
 from npc_engine.datadir import DataDirLock
@@ -68,6 +69,7 @@ class EngineRuntime:
 
 
 def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> EngineRuntime:
+    from npc_engine.generation.batched import BatchedLlamaGenerator
     from npc_engine.generation.llama import LlamaGenerator
     from npc_engine.generation.snapshots import SnapshotCache
     from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
@@ -91,15 +93,19 @@ def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> E
             if config.snapshot_ram_mb
             else None
         )
-        generator = LlamaGenerator(
-            model_path,
-            n_ctx=config.n_ctx,
-            n_threads=config.n_threads,
-            n_gpu_layers=config.n_gpu_layers,
-            chat_format=chat_format,
-            seed=config.seed,
-            snapshots=snapshots,
-        )
+        generator: LlamaGenerator
+        options: dict[str, Any] = {
+            "n_ctx": config.n_ctx,
+            "n_threads": config.n_threads,
+            "n_gpu_layers": config.n_gpu_layers,
+            "chat_format": chat_format,
+            "seed": config.seed,
+            "snapshots": snapshots,
+        }
+        if config.parallel > 1:
+            generator = BatchedLlamaGenerator(model_path, slots=config.parallel, **options)
+        else:
+            generator = LlamaGenerator(model_path, **options)
         engine = DialogueEngine(registry, generator, store, config)
     except BaseException:
         lock.release()

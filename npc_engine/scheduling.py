@@ -39,16 +39,24 @@ class _Job:
 
 
 class GenerationScheduler:
-    """Runs submitted jobs one at a time on a dedicated thread."""
+    """Runs submitted jobs on ``workers`` threads (one per conversation the generator can
+    decode at once); two jobs of the same conversation never run together."""
 
-    def __init__(self, *, max_passed_over: int = 6, name: str = "npc-generate") -> None:
+    def __init__(
+        self, *, workers: int = 1, max_passed_over: int = 6, name: str = "npc-generate"
+    ) -> None:
         self.max_passed_over = max_passed_over
         self._waiting: list[_Job] = []
+        self._running: set[tuple[str, str]] = set()
         self._condition = threading.Condition()
         self._closed = False
         self._last_npc: str | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{index}", daemon=True)
+            for index in range(max(workers, 1))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(
         self,
@@ -67,7 +75,7 @@ class GenerationScheduler:
             if self._closed:
                 raise RuntimeError("the generation scheduler is closed")
             self._waiting.append(job)
-            self._condition.notify()
+            self._condition.notify_all()
         return job.future
 
     @property
@@ -76,17 +84,22 @@ class GenerationScheduler:
             return len(self._waiting)
 
     def close(self, wait: bool = True) -> None:
-        """Run what is already queued, then stop the worker."""
+        """Run what is already queued, then stop the workers."""
         with self._condition:
             self._closed = True
-            self._condition.notify()
+            self._condition.notify_all()
         if wait:
-            self._thread.join()
+            for thread in self._threads:
+                thread.join()
 
-    def pick(self) -> _Job:
-        """Choose the next job (called with the lock held and at least one job waiting)."""
-        foreground = [j for j in self._waiting if not j.background]
-        eligible = foreground or self._waiting
+    def pick(self) -> _Job | None:
+        """Choose the next job, or None if every waiting job's conversation is running
+        (called with the lock held)."""
+        ready = [j for j in self._waiting if j.conversation not in self._running]
+        if not ready:
+            return None
+        foreground = [j for j in ready if not j.background]
+        eligible = foreground or ready
         oldest = eligible[0]
         chosen = oldest
         if oldest.npc_id != self._last_npc and oldest.passed_over < self.max_passed_over:
@@ -104,14 +117,21 @@ class GenerationScheduler:
     def _run(self) -> None:
         while True:
             with self._condition:
-                while not self._waiting and not self._closed:
-                    self._condition.wait()
-                if not self._waiting:
-                    return
-                job = self.pick()
-            if not job.future.set_running_or_notify_cancel():
-                continue
+                job = None
+                while job is None:
+                    if self._closed and not self._waiting:
+                        return
+                    job = self.pick()
+                    if job is None:
+                        self._condition.wait()
+                self._running.add(job.conversation)
             try:
-                job.future.set_result(job.work())
-            except BaseException as exc:  # handed to whoever awaits the future
-                job.future.set_exception(exc)
+                if job.future.set_running_or_notify_cancel():
+                    try:
+                        job.future.set_result(job.work())
+                    except BaseException as exc:  # handed to whoever awaits the future
+                        job.future.set_exception(exc)
+            finally:
+                with self._condition:
+                    self._running.discard(job.conversation)
+                    self._condition.notify_all()

@@ -126,7 +126,9 @@ class NpcServer:
         self.host, self.port, self.token = host, port, token
         self.limits = limits or ServerLimits()
         self.origins = origins
-        self._generation = GenerationScheduler()
+        # As many replies at once as the generator decodes together (its slots).
+        slots = getattr(engine.generator, "slots", None)
+        self._generation = GenerationScheduler(workers=len(slots) if slots else 1)
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="npc-memory")
         self._queued = 0
         self._replies: dict[tuple[int, str], _Reply] = {}

@@ -110,3 +110,28 @@ def test_background_waits_for_foreground_but_keeps_conversation_order() -> None:
     scheduler.close()
     # Foreground first; mara/aria's older background say precedes her foreground one.
     assert order == ["fg-rook", "bg-aria", "fg-aria", "chatter"]
+
+
+def test_workers_run_conversations_together_but_never_one_conversation_twice() -> None:
+    scheduler = GenerationScheduler(workers=3)
+    running: dict[tuple[str, str], int] = {}
+    overlap = {"most": 0, "same_conversation": 0}
+    lock = threading.Lock()
+
+    def job(conversation: tuple[str, str]) -> None:
+        with lock:
+            running[conversation] = running.get(conversation, 0) + 1
+            overlap["most"] = max(overlap["most"], sum(running.values()))
+            overlap["same_conversation"] = max(overlap["same_conversation"], running[conversation])
+        threading.Event().wait(0.05)
+        with lock:
+            running[conversation] -= 1
+
+    futures = [
+        scheduler.submit(npc, lambda c=(npc, player): job(c), player_id=player)
+        for npc, player in [("mara", "a"), ("mara", "a"), ("tom", "b"), ("wren", "c")] * 2
+    ]
+    for future in futures:
+        future.result(10)
+    scheduler.close()
+    assert overlap["most"] >= 2 and overlap["same_conversation"] == 1

@@ -43,6 +43,7 @@ class LlamaGenerator:
         chat_format: str | None = None,
         seed: int = -1,
         snapshots: SnapshotCache | None = None,
+        own_context_tokens: int | None = None,
     ) -> None:
         from llama_cpp import Llama
 
@@ -52,7 +53,7 @@ class LlamaGenerator:
         try:
             self._llama = Llama(
                 model_path=str(model_path),
-                n_ctx=n_ctx,
+                n_ctx=own_context_tokens or n_ctx,
                 n_batch=PROMPT_BATCH,
                 n_threads=threads,
                 n_threads_batch=threads,
@@ -62,6 +63,7 @@ class LlamaGenerator:
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelUnavailableError(f"{model_path}: cannot load this GGUF ({exc})") from exc
+        self.threads = threads
         self.name = model_path.name
         self.model_path = model_path
         self.n_ctx = n_ctx
