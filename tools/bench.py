@@ -343,7 +343,7 @@ def target_overhead(runtime: EngineRuntime, bare: Any, report: Report, turns: in
 
     async def one_turn(client: NpcClient, line: str) -> tuple[float, dict[str, Any]]:
         started = time.perf_counter()
-        stream = await client.say("ysolde", line, player_id="ws", max_tokens=24)
+        stream = await client.say("ysolde", line, player_id="ws", max_tokens=24, inspect=True)
         end = await stream.result()
         return time.perf_counter() - started, end
 
@@ -356,7 +356,7 @@ def target_overhead(runtime: EngineRuntime, bare: Any, report: Report, turns: in
                 await asyncio.sleep(0.3)  # the previous turn's memory write settles
                 seconds, end = await one_turn(client, PLAYER_LINES[index])
                 usage = end["usage"]
-                last = engine.generator._llama.input_ids[: usage["prompt_tokens"]].tolist()
+                last = engine.generator.tokenize(end["inspect"]["prompt"])
                 count = max(usage["completion_tokens"], 1)
                 _first, bare_total = bare_generate(bare, last, usage["cached_tokens"], count)
                 engine_times.append(seconds)
@@ -590,19 +590,161 @@ def target_expression(runtime: EngineRuntime, bare: Any, report: Report, tokens:
     ]
 
 
-def target_batch(report: Report) -> None:
+def streams_throughput(generator: Any, prompts: list[Any], tokens: int) -> float:
+    """Aggregate tokens/s of ``len(prompts)`` concurrent generations (prompts pre-cached)."""
+    from npc_engine.generation.base import GenerationParams
+
+    def one(index: int, counts: list[int]) -> None:
+        params = GenerationParams(
+            max_tokens=tokens, temperature=0.8, stop=[], seed=index, cache_key=f"bench-{index}"
+        )
+        counts[index] = generator.generate(
+            prompts[index], params, lambda _text: None
+        ).completion_tokens
+
+    counts = [0] * len(prompts)
+    for index in range(len(prompts)):  # warm: each conversation's prompt is in the cache
+        warm = [0] * len(prompts)
+        one(index, warm)
+    threads = [threading.Thread(target=one, args=(i, counts)) for i in range(len(prompts))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def llama_server_throughput(config: EngineConfig, texts: list[str], tokens: int) -> float | None:
+    """The same streams through llama-cpp-python's own OpenAI-compatible server."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        return None
+    path, _format = resolve_chat_model(config, lambda _message: None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    threads_flag = str(config.n_threads or os.cpu_count() or 1)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(config.n_ctx),
+            "--n_threads",
+            threads_flag,
+            "--n_threads_batch",
+            threads_flag,
+            "--verbose",
+            "False",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def complete(text: str, seed: int) -> int:
+        body = json.dumps(
+            {"prompt": text, "max_tokens": tokens, "temperature": 0.8, "seed": seed, "stop": []}
+        ).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=600) as answer:
+            return int(json.loads(answer.read())["usage"]["completion_tokens"])
+
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        complete(texts[0], 0)  # warm
+        counts = [0] * len(texts)
+
+        def one(index: int) -> None:
+            counts[index] = complete(texts[index], index)
+
+        workers = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return sum(counts) / (time.perf_counter() - started)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def target_batch(runtime: EngineRuntime, config: EngineConfig, report: Report, tokens: int) -> None:
+    generator = runtime.engine.generator
+    prompts = [
+        generator.render(
+            [{"role": "user", "content": f"{line} Tell me a long story about it, traveller {i}."}]
+        )
+        for i, line in enumerate(PLAYER_LINES[:8])
+    ]
+    single = streams_throughput(generator, prompts[:1], tokens)
+    many = streams_throughput(generator, prompts, tokens)
+    slots = len(getattr(generator, "slots", [None]))
+    report.details["batch"] = {"single_tps": single, "eight_tps": many, "slots": slots}
     report.rows.append(
         Row(
             "3 many NPCs at once",
-            "8 concurrent conversations, aggregate tokens/s vs one stream",
-            "engine",
-            float("nan"),
-            "single stream",
-            float("nan"),
-            float("nan"),
+            f"8 concurrent conversations ({slots} batch slots), aggregate tokens/s vs one "
+            "stream, same threads",
+            "8 streams tokens/s",
+            many,
+            "1 stream tokens/s",
+            single,
+            many / single,
             "≥ 2.5×",
-            False,
-            note="not implemented: one sequence per context; see docs/performance.md",
+            many / single >= 2.5,
+        )
+    )
+    server = llama_server_throughput(config, [p.text for p in prompts], tokens)
+    if server is None:
+        report.rows.append(
+            Row(
+                "3 many NPCs at once",
+                "vs llama_cpp.server: not measured (pip install 'llama-cpp-python[server]')",
+                "8 streams tokens/s",
+                many,
+                "llama_cpp.server",
+                float("nan"),
+                float("nan"),
+                "≥ 2.5×",
+                None,
+            )
+        )
+        return
+    report.rows.append(
+        Row(
+            "3 many NPCs at once",
+            "the same 8 streams: engine vs llama-cpp-python's OpenAI-compatible server",
+            "engine tokens/s",
+            many,
+            "llama_cpp.server tokens/s",
+            server,
+            many / server,
+            "≥ 2.5×",
+            many / server >= 2.5,
         )
     )
 
@@ -689,13 +831,13 @@ def main(argv: list[str] | None = None) -> int:
             target_decode(runtime, bare, report, 16 if quick else 64)
         if wanted("expression"):
             target_expression(runtime, bare, report, 8 if quick else 40)
+        if wanted("batch"):
+            target_batch(runtime, config, report, 8 if quick else 64)
     finally:
         runtime.close()
         bare.close()
     if wanted("switch"):
         target_switch(root, npcs[:3] if quick else npcs, warm_single, report, 2 if quick else 3)
-    if wanted("batch"):
-        target_batch(report)
     if wanted("memory"):
         if quick:
             target_memory(root, report, npcs=3, per_npc=200, others=20)
