@@ -288,7 +288,11 @@ class DialogueEngine:
             result.timings.prompt_ms = (time.perf_counter() - mark) * 1000
             result.prompt = built.rendered.text
             result.prompt_tokens = built.token_count
-            result.memories = built.memories
+            # What the NPC recalled for this line: the best matches (some already in the
+            # conversation window, so not repeated as notes) and every note shown.
+            shown = {m.memory.id for m in built.memories}
+            best = [m for m in memories[:top_k] if m.memory.id not in shown]
+            result.memories = sorted([*built.memories, *best], key=lambda m: -m.score)
             result.dropped = {k: v for k, v in built.dropped.items() if v}
 
             cleaner = StreamCleaner(loaded.persona.name)

@@ -113,8 +113,12 @@ def bench_personas(folder: Path) -> list[str]:
     return ids
 
 
+BENCH_OVERRIDES: dict[str, Any] = {}  # --model / --n-gpu-layers / --threads
+
+
 def bench_config(root: Path, name: str, **overrides: Any) -> EngineConfig:
     return load_config(
+        **BENCH_OVERRIDES,
         personas_dir=root / "personas",
         data_dir=root / f"data-{name}",
         seed=1234,
@@ -136,6 +140,7 @@ def bare_llama(config: EngineConfig) -> Any:
         n_batch=256,
         n_threads=threads,
         n_threads_batch=threads,
+        n_gpu_layers=config.n_gpu_layers,
         verbose=False,
         seed=1234,
     )
@@ -770,6 +775,8 @@ def machine_info(config: EngineConfig) -> dict[str, Any]:
         "threads": config.n_threads or os.cpu_count(),
         "model": f"{path.name} ({path.stat().st_size / 1e6:.0f} MB)",
         "llama_cpp_python": llama_cpp.__version__,
+        "gpu_layers": config.n_gpu_layers,
+        "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
         "build": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         "python": platform.python_version(),
     }
@@ -812,7 +819,17 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         choices=["warm", "switch", "batch", "overhead", "memory", "decode", "expression"],
     )
+    parser.add_argument("--model", help="known model id or GGUF path (default: the default)")
+    parser.add_argument("--n-gpu-layers", type=int, help="offload layers (-1 = all; GPU build)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     args = parser.parse_args(argv)
+    for key, value in (
+        ("model", args.model),
+        ("n_gpu_layers", args.n_gpu_layers),
+        ("n_threads", args.threads),
+    ):
+        if value is not None:
+            BENCH_OVERRIDES[key] = value
     wanted: Callable[[str], bool] = lambda name: not args.only or name in args.only  # noqa: E731
     quick = args.quick
     root = Path(tempfile.mkdtemp(prefix="npc-bench-"))
