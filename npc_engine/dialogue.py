@@ -259,9 +259,9 @@ class DialogueEngine:
         history = self.history(npc_id, player_id)
         top_k = self.config.retrieval.top_k
         # Memories already in the history window are not repeated: fetch enough others.
-        shown = sum(len(turn.memory_ids) for turn in history)
+        in_window = sum(len(turn.memory_ids) for turn in history)
         try:
-            memories = self.recall(npc_id, player_id, text, top_k + shown if top_k else 0)
+            memories = self.recall(npc_id, player_id, text, top_k + in_window if top_k else 0)
         except Exception as exc:  # memory trouble must not silence the NPC
             log.warning("memory recall failed for %s: %s", npc_id, exc)
             memories = []
@@ -290,8 +290,8 @@ class DialogueEngine:
             result.prompt_tokens = built.token_count
             # What the NPC recalled for this line: the best matches (some already in the
             # conversation window, so not repeated as notes) and every note shown.
-            shown = {m.memory.id for m in built.memories}
-            best = [m for m in memories[:top_k] if m.memory.id not in shown]
+            noted = {m.memory.id for m in built.memories}
+            best = [m for m in memories[:top_k] if m.memory.id not in noted]
             result.memories = sorted([*built.memories, *best], key=lambda m: -m.score)
             result.dropped = {k: v for k, v in built.dropped.items() if v}
 

@@ -467,18 +467,7 @@ class NpcServer:
     def _inspection(result: TurnResult) -> TurnInspection:
         return TurnInspection(
             prompt=result.prompt,
-            memories=[
-                RecalledMemory(
-                    id=s.memory.id,
-                    text=s.memory.text,
-                    kind=s.memory.kind,
-                    score=s.score,
-                    relevance=s.relevance,
-                    recency=s.recency,
-                    importance=s.importance,
-                )
-                for s in result.memories
-            ],
+            memories=[RecalledMemory(**scored.summary()) for scored in result.memories],
             dropped=result.dropped,
             retrieval_ms=result.timings.retrieval_ms,
             prompt_ms=result.timings.prompt_ms,

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 MemoryKind = Literal["dialogue", "event", "fact", "summary"]
 MEMORY_KINDS: tuple[MemoryKind, ...] = ("dialogue", "event", "fact", "summary")
@@ -55,6 +55,18 @@ class ScoredMemory:
     relevance: float
     recency: float
     importance: float
+
+    def summary(self) -> dict[str, Any]:
+        """The fields tools and the protocol show for a recalled memory."""
+        return {
+            "id": self.memory.id,
+            "text": self.memory.text,
+            "kind": self.memory.kind,
+            "score": self.score,
+            "relevance": self.relevance,
+            "recency": self.recency,
+            "importance": self.importance,
+        }
 
 
 class MemoryStore(Protocol):

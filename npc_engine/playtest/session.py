@@ -123,18 +123,7 @@ def turn_view(result: TurnResult, player_text: str) -> TurnView:
         text=result.text,
         reason=result.reason,
         prompt=result.prompt,
-        memories=[
-            MemoryView(
-                id=s.memory.id,
-                text=s.memory.text,
-                kind=s.memory.kind,
-                score=s.score,
-                relevance=s.relevance,
-                recency=s.recency,
-                importance=s.importance,
-            )
-            for s in result.memories
-        ],
+        memories=[MemoryView(**scored.summary()) for scored in result.memories],
         prompt_tokens=result.prompt_tokens,
         cached_tokens=result.cached_tokens,
         completion_tokens=result.completion_tokens,
@@ -242,18 +231,7 @@ class LocalSession:
         await self._run(self.engine.writer.flush, 60.0)
         if query:
             scored = await self._run(self.engine.recall, npc_id, player_id, query, limit)
-            return [
-                MemoryView(
-                    s.memory.text,
-                    s.memory.kind,
-                    s.score,
-                    s.relevance,
-                    s.recency,
-                    s.importance,
-                    s.memory.id,
-                )
-                for s in scored
-            ]
+            return [MemoryView(**s.summary()) for s in scored]
         recent = await self._run(self.engine.recent_memories, npc_id, player_id, limit)
         return [MemoryView(m.text, m.kind, importance=m.importance, id=m.id) for m in recent]
 
@@ -345,18 +323,7 @@ class RemoteSession:
             text=end["text"],
             reason=end["reason"],
             prompt=inspect.get("prompt", ""),
-            memories=[
-                MemoryView(
-                    m["text"],
-                    m["kind"],
-                    m["score"],
-                    m["relevance"],
-                    m["recency"],
-                    m["importance"],
-                    m["id"],
-                )
-                for m in inspect.get("memories", [])
-            ],
+            memories=[MemoryView(**m) for m in inspect.get("memories", [])],
             prompt_tokens=usage.get("prompt_tokens", 0),
             cached_tokens=usage.get("cached_tokens", 0),
             completion_tokens=usage.get("completion_tokens", 0),
