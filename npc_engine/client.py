@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 
 def _request(kind: str, **fields: Any) -> dict[str, Any]:
@@ -58,12 +59,19 @@ class ReplyStream:
             self._end.set_exception(ProtocolError(message))
             self._deltas.put_nowait(message)
 
+    def _fail(self, error: Exception) -> None:
+        if not self._end.done():
+            self._end.set_exception(error)
+            self._end.exception()  # delivered by iteration or result(); no "never retrieved"
+            self._deltas.put_nowait({"type": "error"})
+
     async def __aiter__(self) -> AsyncIterator[str]:
         while True:
             message = await self._deltas.get()
             if message.get("type") != "reply.delta":
                 if message.get("type") == "error":
-                    raise ProtocolError(message)
+                    failure = self._end.exception() if self._end.done() else None
+                    raise failure or ProtocolError(message)
                 return
             yield str(message["text"])
 
@@ -78,6 +86,7 @@ class NpcClient:
         self._ids = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._streams: dict[str, ReplyStream] = {}
+        self._gone: ConnectionError | None = None  # set when the connection closes
         self._reader = asyncio.create_task(self._read())
         self.welcome: dict[str, Any] = {}
 
@@ -95,7 +104,11 @@ class NpcClient:
         hello: dict[str, Any] = {"type": "hello", "protocol": "1", "client": client_name}
         if token is not None:
             hello["token"] = token
-        client.welcome = await client.request(hello)
+        try:
+            client.welcome = await client.request(hello)
+        except BaseException:
+            await client.close()
+            raise
         return client
 
     async def __aenter__(self) -> NpcClient:
@@ -117,10 +130,17 @@ class NpcClient:
         return str(next(self._ids))
 
     async def send_raw(self, message: dict[str, Any]) -> None:
-        if self._encoding == "msgpack":
-            await self._ws.send(msgpack.packb(message, use_bin_type=True))
-        else:
-            await self._ws.send(json.dumps(message))
+        if self._gone is not None:
+            raise self._gone
+        frame = (
+            msgpack.packb(message, use_bin_type=True)
+            if self._encoding == "msgpack"
+            else json.dumps(message)
+        )
+        try:
+            await self._ws.send(frame)
+        except ConnectionClosed as exc:
+            raise ConnectionError(f"connection closed: {exc}") from exc
 
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its single answer (raises ``ProtocolError``)."""
@@ -204,6 +224,20 @@ class NpcClient:
         return await self.request({"type": "ping"})
 
     async def _read(self) -> None:
+        try:
+            await self._dispatch_frames()
+        except ConnectionClosed as exc:
+            # Nobody may wait forever on a connection that is gone.
+            gone = self._gone = ConnectionError(f"connection closed: {exc}")
+            for waiter in self._waiting.values():
+                if not waiter.done():
+                    waiter.set_exception(gone)
+            for stream in self._streams.values():
+                stream._fail(gone)
+            self._waiting.clear()
+            self._streams.clear()
+
+    async def _dispatch_frames(self) -> None:
         async for frame in self._ws:
             message = msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
             request_id = message.get("re")

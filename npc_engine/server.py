@@ -158,7 +158,10 @@ class NpcServer:
         """Stop accepting, end every reply with ``reply.end`` (code shutdown), flush memory."""
         self.stopping = True
         if self._server is not None:
-            self._server.close(close_connections=False)
+            # Stop listening, keep the open connections until their replies have ended.
+            # (Not Server.close(close_connections=False): close() is idempotent, so the
+            # later close() that must close the connections would do nothing.)
+            self._server.server.close()
         for reply in list(self._replies.values()):
             reply.cancel.set()
         tasks = [r.task for r in self._replies.values() if r.task is not None]

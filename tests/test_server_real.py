@@ -262,3 +262,20 @@ async def test_deadline_sends_the_fallback_at_once_and_drops_the_generation(
         assert (await busy.result())["reason"] in ("stop", "length")
         after = await client.say("wren", "Hello?", max_tokens=8)
         assert (await after.result())["reason"] in ("stop", "length")
+
+
+async def test_client_calls_fail_instead_of_hanging_when_the_server_goes(
+    real_runtime: EngineRuntime,
+) -> None:
+    doomed = NpcServer(real_runtime.engine, port=0)
+    await doomed.start()
+    client = await NpcClient.connect(doomed.url)
+    stream = await client.say("mara", "Tell me a long story about the sea.", max_tokens=200)
+    async for _delta in stream:
+        break
+    await doomed.stop()  # ends the reply (shutdown), then closes every connection
+    end = await asyncio.wait_for(stream.result(), 30)
+    assert end["reason"] == "error" and end["error"]["code"] == "shutdown"
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(client.ping(), 30)
+    await client.close()
