@@ -1,12 +1,12 @@
-"""The generation queue: one worker thread, jobs picked with NPC affinity.
+"""The generation queue: a worker per conversation the generator can decode at once (one
+for a single ``Llama``, one per batch slot), jobs picked with NPC affinity.
 
-One ``Llama`` serves one generation at a time, so every reply goes through one worker.
-Taking jobs strictly first-in-first-out would make the model switch NPC on nearly every
-turn when many players talk to many NPCs, and every switch re-evaluates the new NPC's
-world + persona prefix (about a second per thousand tokens on a small CPU). So the worker
-prefers the oldest waiting job for the NPC it served last, which keeps that prefix in
-the KV cache, and bounds how often the oldest waiting job may be passed over so that no
-conversation starves.
+Taking jobs strictly first-in-first-out would make a single context switch NPC on nearly
+every turn when many players talk to many NPCs, and every switch re-evaluates the new
+NPC's world + persona prefix (about a second per thousand tokens on a small CPU). So a
+worker prefers the oldest waiting job for the NPC served last, which keeps that prefix in
+the KV cache, and how often the oldest waiting job may be passed over is bounded so that
+no conversation starves.
 
 Background jobs (chatter nobody is facing) run only while no foreground job waits.
 

@@ -1,9 +1,9 @@
 """The WebSocket server: a thin asyncio layer around ``ProtocolSession`` and the engine.
 
-Generation runs on one worker thread (one ``Llama`` serves one generation at a time) fed
-by ``GenerationScheduler``, which keeps requests for the same (npc_id, player_id) in order.
-Memory and Chroma calls run on a separate small pool. Nothing blocking runs on the event
-loop.
+Turns run on ``GenerationScheduler`` workers, one per conversation the generator decodes at
+once (its batch slots), which keeps requests for the same (npc_id, player_id) in order and
+never runs one conversation twice. Memory and Chroma calls run on a separate small pool.
+Nothing blocking runs on the event loop.
 """
 
 from __future__ import annotations
