@@ -78,11 +78,6 @@ class GenerationScheduler:
             self._condition.notify_all()
         return job.future
 
-    @property
-    def waiting(self) -> int:
-        with self._condition:
-            return len(self._waiting)
-
     def close(self, wait: bool = True) -> None:
         """Run what is already queued, then stop the workers."""
         with self._condition:

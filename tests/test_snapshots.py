@@ -29,36 +29,36 @@ def test_common_prefix_length() -> None:
 
 def test_best_snapshot_shares_the_longest_prefix() -> None:
     cache = SnapshotCache(1000)
-    cache.put("mara", tokens(1, 2, 3, 4), b"a" * 10)
-    cache.put("tom", tokens(1, 2, 9, 9), b"b" * 10)
+    cache.put("mara", tokens(1, 2, 3, 4), bytearray(b"a" * 10))
+    cache.put("tom", tokens(1, 2, 9, 9), bytearray(b"b" * 10))
     found = cache.best(tokens(1, 2, 3, 7))
     assert found is not None and found[0].key == "mara" and found[1] == 3
     assert cache.best(tokens(8, 8)) is None
-    cache.put("mara", tokens(1, 2, 3, 4, 5), b"c" * 10)  # replaces, does not add
+    cache.put("mara", tokens(1, 2, 3, 4, 5), bytearray(b"c" * 10))  # replaces, does not add
     assert len(cache) == 2
 
 
 def test_lru_keeps_the_ram_budget_and_drops_the_oldest() -> None:
     cache = SnapshotCache(25)
     for index, key in enumerate(["a", "b", "c"]):
-        cache.put(key, tokens(index), bytes(10))
+        cache.put(key, tokens(index), bytearray(10))
     assert len(cache) == 2 and cache.ram_bytes == 20
     assert cache.best(tokens(0)) is None  # "a" was least recently used
     found = cache.best(tokens(1))
     assert found is not None
     cache.load(found[0])  # "b" is now the most recently used
-    cache.put("d", tokens(3), bytes(10))
+    cache.put("d", tokens(3), bytearray(10))
     assert cache.best(tokens(2)) is None and cache.best(tokens(1)) is not None
 
 
 def test_evicted_snapshots_spill_to_disk_and_come_back(tmp_path: Path) -> None:
     cache = SnapshotCache(15, spill_dir=tmp_path, disk_budget_bytes=15)
-    cache.put("a", tokens(1, 1), b"A" * 10)
-    cache.put("b", tokens(2, 2), b"B" * 10)
+    cache.put("a", tokens(1, 1), bytearray(b"A" * 10))
+    cache.put("b", tokens(2, 2), bytearray(b"B" * 10))
     assert cache.spills == 1 and len(list(tmp_path.glob("*.kv"))) == 1
     found = cache.best(tokens(1, 1))
     assert found is not None and cache.load(found[0]) == b"A" * 10
-    cache.put("c", tokens(3, 3), b"C" * 10)  # "b" spills; the disk budget drops "a"
+    cache.put("c", tokens(3, 3), bytearray(b"C" * 10))  # "b" spills; the disk budget drops "a"
     assert cache.best(tokens(1, 1)) is None and len(list(tmp_path.glob("*.kv"))) == 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,9 +21,10 @@ SOURCES = [REPO / "examples/unity/NpcEngineClient.cs", REPO / "examples/unity/Ha
 def mono_tools() -> tuple[str, str]:
     mcs, mono = shutil.which("mcs"), shutil.which("mono")
     if mcs is None or mono is None:
-        if os.environ.get("CI"):
-            pytest.fail("mcs/mono missing: .ci/run installs mono-mcs and mono-runtime")
-        pytest.skip("Mono is not installed (apt-get install mono-mcs mono-runtime)")
+        pytest.fail(
+            "Mono is missing: `tools/dev.sh test` installs it (apt-get install mono-mcs "
+            "mono-runtime)"
+        )
     return mcs, mono
 
 

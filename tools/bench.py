@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -761,13 +762,11 @@ def machine_info(config: EngineConfig) -> dict[str, Any]:
     import llama_cpp
 
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError):  # no /proc: keep what platform says
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     path, _format = resolve_chat_model(config, lambda _message: None)
     return {
         "cpu": cpu,

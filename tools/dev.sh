@@ -26,6 +26,16 @@ fi
 
 if [ "${1:-}" = "test" ]; then
     shift
+    # The Unity C# client is compiled with Mono and run against a live server by a test.
+    if ! command -v mcs >/dev/null || ! command -v mono >/dev/null; then
+        echo "Installing Mono (mono-mcs, mono-runtime) from Debian for the C# client test …" >&2
+        SUDO=""
+        [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        export DEBIAN_FRONTEND=noninteractive
+        $SUDO apt-get install -y -q mono-mcs mono-runtime >&2 \
+            || { $SUDO apt-get update -q >&2 && $SUDO apt-get install -y -q mono-mcs mono-runtime >&2; } \
+            || echo "Could not install Mono; the C# client test will fail (apt-get install mono-mcs mono-runtime)." >&2
+    fi
     echo "== ruff ==" >&2
     "$VENV/bin/ruff" check npc_engine tests tools
     "$VENV/bin/ruff" format --check npc_engine tests tools

@@ -37,7 +37,13 @@ from npc_engine.generation.base import (
     GenerationStats,
     RenderedPrompt,
 )
-from npc_engine.generation.llama import PROMPT_BATCH, RESTORE_MIN_GAIN, LlamaGenerator
+from npc_engine.generation.llama import (
+    PROMPT_BATCH,
+    RESTORE_MIN_GAIN,
+    LlamaGenerator,
+    read_sequence_state,
+    write_sequence_state,
+)
 from npc_engine.generation.snapshots import SnapshotCache, common_prefix_length
 
 log = logging.getLogger(__name__)
@@ -252,9 +258,8 @@ class BatchedLlamaGenerator(LlamaGenerator):
         if self.snapshots is not None:
             found = self.snapshots.best(wanted)
             if found is not None and found[1] >= kept + RESTORE_MIN_GAIN:
-                data = bytearray(self.snapshots.load(found[0]))
-                buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
-                if low.llama_state_seq_set_data(self._ctx, buffer, len(data), slot.seq_id):
+                data = self.snapshots.load(found[0])
+                if write_sequence_state(low, self._ctx, slot.seq_id, data):
                     slot.tokens = found[0].tokens.tolist()
                     kept = found[1]
                     request.stats.restored_snapshot = True
@@ -390,13 +395,6 @@ class BatchedLlamaGenerator(LlamaGenerator):
     def _save_slot(self, slot: _Slot) -> None:
         if self.snapshots is None or slot.key is None:
             return
-        low = self._low
-        size = low.llama_state_seq_get_size(self._ctx, slot.seq_id)
-        data = bytearray(size)
-        written = low.llama_state_seq_get_data(
-            self._ctx, (ctypes.c_uint8 * size).from_buffer(data), size, slot.seq_id
-        )
-        if written:
-            self.snapshots.put(
-                slot.key, np.asarray(slot.tokens, dtype=np.int32), bytes(data[:written])
-            )
+        data = read_sequence_state(self._low, self._ctx, slot.seq_id)
+        if data is not None:
+            self.snapshots.put(slot.key, np.asarray(slot.tokens, dtype=np.int32), data)

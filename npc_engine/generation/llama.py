@@ -29,6 +29,25 @@ RESTORE_MIN_GAIN = 64
 PROMPT_BATCH = 256  # prompt tokens per llama_decode: a cancel is noticed within one batch
 
 
+def read_sequence_state(low: Any, ctx: Any, seq_id: int) -> bytearray | None:
+    """The KV cells of one sequence (``llama_state_seq_get_data``), or None if empty."""
+    size = low.llama_state_seq_get_size(ctx, seq_id)
+    data = bytearray(size)
+    written = low.llama_state_seq_get_data(
+        ctx, (ctypes.c_uint8 * size).from_buffer(data), size, seq_id
+    )
+    if not written:
+        return None
+    del data[written:]
+    return data
+
+
+def write_sequence_state(low: Any, ctx: Any, seq_id: int, data: bytearray) -> bool:
+    """Replace one sequence's KV cells with a saved state (no copy of ``data``)."""
+    buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
+    return bool(low.llama_state_seq_set_data(ctx, buffer, len(data), seq_id))
+
+
 class LlamaGenerator:
     """One ``Llama`` object; it serves one generation at a time (guarded by a lock, since
     llama.cpp contexts are not thread-safe)."""
@@ -158,9 +177,8 @@ class LlamaGenerator:
         from llama_cpp import llama_cpp as low_level
 
         llama = self._llama
-        data = self.snapshots.load(snapshot) if self.snapshots is not None else b""
-        buffer = (ctypes.c_uint8 * len(data)).from_buffer(bytearray(data))
-        if low_level.llama_state_seq_set_data(llama._ctx.ctx, buffer, len(data), 0) == 0:
+        assert self.snapshots is not None
+        if not write_sequence_state(low_level, llama._ctx.ctx, 0, self.snapshots.load(snapshot)):
             log.warning("could not restore a KV snapshot; evaluating the prompt instead")
             llama.reset()
             return False
@@ -175,15 +193,10 @@ class LlamaGenerator:
 
         if self.snapshots is None or self._llama.n_tokens == 0:
             return
-        ctx = self._llama._ctx.ctx
-        size = low_level.llama_state_seq_get_size(ctx, 0)
-        data = bytearray(size)
-        written = low_level.llama_state_seq_get_data(
-            ctx, (ctypes.c_uint8 * size).from_buffer(data), size, 0
-        )
-        if written:
+        data = read_sequence_state(low_level, self._llama._ctx.ctx, 0)
+        if data is not None:
             tokens = self._llama.input_ids[: self._llama.n_tokens].astype(np.int32)
-            self.snapshots.put(key, tokens, bytes(data[:written]))
+            self.snapshots.put(key, tokens, data)
 
     def _prefill(self, tokens: Sequence[int], cached: int, cancel: threading.Event | None) -> bool:
         """Evaluate the uncached prompt one batch at a time, leaving the last batch (at most

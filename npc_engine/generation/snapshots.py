@@ -39,7 +39,7 @@ class Snapshot:
     key: str
     tokens: TokenArray
     size: int
-    data: bytes | None = None  # in RAM
+    data: bytearray | None = None  # in RAM (writable: llama.cpp reads it without a copy)
     path: Path | None = None  # spilled to disk
 
 
@@ -89,17 +89,17 @@ class SnapshotCache:
                 self.hits += 1
             return found
 
-    def load(self, snapshot: Snapshot) -> bytes:
-        """The snapshot's bytes (read back from disk if spilled); marks it recently used."""
+    def load(self, snapshot: Snapshot) -> bytearray:
+        """The snapshot's bytes; one in RAM becomes the most recently used, one spilled is
+        read back from disk and stays where it is in the disk LRU."""
         with self._lock:
             if snapshot.data is not None:
                 self._entries.move_to_end(snapshot.key)
                 return snapshot.data
             assert snapshot.path is not None
-            data = snapshot.path.read_bytes()
-            return data
+            return bytearray(snapshot.path.read_bytes())
 
-    def put(self, key: str, tokens: TokenArray, data: bytes) -> None:
+    def put(self, key: str, tokens: TokenArray, data: bytearray) -> None:
         """Store (or replace) the snapshot of conversation ``key``."""
         if len(data) > self.ram_budget:
             return
@@ -138,10 +138,3 @@ class SnapshotCache:
         path.write_bytes(snapshot.data)
         snapshot.path, snapshot.data = path, None
         self.spills += 1
-
-    def clear(self) -> None:
-        with self._lock:
-            for snapshot in self._entries.values():
-                if snapshot.path is not None:
-                    snapshot.path.unlink(missing_ok=True)
-            self._entries.clear()
