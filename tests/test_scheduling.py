@@ -9,17 +9,23 @@ import pytest
 from npc_engine.scheduling import GenerationScheduler
 
 
-def run_all(scheduler: GenerationScheduler, jobs: list[tuple[str, str]]) -> list[str]:
-    """Queue ``jobs`` (npc, label) while the worker is held, then return the run order."""
-    order: list[str] = []
+def hold_worker(scheduler: GenerationScheduler, npc_id: str) -> threading.Event:
+    """Occupy the worker with a job for ``npc_id``; setting the returned gate frees it."""
     started, gate = threading.Event(), threading.Event()
 
     def hold() -> None:
         started.set()
         gate.wait()
 
-    scheduler.submit("blocker", hold)
+    scheduler.submit(npc_id, hold)
     assert started.wait(10)
+    return gate
+
+
+def run_all(scheduler: GenerationScheduler, jobs: list[tuple[str, str]]) -> list[str]:
+    """Queue ``jobs`` (npc, label) while the worker is held, then return the run order."""
+    order: list[str] = []
+    gate = hold_worker(scheduler, "blocker")
     futures = [
         scheduler.submit(npc, lambda label=label: order.append(label)) for npc, label in jobs
     ]
@@ -86,14 +92,7 @@ def test_close_runs_what_is_queued() -> None:
 def test_background_waits_for_foreground_but_keeps_conversation_order() -> None:
     scheduler = GenerationScheduler()
     order: list[str] = []
-    started, gate = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        started.set()
-        gate.wait()
-
-    scheduler.submit("x", hold)
-    assert started.wait(10)
+    gate = hold_worker(scheduler, "x")
     jobs = [
         ("wren", "chatter", "npc", True),
         ("mara", "bg-aria", "aria", True),
