@@ -729,7 +729,7 @@ def target_batch(runtime: EngineRuntime, config: EngineConfig, report: Report, t
         report.rows.append(
             Row(
                 "3 many NPCs at once",
-                "vs llama_cpp.server: not measured (pip install 'llama-cpp-python[server]')",
+                "vs llama_cpp.server: not measured (pip install -e '.[bench]')",
                 "8 streams tokens/s",
                 many,
                 "llama_cpp.server",
