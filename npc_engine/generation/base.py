@@ -17,7 +17,11 @@ Message = dict[str, str]
 class GenerationParams:
     max_tokens: int = 80
     temperature: float = 0.7
+    # top_k and min_p as llama-cpp-python's defaults; top_k also keeps sampling cheap: the
+    # later samplers then sort 40 candidates, not the whole vocabulary.
+    top_k: int = 40
     top_p: float = 0.95
+    min_p: float = 0.05
     repeat_penalty: float = 1.1
     stop: list[str] = field(default_factory=list)
     seed: int = -1

@@ -290,8 +290,10 @@ class BatchedLlamaGenerator(LlamaGenerator):
         )
         if params.temperature <= 0:
             low.llama_sampler_chain_add(chain, low.llama_sampler_init_greedy())
-        else:
+        else:  # the order of llama-cpp-python's own chain, so both paths sample alike
+            low.llama_sampler_chain_add(chain, low.llama_sampler_init_top_k(params.top_k))
             low.llama_sampler_chain_add(chain, low.llama_sampler_init_top_p(params.top_p, 1))
+            low.llama_sampler_chain_add(chain, low.llama_sampler_init_min_p(params.min_p, 1))
             low.llama_sampler_chain_add(chain, low.llama_sampler_init_temp(params.temperature))
             self._seed_counter += 1
             seed = params.seed + self._seed_counter if params.seed >= 0 else 0xFFFFFFFF
