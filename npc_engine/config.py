@@ -80,6 +80,15 @@ class ServerLimits(BaseModel):
     ping_interval: float = Field(
         20.0, gt=0, description="WebSocket keepalive ping every this many seconds."
     )
+    delta_interval_ms: float = Field(
+        15.0,
+        ge=0,
+        le=1000,
+        description="After the first delta of a reply (sent at once), text is gathered for up "
+        "to this long into one reply.delta: a game reads frames once per rendered frame "
+        "(16.7 ms at 60 fps), and each frame costs CPU that the model's threads lose on "
+        "small machines. 0 sends every token as it comes.",
+    )
 
 
 class EngineConfig(BaseSettings):

@@ -358,12 +358,29 @@ class NpcServer:
         ended = False  # reply.end went out early (deadline): nothing more is sent
         sending = asyncio.Lock()  # deltas, the deadline and the end go out one at a time
 
+        interval = self.limits.delta_interval_ms / 1000
+
         async def pump() -> None:
-            while (piece := await deltas.get()) is not None:
+            last_sent = 0.0
+            finished = False
+            while not finished and (piece := await deltas.get()) is not None:
+                pieces = [piece]
+                # The first token goes out at once; later ones wait for their batch.
+                while sent and (remaining := last_sent + interval - loop.time()) > 0:
+                    try:
+                        more = await asyncio.wait_for(deltas.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                    if more is None:
+                        finished = True
+                        break
+                    pieces.append(more)
+                text = "".join(pieces)
                 async with sending:
                     if not ended:
-                        await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=piece))
-                        sent.append(piece)
+                        await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=text))
+                        sent.append(text)
+                last_sent = loop.time()
 
         async def expire() -> None:
             nonlocal ended

@@ -279,3 +279,35 @@ async def test_client_calls_fail_instead_of_hanging_when_the_server_goes(
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(client.ping(), 30)
     await client.close()
+
+
+async def test_deltas_after_the_first_are_gathered_per_interval(
+    real_runtime: EngineRuntime,
+) -> None:
+    """One frame per token with interval 0; with 250 ms, the first token alone, then batches."""
+    counts = {}
+    for interval_ms in (0.0, 250.0):
+        server = NpcServer(
+            real_runtime.engine, port=0, limits=ServerLimits(delta_interval_ms=interval_ms)
+        )
+        await server.start()
+        try:
+            async with await NpcClient.connect(server.url) as client:
+                started = time.perf_counter()
+                stream = await client.say(
+                    "wren", "Tell me everything about the marsh.", player_id=f"p{interval_ms}"
+                )
+                deltas = [delta async for delta in stream]
+                elapsed = time.perf_counter() - started
+                end = await stream.result()
+        finally:
+            await server.stop()
+        tokens = end["usage"]["completion_tokens"]
+        assert tokens >= 12, end  # long enough for batching to show
+        assert "".join(deltas) == end["text"]
+        counts[interval_ms] = (len(deltas), tokens, elapsed)
+    plain, plain_tokens, _ = counts[0.0]
+    gathered, _, elapsed = counts[250.0]
+    assert plain >= plain_tokens * 0.6  # about one per token (a few tokens are empty text)
+    assert gathered <= 2 + elapsed / 0.25  # the first, then at most one per interval
+    assert gathered < plain
