@@ -130,7 +130,44 @@ def bench_config(root: Path, name: str, **overrides: Any) -> EngineConfig:
     )
 
 
-class BareLlama:
+class ChildProcess:
+    """A helper process answering named calls over a pipe (see ``BareLlama``, ``GameClient``)."""
+
+    def __init__(self, target: Callable[..., None], *args: Any) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=target, args=(child, *args), daemon=True)
+        self._process.start()
+        child.close()
+
+    def _call(self, name: str, *args: Any) -> Any:
+        self._connection.send((name, args))
+        status, value = self._connection.recv()
+        if status != "ok":
+            raise RuntimeError(f"{type(self).__name__} failed in {name}: {value}")
+        return value
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._connection.send(None)
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def serve_calls(connection: Any, calls: dict[str, Callable[..., Any]]) -> None:
+    """The child's side of ``ChildProcess``: answer calls until told to stop."""
+    while (request := connection.recv()) is not None:
+        name, args = request
+        try:
+            connection.send(("ok", calls[name](*args)))
+        except Exception as exc:  # reported to the parent, which raises it
+            connection.send(("error", repr(exc)))
+
+
+class BareLlama(ChildProcess):
     """A plain ``Llama`` on the same model and threads as the engine, in its own process.
 
     Not in the engine's process: llama.cpp's OpenMP thread team belongs to the thread that
@@ -141,26 +178,9 @@ class BareLlama:
     """
 
     def __init__(self, config: EngineConfig) -> None:
-        import multiprocessing
-
         path, _format = resolve_chat_model(config, lambda _message: None)
         threads = config.n_threads or os.cpu_count() or 1
-        context = multiprocessing.get_context("spawn")
-        self._connection, child = context.Pipe()
-        self._process = context.Process(
-            target=_bare_worker,
-            args=(child, str(path), config.n_ctx, threads, config.n_gpu_layers),
-            daemon=True,
-        )
-        self._process.start()
-        child.close()
-
-    def _call(self, name: str, *args: Any) -> Any:
-        self._connection.send((name, args))
-        status, value = self._connection.recv()
-        if status != "ok":
-            raise RuntimeError(f"bare llama-cpp-python failed in {name}: {value}")
-        return value
+        super().__init__(_bare_worker, str(path), config.n_ctx, threads, config.n_gpu_layers)
 
     def first_token(self, tokens: list[int], cached: int) -> float:
         """Seconds to the first token with ``tokens[:cached]`` already in the context."""
@@ -178,12 +198,45 @@ class BareLlama:
     def tokenize(self, text: str) -> list[int]:
         return list(self._call("tokenize", text))
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._connection.send(None)
-        self._process.join(30)
-        if self._process.is_alive():
-            self._process.kill()
+
+class GameClient(ChildProcess):
+    """A WebSocket client in its own process, as a game is: its frames are parsed there, not
+    under the engine's interpreter lock. Each turn is timed in the child, from the say to
+    its ``reply.end``."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(_game_client_worker, url)
+
+    def turn(self, npc_id: str, line: str, player_id: str, max_tokens: int) -> Any:
+        """(seconds, the reply.end frame) of one say with ``inspect``."""
+        return self._call("turn", npc_id, line, player_id, max_tokens)
+
+
+def _game_client_worker(connection: Any, url: str) -> None:
+    from npc_engine.client import NpcClient
+
+    async def turn(
+        client: NpcClient, npc_id: str, line: str, player_id: str, max_tokens: int
+    ) -> tuple[float, dict[str, Any]]:
+        started = time.perf_counter()
+        stream = await client.say(
+            npc_id, line, player_id=player_id, max_tokens=max_tokens, inspect=True
+        )
+        end = await stream.result()
+        return time.perf_counter() - started, end
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with await NpcClient.connect(url) as client:
+            # The pipe is read on a thread, so the loop keeps the connection serviced.
+            while (request := await loop.run_in_executor(None, connection.recv)) is not None:
+                _name, args = request
+                try:
+                    connection.send(("ok", await turn(client, *args)))
+                except Exception as exc:  # reported to the parent, which raises it
+                    connection.send(("error", repr(exc)))
+
+    asyncio.run(main())
 
 
 def _bare_worker(
@@ -209,12 +262,7 @@ def _bare_worker(
         ),
         "tokenize": lambda text: llama.tokenize(text.encode(), add_bos=True),
     }
-    while (request := connection.recv()) is not None:
-        name, args = request
-        try:
-            connection.send(("ok", calls[name](*args)))
-        except Exception as exc:  # reported to the parent, which raises it
-            connection.send(("error", repr(exc)))
+    serve_calls(connection, calls)
     llama.close()
 
 
@@ -421,7 +469,6 @@ def target_switch(
 
 
 def target_overhead(runtime: EngineRuntime, bare: BareLlama, report: Report, turns: int) -> None:
-    from npc_engine.client import NpcClient
     from npc_engine.server import NpcServer
 
     engine = runtime.engine
@@ -430,32 +477,22 @@ def target_overhead(runtime: EngineRuntime, bare: BareLlama, report: Report, tur
     thread.start()
     server = NpcServer(engine, port=0)
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-
-    async def one_turn(client: NpcClient, line: str) -> tuple[float, dict[str, Any]]:
-        started = time.perf_counter()
-        stream = await client.say("ysolde", line, player_id="ws", max_tokens=24, inspect=True)
-        end = await stream.result()
-        return time.perf_counter() - started, end
-
     ratios, engine_times, bare_times = [], [], []
-
-    async def run() -> None:
-        async with await NpcClient.connect(server.url) as client:
-            await one_turn(client, PLAYER_LINES[0])  # cold turn, not measured
-            for index in range(1, turns + 1):
-                await asyncio.sleep(0.3)  # the previous turn's memory write settles
-                seconds, end = await one_turn(client, PLAYER_LINES[index])
-                usage = end["usage"]
-                last = engine.generator.tokenize(end["inspect"]["prompt"])
-                count = max(usage["completion_tokens"], 1)
-                _first, bare_total = bare.generate(last, usage["cached_tokens"], count)
-                engine_times.append(seconds)
-                bare_times.append(bare_total)
-                ratios.append(seconds / bare_total)
-
+    client = GameClient(server.url)
     try:
-        asyncio.run(run())
+        client.turn("ysolde", PLAYER_LINES[0], "ws", 24)  # cold turn, not measured
+        for index in range(1, turns + 1):
+            time.sleep(0.3)  # the previous turn's memory write settles
+            seconds, end = client.turn("ysolde", PLAYER_LINES[index], "ws", 24)
+            usage = end["usage"]
+            last = engine.generator.tokenize(end["inspect"]["prompt"])
+            count = max(usage["completion_tokens"], 1)
+            _first, bare_total = bare.generate(last, usage["cached_tokens"], count)
+            engine_times.append(seconds)
+            bare_times.append(bare_total)
+            ratios.append(seconds / bare_total)
     finally:
+        client.close()
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(120)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
@@ -464,8 +501,8 @@ def target_overhead(runtime: EngineRuntime, bare: BareLlama, report: Report, tur
     report.rows.append(
         Row(
             "4 engine overhead",
-            "full turn over WebSocket (retrieval, prompt, framing, memory write) vs bare "
-            "llama-cpp-python, same prompt, cache state and tokens",
+            "full turn over WebSocket, client in its own process (retrieval, prompt, framing, "
+            "memory write) vs bare llama-cpp-python, same prompt, cache state and tokens",
             "engine over WebSocket",
             median(engine_times),
             "bare llama-cpp-python",
@@ -917,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
         if wanted("warm") or wanted("switch"):
             warm_single = target_warm(runtime, bare, report, 3 if quick else 10)
         if wanted("overhead"):
-            target_overhead(runtime, bare, report, 1 if quick else 5)
+            target_overhead(runtime, bare, report, 1 if quick else 9)
         if wanted("decode"):
             target_decode(runtime, bare, report, 16 if quick else 64)
         if wanted("expression"):
