@@ -93,3 +93,31 @@ def test_record_cache_drops_the_least_recently_used() -> None:
     assert len(cache) == 2
     assert cache.get(second.id) is None
     assert cache.get(first.id) is first and cache.get(third.id) is third
+
+
+def test_recent_finds_the_newest_even_when_stored_out_of_order(
+    tmp_path: Path, embed: OfflineMiniLM
+) -> None:
+    """Back-dated memories stored last must not hide newer ones stored before them."""
+    now = utc_now()
+    store = ChromaMemoryStore(tmp_path, embed)
+    newest = [
+        Memory(npc_id="mara", text=f"Fresh news {i}.", created_at=now - timedelta(hours=i + 1))
+        for i in range(3)
+    ]
+    store.add(newest)
+    store.add(  # an import of old memories, after the new ones
+        [
+            Memory(npc_id="mara", text=f"Old tale {i}.", created_at=now - timedelta(days=400 + i))
+            for i in range(30)
+        ]
+    )
+    latest = Memory(npc_id="mara", text="The bell rang just now.", created_at=now)
+    store.add([latest])  # the last three stored: two old tales and this one
+    store.add([Memory(npc_id="mara", text="Aria paid for her room.", player_id="aria")])
+    expected = [latest.text, newest[0].text, newest[1].text]
+    assert [m.text for m in store.recent("mara", None, 3)] == expected
+    with_player = [m.text for m in store.recent("mara", "aria", 2)]
+    assert with_player == ["Aria paid for her room.", latest.text]
+    assert len(store.recent("mara", None, 100)) == 34
+    assert store.recent("mara", None, 0) == []
