@@ -123,6 +123,19 @@ def _memory(memory_id: str, document: str | None, metadata: Any) -> Memory:
     )
 
 
+def _memories(result: Any) -> list[Memory]:
+    """The memories in a Chroma ``get`` result that included documents and metadatas."""
+    return [
+        _memory(memory_id, document, metadata)
+        for memory_id, document, metadata in zip(
+            result["ids"],
+            result.get("documents") or [],
+            result.get("metadatas") or [],
+            strict=True,
+        )
+    ]
+
+
 def _scope_name(npc_id: str, player_id: str | None) -> str:
     """Collection of an NPC's own memories, or of what it knows about one player."""
     if player_id is None:
@@ -284,15 +297,7 @@ class ChromaMemoryStore:
         if missing:
             with self._record_writes:
                 result = collection.get(ids=missing, include=["documents", "metadatas"])
-                fetched = [
-                    _memory(memory_id, document, metadata)
-                    for memory_id, document, metadata in zip(
-                        result["ids"],
-                        result.get("documents") or [],
-                        result.get("metadatas") or [],
-                        strict=True,
-                    )
-                ]
+                fetched = _memories(result)
                 self._records.put(fetched)
             found.update((m.id, m) for m in fetched)
         return found
@@ -327,15 +332,7 @@ class ChromaMemoryStore:
                 )
         if result is None:
             result = collection.get(include=["documents", "metadatas"])
-        return [
-            _memory(memory_id, document, metadata)
-            for memory_id, document, metadata in zip(
-                result["ids"],
-                result.get("documents") or [],
-                result.get("metadatas") or [],
-                strict=True,
-            )
-        ]
+        return _memories(result)
 
     def touch(self, npc_id: str, memory_ids: Sequence[str], when: datetime) -> None:
         if not memory_ids:
