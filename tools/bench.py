@@ -171,10 +171,10 @@ class BareLlama(ChildProcess):
     """A plain ``Llama`` on the same model and threads as the engine, in its own process.
 
     Not in the engine's process: llama.cpp's OpenMP thread team belongs to the thread that
-    calls it, and two teams on 2 cores (the engine's decode thread and this one) make
-    libgomp stop spin-waiting at every graph barrier. That slowed both sides ~1.7× (single
-    stream 148 -> 86 tokens/s) and skewed every ratio. Timings are taken in the child, so
-    the pipe between the processes is not counted.
+    calls it, and two teams on 2 cores (the engine's decode thread and this one) slowed
+    both sides ~1.7× (single stream 148 -> 86 tokens/s; most likely libgomp spinning less
+    at graph barriers once it manages more threads than cores) and skewed every ratio.
+    Timings are taken in the child, so the pipe between the processes is not counted.
     """
 
     def __init__(self, config: EngineConfig) -> None:
