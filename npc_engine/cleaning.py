@@ -69,6 +69,7 @@ class StreamCleaner:
         )
         self._pending = ""
         self._started = False
+        self._prefix_stripped = False  # one "Name:" at most, however the text is chunked
         self._sentence_start = True
         self._dropping = False
         self._need_space = False
@@ -96,13 +97,13 @@ class StreamCleaner:
                 low = self._pending.lower()
                 if not low:
                     break
-                if not final and any(
-                    p.startswith(low) and len(low) < len(p) for p in self._name_prefixes
-                ):
+                prefixes = [] if self._prefix_stripped else self._name_prefixes
+                if not final and any(p.startswith(low) and len(low) < len(p) for p in prefixes):
                     break
-                for prefix in self._name_prefixes:
+                for prefix in prefixes:
                     if low.startswith(prefix):
                         self._pending = self._pending[len(prefix) :].lstrip()
+                        self._prefix_stripped = True
                         break
                 # After "Mara:" alone, the reply proper (and its leading space) is still to come.
                 self._started = bool(self._pending)

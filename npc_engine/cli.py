@@ -76,7 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
     serve_cmd.add_argument("--token", help="required from clients; mandatory off loopback")
-    serve_cmd.add_argument("--origin", action="append", help="allowed browser Origin (repeat)")
+    serve_cmd.add_argument(
+        "--origin",
+        action="append",
+        help="browser Origin allowed to connect, e.g. https://mygame.itch.io (repeat); "
+        "native clients send none and are always allowed",
+    )
+    serve_cmd.add_argument(
+        "--allow-inspect",
+        action="store_true",
+        default=None,
+        help="serve say.inspect (the whole prompt, secrets included) to every connection",
+    )
+    serve_cmd.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss://")
+    serve_cmd.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     _engine_flags(serve_cmd)
 
     playtest = commands.add_parser(
@@ -261,9 +274,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from npc_engine.runtime import open_engine
-    from npc_engine.server import NpcServer
+    from npc_engine.server import NpcServer, tls_context
 
-    config = _config(args, {"host": args.host, "port": args.port, "token": args.token})
+    config = _config(
+        args,
+        {
+            "host": args.host,
+            "port": args.port,
+            "token": args.token,
+            "origins": args.origin,
+            "allow_inspect": args.allow_inspect,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+        },
+    )
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise NpcEngineError("TLS needs both --tls-cert and --tls-key.")
+    ssl_context = (
+        tls_context(str(config.tls_cert), str(config.tls_key))
+        if config.tls_cert is not None and config.tls_key is not None
+        else None
+    )
     runtime = open_engine(config, _progress)
 
     async def run() -> None:
@@ -273,7 +304,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=config.port,
             token=config.token,
             limits=config.limits,
-            origins=args.origin,
+            origins=config.origins,
+            allow_inspect=config.allow_inspect,
+            ssl_context=ssl_context,
         )
         await server.start()
         npcs = ", ".join(runtime.registry.ids())
@@ -281,7 +314,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            try:
+                loop.add_signal_handler(signum, stop.set)
+            except (NotImplementedError, AttributeError):  # Windows' loops have none
+                signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
         await stop.wait()
         await server.stop()
 

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any
 
@@ -98,8 +99,11 @@ class NpcClient:
         token: str | None = None,
         client_name: str = "npc-engine-python",
         encoding: str = "json",
+        ssl: SSLContext | None = None,
     ) -> NpcClient:
-        websocket = await connect(url, max_size=None)
+        """``wss://`` URLs use TLS: the system's trusted CAs by default, or ``ssl`` (e.g. a
+        context that trusts the studio's own certificate)."""
+        websocket = await connect(url, max_size=None, ssl=ssl)
         client = cls(websocket, encoding)
         hello: dict[str, Any] = {"type": "hello", "protocol": "1", "client": client_name}
         if token is not None:
@@ -224,11 +228,15 @@ class NpcClient:
         return await self.request({"type": "ping"})
 
     async def _read(self) -> None:
+        reason = "the client closed it"
         try:
             await self._dispatch_frames()
+            reason = f"close code {self._ws.close_code}"
         except ConnectionClosed as exc:
-            # Nobody may wait forever on a connection that is gone.
-            gone = self._gone = ConnectionError(f"connection closed: {exc}")
+            reason = str(exc)
+        finally:
+            # Nobody may wait forever on a connection that is gone, whatever its close code.
+            gone = self._gone = ConnectionError(f"connection closed: {reason}")
             for waiter in self._waiting.values():
                 if not waiter.done():
                     waiter.set_exception(gone)

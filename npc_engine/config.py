@@ -60,7 +60,37 @@ class ServerLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_frame_bytes: int = Field(1 << 20, ge=1024, description="Larger frames get too_large.")
+    max_frame_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="Larger frames get too_large; frames over 4x this close the connection "
+        "(1009) without being read into memory.",
+    )
+    max_connections: int = Field(
+        64,
+        ge=1,
+        description="Open connections at once; further handshakes get HTTP 503.",
+    )
+    server_rate_per_second: float = Field(
+        200.0,
+        gt=0,
+        description="Sustained requests per second over all connections (rate_limited), so "
+        "opening many sockets does not multiply the per-connection rate.",
+    )
+    server_rate_burst: int = Field(400, ge=1, description="Server-wide request burst.")
+    max_pending_per_connection: int = Field(
+        32,
+        ge=1,
+        description="Requests of one connection waiting to be served in order (events, "
+        "memory calls, says being accepted); more get busy.",
+    )
+    shutdown_grace: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Seconds a stopping server gives running replies to end; then each "
+        "gets reply.end with code shutdown at once.",
+    )
     max_in_flight_per_connection: int = Field(
         8, ge=1, description="Accepted, unfinished says per connection; more get busy."
     )
@@ -155,6 +185,26 @@ class EngineConfig(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
     token: str | None = None
+    origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to connect (e.g. https://mygame.itch.io). A "
+        "handshake without an Origin header (native game clients) is always allowed; one "
+        "with an origin not listed is refused (HTTP 403).",
+    )
+    allow_inspect: bool = Field(
+        False,
+        description="Serve say.inspect (the exact prompt, secrets included) to every "
+        "connection; without it only connections that presented the token get it.",
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve wss://.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    max_conversations: int = Field(
+        2000,
+        ge=1,
+        description="Conversations whose recent turns are kept in RAM (least recently used "
+        "out); a conversation that falls out starts its next prompt without earlier turns "
+        "(its memories stay in the store).",
+    )
     limits: ServerLimits = Field(default_factory=ServerLimits)
 
     @classmethod

@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from npc_engine.config import EngineConfig
 from npc_engine.errors import NpcEngineError, UnknownNpcError
 from npc_engine.expression import infer_action, infer_emotion
 from npc_engine.generation.base import GenerationParams, Generator
+from npc_engine.ids import check_id
 from npc_engine.memory.importance import rate_importance
 from npc_engine.memory.scoring import score_candidates
 from npc_engine.memory.types import Memory, MemoryKind, MemoryStore, ScoredMemory, utc_now
@@ -37,6 +39,17 @@ DEFAULT_PLAYER = "player"
 MAX_MEMORY_CHARS = 600
 # Lines the model writes when it starts to play the player too: cut the reply there.
 ROLE_STOPS = ["The player (", "\nPlayer:", "\nUser:"]
+# Forgets remembered for turns still running; a turn older than all of them is treated as
+# overlapping a forget (it stores nothing), which takes this many forgets during one turn.
+FORGET_LOG = 1024
+
+
+@dataclass(frozen=True)
+class _Forget:
+    serial: int
+    npc_id: str
+    player_id: str | None  # None with memory_ids None: everything the NPC knew
+    memory_ids: frozenset[str] | None
 
 
 @dataclass
@@ -115,9 +128,14 @@ class DialogueEngine:
         self.clock = clock
         self.writer = MemoryWriter(store)
         self.prompts = PromptBuilder(generator)
-        self._history: dict[tuple[str, str], list[Turn]] = {}
-        self._history_lock = threading.Lock()
+        # Recent turns per conversation, least recently used out beyond max_conversations
+        # (player ids are the client's choice: RAM must not grow with them).
+        self._history: OrderedDict[tuple[str, str], list[Turn]] = OrderedDict()
+        self._history_lock = threading.Lock()  # also orders forgets with turns' writes
+        self._forgets: deque[_Forget] = deque(maxlen=FORGET_LOG)
+        self._forget_serial = 0
         self._fallback_counter = itertools.count()
+        self.memory_write_failures = 0
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -133,6 +151,10 @@ class DialogueEngine:
     def history(self, npc_id: str, player_id: str) -> list[Turn]:
         with self._history_lock:
             return list(self._history.get((npc_id, player_id), []))
+
+    def conversation_count(self) -> int:
+        with self._history_lock:
+            return len(self._history)
 
     def drop_last_turn(self, npc_id: str, player_id: str) -> Turn | None:
         """Take the last exchange out of the conversation (to ask again: "retry")."""
@@ -196,17 +218,62 @@ class DialogueEngine:
         memory_ids: Sequence[str] | None = None,
         everything: bool = False,
     ) -> int:
+        """Forget memories; ordered with turns: a turn running meanwhile stores nothing it
+        would have forgotten, and forgotten memories leave the notes of earlier turns."""
         self.persona(npc_id)
-        self.writer.flush()
-        count = self.store.forget(
+        if player_id is not None:
+            check_id(player_id, "player_id")
+        ids = frozenset(memory_ids) if memory_ids is not None and not everything else None
+        with self._history_lock:
+            self._forget_serial += 1
+            scope = None if everything or ids is not None else player_id
+            self._forgets.append(_Forget(self._forget_serial, npc_id, scope, ids))
+            for key in [k for k in self._history if k[0] == npc_id]:
+                if ids is not None:
+                    self._history[key] = [turn.without(ids) for turn in self._history[key]]
+                elif everything or key[1] == player_id:
+                    del self._history[key]
+        self.writer.flush()  # writes queued before the forget are stored, then deleted
+        return self.store.forget(
             npc_id, player_id=player_id, memory_ids=memory_ids, everything=everything
         )
-        if everything or player_id is not None:
-            with self._history_lock:
-                for key in [k for k in self._history if k[0] == npc_id]:
-                    if everything or key[1] == player_id:
-                        del self._history[key]
-        return count
+
+    def _forgotten_since(
+        self, serial: int, npc_id: str, player_id: str
+    ) -> tuple[bool, frozenset[str]]:
+        """(whether this conversation was forgotten, memory ids forgotten) since ``serial``
+        (called with the history lock held)."""
+        if self._forget_serial == serial:
+            return False, frozenset()
+        if not self._forgets or self._forgets[0].serial > serial + 1:
+            return True, frozenset()  # too many forgets to tell: assume the worst
+        ids: set[str] = set()
+        for forget in self._forgets:
+            if forget.serial <= serial or forget.npc_id != npc_id:
+                continue
+            if forget.memory_ids is not None:
+                ids |= forget.memory_ids
+            elif forget.player_id is None or forget.player_id == player_id:
+                return True, frozenset()
+        return False, frozenset(ids)
+
+    def hear(self, npc_id: str, text: str, *, player_id: str = DEFAULT_PLAYER) -> None:
+        """The NPC heard a line it never answered (a say cancelled while queued): stored as
+        a cancelled turn stores it, the player's line and no reply."""
+        self.persona(npc_id)
+        check_id(player_id, "player_id")
+        with self._history_lock:
+            self._submit_memories([player_line_memory(npc_id, player_id, text, self.clock())])
+
+    def _submit_memories(self, memories: list[Memory]) -> Future[list[str]]:
+        done = self.writer.submit(memories)
+        done.add_done_callback(self._count_failed_write)
+        return done
+
+    def _count_failed_write(self, done: Future[list[str]]) -> None:
+        if done.exception() is not None:
+            self.memory_write_failures += 1
+            log.error("memories of a turn could not be stored: %s", done.exception())
 
     # -- one turn ------------------------------------------------------------------------
 
@@ -242,8 +309,14 @@ class DialogueEngine:
         on_delta: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> TurnResult:
-        """One turn: recall, build the prompt, stream the reply, queue the memory writes."""
+        """One turn: recall, build the prompt, stream the reply, queue the memory writes.
+
+        A cancelled turn stores the player's line and no reply (as one cancelled while
+        queued: ``hear``)."""
         loaded = self.persona(npc_id)
+        check_id(player_id, "player_id")
+        with self._history_lock:
+            forget_serial = self._forget_serial
         started = time.perf_counter()
         now = self.clock()
         result = TurnResult(npc_id=npc_id, player_id=player_id, text="", reason="stop")
@@ -319,29 +392,44 @@ class DialogueEngine:
         to_write = [player_line_memory(npc_id, player_id, text, now)]
         if result.reason in ("stop", "length") and not result.used_fallback:
             to_write.append(reply_memory(npc_id, player_id, result.text, self.clock()))
+        turn: Turn | None = None
         if result.reason in ("stop", "length") and built is not None:
             shown_ids = {m.memory.id for m in built.memories} | {m.id for m in to_write}
-            self._remember_turn(
-                npc_id,
-                player_id,
-                Turn(text, result.text, built.notes, frozenset(shown_ids), built.scene),
+            turn = Turn(
+                text,
+                result.text,
+                built.notes,
+                frozenset(shown_ids),
+                built.scene,
+                noted=built.noted,
+                scene_shown=built.scene_shown,
             )
-        result.memory_write = self.writer.submit(to_write)
+        with self._history_lock:
+            wiped, forgotten = self._forgotten_since(forget_serial, npc_id, player_id)
+            if wiped:  # forgotten while this turn ran: it must not write it back
+                to_write, turn = [], None
+            if turn is not None:
+                self._remember_turn(npc_id, player_id, turn.without(forgotten))
+            result.memory_write = self._submit_memories(to_write)
         if result.memories:
             self.writer.touch(npc_id, [m.memory.id for m in result.memories], now)
         result.timings.total_ms = (time.perf_counter() - started) * 1000
         return result
 
     def _remember_turn(self, npc_id: str, player_id: str, turn: Turn) -> None:
+        """Append a turn (called with the history lock held)."""
         window = self.config.history_turns
-        with self._history_lock:
-            turns = self._history.setdefault((npc_id, player_id), [])
-            turns.append(turn)
-            if len(turns) > window:
-                # Drop half the window at once, not one turn per turn: every drop changes
-                # the prompt right after the persona and costs a re-read of the history,
-                # so this pays it once every window/2 turns.
-                del turns[: len(turns) - max(window // 2, 1)]
+        key = (npc_id, player_id)
+        turns = self._history.setdefault(key, [])
+        self._history.move_to_end(key)
+        turns.append(turn)
+        if len(turns) > window:
+            # Drop half the window at once, not one turn per turn: every drop changes
+            # the prompt right after the persona and costs a re-read of the history,
+            # so this pays it once every window/2 turns.
+            del turns[: len(turns) - max(window // 2, 1)]
+        while len(self._history) > self.config.max_conversations:
+            self._history.popitem(last=False)
 
     def close(self) -> None:
         self.writer.close()

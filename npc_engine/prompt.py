@@ -17,7 +17,7 @@ persona itself are never dropped (a persona too large for ``n_ctx`` is an error)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +37,22 @@ class Turn:
     notes: str = ""  # the notes shown with this line, rendered as they were
     memory_ids: frozenset[str] = frozenset()  # memories shown in notes or made from it
     scene: str = ""  # the game-context line in force at this turn
+    # Each memory line of ``notes`` by memory id, and the scene line shown (if any), so a
+    # forgotten memory can leave the notes.
+    noted: tuple[tuple[str, str], ...] = ()
+    scene_shown: str = ""
+
+    def without(self, forgotten: frozenset[str]) -> Turn:
+        """This turn with the notes of forgotten memories taken out."""
+        if not any(memory_id in forgotten for memory_id, _ in self.noted):
+            return self
+        noted = tuple((i, line) for i, line in self.noted if i not in forgotten)
+        return replace(
+            self,
+            notes=render_notes([line for _, line in noted], self.scene_shown),
+            noted=noted,
+            memory_ids=self.memory_ids - forgotten,
+        )
 
 
 @dataclass
@@ -47,6 +63,8 @@ class BuiltPrompt:
     dropped: dict[str, int] = field(default_factory=dict)
     notes: str = ""  # this turn's notes, to store with the turn
     scene: str = ""
+    noted: tuple[tuple[str, str], ...] = ()  # (memory id, its line in the notes)
+    scene_shown: str = ""
 
     @property
     def token_count(self) -> int:
@@ -126,13 +144,17 @@ def render_scene(context: Mapping[str, Any]) -> str:
     return f"(What is happening in the game: {scene})"
 
 
-def render_turn_block(memories: Sequence[ScoredMemory], scene_line: str, now: datetime) -> str:
+def memory_line(memory: ScoredMemory, now: datetime) -> str:
+    return f"- {describe_age(memory.memory.created_at, now)}: {memory.memory.text}"
+
+
+def render_notes(memory_lines: Sequence[str], scene_line: str) -> str:
     lines: list[str] = []
-    if memories:
+    if memory_lines:
         lines.append(
             "(Things you remember that may matter now; your notes, not the player's words:)"
         )
-        lines += [f"- {describe_age(m.memory.created_at, now)}: {m.memory.text}" for m in memories]
+        lines += memory_lines
     if scene_line:
         lines.append(scene_line)
     return "\n".join(lines) + ("\n" if lines else "")
@@ -179,12 +201,20 @@ class PromptBuilder:
             scene_line = render_scene(scene)
             last_scene = turns[-1].scene if turns else ""
             shown_scene = scene_line if scene_line != last_scene else ""
-            block = render_turn_block(fresh, shown_scene, now)
+            noted = tuple((m.memory.id, memory_line(m, now)) for m in fresh)
+            block = render_notes([line for _, line in noted], shown_scene)
             messages.append({"role": "user", "content": block + player_message(player_id, text)})
             rendered = self.generator.render(messages)
             if rendered.token_count <= budget:
                 return BuiltPrompt(
-                    messages, rendered, fresh, dropped, notes=block, scene=scene_line
+                    messages,
+                    rendered,
+                    fresh,
+                    dropped,
+                    notes=block,
+                    scene=scene_line,
+                    noted=noted,
+                    scene_shown=shown_scene,
                 )
             if turns:
                 turns.pop(0)

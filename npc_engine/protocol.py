@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from npc_engine.ids import ID_PATTERN
+
 PROTOCOL_VERSION = "1"
 SUPPORTED_PROTOCOLS = [PROTOCOL_VERSION]
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
@@ -37,6 +39,16 @@ Encoding = Literal["json", "msgpack"]
 
 RequestId = Annotated[str, Field(min_length=1, max_length=128)]
 Text = Annotated[str, Field(min_length=1, max_length=4000)]
+EntityId = Annotated[str, Field(pattern=ID_PATTERN)]
+# Game context: a flat object of short values. Keys are words, values scalars or short
+# lists of scalars; anything deeper is the game's business, not the prompt's.
+CONTEXT_KEY_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_ .-]{0,39}$"
+MAX_CONTEXT_KEYS = 16
+MAX_CONTEXT_VALUE_CHARS = 200
+ContextKey = Annotated[str, Field(pattern=CONTEXT_KEY_PATTERN)]
+ContextScalar = Annotated[str, Field(max_length=MAX_CONTEXT_VALUE_CHARS)] | int | float | bool
+ContextValue = ContextScalar | None | Annotated[list[ContextScalar], Field(max_length=16)]
+Context = Annotated[dict[ContextKey, ContextValue], Field(max_length=MAX_CONTEXT_KEYS)]
 
 
 class _Request(BaseModel):
@@ -53,10 +65,10 @@ class Hello(_Request):
 
 class Say(_Request):
     type: Literal["say"]
-    npc_id: str
-    player_id: str = "player"
+    npc_id: EntityId
+    player_id: EntityId = "player"
     text: Text
-    context: dict[str, Any] | None = None
+    context: Context | None = None
     max_tokens: int | None = Field(None, ge=1, le=1024)
     priority: Literal["foreground", "background"] = Field(
         "foreground",
@@ -73,7 +85,9 @@ class Say(_Request):
     inspect: bool = Field(
         False,
         description="Extension: reply.end carries `inspect` (the exact prompt and the recalled "
-        "memories with their scores), for tools such as `npc-engine playtest --url`.",
+        "memories with their scores), for tools such as `npc-engine playtest --url`. Served "
+        "only by a server started with --allow-inspect or to a connection that presented "
+        "the server's token; otherwise the say gets error `unauthorized` (no close).",
     )
 
 
@@ -84,25 +98,25 @@ class Cancel(_Request):
 
 class Event(_Request):
     type: Literal["event"]
-    npc_ids: list[str] = Field(min_length=1)
-    player_id: str | None = None
+    npc_ids: list[EntityId | Literal["*"]] = Field(min_length=1, max_length=64)
+    player_id: EntityId | None = None
     text: Text
     importance: int | None = Field(None, ge=1, le=10)
 
 
 class MemoryList(_Request):
     type: Literal["memory.list"]
-    npc_id: str
-    player_id: str | None = None
-    query: str | None = None
+    npc_id: EntityId
+    player_id: EntityId | None = None
+    query: Annotated[str, Field(max_length=4000)] | None = None
     limit: int = Field(10, ge=1, le=100)
 
 
 class MemoryForget(_Request):
     type: Literal["memory.forget"]
-    npc_id: str
-    player_id: str | None = None
-    memory_ids: list[str] | None = None
+    npc_id: EntityId
+    player_id: EntityId | None = None
+    memory_ids: Annotated[list[EntityId], Field(max_length=1000)] | None = None
     all: bool = False
 
 
@@ -114,8 +128,14 @@ class Ping(_Request):
     type: Literal["ping"]
 
 
+class Stats(_Request):
+    """Extension: the server's counters (answered with ``stats.report``)."""
+
+    type: Literal["stats"]
+
+
 Request = Annotated[
-    Hello | Say | Cancel | Event | MemoryList | MemoryForget | NpcList | Ping,
+    Hello | Say | Cancel | Event | MemoryList | MemoryForget | NpcList | Ping | Stats,
     Field(discriminator="type"),
 ]
 REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)
@@ -128,6 +148,7 @@ REQUEST_TYPES = {
     "memory.forget",
     "npc.list",
     "ping",
+    "stats",
 }
 
 
@@ -245,6 +266,20 @@ class Pong(_Message):
     re: str
 
 
+class StatsReport(_Message):
+    """Extension: what the server holds now, and failures nobody else would see."""
+
+    type: Literal["stats.report"] = "stats.report"
+    re: str
+    connections: int
+    replies: int = Field(description="Accepted says not yet ended.")
+    queued_generations: int
+    conversations: int = Field(description="Conversations with turns held in RAM.")
+    memory_write_failures: int = Field(
+        description="Turns whose memories could not be stored (also logged) since start."
+    )
+
+
 class Error(_Message):
     type: Literal["error"] = "error"
     re: str | None = None
@@ -254,7 +289,16 @@ class Error(_Message):
 
 
 ServerMessage = (
-    Welcome | ReplyStart | ReplyDelta | ReplyEnd | Ok | MemoryItems | NpcItems | Pong | Error
+    Welcome
+    | ReplyStart
+    | ReplyDelta
+    | ReplyEnd
+    | Ok
+    | MemoryItems
+    | NpcItems
+    | Pong
+    | StatsReport
+    | Error
 )
 
 
@@ -381,6 +425,8 @@ class ProtocolSession:
                 data = json.loads(frame)
             except ValueError as exc:
                 raise ValueError(f"Text frame is not JSON: {exc}") from None
+            except RecursionError:  # "[" * 100_000: the C decoder recurses per level
+                raise ValueError("Text frame is nested too deeply.") from None
         if not isinstance(data, dict):
             raise ValueError("A frame must hold one object (a map) with a 'type'.")
         return data

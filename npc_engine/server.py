@@ -1,9 +1,15 @@
-"""The WebSocket server: a thin asyncio layer around ``ProtocolSession`` and the engine.
+"""The WebSocket server: moves bytes between sockets and the sans-I/O layers.
 
-Turns run on ``GenerationScheduler`` workers, one per conversation the generator decodes at
-once (its batch slots), which keeps requests for the same (npc_id, player_id) in order and
-never runs one conversation twice. Memory and Chroma calls run on a separate small pool.
-Nothing blocking runs on the event loop.
+``ProtocolSession`` turns frames into typed requests, ``ReplyStream`` turns what a turn
+produces into ``reply.*`` frames; this module only reads and writes sockets, runs timers
+and hands work to threads. Turns run on ``GenerationScheduler`` workers, one per
+conversation the generator decodes at once (its batch slots), which keeps requests for the
+same (npc_id, player_id) in order and never runs one conversation twice. Memory and Chroma
+calls run on a separate small pool. Nothing blocking runs on the event loop.
+
+Per connection, ``ping`` and ``cancel`` are answered as they arrive; every other request
+is served in the order it came, by the connection's own task, so a slow ``event`` delays
+neither a ``cancel`` on its connection nor anything on another.
 """
 
 from __future__ import annotations
@@ -11,16 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response as HttpResponse
 
 from npc_engine import __version__
 from npc_engine.config import ServerLimits
@@ -32,7 +42,6 @@ from npc_engine.protocol import (
     Encoding,
     Error,
     ErrorCode,
-    ErrorInfo,
     Event,
     Hello,
     MemoryForget,
@@ -47,15 +56,17 @@ from npc_engine.protocol import (
     Pong,
     ProtocolSession,
     RecalledMemory,
-    ReplyDelta,
-    ReplyEnd,
     ReplyStart,
+    Request,
     Say,
+    Stats,
+    StatsReport,
     TurnInspection,
     Usage,
     Welcome,
     encode,
 )
+from npc_engine.reply_stream import FinishedTurn, ReplyMessage, ReplyStream
 from npc_engine.scheduling import GenerationScheduler
 
 log = logging.getLogger(__name__)
@@ -63,6 +74,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Private-use close code (4000-4999), mirroring HTTP 408: the client sent nothing for
 # ``limits.idle_timeout`` seconds and had no reply running.
 IDLE_CLOSE_CODE = 4408
+MEMORY_CALL_TIMEOUT = 60.0
 
 
 class _TokenBucket:
@@ -82,11 +94,12 @@ class _TokenBucket:
 
 @dataclass
 class _Connection:
-    """One client: its socket, protocol state and rate limit."""
+    """One client: its socket, protocol state, rate limit and ordered request queue."""
 
     websocket: ServerConnection
     session: ProtocolSession
     bucket: _TokenBucket
+    pending: asyncio.Queue[tuple[Request, Encoding]] = field(default_factory=asyncio.Queue)
 
     @property
     def key(self) -> int:
@@ -95,6 +108,11 @@ class _Connection:
     @property
     def encoding(self) -> Encoding:
         return self.session.encoding if self.session.hello_done else "json"
+
+    @property
+    def authenticated(self) -> bool:
+        """It presented the server's token (a server without one has nobody to trust)."""
+        return self.session.hello_done and self.session.token is not None
 
     async def send(self, message: Any, encoding: Encoding | None = None) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -105,6 +123,20 @@ class _Connection:
 class _Reply:
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
+    # What happened to the turn, in order: ("text", piece), ("done", future),
+    # ("deadline", None), ("shutdown", None).
+    inbox: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server TLS context from PEM files (the standard library's defaults, TLS 1.2+)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise NpcEngineError(f"Cannot load the TLS certificate {cert} / key {key}: {exc}") from exc
+    return context
 
 
 class NpcServer:
@@ -117,6 +149,8 @@ class NpcServer:
         token: str | None = None,
         limits: ServerLimits | None = None,
         origins: list[str] | None = None,
+        allow_inspect: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if host not in LOOPBACK and not token:
             raise NpcEngineError(
@@ -125,13 +159,20 @@ class NpcServer:
         self.engine = engine
         self.host, self.port, self.token = host, port, token
         self.limits = limits or ServerLimits()
-        self.origins = origins
+        # Browsers always send Origin, native game clients never do: no header is allowed,
+        # an origin only when listed (a page the player visits must not reach the server).
+        self.origins: list[str | None] = [None, *(origins or [])]
+        self.allow_inspect = allow_inspect
+        self.ssl_context = ssl_context
         # As many replies at once as the generator decodes together (its slots).
         slots = getattr(engine.generator, "slots", None)
         self._generation = GenerationScheduler(workers=len(slots) if slots else 1)
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="npc-memory")
         self._queued = 0
         self._replies: dict[tuple[int, str], _Reply] = {}
+        self._server_bucket = _TokenBucket(
+            self.limits.server_rate_per_second, self.limits.server_rate_burst
+        )
         self._server: Server | None = None
         self.stopping = False
 
@@ -145,6 +186,8 @@ class NpcServer:
             max_size=self.limits.max_frame_bytes * 4,  # hard cap; above our limit: too_large
             ping_interval=self.limits.ping_interval,
             origins=self.origins,  # type: ignore[arg-type]
+            process_request=self._admit,
+            ssl=self.ssl_context,
         )
         sockets = self._server.sockets
         if sockets:
@@ -152,28 +195,46 @@ class NpcServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}/"
+        scheme = "wss" if self.ssl_context is not None else "ws"
+        return f"{scheme}://{self.host}:{self.port}/"
+
+    def _admit(self, connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        """Refuse a handshake beyond ``limits.max_connections`` (this one included)."""
+        assert self._server is not None
+        if len(self._server.all_connections) > self.limits.max_connections:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections.\n")
+        return None
 
     async def stop(self) -> None:
-        """Stop accepting, end every reply with ``reply.end`` (code shutdown), flush memory."""
+        """Stop accepting; every reply ends with ``reply.end`` (code shutdown) within
+        ``limits.shutdown_grace`` seconds; memory is flushed. Never blocks the loop."""
         self.stopping = True
         if self._server is not None:
             # Stop listening, keep the open connections until their replies have ended.
             # (Not Server.close(close_connections=False): close() is idempotent, so the
             # later close() that must close the connections would do nothing.)
             self._server.server.close()
-        for reply in list(self._replies.values()):
-            reply.cancel.set()
-        tasks = [r.task for r in self._replies.values() if r.task is not None]
+        replies = list(self._replies.values())
+        for reply in replies:
+            reply.cancel.set()  # queued: dropped; running: stops within a token or batch
+        tasks = [r.task for r in replies if r.task is not None]
         if tasks:
-            await asyncio.wait(tasks, timeout=30)
+            _done, late = await asyncio.wait(tasks, timeout=self.limits.shutdown_grace)
+            for reply in replies:
+                if reply.task in late:
+                    reply.inbox.put_nowait(("shutdown", None))
+            if late:
+                await asyncio.wait(late, timeout=1.0)
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5.0)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self.engine.writer.flush, 60.0)
-        self._generation.close()
-        self._io.shutdown(wait=True)
+        with contextlib.suppress(Exception):
+            await loop.run_in_executor(None, self.engine.writer.flush, 60.0)
+        # Workers finish what they run (each cancelled) in their own time, off the loop.
+        self._generation.close(wait=False)
+        self._io.shutdown(wait=False)
 
     # -- connection ----------------------------------------------------------------------
 
@@ -183,19 +244,21 @@ class NpcServer:
             ProtocolSession(token=self.token, max_frame_bytes=self.limits.max_frame_bytes),
             _TokenBucket(self.limits.rate_per_second, self.limits.rate_burst),
         )
+        in_order = asyncio.create_task(self._serve_in_order(conn))
         idle_timeout = self.limits.idle_timeout or None
         try:
             with contextlib.suppress(ConnectionClosed):
                 while True:
                     try:
                         frame = await asyncio.wait_for(websocket.recv(), idle_timeout)
-                    except TimeoutError:
-                        if not self._has_replies(conn):
+                    except TimeoutError:  # TimeoutError is not it before 3.11
+                        if not self._has_replies(conn) and conn.pending.empty():
                             await websocket.close(IDLE_CLOSE_CODE, "idle timeout")
                             return
                         continue
                     await self._on_frame(conn, frame)
         finally:
+            in_order.cancel()
             for (owner, _rid), reply in list(self._replies.items()):
                 if owner == conn.key:
                     reply.cancel.set()  # running: stops between tokens; queued: dropped
@@ -211,12 +274,8 @@ class NpcServer:
                 await conn.websocket.close(outcome.close_code, outcome.error.code)
             return
         request = outcome.request
-
-        async def fail(code: ErrorCode, message: str, **details: Any) -> None:
-            assert request is not None
-            error = Error(re=request.id, code=code, message=message, details=details)
-            await conn.send(error, outcome.encoding)
-
+        if request is None:
+            return
         if isinstance(request, Hello):
             await conn.send(
                 Welcome(
@@ -227,46 +286,88 @@ class NpcServer:
                     npcs=self._npc_infos(),
                 ),
             )
-            return
-        if isinstance(request, Ping):
+        elif isinstance(request, Ping):
             await conn.send(Pong(re=request.id))
-            return
-        if request is None:
-            return
-        if not conn.bucket.take():
-            await fail("rate_limited", "Too many requests; slow down.")
-            return
-        try:
-            if isinstance(request, Say):
-                await self._say(conn, request, fail)
-            elif isinstance(request, Cancel):
-                reply = self._replies.get((conn.key, request.target))
-                if reply is not None:
-                    reply.cancel.set()
-                await conn.send(Ok(re=request.id))
-            elif isinstance(request, NpcList):
-                await conn.send(NpcItems(re=request.id, npcs=self._npc_infos()))
-            elif isinstance(request, Event):
-                ids = await self._in_io(self._event, request)
-                await conn.send(Ok(re=request.id, memory_ids=ids))
-            elif isinstance(request, MemoryList):
-                items = await self._in_io(self._memory_list, request)
-                await conn.send(MemoryItems(re=request.id, items=items))
-            elif isinstance(request, MemoryForget):
-                count = await self._in_io(
-                    lambda r: self.engine.forget(
-                        r.npc_id, player_id=r.player_id, memory_ids=r.memory_ids, everything=r.all
-                    ),
-                    request,
-                )
-                await conn.send(Ok(re=request.id, count=count))
-        except UnknownNpcError as exc:
-            await fail("unknown_npc", str(exc), known=exc.known)
-        except NpcEngineError as exc:
-            await fail("invalid_request", str(exc))
-        except Exception as exc:  # a bug in one request must not touch the others
-            log.exception("request %s failed", request.id)
-            await fail("internal", f"Internal error: {type(exc).__name__}")
+        elif isinstance(request, Cancel):  # never waits behind anything
+            reply = self._replies.get((conn.key, request.target))
+            if reply is not None:
+                reply.cancel.set()
+            await conn.send(Ok(re=request.id))
+        elif not conn.bucket.take():
+            await self._fail(conn, request, outcome.encoding, "rate_limited", "Slow down.")
+        elif not self._server_bucket.take():
+            message = "The server is receiving too many requests; slow down."
+            await self._fail(conn, request, outcome.encoding, "rate_limited", message)
+        elif conn.pending.qsize() >= self.limits.max_pending_per_connection:
+            message = "Too many requests waiting on this connection; retry later."
+            await self._fail(conn, request, outcome.encoding, "busy", message)
+        else:
+            conn.pending.put_nowait((request, outcome.encoding))
+
+    async def _fail(
+        self,
+        conn: _Connection,
+        request: Request,
+        encoding: Encoding,
+        code: ErrorCode,
+        message: str,
+        **details: Any,
+    ) -> None:
+        error = Error(re=request.id, code=code, message=message, details=details)
+        await conn.send(error, encoding)
+
+    async def _serve_in_order(self, conn: _Connection) -> None:
+        while True:
+            request, encoding = await conn.pending.get()
+            try:
+                await self._serve(conn, request, encoding)
+            except UnknownNpcError as exc:
+                await self._fail(conn, request, encoding, "unknown_npc", str(exc), known=exc.known)
+            except NpcEngineError as exc:
+                await self._fail(conn, request, encoding, "invalid_request", str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in one request must not touch the others
+                log.exception("request %s failed", request.id)
+                message = f"Internal error: {type(exc).__name__}"
+                await self._fail(conn, request, encoding, "internal", message)
+
+    async def _serve(self, conn: _Connection, request: Request, encoding: Encoding) -> None:
+        if isinstance(request, Say):
+            await self._say(conn, request, encoding)
+        elif isinstance(request, NpcList):
+            await conn.send(NpcItems(re=request.id, npcs=self._npc_infos()))
+        elif isinstance(request, Stats):
+            await conn.send(self._stats(request))
+        elif isinstance(request, Event):
+            done = self.engine.add_event(
+                request.npc_ids,
+                request.text,
+                player_id=request.player_id,
+                importance=request.importance,
+            )
+            ids = await self._acknowledged(done)
+            await conn.send(Ok(re=request.id, memory_ids=ids))
+        elif isinstance(request, MemoryList):
+            self.engine.persona(request.npc_id)
+            await self._acknowledged(self.engine.writer.submit([]))  # reads see earlier writes
+            items = await self._in_io(self._memory_list, request)
+            await conn.send(MemoryItems(re=request.id, items=items))
+        elif isinstance(request, MemoryForget):
+            self.engine.persona(request.npc_id)
+            await self._acknowledged(self.engine.writer.submit([]))
+            count = await self._in_io(
+                lambda r: self.engine.forget(
+                    r.npc_id, player_id=r.player_id, memory_ids=r.memory_ids, everything=r.all
+                ),
+                request,
+            )
+            await conn.send(Ok(re=request.id, count=count))
+
+    @staticmethod
+    async def _acknowledged(done: Future[list[str]]) -> list[str]:
+        """Wait for a memory write without holding a thread while it queues."""
+        return await asyncio.wait_for(asyncio.wrap_future(done), MEMORY_CALL_TIMEOUT)
 
     async def _in_io(self, function: Callable[[Any], Any], request: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -278,18 +379,18 @@ class NpcServer:
             for npc_id, p in sorted(self.engine.registry.personas.items())
         ]
 
-    def _event(self, request: Event) -> list[str]:
-        done = self.engine.add_event(
-            request.npc_ids,
-            request.text,
-            player_id=request.player_id,
-            importance=request.importance,
+    def _stats(self, request: Stats) -> StatsReport:
+        connections = len(self._server.connections) if self._server is not None else 0
+        return StatsReport(
+            re=request.id,
+            connections=connections,
+            replies=len(self._replies),
+            queued_generations=self._queued,
+            conversations=self.engine.conversation_count(),
+            memory_write_failures=self.engine.memory_write_failures,
         )
-        return done.result(60)
 
     def _memory_list(self, request: MemoryList) -> list[MemoryItem]:
-        self.engine.persona(request.npc_id)
-        self.engine.writer.flush(60)
         pairs: list[tuple[Memory, float | None]]
         if request.query:
             scored = self.engine.recall(
@@ -314,8 +415,19 @@ class NpcServer:
 
     # -- say -----------------------------------------------------------------------------
 
-    async def _say(self, conn: _Connection, request: Say, fail: Callable[..., Any]) -> None:
+    async def _say(self, conn: _Connection, request: Say, encoding: Encoding) -> None:
         self.engine.persona(request.npc_id)  # unknown_npc before anything is accepted
+
+        async def fail(code: ErrorCode, message: str) -> None:
+            await self._fail(conn, request, encoding, code, message)
+
+        if request.inspect and not (self.allow_inspect or conn.authenticated):
+            await fail(
+                "unauthorized",
+                "inspect shows the whole prompt, secrets included: start the server with "
+                "--allow-inspect, or connect with its token.",
+            )
+            return
         if self.stopping:
             await fail("busy", "The server is shutting down.")
             return
@@ -329,21 +441,22 @@ class NpcServer:
         conn.session.in_flight.add(request.id)
         reply = _Reply()
         self._replies[(conn.key, request.id)] = reply
-        self._queued += 1
         turn_id = uuid.uuid4().hex
         await conn.send(ReplyStart(re=request.id, npc_id=request.npc_id, turn_id=turn_id))
         reply.task = asyncio.create_task(self._run_say(conn, request, reply))
 
-    async def _run_say(self, conn: _Connection, request: Say, reply: _Reply) -> None:
+    def _submit_turn(self, request: Say, reply: _Reply) -> Future[TurnResult | None]:
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[str | None] = asyncio.Queue()
 
         def on_delta(piece: str) -> None:
-            loop.call_soon_threadsafe(deltas.put_nowait, piece)
+            loop.call_soon_threadsafe(reply.inbox.put_nowait, ("text", piece))
 
         def work() -> TurnResult | None:
             if reply.cancel.is_set():
-                return None  # cancelled or disconnected while queued: dropped
+                # Cancelled (or its client gone) while queued: the NPC heard the line and
+                # never answered, exactly what a cancel during the reply stores.
+                self.engine.hear(request.npc_id, request.text, player_id=request.player_id)
+                return None
             return self.engine.say(
                 request.npc_id,
                 request.text,
@@ -354,132 +467,96 @@ class NpcServer:
                 cancel=reply.cancel,
             )
 
-        sent: list[str] = []  # what the client has received, in order (seq = index)
-        ended = False  # reply.end went out early (deadline): nothing more is sent
-        sending = asyncio.Lock()  # deltas, the deadline and the end go out one at a time
-
-        interval = self.limits.delta_interval_ms / 1000
-
-        async def pump() -> None:
-            last_sent = 0.0
-            finished = False
-            while not finished and (piece := await deltas.get()) is not None:
-                pieces = [piece]
-                # The first token goes out at once; later ones wait for their batch.
-                while sent and (remaining := last_sent + interval - loop.time()) > 0:
-                    try:
-                        more = await asyncio.wait_for(deltas.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
-                    if more is None:
-                        finished = True
-                        break
-                    pieces.append(more)
-                text = "".join(pieces)
-                async with sending:
-                    if not ended:
-                        await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=text))
-                        sent.append(text)
-                last_sent = loop.time()
-
-        async def expire() -> None:
-            nonlocal ended
-            async with sending:
-                if sent or ended:
-                    return  # a token made it in time
-                ended = True
-                reply.cancel.set()  # queued: dropped; running: stops within one batch
-                message = f"No first token within {request.deadline_ms} ms."
-                await conn.send(await self._fallback_end(conn, request, sent, "deadline", message))
-
-        expiring: list[asyncio.Future[None]] = []  # holds the task while it runs
-        deadline = (
-            loop.call_later(
-                request.deadline_ms / 1000, lambda: expiring.append(asyncio.ensure_future(expire()))
-            )
-            if request.deadline_ms
-            else None
+        self._queued += 1
+        job: Future[TurnResult | None] = self._generation.submit(
+            request.npc_id,
+            work,
+            player_id=request.player_id,
+            background=request.priority == "background",
         )
-        pumping = asyncio.create_task(pump())
-        end: ReplyEnd | None = None
+
+        def release(_job: Future[TurnResult | None]) -> None:
+            self._queued -= 1  # when the work is really over, not when the reply ended
+
+        def report(_job: Future[TurnResult | None]) -> None:
+            reply.inbox.put_nowait(("done", _job))
+
+        job.add_done_callback(lambda f: loop.call_soon_threadsafe(release, f))
+        job.add_done_callback(lambda f: loop.call_soon_threadsafe(report, f))
+        return job
+
+    async def _run_say(self, conn: _Connection, request: Say, reply: _Reply) -> None:
+        loop = asyncio.get_running_loop()
+        stream = ReplyStream(
+            request.id,
+            fallback_line=lambda: self.engine.fallback_line(self.engine.persona(request.npc_id)),
+            delta_interval=self.limits.delta_interval_ms / 1000,
+        )
+        deadline = None
         try:
-            job = self._generation.submit(
-                request.npc_id,
-                work,
-                player_id=request.player_id,
-                background=request.priority == "background",
-            )
-            result = await asyncio.wrap_future(job)
-            deltas.put_nowait(None)
-            await pumping
-            end = self._reply_end(request, result)
-        except Exception as exc:
-            log.exception("say %s failed", request.id)
-            deltas.put_nowait(None)
-            await pumping
-            async with sending:
-                if not ended:
-                    message = f"{type(exc).__name__}: {exc}"
-                    end = await self._fallback_end(conn, request, sent, "internal", message)
+            if self.stopping:
+                await self._send_all(conn, stream.shutdown())
+                return
+            self._submit_turn(request, reply)
+            if request.deadline_ms:
+                deadline = loop.call_later(
+                    request.deadline_ms / 1000, reply.inbox.put_nowait, ("deadline", None)
+                )
+            while not stream.ended:
+                due = stream.due()
+                timeout = None if due is None else max(due - loop.time(), 0.0)
+                try:
+                    kind, value = await asyncio.wait_for(reply.inbox.get(), timeout)
+                except TimeoutError:
+                    await self._send_all(conn, stream.tick(loop.time()))
+                    continue
+                if kind == "text":
+                    out = stream.text(value, loop.time())
+                elif kind == "deadline":
+                    out = stream.deadline_passed(request.deadline_ms or 0)
+                elif kind == "shutdown":
+                    out = stream.shutdown()
+                else:
+                    out = self._turn_over(stream, request, value)
+                if stream.ended:
+                    reply.cancel.set()  # ended early (deadline, shutdown): stop the work
+                await self._send_all(conn, out)
         finally:
             if deadline is not None:
                 deadline.cancel()
-            self._queued -= 1
             self._replies.pop((conn.key, request.id), None)
             conn.session.in_flight.discard(request.id)
-        async with sending:
-            if end is not None and not ended:
-                await conn.send(end)
-            ended = True
 
-    async def _fallback_end(
-        self, conn: _Connection, request: Say, sent: list[str], code: ErrorCode, message: str
-    ) -> ReplyEnd:
-        """End a failed reply: the fallback line continues what was already sent, if nothing
-        was, so the stream stays consistent (seq without gaps, text = the deltas)."""
-        line = "" if sent else self.engine.fallback_line(self.engine.persona(request.npc_id))
-        if line:
-            await conn.send(ReplyDelta(re=request.id, seq=len(sent), text=line))
-            sent.append(line)
-        return ReplyEnd(
-            re=request.id,
-            text="".join(sent),
-            reason="error",
-            error=ErrorInfo(code=code, message=message),
-        )
+    def _turn_over(
+        self, stream: ReplyStream, request: Say, job: Future[TurnResult | None]
+    ) -> list[ReplyMessage]:
+        try:
+            result = job.result()
+        except Exception as exc:
+            log.error("say %s failed", request.id, exc_info=exc)
+            return stream.failed("internal", f"{type(exc).__name__}: {exc}")
+        if result is None:  # dropped while queued
+            return stream.finished(FinishedTurn("cancelled"), stopping=self.stopping)
+        return stream.finished(self._finished_turn(request, result), stopping=self.stopping)
 
-    def _reply_end(self, request: Say, result: TurnResult | None) -> ReplyEnd:
-        if result is None or result.reason == "cancelled":
-            text = result.text if result is not None else ""
-            if self.stopping:
-                return ReplyEnd(
-                    re=request.id,
-                    text=text,
-                    reason="error",
-                    error=ErrorInfo(code="shutdown", message="The server is stopping."),
-                )
-            return ReplyEnd(re=request.id, text=text, reason="cancelled")
+    async def _send_all(self, conn: _Connection, messages: list[ReplyMessage]) -> None:
+        for message in messages:
+            await conn.send(message)
+
+    def _finished_turn(self, request: Say, result: TurnResult) -> FinishedTurn:
         timings = result.timings
-        usage = Usage(
-            prompt_tokens=result.prompt_tokens,
-            cached_tokens=result.cached_tokens,
-            completion_tokens=result.completion_tokens,
-            ttft_ms=round(timings.ttft_ms) if timings.ttft_ms is not None else None,
-            total_ms=round(timings.total_ms),
-        )
-        error = (
-            ErrorInfo(code="internal", message=result.error or "generation failed")
-            if result.reason == "error"
-            else None
-        )
-        return ReplyEnd(
-            re=request.id,
-            text=result.text,
+        return FinishedTurn(
             reason=result.reason,
             emotion=result.emotion,
             action=result.action,
-            usage=usage,
-            error=error,
+            usage=Usage(
+                prompt_tokens=result.prompt_tokens,
+                cached_tokens=result.cached_tokens,
+                completion_tokens=result.completion_tokens,
+                ttft_ms=round(timings.ttft_ms) if timings.ttft_ms is not None else None,
+                total_ms=round(timings.total_ms),
+            ),
+            error=result.error,
             inspect=self._inspection(result) if request.inspect else None,
         )
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from npc_engine.config import RetrievalConfig
 from npc_engine.memory.importance import rate_importance
@@ -8,7 +8,7 @@ from npc_engine.memory.in_memory import InMemoryStore
 from npc_engine.memory.scoring import recency_of, score_candidates
 from npc_engine.memory.types import Candidate, Memory
 
-NOW = datetime(2026, 11, 29, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 29, 12, tzinfo=UTC)
 
 
 def memory(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from npc_engine.generation.base import (
     RenderedPrompt,
 )
 from npc_engine.generation.snapshots import Snapshot, SnapshotCache, common_prefix_length
-from npc_engine.generation.tokens import PieceTokenizer
+from npc_engine.generation.tokens import PromptTokenizer, placeholder, split_rendered
 
 log = logging.getLogger(__name__)
 # Restore a snapshot only when it saves at least this many prompt tokens over what the
@@ -90,7 +91,8 @@ class LlamaGenerator:
         self.n_ctx = n_ctx
         self._lock = threading.Lock()
         self._formatter = self._make_formatter(chat_format)
-        self._prompt_tokenizer = self._make_piece_tokenizer()
+        self._prompt_tokenizer = PromptTokenizer(self._tokenize_part)
+        self._control_texts: re.Pattern[str] | None = None
         self.snapshots = snapshots
         self._context_key: str | None = None  # whose conversation the context holds now
 
@@ -124,58 +126,55 @@ class LlamaGenerator:
     def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
         return list(self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
-    def _tokenize_whole(self, text: str, add_bos: bool) -> list[int]:
-        return self.tokenize(text, add_bos=add_bos)
-
-    def _make_piece_tokenizer(self) -> PieceTokenizer | None:
-        """Piecewise prompt tokenization, split at the chat template's special tokens; None
-        where this model's tokenizer would not give the same tokens that way."""
-        import llama_cpp
-
-        vocab = llama_cpp.llama_model_get_vocab(self._llama._model.model)
-        if llama_cpp.llama_vocab_get_add_eos(vocab):
-            return None  # each piece would end with an EOS
-        probes = [
-            [{"role": "user", "content": "Probe one."}],
-            [
-                {"role": "system", "content": "Probe two,\n with lines."},
-                {"role": "user", "content": " Probe three "},
-                {"role": "assistant", "content": "Probe four."},
-                {"role": "user", "content": "Probe five?"},
-            ],
-        ]
-        rendered = []
-        for messages in probes:
-            try:
-                rendered.append(self._formatter(messages=messages))
-            except Exception:  # templates may refuse a system role or an odd order
-                continue
-        if not rendered:
-            return None
-        add_bos = not rendered[0].added_special
-        markers = set()
-        for token in {t for r in rendered for t in self.tokenize(r.prompt, add_bos=add_bos)}:
-            attributes = llama_cpp.llama_vocab_get_attr(vocab, token)
-            # A special token that strips the spaces before it reaches into the piece before.
-            if attributes & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL and not (
-                attributes & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP
-            ):
-                markers.add(self._llama._model.token_get_text(token))
-        tokenizer = PieceTokenizer(self._tokenize_whole, markers)
-        return tokenizer if tokenizer.agrees([r.prompt for r in rendered], add_bos) else None
+    def _tokenize_part(self, text: str, add_bos: bool, special: bool) -> list[int]:
+        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def render(self, messages: Sequence[Message]) -> RenderedPrompt:
-        result = self._formatter(messages=list(messages))
-        stop = [
-            s for s in ([result.stop] if isinstance(result.stop, str) else result.stop or []) if s
-        ]
-        add_bos = not result.added_special
-        tokens = (
-            self._prompt_tokenizer(result.prompt, add_bos)
-            if self._prompt_tokenizer is not None
-            else self.tokenize(result.prompt, add_bos=add_bos)
+        """The prompt in the GGUF's template; special tokens only where the template put
+        them (see ``generation.tokens``)."""
+        contents = [message.get("content", "") for message in messages]
+        scaffold = self._formatter(
+            messages=[{**m, "content": placeholder(i)} for i, m in enumerate(messages)]
         )
-        return RenderedPrompt(text=result.prompt, stop=stop, tokens=tokens)
+        stop = [
+            s
+            for s in ([scaffold.stop] if isinstance(scaffold.stop, str) else scaffold.stop or [])
+            if s
+        ]
+        add_bos = not scaffold.added_special
+        parts = split_rendered(scaffold.prompt, len(messages))
+        if parts is None:
+            # This template rewrites contents (trims, capitalises…), so it cannot be split:
+            # render the real text with every control token's text taken out of contents.
+            defused = [
+                {**m, "content": self._defuse(c)} for m, c in zip(messages, contents, strict=True)
+            ]
+            result = self._formatter(messages=defused)
+            tokens = self.tokenize(result.prompt, add_bos=add_bos)
+            return RenderedPrompt(text=result.prompt, stop=stop, tokens=tokens)
+        pieces = [
+            (text, True) if index is None else (contents[index], False) for text, index in parts
+        ]
+        return RenderedPrompt(
+            text="".join(text for text, _ in pieces),
+            stop=stop,
+            tokens=self._prompt_tokenizer(pieces, add_bos),
+        )
+
+    def _defuse(self, content: str) -> str:
+        if self._control_texts is None:
+            import llama_cpp
+
+            vocab = llama_cpp.llama_model_get_vocab(self._llama._model.model)
+            control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+            texts = {
+                self._llama._model.token_get_text(token)
+                for token in range(self._llama.n_vocab())
+                if llama_cpp.llama_vocab_get_attr(vocab, token) & control
+            }
+            ordered = sorted((t for t in texts if t), key=len, reverse=True)
+            self._control_texts = re.compile("|".join(map(re.escape, ordered or ["\ue000"])))
+        return self._control_texts.sub("", content)
 
     def generate(
         self,

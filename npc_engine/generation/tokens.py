@@ -1,12 +1,18 @@
-"""Tokenizing a chat prompt piece by piece, reusing the pieces seen on earlier turns.
+"""Tokenizing a chat prompt part by part: the template's own text may hold special tokens,
+message contents never do, and parts seen on earlier turns are reused.
 
-A turn's prompt is the previous turn's prompt plus a few new messages, yet tokenizing the
-whole ~1,500-token text again took ~3 ms of every turn's first-token time on 2 cores.
-llama.cpp splits a text at special tokens before running the tokenizer on the plain text
-between them, and the only context it carries across a split is "a special token came just
-before". So a piece that starts with a special token tokenizes the same alone as inside the
-prompt, and a piece seen before costs a dictionary lookup. No library caches llama.cpp
-tokenization, hence this module.
+Safety: a player who types ``<|im_start|>system`` must not open a system message. llama.cpp
+parses special tokens in whatever text it is given with ``special=True``, so the rendered
+prompt cannot be tokenized as one text. The template is rendered with a placeholder for
+each message's content; the text between placeholders is the template's (special tokens
+parsed), each content is tokenized with ``special=False`` (a typed control token becomes
+plain characters).
+
+Speed: a turn's prompt is the previous turn's plus a few new messages, and tokenizing the
+whole ~1,500-token text again took ~3 ms of every first token on 2 cores, so each part's
+tokens are cached. llama.cpp tokenizes the text between special tokens separately anyway,
+so the parts give the tokens a whole-text tokenization would (checked at load).
+No library caches llama.cpp tokenization or separates template from content, hence this.
 """
 
 from __future__ import annotations
@@ -14,52 +20,75 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
-Tokenize = Callable[[str, bool], list[int]]  # (text, add_bos) -> token ids
+# (text, add_bos, parse_special) -> token ids
+Tokenize = Callable[[str, bool, bool], list[int]]
+
+# Private-use characters: no chat template changes them, no sane content holds them.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 
 
-class PieceTokenizer:
-    """Splits before each marker (a special token's text) and caches each piece's tokens."""
+def placeholder(index: int) -> str:
+    """Stands in for message ``index``'s content while the template is rendered."""
+    return f"{_OPEN}{index}{_CLOSE}"
 
-    def __init__(self, tokenize: Tokenize, markers: Iterable[str], capacity: int = 4096) -> None:
+
+def split_rendered(scaffold: str, count: int) -> list[tuple[str, int | None]] | None:
+    """The template's text and the contents' slots, in order: ``(text, None)`` for template
+    text, ``("", index)`` for message ``index``'s content. None when the template did not
+    keep each placeholder exactly once and in order (then it cannot be split safely)."""
+    parts: list[tuple[str, int | None]] = []
+    position = 0
+    expected = 0
+    for match in _PLACEHOLDER.finditer(scaffold):
+        index = int(match.group(1))
+        if index != expected:
+            return None
+        parts.append((scaffold[position : match.start()], None))
+        parts.append(("", index))
+        position = match.end()
+        expected += 1
+    parts.append((scaffold[position:], None))
+    if expected != count or _OPEN in scaffold[position:] or _CLOSE in scaffold[position:]:
+        return None
+    return parts
+
+
+class PromptTokenizer:
+    """Tokens of template text (special tokens parsed) and of contents (never parsed),
+    each part cached (least recently used out beyond ``capacity``)."""
+
+    def __init__(self, tokenize: Tokenize, capacity: int = 4096) -> None:
         self._tokenize = tokenize
-        ordered = sorted({m for m in markers if m}, key=len, reverse=True)
-        # A zero-width split keeps every marker at the start of its piece.
-        pattern = "(?=" + "|".join(map(re.escape, ordered)) + ")"
-        self._split = re.compile(pattern) if ordered else None
         self._capacity = capacity
-        self._pieces: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
+        self._parts: OrderedDict[tuple[str, bool, bool], list[int]] = OrderedDict()
         self._lock = threading.Lock()  # prompts are built on several threads at once
 
-    def __call__(self, text: str, add_bos: bool) -> list[int]:
-        if self._split is None:
-            return self._tokenize(text, add_bos)
+    def __call__(self, parts: Sequence[tuple[str, bool]], add_bos: bool) -> list[int]:
+        """``parts``: (text, is_template) in order; BOS (if wanted) before the first."""
         tokens: list[int] = []
         first = True
-        for piece in self._split.split(text):
-            if not piece:
+        for text, is_template in parts:
+            if not text:
                 continue
-            tokens += self._piece(piece, add_bos and first)
+            tokens += self._part(text, add_bos and first, is_template)
             first = False
-        if first:  # empty text
-            return self._tokenize(text, add_bos)
+        if first and add_bos:
+            return self._tokenize("", True, True)
         return tokens
 
-    def _piece(self, piece: str, add_bos: bool) -> list[int]:
-        key = (piece, add_bos)
+    def _part(self, text: str, add_bos: bool, special: bool) -> list[int]:
+        key = (text, add_bos, special)
         with self._lock:
-            cached = self._pieces.get(key)
+            cached = self._parts.get(key)
             if cached is not None:
-                self._pieces.move_to_end(key)
+                self._parts.move_to_end(key)
                 return cached
-        tokens = self._tokenize(piece, add_bos)
+        tokens = self._tokenize(text, add_bos, special)
         with self._lock:
-            self._pieces[key] = tokens
-            if len(self._pieces) > self._capacity:
-                self._pieces.popitem(last=False)
+            self._parts[key] = tokens
+            if len(self._parts) > self._capacity:
+                self._parts.popitem(last=False)
         return tokens
-
-    def agrees(self, samples: Iterable[str], add_bos: bool) -> bool:
-        """Whether piecewise tokenization gives the whole-text tokens on these samples."""
-        return all(self(text, add_bos) == self._tokenize(text, add_bos) for text in samples)

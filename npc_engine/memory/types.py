@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 MemoryKind = Literal["dialogue", "event", "fact", "summary"]
@@ -13,7 +13,7 @@ MEMORY_KINDS: tuple[MemoryKind, ...] = ("dialogue", "event", "fact", "summary")
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_memory_id() -> str:

@@ -73,6 +73,16 @@ class MemoryWriter:
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
+    def _write_alone(self, write: _Write) -> None:
+        try:
+            if write.memories:
+                self._store.add(write.memories)
+        except Exception as exc:  # the failure goes to its waiter, the thread lives on
+            log.exception("memory write failed")
+            write.done.set_exception(exc)
+        else:
+            write.done.set_result([m.id for m in write.memories])
+
     def _run(self) -> None:
         while True:
             first = self._queue.get()
@@ -99,10 +109,12 @@ class MemoryWriter:
         try:
             if memories:
                 self._store.add(memories)
-        except Exception as exc:  # the failure goes to every waiter, the thread lives on
-            log.exception("memory write failed")
+        except Exception:
+            # One bad write must not fail the others merged into its batch: store each
+            # on its own, so only the one that fails again reports failure.
+            log.warning("batched memory write failed; writing one request at a time")
             for write in writes:
-                write.done.set_exception(exc)
+                self._write_alone(write)
         else:
             for write in writes:
                 write.done.set_result([m.id for m in write.memories])
