@@ -189,6 +189,8 @@ class DialogueEngine:
         kind: MemoryKind = "event",
     ) -> Future[list[str]]:
         """Record something the NPCs witnessed; ``["*"]`` means every NPC."""
+        if player_id is not None:
+            check_id(player_id, "player_id")
         targets = self.registry.ids() if list(npc_ids) == ["*"] else list(npc_ids)
         for npc_id in targets:
             self.persona(npc_id)

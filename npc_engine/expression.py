@@ -124,11 +124,24 @@ _MOOD_TO_EMOTION = {
 }
 
 
+def _cue_pattern(cue: str) -> re.Pattern[str]:
+    """A cue as a whole word, with its common endings: "smile" finds "smiled", while
+    "sad" does not find "crusade" nor "hide" "hideous"."""
+    ending = r"(?:s|es|d|ed|ing|ly|ful)?(?![a-z])" if cue[-1].isalpha() else ""
+    return re.compile(r"(?<![a-z])" + re.escape(cue) + ending)
+
+
+_CUE_PATTERNS = {
+    emotion: [(_cue_pattern(cue), 2 if " " in cue else 1) for cue in cues]
+    for emotion, cues in _CUES.items()
+}
+
+
 def _score(text: str) -> dict[str, int]:
     lowered = text.lower()
     scores = {}
-    for emotion, cues in _CUES.items():
-        score = sum((2 if " " in cue else 1) for cue in cues if cue in lowered)
+    for emotion, patterns in _CUE_PATTERNS.items():
+        score = sum(weight for pattern, weight in patterns if pattern.search(lowered))
         if score:
             scores[emotion] = score
     return scores

@@ -199,9 +199,10 @@ class NpcServer:
         return f"{scheme}://{self.host}:{self.port}/"
 
     def _admit(self, connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
-        """Refuse a handshake beyond ``limits.max_connections`` (this one included)."""
+        """Refuse a handshake when ``limits.max_connections`` are open (this one is not
+        counted yet: websockets adds a connection once its handshake succeeded)."""
         assert self._server is not None
-        if len(self._server.all_connections) > self.limits.max_connections:
+        if len(self._server.all_connections) >= self.limits.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections.\n")
         return None
 

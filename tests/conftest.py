@@ -42,6 +42,34 @@ def real_runtime(real_config: EngineConfig) -> Iterator[object]:
         runtime.close()
 
 
+@pytest.fixture(scope="module")
+def shared_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One real engine (model, Chroma on disk) for a module's tests that need no isolation:
+    loading the model and Chroma for every test was most of the suite's time."""
+    from npc_engine.runtime import open_engine
+
+    config = load_config(
+        personas_dir=SAMPLE_PERSONAS,
+        data_dir=tmp_path_factory.mktemp("shared") / "data",
+        seed=1234,
+        temperature=0.0,
+        n_ctx=2048,
+    )
+    runtime = open_engine(config)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's NPC_ENGINE_* settings (they would change results)."""
+    for name in list(os.environ):
+        if name.startswith("NPC_ENGINE_"):
+            monkeypatch.delenv(name)
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:

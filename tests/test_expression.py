@@ -10,6 +10,22 @@ def test_emotion_follows_the_strongest_cue() -> None:
     assert infer_emotion("Alas, he died at sea. I miss him.") == "sad"
 
 
+def test_cues_are_whole_words_with_their_endings() -> None:
+    # Words that merely contain a cue carry no emotion of their own.
+    for text in [
+        "A crusade, you say.",  # sad
+        "What a hideous coat.",  # hide
+        "The deadline is dawn.",  # dead
+        "Lostwithiel is north.",  # lost
+        "Sadler sells saddles.",  # sad
+    ]:
+        assert infer_emotion(text) == "neutral", text
+    # Inflected cues still count.
+    assert infer_emotion("She smiled and laughed.") == "happy"
+    assert infer_emotion("He hides in the cellar, trembling.") == "afraid"
+    assert infer_emotion("Ha! Good one.") == "happy"
+
+
 def test_without_cues_the_persona_mood_decides() -> None:
     assert infer_emotion("The room is upstairs.", "busy but friendly") == "happy"
     assert infer_emotion("The room is upstairs.", "tense") == "suspicious"

@@ -112,6 +112,17 @@ def test_huge_file_and_alias_bomb_fail_fast(tmp_path: Path) -> None:
     assert any("bomb.yaml:1: (document): file expands to more than" in m for m in found)
 
 
+def test_self_referencing_alias_and_deep_nesting_are_reported(tmp_path: Path) -> None:
+    write(tmp_path, "cycle.yaml", GOOD + "knowledge: &loop [*loop]\n")
+    write(tmp_path, "deep.yaml", GOOD + "knowledge: " + "[" * 5000 + "]" * 5000 + "\n")
+    write(tmp_path, "nested.yaml", GOOD + "knowledge: " + "[" * 80 + "]" * 80 + "\n")
+    found = messages(tmp_path)
+    assert any(m.startswith(f"{tmp_path / 'cycle.yaml'}:4: knowledge") for m in found), found
+    assert any("cycle.yaml" in m and "refers to the value that contains it" in m for m in found)
+    assert any("deep.yaml:1: (document): nested more than" in m for m in found), found
+    assert any("nested.yaml:4: knowledge[0]" in m and "nested more than" in m for m in found)
+
+
 def test_duplicate_ids_and_unknown_relationship(tmp_path: Path) -> None:
     write(tmp_path, "ann.yaml", GOOD)
     write(tmp_path, "other.yaml", "id: ann\n" + GOOD)

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 async def server(real_runtime: EngineRuntime) -> AsyncIterator[NpcServer]:
-    instance = NpcServer(real_runtime.engine, port=0, limits=ServerLimits(max_frame_bytes=4096))
+    instance = NpcServer(
+        real_runtime.engine, port=0, limits=ServerLimits(max_frame_bytes=4096), allow_inspect=True
+    )
     await instance.start()
     try:
         yield instance

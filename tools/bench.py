@@ -475,7 +475,7 @@ def target_overhead(runtime: EngineRuntime, bare: BareLlama, report: Report, tur
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = NpcServer(engine, port=0)
+    server = NpcServer(engine, port=0, allow_inspect=True)  # the client reads the prompt
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
     ratios, engine_times, bare_times = [], [], []
     client = GameClient(server.url)

@@ -16,6 +16,7 @@ import yaml
 
 MAX_FILE_BYTES = 256 * 1024
 MAX_NODES = 20_000
+MAX_DEPTH = 50  # a persona is a few levels deep; deeper is a mistake or an attack
 
 Location = tuple[str | int, ...]
 
@@ -46,22 +47,40 @@ class _NodeBudgetExceeded(Exception):
     """The document expands to more than MAX_NODES values (an alias bomb, usually)."""
 
 
+class _Unreadable(Exception):
+    """A value nested too deeply or containing itself (through an alias)."""
+
+    def __init__(self, node: yaml.Node, location: Location, message: str) -> None:
+        super().__init__(message)
+        self.line = node.start_mark.line + 1
+        self.location = location
+
+
 class _Walker:
     def __init__(self, parsed: ParsedYaml) -> None:
         self.parsed = parsed
         self.loader = yaml.SafeLoader("")
         self.nodes_seen = 0
+        self._open: set[int] = set()  # collections being walked: an alias back is a cycle
 
     def value(self, node: yaml.Node, location: Location) -> Any:
         self.nodes_seen += 1
         if self.nodes_seen > MAX_NODES:
             raise _NodeBudgetExceeded
+        if len(location) > MAX_DEPTH:
+            raise _Unreadable(node, location, f"nested more than {MAX_DEPTH} levels deep")
         self.parsed.lines.setdefault(location, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            return self.mapping(node, location)
-        if isinstance(node, yaml.SequenceNode):
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            return self.loader.construct_object(node, deep=True)
+        if id(node) in self._open:
+            raise _Unreadable(node, location, "an alias refers to the value that contains it")
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self.mapping(node, location)
             return [self.value(item, (*location, index)) for index, item in enumerate(node.value)]
-        return self.loader.construct_object(node, deep=True)
+        finally:
+            self._open.discard(id(node))
 
     def mapping(self, node: yaml.MappingNode, location: Location) -> dict[Any, Any]:
         self.loader.flatten_mapping(node)  # resolves YAML merge keys (<<)
@@ -130,6 +149,11 @@ def parse_yaml_file(path: Path) -> ParsedYaml:
         return parsed
     try:
         documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        parsed.problems.append(
+            SourceProblem(1, "(document)", f"nested more than {MAX_DEPTH} levels deep")
+        )
+        return parsed
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
@@ -172,6 +196,9 @@ def parse_yaml_file(path: Path) -> ParsedYaml:
                 f"file expands to more than {MAX_NODES:,} values (YAML aliases nested too deep?)",
             )
         )
+    except _Unreadable as exc:
+        parsed.data = None
+        parsed.problems.append(SourceProblem(exc.line, dotted(exc.location), str(exc)))
     except yaml.YAMLError as exc:
         parsed.data = None
         parsed.problems.append(SourceProblem(1, "(document)", f"invalid YAML: {exc}"))
