@@ -134,7 +134,7 @@ async def test_connection_cap_and_server_wide_rate(shared_runtime: EngineRuntime
         assert refused.value.response.status_code == 503
         # Each connection is far under its own rate, together they exceed the server's.
         codes = []
-        for round_index in range(3):
+        for _round in range(3):
             for client in clients:
                 try:
                     await client.npcs()
