@@ -100,6 +100,14 @@ class _Connection:
     session: ProtocolSession
     bucket: _TokenBucket
     pending: asyncio.Queue[tuple[Request, Encoding]] = field(default_factory=asyncio.Queue)
+    # Memory writes this connection caused and that are not stored yet: its reads wait for
+    # these alone, not for every other connection's writes.
+    writes: set[Future[list[str]]] = field(default_factory=set)
+
+    def track(self, write: Future[list[str]] | None) -> None:
+        if write is not None and not write.done():
+            self.writes.add(write)
+            write.add_done_callback(self.writes.discard)
 
     @property
     def key(self) -> int:
@@ -347,16 +355,17 @@ class NpcServer:
                 player_id=request.player_id,
                 importance=request.importance,
             )
+            conn.track(done)
             ids = await self._acknowledged(done)
             await conn.send(Ok(re=request.id, memory_ids=ids))
         elif isinstance(request, MemoryList):
             self.engine.persona(request.npc_id)
-            await self._acknowledged(self.engine.writer.submit([]))  # reads see earlier writes
+            await self._own_writes(conn)  # a connection reads what it wrote
             items = await self._in_io(self._memory_list, request)
             await conn.send(MemoryItems(re=request.id, items=items))
         elif isinstance(request, MemoryForget):
             self.engine.persona(request.npc_id)
-            await self._acknowledged(self.engine.writer.submit([]))
+            await self._own_writes(conn)
             count = await self._in_io(
                 lambda r: self.engine.forget(
                     r.npc_id, player_id=r.player_id, memory_ids=r.memory_ids, everything=r.all
@@ -369,6 +378,11 @@ class NpcServer:
     async def _acknowledged(done: Future[list[str]]) -> list[str]:
         """Wait for a memory write without holding a thread while it queues."""
         return await asyncio.wait_for(asyncio.wrap_future(done), MEMORY_CALL_TIMEOUT)
+
+    async def _own_writes(self, conn: _Connection) -> None:
+        if conn.writes:
+            waits = [asyncio.wrap_future(write) for write in list(conn.writes)]
+            await asyncio.wait(waits, timeout=MEMORY_CALL_TIMEOUT)
 
     async def _in_io(self, function: Callable[[Any], Any], request: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -519,6 +533,8 @@ class NpcServer:
                     out = stream.shutdown()
                 else:
                     out = self._turn_over(stream, request, value)
+                    if not value.exception() and value.result() is not None:
+                        conn.track(value.result().memory_write)
                 if stream.ended:
                     reply.cancel.set()  # ended early (deadline, shutdown): stop the work
                 await self._send_all(conn, out)

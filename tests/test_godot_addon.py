@@ -53,6 +53,51 @@ def test_client_has_the_promised_signals_and_methods() -> None:
     assert "WebSocketPeer" in CLIENT and "_socket.poll()" in CLIENT
 
 
+def _function(name: str) -> str:
+    """The body of a GDScript function of the client (up to the next top-level line)."""
+    match = re.search(rf"^func {name}\(.*?(?=^\S)", CLIENT + "\n#", re.MULTILINE | re.DOTALL)
+    assert match is not None, name
+    return match.group(0)
+
+
+def test_inbound_buffer_fits_the_largest_memory_answer() -> None:
+    """Size arithmetic: the biggest 100-item memory.items the server can send, encoded as
+    the server encodes it, fits the buffer the addon gives every socket it opens."""
+    from npc_engine.dialogue import MAX_MEMORY_CHARS
+    from npc_engine.protocol import MemoryItem, MemoryItems, encode
+
+    longest_id = "x" * 64
+    worst_text = f"The player {longest_id} told me: '" + "\U0001f41f" * MAX_MEMORY_CHARS + "'"
+    item = MemoryItem(
+        id=longest_id,
+        text=worst_text,
+        kind="dialogue",
+        importance=10,
+        player_id=longest_id,
+        created_at="2026-12-02T13:09:07.123456Z",
+        score=-123.456789012345,
+    )
+    frame = encode(MemoryItems(re="r" * 128, items=[item] * 100), "json")
+    size = len(frame.encode("utf-8") if isinstance(frame, str) else frame)
+    assert size > 64 * 1024  # Godot's default would not hold it
+    declared = re.search(r"^@export var inbound_buffer_bytes := (.+)$", CLIENT, re.MULTILINE)
+    assert declared is not None
+    buffer_bytes = eval(declared.group(1), {"__builtins__": {}})  # an arithmetic literal
+    assert size <= buffer_bytes
+    assert "_socket.inbound_buffer_size = inbound_buffer_bytes" in _function("_open")
+
+
+def test_a_refused_hello_closes_and_lost_requests_are_reported() -> None:
+    on_error = _function("_on_error")
+    # Any error answering the hello closes the socket (no client stuck in HANDSHAKE) ...
+    assert "request_id == _hello_id" in on_error and "_socket.close(" in on_error
+    assert "FINAL_HELLO_ERRORS" in on_error  # ... and gives up only where retrying is futile
+    on_closed = _function("_on_closed")
+    # Requests that were sent and never answered end with an error signal on a drop.
+    assert 'error_received.emit(request_id, "disconnected"' in on_closed
+    assert "reply_finished.emit(request_id, cut_off)" in on_closed
+
+
 def test_every_message_type_in_the_gdscript_exists_in_protocol_v1() -> None:
     built = set(re.findall(r'"type": "([\w.]+)"', HELPER))
     assert built and built <= REQUEST_TYPES

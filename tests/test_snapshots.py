@@ -5,15 +5,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from npc_engine.config import EngineConfig
-from npc_engine.generation.base import GenerationParams
+from npc_engine.generation.base import GenerationParams, RenderedPrompt
 from npc_engine.generation.batched import BatchedLlamaGenerator, StopMatcher
+from npc_engine.generation.llama import LlamaGenerator
 from npc_engine.generation.snapshots import SnapshotCache, common_prefix_length
-from npc_engine.runtime import EngineRuntime, open_engine
+from npc_engine.runtime import EngineRuntime, open_engine, resolve_chat_model
 
 
 def tokens(*values: int) -> np.ndarray:
@@ -82,16 +84,38 @@ def test_switching_npcs_restores_each_conversation(runtime: EngineRuntime) -> No
     assert second.cached_tokens >= first.prompt_tokens - 16
 
 
-@pytest.mark.slow
-def test_restored_state_generates_what_a_cold_context_does(runtime: EngineRuntime) -> None:
-    generator = runtime.engine.generator
+def scene_prompts(generator: LlamaGenerator) -> tuple[RenderedPrompt, RenderedPrompt]:
     harbour = "The harbour wakes: gulls, nets, tar and salt. " * 20
     marsh = "Reeds, mud and mist over the marsh pools. " * 20
-    prompt = generator.render([{"role": "user", "content": harbour + "Describe it at dawn."}])
-    other = generator.render([{"role": "user", "content": marsh + "Name three herbs."}])
-    params = GenerationParams(max_tokens=16, temperature=0.0, seed=1, cache_key="a")
-    cold: list[str] = []
-    generator.generate(prompt, params, cold.append)
+    return (
+        generator.render([{"role": "user", "content": harbour + "Describe it at dawn."}]),
+        generator.render([{"role": "user", "content": marsh + "Name three herbs."}]),
+    )
+
+
+def greedy(key: str, max_tokens: int = 16) -> GenerationParams:
+    return GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=1, cache_key=key)
+
+
+def run(generator: LlamaGenerator, prompt: RenderedPrompt, key: str) -> tuple[str, bool, int]:
+    pieces: list[str] = []
+    stats = generator.generate(prompt, greedy(key), pieces.append)
+    return "".join(pieces), stats.restored_snapshot, stats.cached_tokens
+
+
+@pytest.mark.slow
+def test_restored_state_generates_what_the_kept_state_does(runtime: EngineRuntime) -> None:
+    """What a restore guarantees: the sequence's KV cells come back as they were, so the
+    reply equals the one from the same cells kept in place (both evaluate the prompt's
+    last token alone). A cold context evaluates it inside a 256-token batch, whose CPU
+    kernels (AVX2 vs AVX-512) may round differently: equal to a cold reply is not a promise.
+    """
+    generator = runtime.engine.generator
+    assert isinstance(generator, LlamaGenerator)
+    prompt, other = scene_prompts(generator)
+    run(generator, prompt, "a")  # cold: fills the cells
+    kept_text, restored, cached = run(generator, prompt, "a")  # same cells, kept in place
+    assert not restored and cached == len(prompt.tokens or []) - 1
     if isinstance(generator, BatchedLlamaGenerator):
         # "a" leaves its slot (as when the slot goes to another conversation): its state is
         # snapshotted and the slot emptied, so "a" must come back from the snapshot.
@@ -100,13 +124,38 @@ def test_restored_state_generates_what_a_cold_context_does(runtime: EngineRuntim
         generator._low.llama_memory_seq_rm(generator._memory, slot.seq_id, -1, -1)
         slot.tokens, slot.key = [], None
     else:
-        generator.generate(
-            other, GenerationParams(max_tokens=4, temperature=0.0, cache_key="b"), print
-        )
-    warm: list[str] = []
-    stats = generator.generate(prompt, params, warm.append)
-    assert stats.restored_snapshot and stats.cached_tokens == len(prompt.tokens) - 1
-    assert "".join(warm) == "".join(cold)
+        generator.generate(other, greedy("b", 4), print)
+    warm_text, restored, cached = run(generator, prompt, "a")
+    assert restored and cached == len(prompt.tokens or []) - 1
+    assert warm_text == kept_text
+
+
+@pytest.mark.slow
+def test_a_conversation_that_loses_its_slot_comes_back_restored(
+    real_config: EngineConfig,
+) -> None:
+    """One batch slot, three turns: "a", then "b" takes the slot (save-on-leave), then "a"
+    returns and is restored from its snapshot, replying as with its cells kept."""
+    path, chat_format = resolve_chat_model(real_config, lambda _m: None)
+    generator = BatchedLlamaGenerator(
+        Path(path),
+        n_ctx=2048,
+        chat_format=chat_format,
+        snapshots=SnapshotCache(256 << 20),
+        slots=1,
+    )
+    try:
+        prompt, other = scene_prompts(generator)
+        run(generator, prompt, "a")
+        kept_text, _, _ = run(generator, prompt, "a")
+        assert len(generator.snapshots or []) == 0
+        generator.generate(other, greedy("b", 4), print)  # the only slot changes hands
+        assert generator.snapshots is not None and len(generator.snapshots) == 1
+        back_text, restored, cached = run(generator, prompt, "a")
+        assert restored and cached == len(prompt.tokens or []) - 1
+        assert back_text == kept_text
+    finally:
+        generator.close()
 
 
 @pytest.mark.slow
@@ -155,3 +204,60 @@ def test_stop_matcher_cuts_at_stops_and_holds_back_their_starts() -> None:
     other = StopMatcher(["\nPlayer:"])
     assert other.feed("Hello\nPl") == "Hello" and other.feed("ease sit.") == "\nPlease sit."
     assert other.finish() == ""
+
+
+@pytest.mark.slow
+def test_a_failing_decode_ends_only_its_own_reply(
+    real_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama_decode refuses every batch holding conversation "bad": "bad" ends with an
+    error and its slot is reset, "good" (decoding in the same batches) goes on."""
+    path, chat_format = resolve_chat_model(real_config, lambda _m: None)
+    generator = BatchedLlamaGenerator(Path(path), n_ctx=2048, chat_format=chat_format, slots=2)
+    try:
+        prompt, other = scene_prompts(generator)
+        low = generator._low
+        refused: list[int] = []
+
+        class RefuseBad:
+            def __getattr__(self, name: str) -> object:
+                return getattr(low, name)
+
+            def llama_decode(self, ctx: object, batch: Any) -> int:
+                seqs = {batch.seq_id[i][0] for i in range(batch.n_tokens)}
+                bad = {s.seq_id for s in generator.slots if s.key == "bad" and s.request}
+                if seqs & bad:
+                    refused.append(batch.n_tokens)
+                    return 1  # llama.cpp's "could not find a KV slot"
+                return int(low.llama_decode(ctx, batch))
+
+        monkeypatch.setattr(generator, "_low", RefuseBad())
+        results: dict[str, object] = {}
+
+        def talk(key: str, rendered: RenderedPrompt) -> None:
+            pieces: list[str] = []
+            try:
+                stats = generator.generate(rendered, greedy(key, 24), pieces.append)
+                results[key] = (stats.finish_reason, "".join(pieces))
+            except Exception as exc:
+                results[key] = exc
+
+        threads = [
+            threading.Thread(target=talk, args=("good", prompt)),
+            threading.Thread(target=talk, args=("bad", other)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert refused  # the fault really happened
+        assert isinstance(results["bad"], Exception) and "llama_decode" in str(results["bad"])
+        reason, text = results["good"]  # type: ignore[misc]
+        assert reason in ("stop", "length") and text
+        bad_slot = next(s for s in generator.slots if s.key != "good")
+        assert bad_slot.tokens == [] and bad_slot.key is None  # no cells claimed
+        monkeypatch.setattr(generator, "_low", low)
+        again, _restored, _cached = run(generator, other, "bad")  # the slot works again
+        assert again
+    finally:
+        generator.close()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -42,18 +42,27 @@ def test_csharp_client_streams_a_reply_from_the_live_server(
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
 
     process, url = start_server_process(real_config)
+    harness_run = subprocess.Popen(
+        [mono, str(harness), url, "mara", "Any rooms free tonight?"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HARNESS_DROP": "1"},
+    )
+    assert harness_run.stdout is not None
+    lines = []
     try:
-        run = subprocess.run(
-            [mono, str(harness), url, "mara", "Any rooms free tonight?"],
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        for line in harness_run.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("READY"):
+                process.kill()  # the server vanishes while a reply is pending
+        returncode = harness_run.wait(240)
     finally:
-        process.send_signal(signal.SIGTERM)
+        harness_run.kill()
+        process.kill()
         process.wait(60)
-    assert run.returncode == 0, run.stdout + run.stderr
-    lines = run.stdout.splitlines()
+    stdout = "\n".join(lines)
+    assert returncode == 0, stdout + harness_run.stderr.read()  # type: ignore[union-attr]
     steps = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines if " " in line}
     assert steps["NPCS"] == "guard_tom,mara,wren,ysolde"
     assert steps["EVENT"] == "1"
@@ -61,7 +70,7 @@ def test_csharp_client_streams_a_reply_from_the_live_server(
     # The first reply's deltas, in order and gapless, add up to the final text.
     first_reply = lines[: next(i for i, line in enumerate(lines) if line.startswith("END "))]
     deltas = [line.split(" ", 2) for line in first_reply if line.startswith("DELTA ")]
-    assert deltas, run.stdout
+    assert deltas, stdout
     assert [int(seq) for _, seq, _ in deltas] == list(range(len(deltas)))
     reason, count, text = steps["END"].split(" ", 2)
     assert reason in ("stop", "length") and int(count) == len(deltas)
@@ -70,3 +79,8 @@ def test_csharp_client_streams_a_reply_from_the_live_server(
     assert steps["CANCELLED"] == "cancelled"
     assert steps["ERROR"] == "unknown_npc"
     assert int(steps["MEMORY"]) >= 1
+    # Handlers that threw (ReplyStarted, once per say) were reported; reading went on.
+    faults, connected = steps["FAULTS"].split()
+    assert int(faults) >= 3 and connected == "True"
+    # The pending say failed when the server vanished, and the client knows it is offline.
+    assert steps["DROPPED"] == "disconnected False"

@@ -38,11 +38,15 @@ public static class Harness
         using (var client = new NpcEngineClient())
         {
             int deltas = 0;
+            int faults = 0;
             client.ReplyDelta += (id, seq, piece) =>
             {
                 Console.WriteLine("DELTA " + seq + " " + Json.Serialize(piece));
                 deltas++;
             };
+            // A game's handler that throws must not stop the client reading.
+            client.ReplyStarted += (id, npc) => { throw new InvalidOperationException("game bug"); };
+            client.HandlerFailed += exc => faults++;
             var welcome = await client.ConnectAsync(url, token, "npc-engine-harness/1.0");
             Console.WriteLine("WELCOME " + welcome["server"]);
 
@@ -81,7 +85,29 @@ public static class Harness
 
             var memories = await client.ListMemoriesAsync(npcId, "csharp", "bard", 5);
             Console.WriteLine("MEMORY " + memories.Count);
+            Console.WriteLine("FAULTS " + faults + " " + client.IsConnected);
             await client.CloseAsync();
+
+            // A server that goes away: pending calls fail, IsConnected turns false.
+            if (Environment.GetEnvironmentVariable("HARNESS_DROP") != null)
+            {
+                using (var doomed = new NpcEngineClient())
+                {
+                    await doomed.ConnectAsync(url, token, "npc-engine-harness/1.0");
+                    var pending = doomed.SayAsync(npcId, "Tell me the whole history of the town.",
+                        "csharp-drop", null, 200);
+                    Console.WriteLine("READY");
+                    try
+                    {
+                        await pending;
+                        Console.WriteLine("DROPPED no-error");
+                    }
+                    catch (NpcEngineException error)
+                    {
+                        Console.WriteLine("DROPPED " + error.Code + " " + doomed.IsConnected);
+                    }
+                }
+            }
             return 0;
         }
     }

@@ -69,8 +69,12 @@ namespace NpcEngine
         public event Action<NpcReply> ReplyFinished;
         /// <summary>An <c>error</c> message arrived (also thrown by the awaiting call).</summary>
         public event Action<NpcEngineException> ErrorReceived;
-        /// <summary>The connection closed; the string says why.</summary>
+        /// <summary>The connection closed; the string says why. Every pending call has
+        /// failed with NpcEngineException code "disconnected" by then.</summary>
         public event Action<string> Disconnected;
+        /// <summary>A frame could not be read, or one of your handlers threw: the client
+        /// keeps reading (without a handler here, the exception goes to Console.Error).</summary>
+        public event Action<Exception> HandlerFailed;
 
         /// <summary>The server's <c>welcome</c> message.</summary>
         public Dictionary<string, object> Welcome { get; private set; }
@@ -235,7 +239,15 @@ namespace NpcEngine
             var answer = new TaskCompletionSource<Dictionary<string, object>>(
                 TaskCreationOptions.RunContinuationsAsynchronously);
             lock (_lock) _answers[id] = answer;
-            await SendAsync(message).ConfigureAwait(false);
+            try
+            {
+                await SendAsync(message).ConfigureAwait(false);
+            }
+            catch (Exception exc)
+            {
+                lock (_lock) _answers.Remove(id);
+                throw new NpcEngineException("disconnected", exc.Message, null);
+            }
             return await answer.Task.ConfigureAwait(false);
         }
 
@@ -275,15 +287,42 @@ namespace NpcEngine
                     if (!result.EndOfMessage) continue;
                     var text = Encoding.UTF8.GetString(frame.ToArray());
                     frame.SetLength(0);
-                    var message = Json.Parse(text) as Dictionary<string, object>;
-                    if (message != null) Dispatch(message);
+                    // One unreadable frame or one failing handler must not stop the reading:
+                    // the connection would look open while nothing is received any more.
+                    try
+                    {
+                        var message = Json.Parse(text) as Dictionary<string, object>;
+                        if (message != null) Dispatch(message);
+                    }
+                    catch (Exception exc)
+                    {
+                        ReportFault(exc);
+                    }
                 }
             }
             catch (Exception exc)
             {
                 why = exc.Message;
             }
+            finally
+            {
+                // Reading has stopped: the socket must not claim to be connected.
+                if (_socket.State == WebSocketState.Open || _socket.State == WebSocketState.CloseReceived)
+                    _socket.Abort();
+            }
             FailEverything(why);
+        }
+
+        private void ReportFault(Exception exc)
+        {
+            var handler = HandlerFailed;
+            if (handler == null)
+            {
+                Console.Error.WriteLine("NpcEngineClient: " + exc);
+                return;
+            }
+            try { handler(exc); }
+            catch (Exception inner) { Console.Error.WriteLine("NpcEngineClient: " + inner); }
         }
 
         private void Dispatch(Dictionary<string, object> message)
@@ -381,8 +420,13 @@ namespace NpcEngine
 
         private void Post(Action action)
         {
-            if (_context != null) _context.Post(_ => action(), null);
-            else action();
+            Action guarded = () =>
+            {
+                try { action(); }
+                catch (Exception exc) { ReportFault(exc); }  // a game's handler threw
+            };
+            if (_context != null) _context.Post(_ => guarded(), null);
+            else guarded();
         }
 
         private static string Str(Dictionary<string, object> message, string key)

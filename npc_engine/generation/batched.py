@@ -216,9 +216,10 @@ class BatchedLlamaGenerator(LlamaGenerator):
                 for slot, request in admitted:
                     self._start(slot, request)
                 self._step()
-            except Exception as exc:  # a llama.cpp failure ends the replies in this batch
+            except Exception as exc:  # an unexpected failure ends the replies in this batch
                 log.exception("batched decode failed")
                 for slot in self._active():
+                    self._reset_slot(slot)
                     self._finish(slot, "stop", error=exc)
 
     def _active(self) -> list[_Slot]:
@@ -308,52 +309,87 @@ class BatchedLlamaGenerator(LlamaGenerator):
             slot.sampler = None
 
     def _step(self) -> None:
-        """One llama_decode: a token for every replying slot, plus prompt chunks."""
-        low, batch = self._low, self._batch
-        count = 0
-        outputs: list[tuple[_Slot, int]] = []
+        """One llama_decode: a token for every replying slot, plus prompt chunks.
 
-        def add(slot: _Slot, token: int, logits: bool) -> None:
-            nonlocal count
-            batch.token[count] = token
-            batch.pos[count] = len(slot.tokens)
-            batch.n_seq_id[count] = 1
-            batch.seq_id[count][0] = slot.seq_id
-            batch.logits[count] = logits
-            slot.tokens.append(token)
-            if logits:
-                outputs.append((slot, count))
-            count += 1
-
+        If llama.cpp refuses the batch, each slot's part is tried alone: a slot that fails
+        alone ends its own reply (its cells reset), the others go on."""
+        plan: list[tuple[_Slot, list[int], bool]] = []  # tokens to add; is it a prompt chunk
         for slot in self._active():
             request = slot.request
             assert request is not None
             if request.cancel is not None and request.cancel.is_set():
                 self._finish(slot, "cancelled")
             elif slot.next_token is not None:
-                add(slot, slot.next_token, True)
-                slot.next_token = None
+                plan.append((slot, [slot.next_token], False))
         budget = PROMPT_BATCH
         for slot in self._active():
             request = slot.request
             assert request is not None
             remaining = len(request.tokens) - slot.prompt_done
-            if remaining <= 0 or budget <= 0:
+            if remaining <= 0 or budget <= 0 or slot.next_token is not None:
                 continue
             take = min(remaining, budget)
-            for offset in range(take):
-                index = slot.prompt_done + offset
-                add(slot, request.tokens[index], index == len(request.tokens) - 1)
-            slot.prompt_done += take
+            plan.append((slot, request.tokens[slot.prompt_done : slot.prompt_done + take], True))
             budget -= take
-        if count == 0:
+        if not plan:
             return
+        status = self._decode_and_sample(plan)
+        if status == 0:
+            return
+        log.warning("llama_decode returned %s for a batch; retrying each slot alone", status)
+        for entry in plan:
+            slot = entry[0]
+            if slot.request is None:
+                continue
+            alone = self._decode_and_sample([entry])
+            if alone != 0:
+                self._reset_slot(slot)
+                self._finish(slot, "stop", error=GenerationError(f"llama_decode returned {alone}"))
+
+    def _decode_and_sample(self, plan: list[tuple[_Slot, list[int], bool]]) -> int:
+        """Decode the planned tokens in one batch and sample the slots that get logits; on
+        failure (the status is returned) every slot is left as it was before."""
+        low, batch = self._low, self._batch
+        count = 0
+        outputs: list[tuple[_Slot, int]] = []
+        for slot, tokens, is_prompt in plan:
+            request = slot.request
+            assert request is not None
+            for offset, token in enumerate(tokens):
+                last = (
+                    slot.prompt_done + offset == len(request.tokens) - 1
+                    if is_prompt
+                    else offset == len(tokens) - 1
+                )
+                batch.token[count] = token
+                batch.pos[count] = len(slot.tokens) + offset
+                batch.n_seq_id[count] = 1
+                batch.seq_id[count][0] = slot.seq_id
+                batch.logits[count] = last
+                if last:
+                    outputs.append((slot, count))
+                count += 1
         batch.n_tokens = count
-        status = low.llama_decode(self._ctx, batch)
+        status = int(low.llama_decode(self._ctx, batch))
         if status != 0:
-            raise GenerationError(f"llama_decode returned {status}")
+            for slot, _tokens, _is_prompt in plan:  # cells of a failed batch: none kept
+                low.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.tokens), -1)
+            return status
+        for slot, tokens, is_prompt in plan:
+            slot.tokens.extend(tokens)
+            if is_prompt:
+                slot.prompt_done += len(tokens)
+            else:
+                slot.next_token = None
         for slot, index in outputs:
             self._sample(slot, index)
+        return 0
+
+    def _reset_slot(self, slot: _Slot) -> None:
+        """Forget what a slot holds: its token list must never claim cells the KV cache
+        may no longer have."""
+        self._low.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.tokens, slot.key, slot.next_token = [], None, None
 
     def _sample(self, slot: _Slot, index: int) -> None:
         low = self._low

@@ -20,7 +20,9 @@ signal reply_delta(request_id: String, seq: int, text: String)
 ## The reply is over. `reply` is the `reply.end` message: text, reason, emotion, usage.
 signal reply_finished(request_id: String, reply: Dictionary)
 ## The server answered a request with an `error` (a rejected `say` ends here, not in
-## `reply_finished`). `request_id` is "" when the error answers no request.
+## `reply_finished`). `request_id` is "" when the error answers no request. A request
+## still waiting for its answer when the connection drops ends here too, with code
+## "disconnected".
 signal error_received(request_id: String, code: String, message: String, details: Dictionary)
 ## Answer to `list_npcs()` (also refreshed on every connect).
 signal npcs_listed(npcs: Array)
@@ -32,6 +34,10 @@ signal memories_listed(request_id: String, items: Array)
 enum State { IDLE, CONNECTING, HANDSHAKE, READY, WAITING_TO_RETRY }
 
 const UNAUTHORIZED_CLOSE_CODE := 4401
+## Closed by this client after the server refused its hello for good.
+const HELLO_REFUSED_CLOSE_CODE := 4000
+## Hello errors that retrying cannot fix.
+const FINAL_HELLO_ERRORS := ["unauthorized", "unsupported_protocol"]
 const PROTOCOL := preload("res://addons/npc_engine/npc_protocol.gd")
 
 @export var url := "ws://127.0.0.1:8765/"
@@ -48,6 +54,10 @@ const PROTOCOL := preload("res://addons/npc_engine/npc_protocol.gd")
 ## Send a protocol ping after this many quiet seconds so the server's idle timeout
 ## does not close a connection the game still wants. 0 disables.
 @export var keepalive_seconds := 60.0
+## Largest frame the client can receive. Godot's default (64 KiB) is smaller than a
+## 100-item `memory.items` answer can be (up to ~300 KB) or an `inspect` prompt; 4 MiB
+## covers both with room (the server's own limit for frames it reads is 1 MiB).
+@export var inbound_buffer_bytes := 4 * 1024 * 1024
 
 ## The NPCs the server knows (id, name, role), from the last welcome or `list_npcs()`.
 var npcs: Array = []
@@ -157,6 +167,7 @@ func list_memories(npc_id: String, player_id := "", query := "", limit := 10) ->
 
 func _open() -> void:
 	_socket = WebSocketPeer.new()
+	_socket.inbound_buffer_size = inbound_buffer_bytes
 	var failure := _socket.connect_to_url(url)
 	if failure != OK:
 		_on_closed(-1, "cannot connect to %s (error %d)" % [url, failure])
@@ -242,8 +253,12 @@ func _on_welcome(message: Dictionary) -> void:
 
 func _on_error(request_id: String, message: Dictionary) -> void:
 	var code := str(message.get("code", "internal"))
-	if request_id == _hello_id and code == "unauthorized":
-		reconnect = false  # a wrong token will not get better by retrying
+	if request_id == _hello_id and state == State.HANDSHAKE:
+		# A refused hello must not leave the client half-connected: close, then retry
+		# unless retrying cannot help (a wrong token, a protocol the server lacks).
+		if code in FINAL_HELLO_ERRORS:
+			reconnect = false
+		_socket.close(HELLO_REFUSED_CLOSE_CODE, "hello refused: %s" % code)
 	_open_replies.erase(request_id)
 	_open_requests.erase(request_id)
 	var details: Dictionary = message.get("details", {})
@@ -270,6 +285,8 @@ func _on_closed(code: int, reason: String) -> void:
 	for request_id: String in _open_requests.keys():
 		if not unsent.has(request_id):
 			_open_requests.erase(request_id)
+			var lost := "connection lost before the answer: %s" % reason
+			error_received.emit(request_id, "disconnected", lost, {})
 	if was_open or _attempt == 0:
 		disconnected.emit(code, reason)
 	if reconnect and code != UNAUTHORIZED_CLOSE_CODE:
