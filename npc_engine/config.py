@@ -55,6 +55,33 @@ class RetrievalConfig(BaseModel):
     )
 
 
+class GenerationConfig(BaseModel):
+    """Which generator writes the replies (``npc_engine.backends``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field(
+        "llama",
+        description="llama: the GGUF in-process (llama.cpp); scripted: a fixed reply, word "
+        "by word, for wiring tests without a model.",
+    )
+    scripted_reply: str = Field(
+        "Aye, I hear you.", description="What the scripted backend answers every time."
+    )
+
+
+class MemoryConfig(BaseModel):
+    """Which store keeps the memories (``npc_engine.backends``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field(
+        "chroma",
+        description="chroma: on disk in data_dir (the real store); memory: in RAM, gone at "
+        "exit, for tests.",
+    )
+
+
 class ServerLimits(BaseModel):
     """Safety limits of ``npc-engine serve``; every one has a safe default."""
 
@@ -162,6 +189,8 @@ class EngineConfig(BaseSettings):
         12, ge=0, description="Earlier turns of the conversation kept in the prompt at most."
     )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     parallel: int = Field(
         8,
         ge=1,

@@ -81,6 +81,18 @@ class TurnResult:
     action: dict[str, Any] | None = None
 
 
+KEY_SEPARATOR = "\x1f"  # never in an id (ids are checked against ID_PATTERN)
+
+
+def conversation_key(npc_id: str, player_id: str) -> str:
+    """Names a conversation for the generator's caches (KV slots and snapshots)."""
+    return f"{npc_id}{KEY_SEPARATOR}{player_id}"
+
+
+def npc_of(key: str) -> str:
+    return key.split(KEY_SEPARATOR, 1)[0]
+
+
 def sanitize_for_memory(text: str) -> str:
     """Memories are quoted observations: no role tokens, no line breaks, bounded length."""
     clean = re.sub(r"\s+", " ", strip_special_tokens(text)).strip().replace('"', "'")
@@ -343,7 +355,7 @@ class DialogueEngine:
         result.timings.retrieval_ms = (time.perf_counter() - started) * 1000
 
         params = self._params(loaded, max_tokens)
-        params.cache_key = f"{npc_id}\x1f{player_id}"
+        params.cache_key = conversation_key(npc_id, player_id)
         built: BuiltPrompt | None = None
         try:
             mark = time.perf_counter()

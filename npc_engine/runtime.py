@@ -5,19 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from npc_engine.config import EngineConfig
 from npc_engine.datadir import DataDirLock
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.errors import ConfigError, ModelUnavailableError, NpcEngineError
-from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache, ModelSpec
+from npc_engine.model_registry import MODELS, ModelCache, ModelSpec
 from npc_engine.persona.loader import PersonaRegistry, load_personas
 
 Progress = Callable[[str], None]
 
 
-def _ensure_installed(cache: ModelCache, spec: ModelSpec, progress: Progress) -> Path:
+def ensure_installed(cache: ModelCache, spec: ModelSpec, progress: Progress) -> Path:
     if not cache.is_installed(spec):
         progress(f"First run: installing model {spec.id!r} into {cache.model_dir(spec)}")
         cache.install(spec, progress)
@@ -31,7 +30,7 @@ def resolve_chat_model(config: EngineConfig, progress: Progress) -> tuple[Path, 
         if spec.kind != "chat":
             raise ConfigError(f"Model {spec.id!r} is an embedding model, not a chat model.")
         cache = ModelCache(config.cache_dir)
-        _ensure_installed(cache, spec, progress)
+        ensure_installed(cache, spec, progress)
         return cache.path_of(spec), config.chat_format or spec.chat_format
     path = Path(config.model).expanduser()
     if not path.is_file():
@@ -69,10 +68,8 @@ class EngineRuntime:
 
 
 def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> EngineRuntime:
-    from npc_engine.generation.batched import BatchedLlamaGenerator
-    from npc_engine.generation.llama import LlamaGenerator
-    from npc_engine.generation.snapshots import SnapshotCache
-    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
+    """Personas, the data-dir lock, then the configured generator and memory store."""
+    from npc_engine.backends import make_generator, make_store
 
     registry = load_registry(config)
     for problem in registry.problems:
@@ -80,32 +77,8 @@ def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> E
     lock = DataDirLock(config.data_dir)
     lock.acquire()
     try:
-        cache = ModelCache(config.cache_dir)
-        _ensure_installed(cache, MODELS[EMBEDDING_MODEL], progress)
-        model_path, chat_format = resolve_chat_model(config, progress)
-        store = ChromaMemoryStore(config.data_dir / "chroma", OfflineMiniLM(cache))
-        snapshots = (
-            SnapshotCache(
-                config.snapshot_ram_mb << 20,
-                spill_dir=config.data_dir / "kv-snapshots",
-                disk_budget_bytes=config.snapshot_disk_mb << 20,
-            )
-            if config.snapshot_ram_mb
-            else None
-        )
-        generator: LlamaGenerator
-        options: dict[str, Any] = {
-            "n_ctx": config.n_ctx,
-            "n_threads": config.n_threads,
-            "n_gpu_layers": config.n_gpu_layers,
-            "chat_format": chat_format,
-            "seed": config.seed,
-            "snapshots": snapshots,
-        }
-        if config.parallel > 1:
-            generator = BatchedLlamaGenerator(model_path, slots=config.parallel, **options)
-        else:
-            generator = LlamaGenerator(model_path, **options)
+        store = make_store(config, progress)
+        generator = make_generator(config, progress)
         engine = DialogueEngine(registry, generator, store, config)
     except BaseException:
         lock.release()

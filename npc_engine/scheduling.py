@@ -1,6 +1,12 @@
 """The generation queue: a worker per conversation the generator can decode at once (one
 for a single ``Llama``, one per batch slot), jobs picked with NPC affinity.
 
+This is the one place that decides what runs next. The generator never reorders: with one
+worker per slot it is never handed more jobs than it has slots, and it only places each job
+in the slot that holds most of that job's prompt. What the generator holds is an input
+here (``warm``: the NPCs whose prompts sit in a free slot or the single context), so the
+affinity below follows the real cache instead of guessing.
+
 Taking jobs strictly first-in-first-out would make a single context switch NPC on nearly
 every turn when many players talk to many NPCs, and every switch re-evaluates the new
 NPC's world + persona prefix (about a second per thousand tokens on a small CPU). So a
@@ -43,9 +49,17 @@ class GenerationScheduler:
     decode at once); two jobs of the same conversation never run together."""
 
     def __init__(
-        self, *, workers: int = 1, max_passed_over: int = 6, name: str = "npc-generate"
+        self,
+        *,
+        workers: int = 1,
+        max_passed_over: int = 6,
+        name: str = "npc-generate",
+        warm: Callable[[], set[str]] | None = None,
     ) -> None:
+        """``warm`` tells which NPCs' prompts the generator holds ready; without it the NPC
+        served last is taken to be the warm one."""
         self.max_passed_over = max_passed_over
+        self._warm = warm
         self._waiting: list[_Job] = []
         self._running: set[tuple[str, str]] = set()
         self._condition = threading.Condition()
@@ -97,8 +111,9 @@ class GenerationScheduler:
         eligible = foreground or ready
         oldest = eligible[0]
         chosen = oldest
-        if oldest.npc_id != self._last_npc and oldest.passed_over < self.max_passed_over:
-            same_npc = next((j for j in eligible if j.npc_id == self._last_npc), None)
+        warm = self._warm() if self._warm is not None else {self._last_npc}
+        if oldest.npc_id not in warm and oldest.passed_over < self.max_passed_over:
+            same_npc = next((j for j in eligible if j.npc_id in warm), None)
             if same_npc is not None:
                 chosen = same_npc
                 oldest.passed_over += 1

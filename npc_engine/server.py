@@ -34,7 +34,7 @@ from websockets.http11 import Response as HttpResponse
 
 from npc_engine import __version__
 from npc_engine.config import ServerLimits
-from npc_engine.dialogue import DialogueEngine, TurnResult
+from npc_engine.dialogue import DialogueEngine, TurnResult, npc_of
 from npc_engine.errors import NpcEngineError, UnknownNpcError
 from npc_engine.memory.types import Memory
 from npc_engine.protocol import (
@@ -174,7 +174,11 @@ class NpcServer:
         self.ssl_context = ssl_context
         # As many replies at once as the generator decodes together (its slots).
         slots = getattr(engine.generator, "slots", None)
-        self._generation = GenerationScheduler(workers=len(slots) if slots else 1)
+        warm_keys = getattr(engine.generator, "warm_keys", None)
+        self._generation = GenerationScheduler(
+            workers=len(slots) if slots else 1,
+            warm=(lambda: {npc_of(key) for key in warm_keys()}) if warm_keys else None,
+        )
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="npc-memory")
         self._queued = 0
         self._replies: dict[tuple[int, str], _Reply] = {}

@@ -103,8 +103,8 @@ def test_chat_template_comes_from_the_gguf_or_an_explicit_format() -> None:
         assert rendered.text.endswith("<|im_start|>assistant\n")
         del generator._llama.metadata["tokenizer.chat_template"]
         with pytest.raises(ModelUnavailableError, match="carries no chat template"):
-            generator._make_formatter(None)
-        explicit = generator._make_formatter("chatml")
+            generator.model._make_formatter(None)
+        explicit = generator.model._make_formatter("chatml")
         assert "<|im_start|>user" in explicit(messages=[{"role": "user", "content": "hi"}]).prompt
     finally:
         generator.close()

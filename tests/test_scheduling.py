@@ -50,6 +50,20 @@ def test_prefers_the_npc_it_served_last_and_keeps_each_npcs_order() -> None:
     assert order == ["tom1", "tom2", "mara1", "mara2"]
 
 
+def test_prefers_the_npcs_the_generator_holds_warm() -> None:
+    """With the generator's view (free slots holding tom's prompt), tom's jobs go first,
+    whoever was served last."""
+    scheduler = GenerationScheduler(max_passed_over=100, warm=lambda: {"tom"})
+    try:
+        order = run_all(
+            scheduler,
+            [("mara", "mara1"), ("tom", "tom1"), ("mara", "mara2"), ("tom", "tom2")],
+        )
+    finally:
+        scheduler.close()
+    assert order == ["tom1", "tom2", "mara1", "mara2"]
+
+
 def test_the_oldest_job_is_passed_over_a_bounded_number_of_times() -> None:
     scheduler = GenerationScheduler(max_passed_over=2)
     try:

@@ -28,8 +28,10 @@ from tests.conftest import start_server_process
 
 pytestmark = pytest.mark.slow
 
-CONNECTIONS = 50
-SAYS_PER_CONNECTION = 5
+# Enough to fill the 8 batch slots and the queue behind them many times over; kept small
+# so the default run stays fast (tools/bench.py measures throughput side by side).
+CONNECTIONS = 24
+SAYS_PER_CONNECTION = 3
 NPCS = ["mara", "guard_tom", "wren", "ysolde"]
 
 
@@ -69,7 +71,7 @@ def threaded_server(real_runtime: EngineRuntime) -> Iterator[tuple[NpcServer, Lo
 
 
 async def one_player(url: str, player: int) -> list[dict[str, Any]]:
-    """Pipeline five says to different NPCs on one raw connection; check every frame."""
+    """Pipeline says to different NPCs on one raw connection; check every frame."""
     async with connect(url, max_size=None) as websocket:
         await websocket.send(json.dumps({"type": "hello", "id": "h", "protocol": "1"}))
         await websocket.recv()
@@ -122,7 +124,8 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def test_fifty_connections_five_says_each(
+@pytest.mark.timeout(600)
+async def test_many_connections_pipelining_says(
     threaded_server: tuple[NpcServer, LoopLagMonitor],
 ) -> None:
     server, monitor = threaded_server

@@ -84,7 +84,10 @@ def test_switching_npcs_restores_each_conversation(runtime: EngineRuntime) -> No
     assert second.cached_tokens >= first.prompt_tokens - 16
 
 
-def scene_prompts(generator: LlamaGenerator) -> tuple[RenderedPrompt, RenderedPrompt]:
+AnyLlama = LlamaGenerator | BatchedLlamaGenerator
+
+
+def scene_prompts(generator: AnyLlama) -> tuple[RenderedPrompt, RenderedPrompt]:
     harbour = "The harbour wakes: gulls, nets, tar and salt. " * 20
     marsh = "Reeds, mud and mist over the marsh pools. " * 20
     return (
@@ -97,7 +100,7 @@ def greedy(key: str, max_tokens: int = 16) -> GenerationParams:
     return GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=1, cache_key=key)
 
 
-def run(generator: LlamaGenerator, prompt: RenderedPrompt, key: str) -> tuple[str, bool, int]:
+def run(generator: AnyLlama, prompt: RenderedPrompt, key: str) -> tuple[str, bool, int]:
     pieces: list[str] = []
     stats = generator.generate(prompt, greedy(key), pieces.append)
     return "".join(pieces), stats.restored_snapshot, stats.cached_tokens
@@ -111,7 +114,7 @@ def test_restored_state_generates_what_the_kept_state_does(runtime: EngineRuntim
     kernels (AVX2 vs AVX-512) may round differently: equal to a cold reply is not a promise.
     """
     generator = runtime.engine.generator
-    assert isinstance(generator, LlamaGenerator)
+    assert isinstance(generator, (LlamaGenerator, BatchedLlamaGenerator))
     prompt, other = scene_prompts(generator)
     run(generator, prompt, "a")  # cold: fills the cells
     kept_text, restored, cached = run(generator, prompt, "a")  # same cells, kept in place

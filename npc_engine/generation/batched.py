@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,14 +36,15 @@ from npc_engine.generation.base import (
     FinishReason,
     GenerationParams,
     GenerationStats,
+    Message,
     RenderedPrompt,
 )
 from npc_engine.generation.llama import (
     PROMPT_BATCH,
-    RESTORE_MIN_GAIN,
-    LlamaGenerator,
+    ChatModel,
+    load_llama,
     read_sequence_state,
-    write_sequence_state,
+    restore_best_snapshot,
 )
 from npc_engine.generation.snapshots import SnapshotCache, common_prefix_length
 
@@ -108,7 +110,7 @@ class _Slot:
     produced: int = 0
 
 
-class BatchedLlamaGenerator(LlamaGenerator):
+class BatchedLlamaGenerator:
     """A ``Generator`` that serves up to ``slots`` generations at once from one model."""
 
     def __init__(
@@ -125,18 +127,17 @@ class BatchedLlamaGenerator(LlamaGenerator):
     ) -> None:
         from llama_cpp import llama_cpp as low
 
-        # The Llama object renders chat templates and tokenizes; its own context is unused,
-        # so it gets the smallest one.
-        super().__init__(
-            model_path,
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_gpu_layers=n_gpu_layers,
-            chat_format=chat_format,
-            seed=seed,
-            snapshots=snapshots,
-            own_context_tokens=256,
+        self.threads = n_threads or os.cpu_count() or 1
+        # The Llama object holds the weights and renders and tokenizes (ChatModel); its own
+        # context is never decoded in, so it gets the smallest one.
+        self._llama = load_llama(
+            model_path, n_ctx=256, n_threads=self.threads, n_gpu_layers=n_gpu_layers, seed=seed
         )
+        self.model = ChatModel(self._llama, model_path, chat_format)
+        self.name = model_path.name
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        self.snapshots = snapshots
         self._low = low
         self.slots = [_Slot(seq_id) for seq_id in range(slots)]
         params = low.llama_context_default_params()
@@ -148,8 +149,7 @@ class BatchedLlamaGenerator(LlamaGenerator):
         # Flash attention off, as llama-cpp-python's Llama does by default: llama.cpp's
         # "auto" turns it on, which made a warm turn's prompt chunk ~40% slower on CPU.
         params.flash_attn_type = low.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        threads = n_threads or self.threads
-        params.n_threads = params.n_threads_batch = threads
+        params.n_threads = params.n_threads_batch = self.threads
         self._ctx = low.llama_init_from_model(self._llama._model.model, params)
         if not self._ctx:
             raise GenerationError("llama.cpp could not create the batched context")
@@ -164,6 +164,17 @@ class BatchedLlamaGenerator(LlamaGenerator):
         self._worker.start()
 
     # -- the Generator interface ---------------------------------------------------------
+
+    def render(self, messages: Sequence[Message]) -> RenderedPrompt:
+        return self.model.render(messages)
+
+    def warm_keys(self) -> set[str]:
+        """Conversations held by free slots: a job for one of them starts without re-reading
+        its prompt (read by the scheduler, which decides what runs next)."""
+        return {slot.key for slot in self.slots if slot.key and slot.request is None}
+
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_bos=add_bos)
 
     def generate(
         self,
@@ -196,7 +207,7 @@ class BatchedLlamaGenerator(LlamaGenerator):
             self._free_sampler(slot)
         self._low.llama_batch_free(self._batch)
         self._low.llama_free(self._ctx)
-        super().close()
+        self._llama.close()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -226,7 +237,8 @@ class BatchedLlamaGenerator(LlamaGenerator):
         return [slot for slot in self.slots if slot.request is not None]
 
     def _admit(self) -> list[tuple[_Slot, _Request]]:
-        """Give waiting requests free slots, each the one holding most of its prompt."""
+        """Give waiting requests free slots, each the one holding most of its prompt. Placement
+        only: requests come in the order the scheduler released them, at most one per slot."""
         admitted = []
         free = [slot for slot in self.slots if slot.request is None]
         while self._waiting and free:
@@ -256,17 +268,12 @@ class BatchedLlamaGenerator(LlamaGenerator):
             self._save_slot(slot)  # leaving a conversation: keep it for its return
         wanted = np.asarray(request.tokens, dtype=np.int32)
         kept = common_prefix_length(np.asarray(slot.tokens, dtype=np.int32), wanted)
-        if self.snapshots is not None:
-            found = self.snapshots.best(wanted)
-            if found is not None and found[1] >= kept + RESTORE_MIN_GAIN:
-                data = self.snapshots.load(found[0])
-                if write_sequence_state(low, self._ctx, slot.seq_id, data):
-                    slot.tokens = found[0].tokens.tolist()
-                    kept = found[1]
-                    request.stats.restored_snapshot = True
-                else:
-                    low.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-                    slot.tokens, kept = [], 0
+        held, kept = restore_best_snapshot(
+            self.snapshots, low, self._ctx, slot.seq_id, wanted, kept
+        )
+        if held is not None:
+            slot.tokens = held.tolist()
+            request.stats.restored_snapshot = len(held) > 0
         kept = min(kept, len(request.tokens) - 1)  # the last prompt token gives the logits
         low.llama_memory_seq_rm(self._memory, slot.seq_id, kept, -1)
         slot.tokens = request.tokens[:kept]

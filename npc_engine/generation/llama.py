@@ -21,7 +21,7 @@ from npc_engine.generation.base import (
     Message,
     RenderedPrompt,
 )
-from npc_engine.generation.snapshots import Snapshot, SnapshotCache, common_prefix_length
+from npc_engine.generation.snapshots import SnapshotCache, common_prefix_length
 from npc_engine.generation.tokens import PromptTokenizer, placeholder, split_rendered
 
 log = logging.getLogger(__name__)
@@ -51,50 +51,68 @@ def write_sequence_state(low: Any, ctx: Any, seq_id: int, data: bytearray) -> bo
     return bool(low.llama_state_seq_set_data(ctx, buffer, len(data), seq_id))
 
 
-class LlamaGenerator:
-    """One ``Llama`` object; it serves one generation at a time (guarded by a lock, since
-    llama.cpp contexts are not thread-safe)."""
+def restore_best_snapshot(
+    snapshots: SnapshotCache | None,
+    low: Any,
+    ctx: Any,
+    seq_id: int,
+    wanted: np.ndarray,
+    kept: int,
+) -> tuple[np.ndarray | None, int]:
+    """The one snapshot-restore path of both generators.
 
-    def __init__(
-        self,
-        model_path: Path,
-        *,
-        n_ctx: int = 4096,
-        n_threads: int | None = None,
-        n_gpu_layers: int = 0,
-        chat_format: str | None = None,
-        seed: int = -1,
-        snapshots: SnapshotCache | None = None,
-        own_context_tokens: int | None = None,
-    ) -> None:
-        from llama_cpp import Llama
+    When a snapshot shares at least ``RESTORE_MIN_GAIN`` more tokens with ``wanted`` than the
+    ``kept`` tokens the sequence already holds, its cells replace the sequence's: returns
+    (the tokens the sequence now holds, how many of them ``wanted`` shares). Otherwise
+    (None, kept): nothing changed. A restore llama.cpp refuses leaves the sequence empty:
+    (no tokens, 0), and the caller evaluates the whole prompt.
+    """
+    if snapshots is None:
+        return None, kept
+    found = snapshots.best(wanted)
+    if found is None or found[1] < kept + RESTORE_MIN_GAIN:
+        return None, kept
+    snapshot, shared = found
+    if write_sequence_state(low, ctx, seq_id, snapshots.load(snapshot)):
+        return snapshot.tokens, shared
+    log.warning("could not restore a KV snapshot; evaluating the prompt instead")
+    low.llama_memory_seq_rm(low.llama_get_memory(ctx), seq_id, -1, -1)
+    return np.empty(0, dtype=np.int32), 0
 
-        if not model_path.is_file():
-            raise ModelUnavailableError(f"{model_path}: GGUF file not found")
-        threads = n_threads or os.cpu_count() or 1
-        try:
-            self._llama = Llama(
-                model_path=str(model_path),
-                n_ctx=own_context_tokens or n_ctx,
-                n_batch=PROMPT_BATCH,
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=n_gpu_layers,
-                seed=seed if seed >= 0 else 0xFFFFFFFF,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as exc:
-            raise ModelUnavailableError(f"{model_path}: cannot load this GGUF ({exc})") from exc
-        self.threads = threads
-        self.name = model_path.name
+
+def load_llama(
+    model_path: Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int, seed: int
+) -> Any:
+    """A ``Llama`` (weights, vocabulary and one context of ``n_ctx`` tokens)."""
+    from llama_cpp import Llama
+
+    if not model_path.is_file():
+        raise ModelUnavailableError(f"{model_path}: GGUF file not found")
+    try:
+        return Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_batch=PROMPT_BATCH,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            seed=seed if seed >= 0 else 0xFFFFFFFF,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise ModelUnavailableError(f"{model_path}: cannot load this GGUF ({exc})") from exc
+
+
+class ChatModel:
+    """What both generators share: the GGUF's chat template and tokenizer. Renders chat
+    messages into prompt tokens, with special tokens only where the template put them."""
+
+    def __init__(self, llama: Any, model_path: Path, chat_format: str | None) -> None:
+        self._llama = llama
         self.model_path = model_path
-        self.n_ctx = n_ctx
-        self._lock = threading.Lock()
         self._formatter = self._make_formatter(chat_format)
         self._prompt_tokenizer = PromptTokenizer(self._tokenize_part)
         self._control_texts: re.Pattern[str] | None = None
-        self.snapshots = snapshots
-        self._context_key: str | None = None  # whose conversation the context holds now
 
     def _make_formatter(self, chat_format: str | None) -> Callable[..., Any]:
         from llama_cpp import llama_chat_format
@@ -176,6 +194,48 @@ class LlamaGenerator:
             self._control_texts = re.compile("|".join(map(re.escape, ordered or ["\ue000"])))
         return self._control_texts.sub("", content)
 
+
+class LlamaGenerator:
+    """One ``Llama`` object; it serves one generation at a time (guarded by a lock, since
+    llama.cpp contexts are not thread-safe)."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        chat_format: str | None = None,
+        seed: int = -1,
+        snapshots: SnapshotCache | None = None,
+    ) -> None:
+        self.threads = n_threads or os.cpu_count() or 1
+        self._llama = load_llama(
+            model_path,
+            n_ctx=n_ctx,
+            n_threads=self.threads,
+            n_gpu_layers=n_gpu_layers,
+            seed=seed,
+        )
+        self.model = ChatModel(self._llama, model_path, chat_format)
+        self.name = model_path.name
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        self._lock = threading.Lock()
+        self.snapshots = snapshots
+        self._context_key: str | None = None  # whose conversation the context holds now
+
+    def render(self, messages: Sequence[Message]) -> RenderedPrompt:
+        return self.model.render(messages)
+
+    def warm_keys(self) -> set[str]:
+        """The conversation the context holds (see ``GenerationScheduler``)."""
+        return {self._context_key} if self._context_key else set()
+
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_bos=add_bos)
+
     def generate(
         self,
         prompt: RenderedPrompt,
@@ -208,32 +268,19 @@ class LlamaGenerator:
 
     def _reuse_cache(self, tokens: np.ndarray) -> tuple[int, bool]:
         """Tokens already in the context, after restoring a better snapshot if there is one."""
-        llama = self._llama
-        kept = common_prefix_length(llama.input_ids[: llama.n_tokens].astype(np.int32), tokens)
-        if self.snapshots is None:
-            return kept, False
-        found = self.snapshots.best(tokens)
-        if found is None or found[1] < kept + RESTORE_MIN_GAIN:
-            return kept, False
-        snapshot, shared = found
-        if not self._restore_snapshot(snapshot):
-            return 0, False
-        return shared, True
-
-    def _restore_snapshot(self, snapshot: Snapshot) -> bool:
         from llama_cpp import llama_cpp as low_level
 
         llama = self._llama
-        assert self.snapshots is not None
-        if not write_sequence_state(low_level, llama._ctx.ctx, 0, self.snapshots.load(snapshot)):
-            log.warning("could not restore a KV snapshot; evaluating the prompt instead")
-            llama.reset()
-            return False
-        count = len(snapshot.tokens)
-        llama.input_ids[:count] = snapshot.tokens
-        llama.n_tokens = count
+        kept = common_prefix_length(llama.input_ids[: llama.n_tokens].astype(np.int32), tokens)
+        held, kept = restore_best_snapshot(
+            self.snapshots, low_level, llama._ctx.ctx, 0, tokens, kept
+        )
+        if held is None:
+            return kept, False
+        llama.input_ids[: len(held)] = held
+        llama.n_tokens = len(held)
         llama._requires_eval = True
-        return True
+        return kept, len(held) > 0
 
     def _save_snapshot(self, key: str) -> None:
         from llama_cpp import llama_cpp as low_level

@@ -1,0 +1,120 @@
+"""Generators and memory stores by name: one small registry the config chooses from.
+
+``open_engine`` asks this registry for ``generation.backend`` and ``memory.backend``; the
+real adapters (llama.cpp, Chroma) and the fakes (scripted replies, an in-memory store) are
+registered the same way, so a wiring test picks the fakes from config and loads no model.
+A new backend is one ``@generator_backend("name")`` function (the plugin shape of
+simonw/llm, without the entry points, which nothing here needs yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from npc_engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from npc_engine.config import EngineConfig
+    from npc_engine.generation.base import Generator
+    from npc_engine.memory.types import MemoryStore
+
+Progress = Callable[[str], None]
+GeneratorFactory = Callable[["EngineConfig", Progress], "Generator"]
+StoreFactory = Callable[["EngineConfig", Progress], "MemoryStore"]
+
+GENERATORS: dict[str, GeneratorFactory] = {}
+STORES: dict[str, StoreFactory] = {}
+
+
+def generator_backend(name: str) -> Callable[[GeneratorFactory], GeneratorFactory]:
+    def register(factory: GeneratorFactory) -> GeneratorFactory:
+        GENERATORS[name] = factory
+        return factory
+
+    return register
+
+
+def store_backend(name: str) -> Callable[[StoreFactory], StoreFactory]:
+    def register(factory: StoreFactory) -> StoreFactory:
+        STORES[name] = factory
+        return factory
+
+    return register
+
+
+def _chosen(registry: dict[str, Any], name: str, setting: str) -> Any:
+    if name not in registry:
+        known = ", ".join(sorted(registry))
+        raise ConfigError(f"{setting}: unknown backend {name!r} (known: {known})")
+    return registry[name]
+
+
+def make_generator(config: EngineConfig, progress: Progress) -> Generator:
+    factory: GeneratorFactory = _chosen(GENERATORS, config.generation.backend, "generation.backend")
+    return factory(config, progress)
+
+
+def make_store(config: EngineConfig, progress: Progress) -> MemoryStore:
+    factory: StoreFactory = _chosen(STORES, config.memory.backend, "memory.backend")
+    return factory(config, progress)
+
+
+@generator_backend("llama")
+def _llama(config: EngineConfig, progress: Progress) -> Generator:
+    """The GGUF in-process: batched over ``parallel`` slots, or one context."""
+    from npc_engine.generation.batched import BatchedLlamaGenerator
+    from npc_engine.generation.llama import LlamaGenerator
+    from npc_engine.generation.snapshots import SnapshotCache
+    from npc_engine.runtime import resolve_chat_model
+
+    model_path, chat_format = resolve_chat_model(config, progress)
+    snapshots = (
+        SnapshotCache(
+            config.snapshot_ram_mb << 20,
+            spill_dir=config.data_dir / "kv-snapshots",
+            disk_budget_bytes=config.snapshot_disk_mb << 20,
+        )
+        if config.snapshot_ram_mb
+        else None
+    )
+    options: dict[str, Any] = {
+        "n_ctx": config.n_ctx,
+        "n_threads": config.n_threads,
+        "n_gpu_layers": config.n_gpu_layers,
+        "chat_format": chat_format,
+        "seed": config.seed,
+        "snapshots": snapshots,
+    }
+    if config.parallel > 1:
+        return BatchedLlamaGenerator(model_path, slots=config.parallel, **options)
+    return LlamaGenerator(model_path, **options)
+
+
+@generator_backend("scripted")
+def _scripted(config: EngineConfig, progress: Progress) -> Generator:
+    """Replies with ``generation.scripted_reply``, word by word: for wiring tests."""
+    from npc_engine.generation.scripted import ScriptedGenerator
+
+    reply = config.generation.scripted_reply
+    return ScriptedGenerator(respond=lambda _prompt: reply, n_ctx=config.n_ctx)
+
+
+@store_backend("chroma")
+def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
+    """Chroma on disk in ``data_dir/chroma``, embedded with the offline MiniLM."""
+    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
+    from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache
+    from npc_engine.runtime import ensure_installed
+
+    cache = ModelCache(config.cache_dir)
+    ensure_installed(cache, MODELS[EMBEDDING_MODEL], progress)
+    return ChromaMemoryStore(config.data_dir / "chroma", OfflineMiniLM(cache))
+
+
+@store_backend("memory")
+def _in_memory(config: EngineConfig, progress: Progress) -> MemoryStore:
+    """Memories in RAM with bag-of-words similarity, gone at exit: for tests."""
+    from npc_engine.memory.in_memory import InMemoryStore
+
+    return InMemoryStore()
