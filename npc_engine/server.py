@@ -100,6 +100,9 @@ class _Connection:
     session: ProtocolSession
     bucket: _TokenBucket
     pending: asyncio.Queue[tuple[Request, Encoding]] = field(default_factory=asyncio.Queue)
+    # Says waiting in ``pending`` (a cancel may overtake them), and those cancelled so.
+    queued_says: set[str] = field(default_factory=set)
+    cancelled_early: set[str] = field(default_factory=set)
     # Memory writes this connection caused and that are not stored yet: its reads wait for
     # these alone, not for every other connection's writes.
     writes: set[Future[list[str]]] = field(default_factory=set)
@@ -305,6 +308,8 @@ class NpcServer:
             reply = self._replies.get((conn.key, request.target))
             if reply is not None:
                 reply.cancel.set()
+            elif request.target in conn.queued_says:  # not accepted yet: cancel on arrival
+                conn.cancelled_early.add(request.target)
             await conn.send(Ok(re=request.id))
         elif not conn.bucket.take():
             await self._fail(conn, request, outcome.encoding, "rate_limited", "Slow down.")
@@ -315,6 +320,13 @@ class NpcServer:
             message = "Too many requests waiting on this connection; retry later."
             await self._fail(conn, request, outcome.encoding, "busy", message)
         else:
+            if isinstance(request, Say):
+                if request.id in conn.queued_says:
+                    message = f"Request id {request.id!r} is still in flight."
+                    code: ErrorCode = "invalid_request"
+                    await self._fail(conn, request, outcome.encoding, code, message, field="id")
+                    return
+                conn.queued_says.add(request.id)
             conn.pending.put_nowait((request, outcome.encoding))
 
     async def _fail(
@@ -435,10 +447,13 @@ class NpcServer:
     # -- say -----------------------------------------------------------------------------
 
     async def _say(self, conn: _Connection, request: Say, encoding: Encoding) -> None:
+        conn.queued_says.discard(request.id)
+        cancelled = request.id in conn.cancelled_early
+        conn.cancelled_early.discard(request.id)
         self.engine.persona(request.npc_id)  # unknown_npc before anything is accepted
 
-        async def fail(code: ErrorCode, message: str) -> None:
-            await self._fail(conn, request, encoding, code, message)
+        async def fail(code: ErrorCode, message: str, **details: Any) -> None:
+            await self._fail(conn, request, encoding, code, message, **details)
 
         if request.inspect and not (self.allow_inspect or conn.authenticated):
             await fail(
@@ -457,8 +472,14 @@ class NpcServer:
         if self._queued >= self.limits.max_queued_generations:
             await fail("busy", "The generation queue is full; retry later.")
             return
+        if request.id in conn.session.in_flight:
+            message = f"Request id {request.id!r} is still in flight."
+            await fail("invalid_request", message, field="id")
+            return
         conn.session.in_flight.add(request.id)
         reply = _Reply()
+        if cancelled:
+            reply.cancel.set()  # it ends at once with reason cancelled
         self._replies[(conn.key, request.id)] = reply
         turn_id = uuid.uuid4().hex
         await conn.send(ReplyStart(re=request.id, npc_id=request.npc_id, turn_id=turn_id))

@@ -75,10 +75,12 @@ class FlakyStore(InMemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
+        self.waiting = threading.Event()
         self.adds: list[int] = []
 
     def add(self, memories: Sequence[Memory]) -> None:
         if any(m.text == "wait" for m in memories):
+            self.waiting.set()
             assert self.gate.wait(30)
         self.adds.append(len(memories))
         if any("poison" in m.text for m in memories):
@@ -90,6 +92,7 @@ def test_a_failing_write_fails_only_its_own_request() -> None:
     store = FlakyStore()
     writer = MemoryWriter(store)
     held = writer.submit([Memory(npc_id="mara", text="wait")])  # the next three queue up
+    assert store.waiting.wait(10)
     good = writer.submit([Memory(npc_id="mara", text="fine one")])
     bad = writer.submit([Memory(npc_id="mara", text="poison")])
     also_good = writer.submit([Memory(npc_id="mara", text="fine two")])

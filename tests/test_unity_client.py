@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_csharp_client_streams_a_reply_from_the_live_server(
     )
     assert harness_run.stdout is not None
     lines = []
+    watchdog = threading.Timer(240, harness_run.kill)  # a hung harness fails, never blocks
+    watchdog.start()
     try:
         for line in harness_run.stdout:
             lines.append(line.rstrip("\n"))
@@ -58,6 +61,7 @@ def test_csharp_client_streams_a_reply_from_the_live_server(
                 process.kill()  # the server vanishes while a reply is pending
         returncode = harness_run.wait(240)
     finally:
+        watchdog.cancel()
         harness_run.kill()
         process.kill()
         process.wait(60)
@@ -79,8 +83,9 @@ def test_csharp_client_streams_a_reply_from_the_live_server(
     assert steps["CANCELLED"] == "cancelled"
     assert steps["ERROR"] == "unknown_npc"
     assert int(steps["MEMORY"]) >= 1
-    # Handlers that threw (ReplyStarted, once per say) were reported; reading went on.
+    # A handler that threw (ReplyFinished, per ended reply) was reported; the awaited
+    # replies still completed and reading went on.
     faults, connected = steps["FAULTS"].split()
-    assert int(faults) >= 3 and connected == "True"
+    assert int(faults) >= 2 and connected == "True"
     # The pending say failed when the server vanished, and the client knows it is offline.
     assert steps["DROPPED"] == "disconnected False"

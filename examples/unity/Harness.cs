@@ -45,7 +45,7 @@ public static class Harness
                 deltas++;
             };
             // A game's handler that throws must not stop the client reading.
-            client.ReplyStarted += (id, npc) => { throw new InvalidOperationException("game bug"); };
+            client.ReplyFinished += ended => { throw new InvalidOperationException("game bug"); };
             client.HandlerFailed += exc => faults++;
             var welcome = await client.ConnectAsync(url, token, "npc-engine-harness/1.0");
             Console.WriteLine("WELCOME " + welcome["server"]);

@@ -17,6 +17,15 @@
 //   var reply = await client.SayAsync("mara", "Any rooms free?", "player1",
 //       onDelta: text => bubble.text += text);
 //   Debug.Log(reply.Text + " (" + reply.Reason + ")");
+//
+// TLS: a server started with --tls-cert/--tls-key is reached as new Uri("wss://host:8765/");
+// .NET checks its certificate against the operating system's trusted CAs (for a studio's
+// own CA, install it there). Off loopback, always use wss:// with the token.
+// WebGL builds run in the browser and send the page's Origin: start the server with
+// --origin https://where-the-game-is-served.example.
+// Robustness: a frame that cannot be read, or an exception in one of your handlers, is
+// reported through HandlerFailed and reading continues; when the socket drops, every
+// pending call fails with NpcEngineException code "disconnected" and IsConnected is false.
 
 using System;
 using System.Collections.Generic;
@@ -369,8 +378,9 @@ namespace NpcEngine
                     var final = ToReply(message, reply.NpcId);
                     Post(() =>
                     {
-                        if (ReplyFinished != null) ReplyFinished(final);
-                        reply.Done.TrySetResult(final);
+                        // The awaiting call completes even when a game's handler throws.
+                        try { if (ReplyFinished != null) ReplyFinished(final); }
+                        finally { reply.Done.TrySetResult(final); }
                     });
                 }
                 return;
