@@ -264,3 +264,21 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "without a token" in result.stderr
+
+
+async def test_a_bug_in_one_request_answers_internal_over_the_wire(
+    plain_server: NpcServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(plain_server.engine, "recent_memories", broken)
+    async with connect(plain_server.url) as websocket:
+        await answer(websocket, json.dumps(HELLO))
+        listing = {"type": "memory.list", "id": "m", "npc_id": "mara"}
+        error = await answer(websocket, json.dumps(listing))
+        assert error["type"] == "error" and error["code"] == "internal" and error["re"] == "m"
+        assert "a bug" not in error["message"]  # no internals leak to the client
+        assert (await answer(websocket, json.dumps({"type": "ping", "id": "p"})))["type"] == "pong"
+        stats = await answer(websocket, json.dumps({"type": "stats", "id": "s"}))
+        assert stats["type"] == "stats.report" and stats["connections"] >= 1
