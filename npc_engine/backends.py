@@ -63,8 +63,11 @@ def make_store(config: EngineConfig, progress: Progress) -> MemoryStore:
 @generator_backend("llama")
 def _llama(config: EngineConfig, progress: Progress) -> Generator:
     """The GGUF in-process: batched over ``parallel`` slots, or one context."""
+    import llama_cpp
+
     from npc_engine.generation.batched import BatchedLlamaGenerator
     from npc_engine.generation.llama import LlamaGenerator
+    from npc_engine.generation.prefix_store import PrefixStore, model_fingerprint
     from npc_engine.generation.snapshots import SnapshotCache
     from npc_engine.runtime import resolve_chat_model
 
@@ -78,6 +81,19 @@ def _llama(config: EngineConfig, progress: Progress) -> Generator:
         if config.snapshot_ram_mb
         else None
     )
+    heads = (
+        PrefixStore(
+            config.head_cache_dir,
+            # llama.cpp's sequence state holds the context's stream count (one per batch
+            # slot): a head stored by an 8-slot context cannot be read by a 1-slot one.
+            model_fingerprint(
+                model_path, llama_cpp.__version__, config.n_gpu_layers, config.parallel
+            ),
+            config.head_cache_mb << 20,
+        )
+        if config.head_cache_mb
+        else None
+    )
     options: dict[str, Any] = {
         "n_ctx": config.n_ctx,
         "n_threads": config.n_threads,
@@ -85,6 +101,7 @@ def _llama(config: EngineConfig, progress: Progress) -> Generator:
         "chat_format": chat_format,
         "seed": config.seed,
         "snapshots": snapshots,
+        "heads": heads,
     }
     if config.parallel > 1:
         return BatchedLlamaGenerator(model_path, slots=config.parallel, **options)

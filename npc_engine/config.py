@@ -209,6 +209,18 @@ class EngineConfig(BaseSettings):
         ge=0,
         description="Disk for snapshots evicted from RAM (in data_dir/kv-snapshots); 0: none.",
     )
+    head_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="Disk for the KV cells of each NPC's prompt head (world, persona, "
+        "examples), so an NPC's first line after a restart skips re-reading them; 0 "
+        "disables it.",
+    )
+    head_cache_dir: Path = Field(
+        Path(platformdirs.user_cache_dir("npc-engine")) / "kv-heads",
+        description="Where head_cache_mb lives: a cache shared by every data_dir, keyed by "
+        "the GGUF file and the llama.cpp version; deleting it loses nothing.",
+    )
 
     # Server settings (used by `npc-engine serve`).
     host: str = "127.0.0.1"

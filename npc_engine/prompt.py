@@ -204,7 +204,8 @@ class PromptBuilder:
             noted = tuple((m.memory.id, memory_line(m, now)) for m in fresh)
             block = render_notes([line for _, line in noted], shown_scene)
             messages.append({"role": "user", "content": block + player_message(player_id, text)})
-            rendered = self.generator.render(messages)
+            # the system message and the examples are the same for every player
+            rendered = self.generator.render(messages, shared=1 + 2 * len(examples))
             if rendered.token_count <= budget:
                 return BuiltPrompt(
                     messages,

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +15,15 @@ from npc_engine.config import EngineConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_PERSONAS = REPO / "personas"
+
+# The KV cells of NPC prompt heads (see generation.prefix_store) live in one folder for the
+# whole run, shared by the test processes and every server or CLI they start (inherited
+# through the environment): each NPC's head is read once per run, as on a player's machine,
+# never from the developer's own cache. Tests of cold behaviour turn it off or use their own.
+HEAD_CACHE_ENV = "NPC_ENGINE_HEAD_CACHE_DIR"
+HEAD_CACHE = Path(tempfile.mkdtemp(prefix="npc-engine-test-kv-heads-"))
+os.environ[HEAD_CACHE_ENV] = str(HEAD_CACHE)
+atexit.register(shutil.rmtree, HEAD_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
@@ -64,9 +76,10 @@ def shared_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]
 
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never see the developer's NPC_ENGINE_* settings (they would change results)."""
+    """Tests never see the developer's NPC_ENGINE_* settings (they would change results);
+    only the run's own head cache stays."""
     for name in list(os.environ):
-        if name.startswith("NPC_ENGINE_"):
+        if name.startswith("NPC_ENGINE_") and name != HEAD_CACHE_ENV:
             monkeypatch.delenv(name)
 
 

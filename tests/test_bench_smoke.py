@@ -34,6 +34,7 @@ def test_bench_quick_mode_reports_every_target(tmp_path: Path) -> None:
         "5 memory",
         "6 single-stream decode",
         "structured output",
+        "9 restart",
     } <= targets
     assert report["machine"]["model"] and report["machine"]["build"]
     measured = [row for row in report["rows"] if "not implemented" not in row["note"]]

@@ -18,6 +18,7 @@ Targets (issue 5):
               batched writes per second
   decode      single-stream decode vs a bare llama-cpp-python loop; bandwidth ceiling
   expression  emotion/action from the finished reply vs grammar-constrained generation
+  restart     an NPC's first line in a new process: head restored from disk vs read cold
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def bench_config(root: Path, name: str, **overrides: Any) -> EngineConfig:
         **BENCH_OVERRIDES,
         personas_dir=root / "personas",
         data_dir=root / f"data-{name}",
+        head_cache_dir=root / "kv-heads",  # starts empty: the first line of an NPC is cold
         seed=1234,
         temperature=0.0,
         n_ctx=4096,
@@ -432,7 +434,7 @@ def target_switch(
         hits = runtime.engine.generator.snapshots.hits
     finally:
         runtime.close()
-    runtime = open_engine(bench_config(root, "switch-nosnap", snapshot_ram_mb=0))
+    runtime = open_engine(bench_config(root, "switch-nosnap", snapshot_ram_mb=0, head_cache_mb=0))
     try:
         without = run_switching(runtime, npcs, 2)
     finally:
@@ -467,6 +469,34 @@ def target_switch(
             None,
         ),
     ]
+
+
+def target_restart(root: Path, report: Report) -> None:
+    """Mara's first line in a new engine (a new data folder: no memories, the same prompt)
+    whose head cache the main engine filled, vs the main engine's first line, read cold."""
+    cold = report.details["warm"]["ttft_s"][0]
+    runtime = open_engine(bench_config(root, "restart"))
+    try:
+        result = runtime.engine.say("mara", PLAYER_LINES[0], player_id="warm", max_tokens=24)
+        restored = (result.timings.ttft_ms or 0) / 1000
+        cached = result.cached_tokens
+    finally:
+        runtime.close()
+    report.details["restart"] = {"cold_ttft_s": cold, "restored_ttft_s": restored}
+    report.rows.append(
+        Row(
+            "9 restart",
+            f"an NPC's first line in a new process: head restored from disk ({cached} of "
+            f"{result.prompt_tokens} tokens) vs read cold",
+            "cold",
+            cold,
+            "head from disk",
+            restored,
+            cold / restored,
+            "≥ 5×",
+            cold / restored >= 5,
+        )
+    )
 
 
 def target_overhead(runtime: EngineRuntime, bare: BareLlama, report: Report, turns: int) -> None:
@@ -929,7 +959,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["warm", "switch", "batch", "overhead", "memory", "decode", "expression"],
+        choices=[
+            "warm",
+            "switch",
+            "batch",
+            "overhead",
+            "memory",
+            "decode",
+            "expression",
+            "restart",
+        ],
     )
     parser.add_argument("--model", help="known model id or GGUF path (default: the default)")
     parser.add_argument("--n-gpu-layers", type=int, help="offload layers (-1 = all; GPU build)")
@@ -952,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     bare = BareLlama(config)
     try:
         warm_single = 1.0
-        if wanted("warm") or wanted("switch"):
+        if wanted("warm") or wanted("switch") or wanted("restart"):
             warm_single = target_warm(runtime, bare, report, 3 if quick else 10)
         if wanted("overhead"):
             target_overhead(runtime, bare, report, 1 if quick else 9)
@@ -965,6 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         runtime.close()
         bare.close()
+    if wanted("restart"):
+        target_restart(root, report)
     if wanted("switch"):
         target_switch(root, npcs[:2] if quick else npcs, warm_single, report, 2 if quick else 3)
     if wanted("memory"):

@@ -36,6 +36,9 @@ class RenderedPrompt:
     text: str
     stop: list[str] = field(default_factory=list)
     tokens: list[int] | None = None
+    # How many leading tokens every conversation with this NPC shares (world, persona,
+    # examples): a backend may keep their KV state across processes. 0: unknown.
+    head_tokens: int = 0
 
     @property
     def token_count(self) -> int:
@@ -55,7 +58,10 @@ class Generator(Protocol):
     name: str
     n_ctx: int
 
-    def render(self, messages: Sequence[Message]) -> RenderedPrompt: ...
+    def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
+        """``shared``: how many leading messages are the same in every conversation with
+        this NPC (they become ``head_tokens``)."""
+        ...
 
     def generate(
         self,

@@ -45,7 +45,9 @@ from npc_engine.generation.llama import (
     load_llama,
     read_sequence_state,
     restore_best_snapshot,
+    should_store_head,
 )
+from npc_engine.generation.prefix_store import PrefixStore
 from npc_engine.generation.snapshots import SnapshotCache, common_prefix_length
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class _Request:
     on_text: Callable[[str], None]
     cancel: threading.Event | None
     stats: GenerationStats
+    head_tokens: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -103,6 +106,7 @@ class _Slot:
     key: str | None = None  # the conversation whose state it holds
     request: _Request | None = None
     prompt_done: int = 0  # prompt tokens evaluated so far for the current request
+    store_head_at: int = 0  # when the prompt reaches this many tokens, store its head
     sampler: object | None = None
     decoder: codecs.IncrementalDecoder | None = None
     matcher: StopMatcher | None = None
@@ -123,6 +127,7 @@ class BatchedLlamaGenerator:
         chat_format: str | None = None,
         seed: int = -1,
         snapshots: SnapshotCache | None = None,
+        heads: PrefixStore | None = None,
         slots: int = 8,
     ) -> None:
         from llama_cpp import llama_cpp as low
@@ -138,6 +143,7 @@ class BatchedLlamaGenerator:
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.snapshots = snapshots
+        self.heads = heads
         self._low = low
         self.slots = [_Slot(seq_id) for seq_id in range(slots)]
         params = low.llama_context_default_params()
@@ -165,8 +171,8 @@ class BatchedLlamaGenerator:
 
     # -- the Generator interface ---------------------------------------------------------
 
-    def render(self, messages: Sequence[Message]) -> RenderedPrompt:
-        return self.model.render(messages)
+    def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
+        return self.model.render(messages, shared)
 
     def warm_keys(self) -> set[str]:
         """Conversations held by free slots: a job for one of them starts without re-reading
@@ -186,7 +192,13 @@ class BatchedLlamaGenerator:
         tokens = prompt.tokens if prompt.tokens is not None else self.tokenize(prompt.text)
         stop = list(dict.fromkeys([*prompt.stop, *params.stop]))
         request = _Request(
-            list(tokens), params, stop, on_text, cancel, GenerationStats(len(tokens))
+            list(tokens),
+            params,
+            stop,
+            on_text,
+            cancel,
+            GenerationStats(len(tokens)),
+            head_tokens=prompt.head_tokens,
         )
         with self._wake:
             if self._closed:
@@ -269,7 +281,7 @@ class BatchedLlamaGenerator:
         wanted = np.asarray(request.tokens, dtype=np.int32)
         kept = common_prefix_length(np.asarray(slot.tokens, dtype=np.int32), wanted)
         held, kept = restore_best_snapshot(
-            self.snapshots, low, self._ctx, slot.seq_id, wanted, kept
+            self.snapshots, low, self._ctx, slot.seq_id, wanted, kept, self.heads
         )
         if held is not None:
             slot.tokens = held.tolist()
@@ -279,6 +291,9 @@ class BatchedLlamaGenerator:
         slot.tokens = request.tokens[:kept]
         slot.key = key
         slot.prompt_done = kept
+        head = request.head_tokens
+        stores_head = should_store_head(self.heads, request.tokens, head, kept)
+        slot.store_head_at = head if stores_head else 0
         request.stats.cached_tokens = kept
         slot.produced = 0
         slot.next_token = None
@@ -336,12 +351,15 @@ class BatchedLlamaGenerator:
             if remaining <= 0 or budget <= 0 or slot.next_token is not None:
                 continue
             take = min(remaining, budget)
+            if slot.prompt_done < slot.store_head_at:  # stop at the head to store it
+                take = min(take, slot.store_head_at - slot.prompt_done)
             plan.append((slot, request.tokens[slot.prompt_done : slot.prompt_done + take], True))
             budget -= take
         if not plan:
             return
         status = self._decode_and_sample(plan)
         if status == 0:
+            self._store_heads()
             return
         log.warning("llama_decode returned %s for a batch; retrying each slot alone", status)
         for entry in plan:
@@ -352,6 +370,18 @@ class BatchedLlamaGenerator:
             if alone != 0:
                 self._reset_slot(slot)
                 self._finish(slot, "stop", error=GenerationError(f"llama_decode returned {alone}"))
+        self._store_heads()
+
+    def _store_heads(self) -> None:
+        """Store the cells of every slot whose prompt just reached its head."""
+        if self.heads is None:
+            return
+        for slot in self._active():
+            if slot.store_head_at and len(slot.tokens) == slot.store_head_at:
+                slot.store_head_at = 0
+                data = read_sequence_state(self._low, self._ctx, slot.seq_id)
+                if data is not None:
+                    self.heads.put(np.asarray(slot.tokens, dtype=np.int32), data)
 
     def _decode_and_sample(self, plan: list[tuple[_Slot, list[int], bool]]) -> int:
         """Decode the planned tokens in one batch and sample the slots that get logits; on

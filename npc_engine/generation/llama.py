@@ -21,7 +21,8 @@ from npc_engine.generation.base import (
     Message,
     RenderedPrompt,
 )
-from npc_engine.generation.snapshots import SnapshotCache, common_prefix_length
+from npc_engine.generation.prefix_store import MIN_HEAD_TOKENS, PrefixStore
+from npc_engine.generation.snapshots import Snapshot, SnapshotCache, common_prefix_length
 from npc_engine.generation.tokens import PromptTokenizer, placeholder, split_rendered
 
 log = logging.getLogger(__name__)
@@ -58,26 +59,49 @@ def restore_best_snapshot(
     seq_id: int,
     wanted: np.ndarray,
     kept: int,
+    heads: PrefixStore | None = None,
 ) -> tuple[np.ndarray | None, int]:
     """The one snapshot-restore path of both generators.
 
-    When a snapshot shares at least ``RESTORE_MIN_GAIN`` more tokens with ``wanted`` than the
-    ``kept`` tokens the sequence already holds, its cells replace the sequence's: returns
-    (the tokens the sequence now holds, how many of them ``wanted`` shares). Otherwise
-    (None, kept): nothing changed. A restore llama.cpp refuses leaves the sequence empty:
-    (no tokens, 0), and the caller evaluates the whole prompt.
+    The best of the conversation snapshots (``snapshots``) and the stored NPC heads
+    (``heads``, on disk) is the one sharing most tokens with ``wanted``. When it shares at
+    least ``RESTORE_MIN_GAIN`` more than the ``kept`` tokens the sequence already holds, its
+    cells replace the sequence's: returns (the tokens the sequence now holds, how many of
+    them ``wanted`` shares). Otherwise (None, kept): nothing changed. A restore llama.cpp
+    refuses leaves the sequence empty: (no tokens, 0), and the caller evaluates the whole
+    prompt.
     """
-    if snapshots is None:
+    choices: list[tuple[int, Snapshot, Callable[[Snapshot], bytearray | None]]] = []
+    if snapshots is not None and (found := snapshots.best(wanted)) is not None:
+        choices.append((found[1], found[0], snapshots.load))
+    if heads is not None and (found := heads.best(wanted)) is not None:
+        choices.append((found[1], found[0], heads.load))
+    if not choices:
         return None, kept
-    found = snapshots.best(wanted)
-    if found is None or found[1] < kept + RESTORE_MIN_GAIN:
+    shared, snapshot, load = max(choices, key=lambda choice: choice[0])
+    if shared < kept + RESTORE_MIN_GAIN:
         return None, kept
-    snapshot, shared = found
-    if write_sequence_state(low, ctx, seq_id, snapshots.load(snapshot)):
+    data = load(snapshot)
+    if data is None:  # a head file another process removed meanwhile
+        return None, kept
+    if write_sequence_state(low, ctx, seq_id, data):
         return snapshot.tokens, shared
     log.warning("could not restore a KV snapshot; evaluating the prompt instead")
     low.llama_memory_seq_rm(low.llama_get_memory(ctx), seq_id, -1, -1)
     return np.empty(0, dtype=np.int32), 0
+
+
+def should_store_head(
+    heads: PrefixStore | None, tokens: Sequence[int], head: int, kept: int
+) -> bool:
+    """Whether this prompt's evaluation should stop at its head to store the head's cells:
+    it is long enough to be worth it, not already held, and not stored yet."""
+    return (
+        heads is not None
+        and kept < head < len(tokens) - 1
+        and head >= MIN_HEAD_TOKENS
+        and not heads.has(np.asarray(tokens[:head], dtype=np.int32))
+    )
 
 
 def load_llama(
@@ -147,9 +171,11 @@ class ChatModel:
     def _tokenize_part(self, text: str, add_bos: bool, special: bool) -> list[int]:
         return list(self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
-    def render(self, messages: Sequence[Message]) -> RenderedPrompt:
+    def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
         """The prompt in the GGUF's template; special tokens only where the template put
-        them (see ``generation.tokens``)."""
+        them (see ``generation.tokens``). The head is everything before the content of
+        message ``shared``: the template's text up to there depends only on the shared
+        messages and that next message's role (always the player's)."""
         contents = [message.get("content", "") for message in messages]
         scaffold = self._formatter(
             messages=[{**m, "content": placeholder(i)} for i, m in enumerate(messages)]
@@ -173,10 +199,17 @@ class ChatModel:
         pieces = [
             (text, True) if index is None else (contents[index], False) for text, index in parts
         ]
+        # parts alternate template text and content slots: content k is parts[2k + 1]
+        head = (
+            len(self._prompt_tokenizer(pieces[: 2 * shared + 1], add_bos))
+            if 0 < shared < len(messages)
+            else 0
+        )
         return RenderedPrompt(
             text="".join(text for text, _ in pieces),
             stop=stop,
             tokens=self._prompt_tokenizer(pieces, add_bos),
+            head_tokens=head,
         )
 
     def _defuse(self, content: str) -> str:
@@ -209,6 +242,7 @@ class LlamaGenerator:
         chat_format: str | None = None,
         seed: int = -1,
         snapshots: SnapshotCache | None = None,
+        heads: PrefixStore | None = None,
     ) -> None:
         self.threads = n_threads or os.cpu_count() or 1
         self._llama = load_llama(
@@ -224,10 +258,11 @@ class LlamaGenerator:
         self.n_ctx = n_ctx
         self._lock = threading.Lock()
         self.snapshots = snapshots
+        self.heads = heads
         self._context_key: str | None = None  # whose conversation the context holds now
 
-    def render(self, messages: Sequence[Message]) -> RenderedPrompt:
-        return self.model.render(messages)
+    def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
+        return self.model.render(messages, shared)
 
     def warm_keys(self) -> set[str]:
         """The conversation the context holds (see ``GenerationScheduler``)."""
@@ -255,7 +290,7 @@ class LlamaGenerator:
             # llama-cpp-python re-evaluates at least the last prompt token.
             stats.cached_tokens = min(kept, len(tokens) - 1)
             try:
-                if not self._prefill(tokens, stats.cached_tokens, cancel):
+                if not self._prefill(tokens, stats.cached_tokens, prompt.head_tokens, cancel):
                     stats.finish_reason = "cancelled"
                     return stats
                 stop = list(dict.fromkeys([*prompt.stop, *params.stop]))
@@ -273,7 +308,7 @@ class LlamaGenerator:
         llama = self._llama
         kept = common_prefix_length(llama.input_ids[: llama.n_tokens].astype(np.int32), tokens)
         held, kept = restore_best_snapshot(
-            self.snapshots, low_level, llama._ctx.ctx, 0, tokens, kept
+            self.snapshots, low_level, llama._ctx.ctx, 0, tokens, kept, self.heads
         )
         if held is None:
             return kept, False
@@ -292,21 +327,38 @@ class LlamaGenerator:
             tokens = self._llama.input_ids[: self._llama.n_tokens].astype(np.int32)
             self.snapshots.put(key, tokens, data)
 
-    def _prefill(self, tokens: Sequence[int], cached: int, cancel: threading.Event | None) -> bool:
+    def _prefill(
+        self, tokens: Sequence[int], cached: int, head: int, cancel: threading.Event | None
+    ) -> bool:
         """Evaluate the uncached prompt one batch at a time, leaving the last batch (at most
         ``PROMPT_BATCH`` tokens) to ``create_completion``; False if cancelled meanwhile.
+        A head not stored yet is evaluated on its own first and stored.
 
         ``create_completion`` evaluates its whole prompt before yielding anything, so a
         cancel could wait for the full prompt; this way it waits for one batch at most,
         and a short suffix (the usual warm turn) still takes a single decode call.
         """
+        from llama_cpp import llama_cpp as low_level
+
         llama = self._llama
         llama.n_tokens = cached
-        last_batch_start = max(cached, len(tokens) - PROMPT_BATCH)
-        for start in range(cached, last_batch_start, PROMPT_BATCH):
+        if should_store_head(self.heads, tokens, head, cached):
+            assert self.heads is not None
+            if not self._evaluate(tokens, cached, head, cancel):
+                return False
+            data = read_sequence_state(low_level, llama._ctx.ctx, 0)
+            if data is not None:
+                self.heads.put(np.asarray(tokens[:head], dtype=np.int32), data)
+            cached = head
+        return self._evaluate(tokens, cached, max(cached, len(tokens) - PROMPT_BATCH), cancel)
+
+    def _evaluate(
+        self, tokens: Sequence[int], start: int, end: int, cancel: threading.Event | None
+    ) -> bool:
+        for chunk in range(start, end, PROMPT_BATCH):
             if cancel is not None and cancel.is_set():
                 return False
-            llama.eval(tokens[start : min(start + PROMPT_BATCH, last_batch_start)])
+            self._llama.eval(tokens[chunk : min(chunk + PROMPT_BATCH, end)])
         return not (cancel is not None and cancel.is_set())
 
     def _stream(

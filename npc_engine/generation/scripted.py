@@ -32,7 +32,7 @@ class ScriptedGenerator:
         self.fail = fail
         self.prompts: list[str] = []
 
-    def render(self, messages: Sequence[Message]) -> RenderedPrompt:
+    def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
         text = _render_chatml(messages)
         return RenderedPrompt(text=text, stop=["<|im_end|>"], tokens=list(range(len(text.split()))))
 
