@@ -54,8 +54,7 @@ def local_app(config: EngineConfig, **kwargs: Any) -> PlaytestApp:
 async def test_talk_inspect_event_and_cancel(
     real_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Replies long enough that Esc lands while one is still streaming.
-    app = local_app(real_config, npc_id="mara", player_id="aria", max_tokens=400)
+    app = local_app(real_config, npc_id="mara", player_id="aria", max_tokens=24)
     async with app.run_test(size=(160, 50)) as pilot:
         await wait_for(pilot, lambda: not app.query_one("#line").disabled)
         assert "Mara Saltwhistle" in plain(app.query_one("#who", Static))
@@ -97,6 +96,7 @@ async def test_talk_inspect_event_and_cancel(
                 app.simulate_key("escape")
 
         monkeypatch.setattr(ChatLine, "append", append_then_escape)
+        app.max_tokens = 400  # a reply long enough that Esc lands while it still streams
         await type_line(pilot, "Tell me the whole long history of Saltwhistle, every detail.")
         await wait_for(pilot, lambda: "whole long history" in app.last_turn.player_text)  # type: ignore[union-attr]
         assert app.last_turn is not None and app.last_turn.reason == "cancelled"
