@@ -117,6 +117,14 @@ def _scripted(config: EngineConfig, progress: Progress) -> Generator:
     return ScriptedGenerator(respond=lambda _prompt: reply, n_ctx=config.n_ctx)
 
 
+@generator_backend("adversarial")
+def _adversarial(config: EngineConfig, progress: Progress) -> Generator:
+    """Tells the prompt's secrets every way it can: for testing the output guards only."""
+    from npc_engine.generation.adversarial import AdversarialGenerator
+
+    return AdversarialGenerator(n_ctx=config.n_ctx)
+
+
 @store_backend("chroma")
 def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
     """Chroma on disk in ``data_dir/chroma``, embedded with the offline MiniLM."""

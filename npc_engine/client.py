@@ -168,6 +168,7 @@ class NpcClient:
         inspect: bool | None = None,
         priority: str | None = None,
         deadline_ms: int | None = None,
+        game_time: float | None = None,
     ) -> ReplyStream:
         request_id = self._next_id()
         stream = ReplyStream(request_id)
@@ -183,6 +184,7 @@ class NpcClient:
             inspect=inspect,
             priority=priority,
             deadline_ms=deadline_ms,
+            game_time=game_time,
         )
         await self.send_raw(message)
         return stream
@@ -220,6 +222,34 @@ class NpcClient:
         return int(
             (await self.request({"type": "memory.forget", "npc_id": npc_id, **what}))["count"]
         )
+
+    async def set_state(
+        self,
+        player_id: str,
+        *,
+        npc_id: str | None = None,
+        trust: int | None = None,
+        trust_delta: int | None = None,
+        flags: dict[str, Any] | None = None,
+        game_time: float | None = None,
+    ) -> dict[str, Any]:
+        """``state.set``: trust (needs ``npc_id``) and flags (``None`` deletes one); returns
+        the ``state`` answer (trust, flags, unlocked entries)."""
+        return await self.request(
+            _request(
+                "state.set",
+                player_id=player_id,
+                npc_id=npc_id,
+                trust=trust,
+                trust_delta=trust_delta,
+                flags=flags,
+                game_time=game_time,
+            )
+        )
+
+    async def get_state(self, player_id: str, *, npc_id: str | None = None) -> dict[str, Any]:
+        """``state.get``: the player's flags, and with ``npc_id`` that NPC's trust."""
+        return await self.request(_request("state.get", player_id=player_id, npc_id=npc_id))
 
     async def npcs(self) -> list[dict[str, Any]]:
         return list((await self.request({"type": "npc.list"}))["npcs"])

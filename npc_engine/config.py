@@ -55,6 +55,23 @@ class RetrievalConfig(BaseModel):
     )
 
 
+class GuardConfig(BaseModel):
+    """Output guards (``npc_engine.guard``): secrets and out-of-world talk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        True, description="Check replies for guarded secrets and out-of-world terms."
+    )
+    threshold: float = Field(
+        0.58,
+        ge=0,
+        le=1,
+        description="Cosine similarity of a reply sentence to a guarded secret at which the "
+        "sentence counts as telling it (tuned on tests/probes/guard_similarity.yaml).",
+    )
+
+
 class GenerationConfig(BaseModel):
     """Which generator writes the replies (``npc_engine.backends``)."""
 
@@ -63,7 +80,8 @@ class GenerationConfig(BaseModel):
     backend: str = Field(
         "llama",
         description="llama: the GGUF in-process (llama.cpp); scripted: a fixed reply, word "
-        "by word, for wiring tests without a model.",
+        "by word, for wiring tests without a model; adversarial: tells the prompt's secrets "
+        "every way it can, for testing the output guards (never for players).",
     )
     scripted_reply: str = Field(
         "Aye, I hear you.", description="What the scripted backend answers every time."
@@ -191,6 +209,7 @@ class EngineConfig(BaseSettings):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     parallel: int = Field(
         8,
         ge=1,

@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -23,14 +24,29 @@ from npc_engine.cleaning import StreamCleaner, strip_special_tokens
 from npc_engine.config import EngineConfig
 from npc_engine.errors import NpcEngineError, UnknownNpcError
 from npc_engine.expression import infer_action, infer_emotion
+from npc_engine.game_state import (
+    GameState,
+    Standing,
+    standing_notes,
+    unlocked_entries,
+)
 from npc_engine.generation.base import GenerationParams, Generator
+from npc_engine.guard import (
+    DEFAULT_DEFLECTIONS,
+    Embed,
+    GuardCut,
+    GuardedSecret,
+    GuardRules,
+    ReplyGuard,
+    distinctive_words,
+)
 from npc_engine.ids import check_id
 from npc_engine.memory.importance import rate_importance
 from npc_engine.memory.scoring import score_candidates
 from npc_engine.memory.types import Memory, MemoryKind, MemoryStore, ScoredMemory, utc_now
 from npc_engine.memory.writer import MemoryWriter
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
-from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn
+from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn, render_persona, render_world
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +95,31 @@ class TurnResult:
     memory_write: Future[list[str]] | None = None
     emotion: str | None = None
     action: dict[str, Any] | None = None
+    guard: GuardCut | None = None  # why the reply was cut, if it was
+    standing: Standing | None = None
+    unlocked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StateView:
+    """A ``state`` answer: trust (when an NPC was named), flags, unlocked entries."""
+
+    player_id: str
+    flags: dict[str, Any]
+    npc_id: str | None = None
+    trust: int | None = None
+    unlocked: tuple[str, ...] | None = None
+
+
+class _Halt(threading.Event):
+    """Stops a generation when the caller cancels it or the guard cut the reply."""
+
+    def __init__(self, cancel: threading.Event | None) -> None:
+        super().__init__()
+        self._cancel = cancel
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self._cancel is not None and self._cancel.is_set())
 
 
 KEY_SEPARATOR = "\x1f"  # never in an id (ids are checked against ID_PATTERN)
@@ -132,8 +173,10 @@ class DialogueEngine:
         config: EngineConfig,
         *,
         clock: Callable[[], datetime] = utc_now,
+        embed: Embed | None = None,
     ) -> None:
         self.registry = registry
+        self.embed = embed  # sentence vectors for the secret guard (None: key terms only)
         self.generator = generator
         self.store = store
         self.config = config
@@ -148,6 +191,107 @@ class DialogueEngine:
         self._forget_serial = 0
         self._fallback_counter = itertools.count()
         self.memory_write_failures = 0
+        self.state = GameState(store, self._start_trust, capacity=config.max_conversations)
+        # Per persona object (a reload makes new ones): its secrets' keys and vectors.
+        self._secret_cache: dict[int, tuple[Any, list[tuple[str, ...]], Any]] = {}
+        self._secret_lock = threading.Lock()
+
+    def _start_trust(self, npc_id: str) -> int:
+        loaded = self.registry.get(npc_id)
+        return loaded.persona.trust if loaded is not None else 0
+
+    # -- game state and guards -----------------------------------------------------------
+
+    def get_state(self, player_id: str, npc_id: str | None = None) -> StateView:
+        check_id(player_id, "player_id")
+        if npc_id is None:
+            return StateView(player_id, self.state.flags(player_id))
+        loaded = self.persona(npc_id)
+        standing = self.state.standing(npc_id, player_id)
+        unlocked = unlocked_entries(loaded.persona, loaded.world, standing.facts())
+        return StateView(player_id, dict(standing.flags), npc_id, standing.trust, unlocked.ids)
+
+    def set_state(
+        self,
+        player_id: str,
+        *,
+        npc_id: str | None = None,
+        trust: int | None = None,
+        trust_delta: int | None = None,
+        flags: Mapping[str, Any] | None = None,
+        game_time: float | None = None,
+    ) -> StateView:
+        check_id(player_id, "player_id")
+        if npc_id is not None:
+            self.persona(npc_id)
+        self.state.update(
+            player_id,
+            npc_id=npc_id,
+            trust=trust,
+            trust_delta=trust_delta,
+            flags=flags,
+            game_time=game_time,
+        )
+        return self.get_state(player_id, npc_id)
+
+    def _secrets_of(self, loaded: LoadedPersona) -> tuple[list[tuple[str, ...]], Any]:
+        """Each secret's key terms (declared, or its distinctive words) and the secrets'
+        sentence vectors, computed once per persona."""
+        persona = loaded.persona
+        with self._secret_lock:
+            cached = self._secret_cache.get(id(persona))
+            if cached is not None and cached[0] is persona:
+                return cached[1], cached[2]
+        public = render_world(loaded.world) + render_persona(
+            persona.model_copy(update={"secrets": []}), self.npc_names()
+        )
+        public += "\n".join(f.text for f in persona.knowledge)
+        keys = [tuple(s.keys) or distinctive_words(s.text, public) for s in persona.secrets]
+        vectors = None
+        if self.embed is not None and persona.secrets:
+            import numpy as np
+
+            vectors = np.asarray(self.embed([s.text for s in persona.secrets]), dtype=np.float32)
+        with self._secret_lock:
+            if len(self._secret_cache) > 4 * max(len(self.registry.personas), 16):
+                self._secret_cache.clear()  # personas reloaded many times: start over
+            self._secret_cache[id(persona)] = (persona, keys, vectors)
+        return keys, vectors
+
+    def guard_rules(self, loaded: LoadedPersona, standing: Standing) -> GuardRules:
+        """What this NPC's reply to this player is checked for (nothing with the guard off)."""
+        if not self.config.guard.enabled:
+            return GuardRules()
+        return self.protected(loaded, standing)
+
+    def protected(self, loaded: LoadedPersona, standing: Standing) -> GuardRules:
+        """Every guarded secret whose reveal condition does not hold for this player, and
+        the world's out-of-world terms (whether or not the guard is on: tests judge by it)."""
+        guard = self.config.guard
+        facts = standing.facts()
+        keys, vectors = self._secrets_of(loaded)
+        chosen = [
+            index
+            for index, secret in enumerate(loaded.persona.secrets)
+            if secret.guard and not (secret.reveal_when is not None and secret.known(facts))
+        ]
+        secrets = [
+            GuardedSecret(f"secrets.{i}", loaded.persona.secrets[i].text, keys[i]) for i in chosen
+        ]
+        world = loaded.world
+        rules = GuardRules(
+            secrets,
+            tuple(world.out_of_world) if world is not None else (),
+            self.embed if vectors is not None else None,
+            guard.threshold,
+        )
+        if vectors is not None and chosen:
+            rules.preset_vectors(vectors[chosen])
+        return rules
+
+    def deflection(self, loaded: LoadedPersona, player_id: str, text: str) -> str:
+        lines = loaded.persona.deflections or list(DEFAULT_DEFLECTIONS)
+        return lines[zlib.crc32(f"{loaded.id}|{player_id}|{text}".encode()) % len(lines)]
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -322,11 +466,14 @@ class DialogueEngine:
         max_tokens: int | None = None,
         on_delta: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        game_time: float | None = None,
     ) -> TurnResult:
         """One turn: recall, build the prompt, stream the reply, queue the memory writes.
 
-        A cancelled turn stores the player's line and no reply (as one cancelled while
-        queued: ``hear``)."""
+        The reply streams through the guard (``guard_rules``): a sentence that would tell a
+        guarded secret or leave the world is never delivered; an in-voice deflection ends
+        the reply instead (``result.guard`` says why). A cancelled turn stores the player's
+        line and no reply (as one cancelled while queued: ``hear``)."""
         loaded = self.persona(npc_id)
         check_id(player_id, "player_id")
         with self._history_lock:
@@ -354,6 +501,29 @@ class DialogueEngine:
             memories = []
         result.timings.retrieval_ms = (time.perf_counter() - started) * 1000
 
+        try:
+            standing = self.state.standing(npc_id, player_id)
+        except Exception as exc:  # state trouble must not silence the NPC either
+            log.warning("game state unavailable for %s: %s", npc_id, exc)
+            standing = Standing(loaded.persona.trust)
+        if game_time is not None:
+            standing = Standing(standing.trust, standing.flags, game_time)
+        unlocked = unlocked_entries(loaded.persona, loaded.world, standing.facts())
+        result.standing, result.unlocked = standing, unlocked.ids
+        rules = self.guard_rules(loaded, standing)
+        guard = (
+            ReplyGuard(rules, self.deflection(loaded, player_id, text)) if rules.active else None
+        )
+        halt = _Halt(cancel)
+
+        def guarded(piece: str) -> str:
+            if guard is None:
+                return piece
+            safe = guard.feed(piece)
+            if guard.cut is not None:
+                halt.set()  # the rest of the reply is not wanted: stop generating it
+            return safe
+
         params = self._params(loaded, max_tokens)
         params.cache_key = conversation_key(npc_id, player_id)
         built: BuiltPrompt | None = None
@@ -371,6 +541,8 @@ class DialogueEngine:
                 player_text=text,
                 max_tokens=params.max_tokens,
                 now=now,
+                standing=standing_notes(standing.trust, unlocked),
+                standing_is_default=standing.trust == loaded.persona.trust and not unlocked.ids,
             )
             result.timings.prompt_ms = (time.perf_counter() - mark) * 1000
             result.prompt = built.rendered.text
@@ -385,13 +557,19 @@ class DialogueEngine:
             cleaner = StreamCleaner(loaded.persona.name)
             mark = time.perf_counter()
             stats = self.generator.generate(
-                built.rendered, params, lambda piece: deliver(cleaner.feed(piece)), cancel
+                built.rendered, params, lambda piece: deliver(guarded(cleaner.feed(piece))), halt
             )
-            deliver(cleaner.finish())
+            deliver(guarded(cleaner.finish()))
+            if guard is not None:
+                deliver(guard.finish())
             result.timings.generation_ms = (time.perf_counter() - mark) * 1000
             result.cached_tokens = stats.cached_tokens
             result.completion_tokens = stats.completion_tokens
             result.reason = stats.finish_reason
+            if guard is not None and guard.cut is not None:
+                result.guard = guard.cut
+                if not (cancel is not None and cancel.is_set()):
+                    result.reason = "stop"  # ended by the guard, not by the caller
         except Exception as exc:
             log.warning("generation failed for %s: %s", npc_id, exc, exc_info=True)
             result.reason = "error"
@@ -417,6 +595,7 @@ class DialogueEngine:
                 built.scene,
                 noted=built.noted,
                 scene_shown=built.scene_shown,
+                standing_shown=built.standing_shown,
             )
         with self._history_lock:
             wiped, forgotten = self._forgotten_since(forget_serial, npc_id, player_id)

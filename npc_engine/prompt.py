@@ -41,6 +41,7 @@ class Turn:
     # forgotten memory can leave the notes.
     noted: tuple[tuple[str, str], ...] = ()
     scene_shown: str = ""
+    standing_shown: str = ""  # how the NPC regards the player, if shown with this line
 
     def without(self, forgotten: frozenset[str]) -> Turn:
         """This turn with the notes of forgotten memories taken out."""
@@ -49,7 +50,7 @@ class Turn:
         noted = tuple((i, line) for i, line in self.noted if i not in forgotten)
         return replace(
             self,
-            notes=render_notes([line for _, line in noted], self.scene_shown),
+            notes=render_notes([line for _, line in noted], self.scene_shown, self.standing_shown),
             noted=noted,
             memory_ids=self.memory_ids - forgotten,
         )
@@ -65,15 +66,24 @@ class BuiltPrompt:
     scene: str = ""
     noted: tuple[tuple[str, str], ...] = ()  # (memory id, its line in the notes)
     scene_shown: str = ""
+    standing_shown: str = ""
 
     @property
     def token_count(self) -> int:
         return self.rendered.token_count
 
 
-def render_world(world: World | None) -> str:
+def render_world(world: World | None, persona: Persona | None = None) -> str:
+    """The world as one NPC knows it from the start: lore gated by a condition or kept to
+    some NPCs (``known_by``) is left out (see ``game_state.unlocked_entries``)."""
     if world is None:
         return ""
+    lore = [
+        item.text
+        for item in world.lore
+        if item.reveal_when is None
+        and (persona is None or item.known_by_npc(persona.id or "", persona.factions))
+    ]
     lines = [f"# The world: {world.name}", world.setting]
     if world.places:
         lines.append("Places:")
@@ -81,9 +91,9 @@ def render_world(world: World | None) -> str:
     if world.factions:
         lines.append("Factions:")
         lines += [f"- {f.name}: {f.description}".rstrip(": ") for f in world.factions]
-    if world.lore:
+    if lore:
         lines.append("Common knowledge:")
-        lines += [f"- {item}" for item in world.lore]
+        lines += [f"- {item}" for item in lore]
     if world.rules:
         lines.append("Rules of this world (never break them):")
         lines += [f"- {rule}" for rule in world.rules]
@@ -96,12 +106,16 @@ def render_persona(persona: Persona, names: Mapping[str, str]) -> str:
         lines.append("Personality: " + ", ".join(persona.personality) + ".")
     if persona.speech_style:
         lines.append("How you speak: " + persona.speech_style)
-    if persona.knowledge:
+    # Entries with a reveal condition are never here: while locked the model must not see
+    # them, once unlocked they come in the turn's notes (``game_state.standing_notes``).
+    knowledge = [fact.text for fact in persona.knowledge if fact.reveal_when is None]
+    secrets = [secret.text for secret in persona.secrets if secret.reveal_when is None]
+    if knowledge:
         lines.append("What you know and may share:")
-        lines += [f"- {fact}" for fact in persona.knowledge]
-    if persona.secrets:
+        lines += [f"- {fact}" for fact in knowledge]
+    if secrets:
         lines.append("Your secrets (you know them, but never reveal them to anyone):")
-        lines += [f"- {secret}" for secret in persona.secrets]
+        lines += [f"- {secret}" for secret in secrets]
     if persona.goals:
         lines.append("What you want:")
         lines += [f"- {goal}" for goal in persona.goals]
@@ -148,8 +162,8 @@ def memory_line(memory: ScoredMemory, now: datetime) -> str:
     return f"- {describe_age(memory.memory.created_at, now)}: {memory.memory.text}"
 
 
-def render_notes(memory_lines: Sequence[str], scene_line: str) -> str:
-    lines: list[str] = []
+def render_notes(memory_lines: Sequence[str], scene_line: str, standing: str = "") -> str:
+    lines: list[str] = [standing.rstrip("\n")] if standing else []
     if memory_lines:
         lines.append(
             "(Things you remember that may matter now; your notes, not the player's words:)"
@@ -179,9 +193,16 @@ class PromptBuilder:
         player_text: str,
         max_tokens: int,
         now: datetime,
+        standing: str = "",
+        standing_is_default: bool = False,
     ) -> BuiltPrompt:
+        """``standing``: how the NPC regards this player and what it has unlocked
+        (``game_state.standing_notes``); shown when it differs from what the conversation
+        window last showed. At its default (start trust, nothing unlocked) it is not shown
+        unless the window shows another: a stranger needs no note, and first turns stay
+        short."""
         budget = self.generator.n_ctx - max_tokens - self.reserve_tokens
-        system = render_world(world) + render_persona(persona, names)
+        system = render_world(world, persona) + render_persona(persona, names)
         examples = list(persona.example_dialogue)
         turns = list(history)
         kept_memories = list(memories)  # best first
@@ -201,8 +222,12 @@ class PromptBuilder:
             scene_line = render_scene(scene)
             last_scene = turns[-1].scene if turns else ""
             shown_scene = scene_line if scene_line != last_scene else ""
+            shown_before = [t.standing_shown for t in turns if t.standing_shown]
+            last_standing = shown_before[-1] if shown_before else ""
+            quiet = standing_is_default and not last_standing
+            shown_standing = standing if standing != last_standing and not quiet else ""
             noted = tuple((m.memory.id, memory_line(m, now)) for m in fresh)
-            block = render_notes([line for _, line in noted], shown_scene)
+            block = render_notes([line for _, line in noted], shown_scene, shown_standing)
             messages.append({"role": "user", "content": block + player_message(player_id, text)})
             # the system message and the examples are the same for every player
             rendered = self.generator.render(messages, shared=1 + 2 * len(examples))
@@ -216,6 +241,7 @@ class PromptBuilder:
                     scene=scene_line,
                     noted=noted,
                     scene_shown=shown_scene,
+                    standing_shown=shown_standing,
                 )
             if turns:
                 turns.pop(0)

@@ -14,6 +14,11 @@ from typing import Annotated, Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from npc_engine.game_state import (
+    FLAG_NAME_PATTERN,
+    MAX_FLAG_TEXT,
+    MAX_FLAGS_PER_PLAYER,
+)
 from npc_engine.ids import ID_PATTERN
 
 PROTOCOL_VERSION = "1"
@@ -82,6 +87,7 @@ class Say(_Request):
         description="Extension: if no token has streamed this many ms after acceptance, the "
         "persona's fallback line is sent at once (reason error, code deadline).",
     )
+    game_time: GameTime | None = None
     inspect: bool = Field(
         False,
         description="Extension: reply.end carries `inspect` (the exact prompt and the recalled "
@@ -89,6 +95,39 @@ class Say(_Request):
         "only by a server started with --allow-inspect or to a connection that presented "
         "the server's token; otherwise the say gets error `unauthorized` (no close).",
     )
+
+
+GameTime = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=1e12,
+        description="Minutes of game time since the game's own epoch (non-decreasing within "
+        "a save); read by reveal conditions (game_time).",
+    ),
+]
+FlagName = Annotated[str, Field(pattern=FLAG_NAME_PATTERN)]
+FlagValue = bool | int | Annotated[str, Field(max_length=MAX_FLAG_TEXT)]
+
+
+class StateSet(_Request):
+    """Set trust (per NPC and player) and flags (per player); see protocol-v1-game."""
+
+    type: Literal["state.set"]
+    npc_id: EntityId | None = None
+    player_id: EntityId
+    trust: int | None = Field(None, ge=-100, le=100)
+    trust_delta: int | None = Field(None, ge=-200, le=200)
+    flags: Annotated[dict[FlagName, FlagValue | None], Field(max_length=MAX_FLAGS_PER_PLAYER)] = (
+        Field(default_factory=dict, description="null deletes a flag.")
+    )
+    game_time: GameTime | None = None
+
+
+class StateGet(_Request):
+    type: Literal["state.get"]
+    npc_id: EntityId | None = None
+    player_id: EntityId
 
 
 class Cancel(_Request):
@@ -135,20 +174,24 @@ class Stats(_Request):
 
 
 Request = Annotated[
-    Hello | Say | Cancel | Event | MemoryList | MemoryForget | NpcList | Ping | Stats,
+    Hello
+    | Say
+    | Cancel
+    | Event
+    | MemoryList
+    | MemoryForget
+    | NpcList
+    | Ping
+    | Stats
+    | StateSet
+    | StateGet,
     Field(discriminator="type"),
 ]
 REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)
+# Every request type, read off the models so a new one cannot be forgotten here.
 REQUEST_TYPES = {
-    "hello",
-    "say",
-    "cancel",
-    "event",
-    "memory.list",
-    "memory.forget",
-    "npc.list",
-    "ping",
-    "stats",
+    str(member.model_fields["type"].annotation.__args__[0])  # Literal["say"] -> "say"
+    for member in Request.__origin__.__args__  # type: ignore[attr-defined]
 }
 
 
@@ -218,6 +261,14 @@ class TurnInspection(_Message):
     )
     retrieval_ms: float
     prompt_ms: float
+    trust: int | None = None
+    flags: dict[str, FlagValue] | None = None
+    unlocked: list[str] | None = None
+    guard_entry: str | None = Field(
+        None, description="What the guard protected: secrets.N, or the out-of-world term."
+    )
+    guard_reason: str | None = None
+    guard_withheld: str | None = Field(None, description="The sentence that was not sent.")
 
 
 class ReplyEnd(_Message):
@@ -225,11 +276,29 @@ class ReplyEnd(_Message):
     re: str
     text: str
     reason: Literal["stop", "length", "cancelled", "error"]
+    guard: Literal["secret", "out_of_world"] | None = Field(
+        None,
+        description="Set when the reply was cut before it told a guarded secret (secret) or "
+        "spoke of things outside the world (out_of_world) and ended with an in-character "
+        "line; the deltas sent plus that line still make up text.",
+    )
     emotion: str | None = None
     action: dict[str, Any] | None = None
     usage: Usage | None = None
     error: ErrorInfo | None = None
     inspect: TurnInspection | None = None
+
+
+class State(_Message):
+    type: Literal["state"] = "state"
+    re: str
+    npc_id: str | None = None
+    player_id: str
+    trust: int | None = None
+    flags: dict[str, FlagValue]
+    unlocked: list[str] | None = Field(
+        None, description="Persona entries whose reveal condition holds now (knowledge.2…)."
+    )
 
 
 class Ok(_Message):
@@ -298,6 +367,7 @@ ServerMessage = (
     | NpcItems
     | Pong
     | StatsReport
+    | State
     | Error
 )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from npc_engine.protocol import ErrorCode, ErrorInfo, ReplyDelta, ReplyEnd, TurnInspection, Usage
 
@@ -28,6 +28,7 @@ class FinishedTurn:
     """What the engine reports about a turn that ran (its text came through ``text``)."""
 
     reason: str  # stop | length | cancelled | error
+    guard: Literal["secret", "out_of_world"] | None = None  # the guard cut the reply
     emotion: str | None = None
     action: dict[str, Any] | None = None
     usage: Usage | None = None
@@ -90,6 +91,7 @@ class ReplyStream:
             re=self.request_id,
             text=self.text_sent,
             reason=reason,
+            guard=turn.guard,
             emotion=turn.emotion,
             action=turn.action,
             usage=turn.usage,

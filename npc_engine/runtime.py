@@ -79,7 +79,10 @@ def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> E
     try:
         store = make_store(config, progress)
         generator = make_generator(config, progress)
-        engine = DialogueEngine(registry, generator, store, config)
+        # The store's embedder (if it has one) also judges replies for the secret guard.
+        engine = DialogueEngine(
+            registry, generator, store, config, embed=getattr(store, "embedder", None)
+        )
     except BaseException:
         lock.release()
         raise

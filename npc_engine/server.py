@@ -34,8 +34,9 @@ from websockets.http11 import Response as HttpResponse
 
 from npc_engine import __version__
 from npc_engine.config import ServerLimits
-from npc_engine.dialogue import DialogueEngine, TurnResult, npc_of
+from npc_engine.dialogue import DialogueEngine, StateView, TurnResult, npc_of
 from npc_engine.errors import NpcEngineError, UnknownNpcError
+from npc_engine.game_state import StateError
 from npc_engine.memory.types import Memory
 from npc_engine.protocol import (
     Cancel,
@@ -59,6 +60,9 @@ from npc_engine.protocol import (
     ReplyStart,
     Request,
     Say,
+    State,
+    StateGet,
+    StateSet,
     Stats,
     StatsReport,
     TurnInspection,
@@ -298,7 +302,7 @@ class NpcServer:
                     re=request.id,
                     server=f"npc-engine/{__version__}",
                     session=uuid.uuid4().hex,
-                    capabilities=["stream", "msgpack", "memory"],
+                    capabilities=["stream", "msgpack", "memory", "state"],
                     npcs=self._npc_infos(),
                 ),
             )
@@ -348,6 +352,9 @@ class NpcServer:
                 await self._serve(conn, request, encoding)
             except UnknownNpcError as exc:
                 await self._fail(conn, request, encoding, "unknown_npc", str(exc), known=exc.known)
+            except StateError as exc:
+                code: ErrorCode = "invalid_request"
+                await self._fail(conn, request, encoding, code, str(exc), field=exc.field)
             except NpcEngineError as exc:
                 await self._fail(conn, request, encoding, "invalid_request", str(exc))
             except asyncio.CancelledError:
@@ -389,6 +396,31 @@ class NpcServer:
                 request,
             )
             await conn.send(Ok(re=request.id, count=count))
+        elif isinstance(request, StateSet | StateGet):
+            await self._own_writes(conn)
+            view = await self._in_io(self._state, request)
+            await conn.send(
+                State(
+                    re=request.id,
+                    npc_id=view.npc_id,
+                    player_id=view.player_id,
+                    trust=view.trust,
+                    flags=view.flags,
+                    unlocked=list(view.unlocked) if view.unlocked is not None else None,
+                )
+            )
+
+    def _state(self, request: StateSet | StateGet) -> StateView:
+        if isinstance(request, StateGet):
+            return self.engine.get_state(request.player_id, request.npc_id)
+        return self.engine.set_state(
+            request.player_id,
+            npc_id=request.npc_id,
+            trust=request.trust,
+            trust_delta=request.trust_delta,
+            flags=request.flags,
+            game_time=request.game_time,
+        )
 
     @staticmethod
     async def _acknowledged(done: Future[list[str]]) -> list[str]:
@@ -505,6 +537,7 @@ class NpcServer:
                 max_tokens=request.max_tokens,
                 on_delta=on_delta,
                 cancel=reply.cancel,
+                game_time=request.game_time,
             )
 
         self._queued += 1
@@ -589,6 +622,7 @@ class NpcServer:
         timings = result.timings
         return FinishedTurn(
             reason=result.reason,
+            guard=result.guard.kind if result.guard is not None else None,
             emotion=result.emotion,
             action=result.action,
             usage=Usage(
@@ -610,4 +644,10 @@ class NpcServer:
             dropped=result.dropped,
             retrieval_ms=result.timings.retrieval_ms,
             prompt_ms=result.timings.prompt_ms,
+            trust=result.standing.trust if result.standing is not None else None,
+            flags=dict(result.standing.flags) if result.standing is not None else None,
+            unlocked=list(result.unlocked),
+            guard_entry=result.guard.entry if result.guard else None,
+            guard_reason=result.guard.reason if result.guard else None,
+            guard_withheld=result.guard.withheld if result.guard else None,
         )

@@ -130,7 +130,8 @@ def test_generation_failure_uses_fallback_line(sample_personas: Path) -> None:
 
 def test_cancel_stops_between_tokens(sample_personas: Path) -> None:
     cancel = threading.Event()
-    engine = make_engine(sample_personas, ScriptedGenerator(["one two three four five six"]))
+    # Sentences: Mara guards secrets, so her replies stream a sentence at a time.
+    engine = make_engine(sample_personas, ScriptedGenerator(["One. Two. Three. Four. Five. Six."]))
     deltas: list[str] = []
 
     def on_delta(piece: str) -> None:

@@ -65,7 +65,7 @@ async def test_browser_origins_are_refused_unless_listed(shared_runtime: EngineR
 
 
 async def test_inspect_needs_the_flag_or_the_token(shared_runtime: EngineRuntime) -> None:
-    secret = shared_runtime.engine.persona("mara").persona.secrets[0]
+    secret = shared_runtime.engine.persona("mara").persona.secrets[0].text
     open_server = await started(shared_runtime)
     guarded = await started(shared_runtime, token="s3cret")
     inspecting = await started(shared_runtime, allow_inspect=True)

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 # Enough to fill the 8 batch slots and the queue behind them many times over; kept small
 # so the default run stays fast (tools/bench.py measures throughput side by side).
 CONNECTIONS = 16
-SAYS_PER_CONNECTION = 3
+SAYS_PER_CONNECTION = 2
 NPCS = ["mara", "guard_tom", "wren", "ysolde"]
 
 

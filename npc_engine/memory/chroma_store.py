@@ -9,6 +9,7 @@ never tries to fetch its own copy.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from npc_engine.memory.types import Candidate, Memory, MemoryKind
 from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache
 
 NO_PLAYER = ""  # Chroma metadata cannot hold None
+STATE_COLLECTION = "npc-engine-game-state"
 
 
 class OfflineMiniLM:
@@ -478,6 +480,26 @@ class ChromaMemoryStore:
         if shard is None:
             return 0
         return len(shard.get(where={"player_id": player_id}, include=[])["ids"])
+
+    @property
+    def embedder(self) -> Any:
+        """The sentence embedder (MiniLM): list of texts in, list of vectors out."""
+        return self._embed
+
+    def _state_collection(self) -> Any:
+        # One collection for every game-state record; its name cannot be an NPC's (those
+        # are npc-<sha1>-…). Chroma needs a vector per record: a constant one.
+        return self._collection(STATE_COLLECTION, "", create=True)
+
+    def load_state(self, key: str) -> dict[str, Any] | None:
+        found = self._state_collection().get(ids=[key], include=["documents"])
+        documents = found.get("documents") or []
+        return json.loads(documents[0]) if documents and documents[0] else None
+
+    def save_state(self, key: str, value: dict[str, Any]) -> None:
+        self._state_collection().upsert(
+            ids=[key], documents=[json.dumps(value, sort_keys=True)], embeddings=[[1.0]]
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import threading
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from npc_engine.memory.types import Candidate, Memory
 
@@ -31,6 +33,7 @@ def visible_to(memory: Memory, npc_id: str, player_id: str | None) -> bool:
 class InMemoryStore:
     def __init__(self) -> None:
         self._memories: dict[str, Memory] = {}
+        self._state: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def add(self, memories: Sequence[Memory]) -> None:
@@ -96,6 +99,15 @@ class InMemoryStore:
     def _visible_all(self, npc_id: str) -> list[Memory]:
         with self._lock:
             return [m for m in self._memories.values() if m.npc_id == npc_id]
+
+    def load_state(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            found = self._state.get(key)
+            return copy.deepcopy(found) if found is not None else None
+
+    def save_state(self, key: str, value: dict[str, Any]) -> None:
+        with self._lock:
+            self._state[key] = copy.deepcopy(value)
 
     def close(self) -> None:
         """Nothing to release: the dict goes with the object."""

@@ -3,9 +3,18 @@ shipped for editors is generated from them (`npc-engine schema persona`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
+
+from npc_engine.conditions import Condition, ConditionError, GameFacts, parse_condition
 
 NPC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 
@@ -15,6 +24,64 @@ NpcId = Annotated[str, StringConstraints(pattern=NPC_ID_PATTERN)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def _checked_condition(source: str) -> str:
+    try:
+        parse_condition(source)
+    except ConditionError as exc:
+        raise ValueError(str(exc)) from None
+    return source
+
+
+ConditionText = Annotated[
+    str,
+    AfterValidator(_checked_condition),
+    Field(
+        description="When the NPC knows this: comparisons over trust, flags.NAME and "
+        "game_time, joined by and/or/not, e.g. 'trust >= 40 or flags.quest_pier >= 2'."
+    ),
+]
+
+
+class GatedFact(_Strict):
+    """A piece of knowledge (or of world lore) the NPC has only once its condition holds."""
+
+    text: NonEmptyText
+    reveal_when: ConditionText | None = None
+
+    def known(self, facts: GameFacts) -> bool:
+        return self.reveal_when is None or self.condition.holds(facts)
+
+    @property
+    def condition(self) -> Condition:
+        assert self.reveal_when is not None
+        return parse_condition(self.reveal_when)  # parsed once per source text (cached)
+
+
+class Secret(GatedFact):
+    """Something the NPC knows but must not say until ``reveal_when`` holds (never, without
+    one). Guarded: a reply that starts to tell it is cut and deflected."""
+
+    keys: list[NonEmptyText] = Field(
+        default_factory=list,
+        description="Words or phrases that give the secret away; a reply saying one is cut. "
+        "Default: the secret's own distinctive words.",
+    )
+    guard: bool = Field(True, description="false: trust the model, do not check replies.")
+
+
+def _text_or_object(value: Any) -> Any:
+    """A plain string is the short form of ``{text: ...}`` (always known)."""
+    return {"text": value} if isinstance(value, str) else value
+
+
+FactEntry = Annotated[
+    GatedFact, BeforeValidator(_text_or_object, json_schema_input_type=str | GatedFact)
+]
+SecretEntry = Annotated[
+    Secret, BeforeValidator(_text_or_object, json_schema_input_type=str | Secret)
+]
 
 
 class DialogueExample(_Strict):
@@ -57,11 +124,27 @@ class Persona(_Strict):
     )
     speech_style: str = Field("", description="How the NPC talks: vocabulary, rhythm, tics.")
     greeting: str = Field("", description="First line when a player walks up.")
-    knowledge: list[NonEmptyText] = Field(
-        default_factory=list, description="Facts the NPC knows and may share."
+    knowledge: list[FactEntry] = Field(
+        default_factory=list,
+        description="Facts the NPC knows and may share: a string, or {text, reveal_when} for "
+        "a fact the NPC only knows once the condition holds.",
     )
-    secrets: list[NonEmptyText] = Field(
-        default_factory=list, description="Facts the NPC knows but must never reveal."
+    secrets: list[SecretEntry] = Field(
+        default_factory=list,
+        description="Facts the NPC knows but must not reveal: a string (never revealed), or "
+        "{text, reveal_when, keys, guard}. Replies are checked and cut before they tell one.",
+    )
+    trust: int = Field(
+        0, ge=-100, le=100, description="How much this NPC trusts a player it has just met."
+    )
+    factions: list[NonEmptyText] = Field(
+        default_factory=list,
+        description="Factions of the world this NPC belongs to (for lore with known_by).",
+    )
+    deflections: list[NonEmptyText] = Field(
+        default_factory=list,
+        description="In-voice lines that end a reply cut by a guard ('That's not for "
+        "strangers' ears.'). Default: built-in ones.",
     )
     goals: list[NonEmptyText] = Field(default_factory=list, description="What the NPC wants.")
     relationships: dict[NpcId, Relationship] = Field(
@@ -87,6 +170,23 @@ class Faction(_Strict):
     description: str = ""
 
 
+class WorldLore(GatedFact):
+    """A piece of lore, known to everyone or only to some."""
+
+    known_by: list[NonEmptyText] = Field(
+        default_factory=list,
+        description="NPC ids or faction names that know it (empty: everyone).",
+    )
+
+    def known_by_npc(self, npc_id: str, factions: list[str]) -> bool:
+        return not self.known_by or any(k == npc_id or k in factions for k in self.known_by)
+
+
+WorldFact = Annotated[
+    WorldLore, BeforeValidator(_text_or_object, json_schema_input_type=str | WorldLore)
+]
+
+
 class World(_Strict):
     """Lore shared by every NPC whose file sits beside this ``world.yaml``."""
 
@@ -97,4 +197,13 @@ class World(_Strict):
     rules: list[NonEmptyText] = Field(
         default_factory=list, description="Hard rules: 'no modern technology exists'."
     )
-    lore: list[NonEmptyText] = Field(default_factory=list, description="Common knowledge.")
+    lore: list[WorldFact] = Field(
+        default_factory=list,
+        description="Common knowledge: a string, or {text, reveal_when, known_by} for lore "
+        "only some NPCs know, or only once a condition holds.",
+    )
+    out_of_world: list[NonEmptyText] = Field(
+        default_factory=list,
+        description="Things that do not exist in this world ('computer', 'internet'): a "
+        "reply that speaks of one is cut and answered in character.",
+    )
