@@ -606,7 +606,8 @@ def target_memory(root: Path, report: Report, npcs: int, per_npc: int, others: i
     timings = timings[5:]  # first calls warm the ONNX session
 
     writer = MemoryWriter(store)
-    batch = [Memory(npc_id="npc001", text=t, player_id="p") for t in sentences(1000)]
+    writes = 1000 if per_npc >= 1000 else 200  # --quick: enough to check that it runs
+    batch = [Memory(npc_id="npc001", text=t, player_id="p") for t in sentences(writes)]
     started = time.perf_counter()
     writer.submit(batch).result(600)
     write_seconds = time.perf_counter() - started
