@@ -39,6 +39,7 @@ from npc_engine.guard import (
     GuardRules,
     ReplyGuard,
     distinctive_words,
+    find_term,
 )
 from npc_engine.ids import check_id
 from npc_engine.memory.importance import rate_importance
@@ -75,6 +76,8 @@ class TurnTimings:
     ttft_ms: float | None = None
     generation_ms: float = 0.0
     total_ms: float = 0.0
+    model_ttft_ms: float | None = None  # the model's first text, before the guard held any
+    guard_ms: float = 0.0  # time spent checking the reply (key terms, meaning)
 
 
 @dataclass
@@ -288,6 +291,30 @@ class DialogueEngine:
         if vectors is not None and chosen:
             rules.preset_vectors(vectors[chosen])
         return rules
+
+    def tells_secret(self, npc_id: str, entry: str, text: str) -> str | None:
+        """Why ``text`` tells the persona's secret ``entry`` ("secrets.0"): one of its key
+        terms, or a sentence as close in meaning as the guard's threshold; None if it does
+        not. For scripted checks (``must_not_leak``), whatever the guard did."""
+        loaded = self.persona(npc_id)
+        keys, vectors = self._secrets_of(loaded)
+        kind, _, number = entry.partition(".")
+        if kind != "secrets" or not number.isdigit() or int(number) >= len(keys):
+            raise NpcEngineError(f"{npc_id} has no entry {entry!r} (secrets.0, secrets.1, …)")
+        index = int(number)
+        key = find_term(text, keys[index])
+        if key is not None:
+            return f"key {key!r}"
+        sentences = [p for p in re.split(r"(?<=[.!?])\s+", text) if p.strip()]
+        if vectors is None or self.embed is None or not sentences:
+            return None
+        import numpy as np
+
+        said = np.asarray(self.embed(sentences), dtype=np.float32)
+        said /= np.maximum(np.linalg.norm(said, axis=1, keepdims=True), 1e-9)
+        secret = vectors[index] / max(float(np.linalg.norm(vectors[index])), 1e-9)
+        best = float((said @ secret).max())
+        return f"similar ({best:.2f})" if best >= self.config.guard.threshold else None
 
     def deflection(self, loaded: LoadedPersona, player_id: str, text: str) -> str:
         lines = loaded.persona.deflections or list(DEFAULT_DEFLECTIONS)
@@ -517,11 +544,15 @@ class DialogueEngine:
         halt = _Halt(cancel)
 
         def guarded(piece: str) -> str:
+            if piece and result.timings.model_ttft_ms is None:
+                result.timings.model_ttft_ms = (time.perf_counter() - started) * 1000
             if guard is None:
                 return piece
+            mark = time.perf_counter()
             safe = guard.feed(piece)
             if guard.cut is not None:
                 halt.set()  # the rest of the reply is not wanted: stop generating it
+            result.timings.guard_ms += (time.perf_counter() - mark) * 1000
             return safe
 
         params = self._params(loaded, max_tokens)
@@ -561,7 +592,10 @@ class DialogueEngine:
             )
             deliver(guarded(cleaner.finish()))
             if guard is not None:
-                deliver(guard.finish())
+                mark = time.perf_counter()
+                tail = guard.finish()
+                result.timings.guard_ms += (time.perf_counter() - mark) * 1000
+                deliver(tail)
             result.timings.generation_ms = (time.perf_counter() - mark) * 1000
             result.cached_tokens = stats.cached_tokens
             result.completion_tokens = stats.completion_tokens

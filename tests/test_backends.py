@@ -35,7 +35,7 @@ async def test_wiring_runs_on_the_fakes_chosen_by_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NPC_ENGINE_GENERATION__BACKEND", "scripted")
-    monkeypatch.setenv("NPC_ENGINE_GENERATION__SCRIPTED_REPLY", "Aye, wired.")
+    monkeypatch.setenv("NPC_ENGINE_GENERATION__SCRIPTED_REPLY", "Aye. Wired up.")
     monkeypatch.setenv("NPC_ENGINE_MEMORY__BACKEND", "memory")
     runtime = open_engine(load_config(personas_dir=SAMPLE_PERSONAS, data_dir=tmp_path))
     try:
@@ -46,8 +46,9 @@ async def test_wiring_runs_on_the_fakes_chosen_by_environment(
         try:
             async with await NpcClient.connect(server.url) as client:
                 stream = await client.say("mara", "Hello?", player_id="p1")
-                assert [d async for d in stream] == ["Aye,", " wired."]
-                assert (await stream.result())["text"] == "Aye, wired."
+                # Mara guards secrets, so her reply streams a checked sentence at a time.
+                assert [d async for d in stream] == ["Aye. ", "Wired up."]
+                assert (await stream.result())["text"] == "Aye. Wired up."
                 items = await client.memory_list("mara", player_id="p1")
                 assert any("Hello?" in item["text"] for item in items)
         finally:

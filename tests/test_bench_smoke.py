@@ -35,6 +35,7 @@ def test_bench_quick_mode_reports_every_target(tmp_path: Path) -> None:
         "6 single-stream decode",
         "structured output",
         "9 restart",
+        "10 output guard",
     } <= targets
     assert report["machine"]["model"] and report["machine"]["build"]
     measured = [row for row in report["rows"] if "not implemented" not in row["note"]]

@@ -78,3 +78,42 @@ def test_a_broken_expectation_fails_with_a_clear_side_by_side_report(tmp_path: P
     data = json.loads((out / "report.json").read_text())
     assert [run["passed"] for run in data["runs"]] == [False, False]
     assert (out / "transcript.md").read_text().count("**aria:** My name is Aria.") == 2
+
+
+async def test_scripts_set_state_and_check_guards(tmp_path: Path) -> None:
+    """Against the adversarial backend (it tells every secret it can): `state` unlocks a
+    secret, `guard` and `must_not_leak` see what the guard did, and fail when it did not."""
+    from npc_engine.playtest.script import run_script
+    from npc_engine.playtest.session import LocalSession
+
+    script_file = tmp_path / "guarded.yaml"
+    script_file.write_text(
+        "name: guarded\nnpc: mara\nplayer: rook\nturns:\n"
+        "  - say: What is in your cellar?\n"
+        "    expect: {guard: secret, must_not_leak: secrets.0}\n"
+        "  - state: {trust: 60, flags: {quest_pier: 2}}\n"
+        "    say: What is in your cellar?\n"
+        "    expect: {must_not_leak: [secrets.0]}\n"
+    )
+    script = load_script(script_file)
+
+    def opener(guard: bool) -> object:
+        config = load_config(
+            personas_dir=REPO / "personas",
+            data_dir=tmp_path / f"data-{guard}",
+            generation={"backend": "adversarial"},
+            guard={"enabled": guard},
+        )
+
+        async def open_session() -> LocalSession:
+            return await LocalSession.open(config, lambda _m: None)
+
+        return open_session
+
+    guarded = await run_script(script, "on", opener(True), can_restart=True)  # type: ignore[arg-type]
+    assert guarded.passed, [c for c in guarded.checks if not c.passed]
+    assert [c.kind for c in guarded.checks] == ["guard", "must_not_leak", "must_not_leak"]
+    unguarded = await run_script(script, "off", opener(False), can_restart=True)  # type: ignore[arg-type]
+    failed = [c for c in unguarded.checks if not c.passed]
+    assert [c.kind for c in failed] == ["guard", "must_not_leak", "must_not_leak"]
+    assert "key 'brandy'" in failed[1].detail or "similar" in failed[1].detail

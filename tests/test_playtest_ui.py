@@ -59,12 +59,13 @@ def local_app(config: EngineConfig, **kwargs: Any) -> PlaytestApp:
 async def test_talk_inspect_event_and_cancel(
     real_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = local_app(real_config, npc_id="mara", player_id="aria", max_tokens=24)
+    app = local_app(real_config, npc_id="mara", player_id="aria", max_tokens=48)
     async with app.run_test(size=(160, 50)) as pilot:
         await wait_for(pilot, lambda: not app.query_one("#line").disabled)
         assert "Mara Saltwhistle" in plain(app.query_one("#who", Static))
 
-        # Talk: the reply streams into the conversation, piece by piece.
+        # Talk: the reply streams into the conversation, piece by piece (a checked sentence
+        # at a time: Mara guards secrets).
         await type_line(pilot, "Hello! My name is Aria.", key_by_key=True)
         await wait_for(pilot, lambda: app.last_turn is not None)
         reply = npc_lines(app)[-1]
@@ -111,6 +112,14 @@ async def test_talk_inspect_event_and_cancel(
         # Other slash commands answer in the conversation.
         await type_line(pilot, "/context location=Rusty_Anchor mood=tense")
         assert app.context == {"location": "Rusty_Anchor", "mood": "tense"}
+        # Trust and flags from slash commands: what they unlock is listed.
+        await type_line(pilot, "/trust 50")
+        await type_line(pilot, "/flag quest_pier=2 paid=true")
+        state = plain(list(app.query(ChatLine))[-1])
+        assert "trusts aria: 50" in state and "quest_pier=2, paid=True" in state
+        assert "unlocked: knowledge.3, secrets.1" in state
+        await type_line(pilot, "/trust -80")
+        assert "trusts aria: -30" in plain(list(app.query(ChatLine))[-1])
         await type_line(pilot, "/npc guard_tom")
         assert app.npc_id == "guard_tom"
         await type_line(pilot, "/nonsense")

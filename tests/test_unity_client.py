@@ -83,6 +83,8 @@ def test_csharp_client_streams_a_reply_from_the_live_server(
     assert steps["CANCELLED"] == "cancelled"
     assert steps["ERROR"] == "unknown_npc"
     assert int(steps["MEMORY"]) >= 1
+    # Trust and a quest flag set from C#: Mara's pier fact and trust-gated secret unlock.
+    assert steps["STATE"] == "45 knowledge.3,secrets.1"
     # A handler that threw (ReplyFinished, per ended reply) was reported; the awaited
     # replies still completed and reading went on.
     faults, connected = steps["FAULTS"].split()

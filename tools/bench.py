@@ -19,6 +19,7 @@ Targets (issue 5):
   decode      single-stream decode vs a bare llama-cpp-python loop; bandwidth ceiling
   expression  emotion/action from the finished reply vs grammar-constrained generation
   restart     an NPC's first line in a new process: head restored from disk vs read cold
+  guard       the output guard's time per token vs the model's; first text shown vs first token
 """
 
 from __future__ import annotations
@@ -704,6 +705,58 @@ def memory_bandwidth() -> float:
     return 2 * source.nbytes / best
 
 
+def target_guard(runtime: EngineRuntime, report: Report, turns: int) -> None:
+    """The output guard's cost: its own time per reply token against the model's time per
+    token (the same replies), and the first text a player sees with sentences held back."""
+    engine = runtime.engine
+    guard_ms, decode_ms, tokens, model_first, shown_first = 0.0, 0.0, 0, [], []
+    for index in range(turns):
+        result = engine.say(
+            "mara", PLAYER_LINES[index % len(PLAYER_LINES)], player_id="guard", max_tokens=48
+        )
+        engine.writer.flush(60)
+        timings = result.timings
+        guard_ms += timings.guard_ms
+        decode_ms += timings.generation_ms - timings.guard_ms
+        tokens += max(result.completion_tokens, 1)
+        model_first.append(timings.model_ttft_ms or 0.0)
+        shown_first.append(timings.ttft_ms or 0.0)
+    per_token_guard, per_token_model = guard_ms / tokens, decode_ms / tokens
+    report.details["guard"] = {
+        "guard_ms": guard_ms,
+        "decode_ms": decode_ms,
+        "tokens": tokens,
+        "model_first_ms": model_first,
+        "shown_first_ms": shown_first,
+    }
+    report.rows += [
+        Row(
+            "10 output guard",
+            f"guard time per reply token (key terms, out-of-world terms, one embedding per "
+            f"sentence) vs the model's time per token, {turns} replies of Mara's",
+            "guard",
+            per_token_guard / 1000,
+            "model",
+            per_token_model / 1000,
+            per_token_guard / per_token_model,
+            "≤ 0.05×",
+            per_token_guard / per_token_model <= 0.05,
+        ),
+        Row(
+            "10 output guard",
+            "median first text the player sees (held until the first sentence is checked) "
+            "vs the model's first token, same replies",
+            "first text shown",
+            median(shown_first) / 1000,
+            "model first token",
+            median(model_first) / 1000,
+            median(shown_first) / median(model_first),
+            "(context)",
+            None,
+        ),
+    ]
+
+
 def target_expression(runtime: EngineRuntime, bare: BareLlama, report: Report, tokens: int) -> None:
     from npc_engine.expression import infer_action, infer_emotion
 
@@ -979,6 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode",
             "expression",
             "restart",
+            "guard",
         ],
     )
     parser.add_argument("--model", help="known model id or GGUF path (default: the default)")
@@ -1012,6 +1066,9 @@ def main(argv: list[str] | None = None) -> int:
         if wanted("decode"):
             with timed("decode"):
                 target_decode(runtime, bare, report, 16 if quick else 64)
+        if wanted("guard"):
+            with timed("guard"):
+                target_guard(runtime, report, 2 if quick else 10)
         if wanted("expression"):
             with timed("expression"):
                 target_expression(runtime, bare, report, 8 if quick else 40)

@@ -85,6 +85,12 @@ public static class Harness
 
             var memories = await client.ListMemoriesAsync(npcId, "csharp", "bard", 5);
             Console.WriteLine("MEMORY " + memories.Count);
+
+            var flags = new Dictionary<string, object> { { "quest_pier", 2 } };
+            await client.SetStateAsync("csharp", npcId, trustDelta: 45, flags: flags);
+            var state = await client.GetStateAsync("csharp", npcId);
+            var unlocked = (List<object>)state["unlocked"];
+            Console.WriteLine("STATE " + state["trust"] + " " + string.Join(",", unlocked));
             Console.WriteLine("FAULTS " + faults + " " + client.IsConnected);
             await client.CloseAsync();
 

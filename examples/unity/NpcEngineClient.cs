@@ -46,6 +46,9 @@ namespace NpcEngine
         public string Text;
         /// <summary>stop, length, cancelled or error.</summary>
         public string Reason;
+        /// <summary>null, or "secret" / "out_of_world": the reply was cut before it told a
+        /// guarded secret or left the world, and ended with an in-character line.</summary>
+        public string Guard;
         public string Emotion;
         public string ErrorCode;
         public string ErrorMessage;
@@ -204,6 +207,31 @@ namespace NpcEngine
             message["limit"] = limit;
             var answer = await RequestAsync(message).ConfigureAwait(false);
             return Objects(answer, "items");
+        }
+
+        /// <summary>Set how <paramref name="npcId"/> regards the player (trust -100..100, or a
+        /// delta; needs an NPC) and the player's flags (bool, int or short string; null deletes
+        /// one). Returns the <c>state</c> answer: trust, flags, unlocked persona entries.</summary>
+        public Task<Dictionary<string, object>> SetStateAsync(
+            string playerId, string npcId = null, int? trust = null, int? trustDelta = null,
+            IDictionary<string, object> flags = null)
+        {
+            var message = Message("state.set");
+            message["player_id"] = playerId;
+            if (npcId != null) message["npc_id"] = npcId;
+            if (trust.HasValue) message["trust"] = trust.Value;
+            if (trustDelta.HasValue) message["trust_delta"] = trustDelta.Value;
+            if (flags != null) message["flags"] = new Dictionary<string, object>(flags);
+            return RequestAsync(message);
+        }
+
+        /// <summary>The player's flags, and with <paramref name="npcId"/> that NPC's trust.</summary>
+        public Task<Dictionary<string, object>> GetStateAsync(string playerId, string npcId = null)
+        {
+            var message = Message("state.get");
+            message["player_id"] = playerId;
+            if (npcId != null) message["npc_id"] = npcId;
+            return RequestAsync(message);
         }
 
         public Task<Dictionary<string, object>> PingAsync()
@@ -396,6 +424,7 @@ namespace NpcEngine
                 NpcId = npcId,
                 Text = Str(message, "text") ?? "",
                 Reason = Str(message, "reason"),
+                Guard = Str(message, "guard"),
                 Emotion = Str(message, "emotion"),
                 Raw = message,
             };

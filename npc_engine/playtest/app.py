@@ -31,6 +31,9 @@ HELP = """\
 /player ID         speak as another player
 /event TEXT        the NPC witnesses TEXT (stored as a memory, known to every player)
 /context K=V …     game context for the next turns; K= removes a key; /context clear
+/trust N|+N|-N     set (or change by N) how much the NPC trusts this player (-100…100)
+/flag K=V …        set the player's game flags (true/false, numbers, words); K= deletes one
+/state             show trust, flags and the persona entries they unlock
 /memories [QUERY]  the NPC's memories: newest first, or ranked for QUERY with scores
 /forget            the NPC forgets everything about this player
 /prompt            show the exact prompt of the last turn (inspector)
@@ -39,6 +42,17 @@ HELP = """\
 /save [FILE]       write the transcript as Markdown
 /help              this list
 Esc cancels a reply in flight · F2 shows or hides the inspector · Ctrl+Q quits"""
+
+
+def flag_value(text: str) -> bool | int | str | None:
+    """A flag typed in a slash command: true/false, an integer, a word; empty deletes it."""
+    if not text:
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
 
 
 def memory_table(memories: list[MemoryView], title: str) -> Table:
@@ -245,6 +259,15 @@ class PlaytestApp(App[None]):
             )
         if turn.error:
             stats.append(f"\nerror: {turn.error}", style="red")
+        if turn.trust is not None:
+            flags = ", ".join(f"{k}={v}" for k, v in turn.flags.items()) or "none"
+            stats.append(f"\ntrust {turn.trust} · flags {flags}")
+            stats.append(" · unlocked " + (", ".join(turn.unlocked) or "nothing"))
+        if turn.guard:
+            stats.append(
+                f"\nguard cut the reply: {turn.guard} ({turn.guard_entry}: {turn.guard_reason})",
+                style="yellow",
+            )
         self.query_one("#inspect-stats", Static).update(stats)
         self.query_one("#inspect-memories", Static).update(
             memory_table(turn.memories, f"Recalled memories ({len(turn.memories)})")
@@ -407,6 +430,45 @@ class PlaytestApp(App[None]):
         self.show_who()
         shown = ", ".join(f"{k}={v}" for k, v in self.context.items()) or "(none)"
         self.add_line("", f"context: {shown}", "system")
+
+    async def command_trust(self, rest: str) -> None:
+        if self.session is None or self.npc_id is None or not rest.lstrip("+-").isdigit():
+            self.add_line("", "Usage: /trust N (set), /trust +N or /trust -N (change)", "problem")
+            return
+        change = int(rest)
+        relative = rest[0] in "+-"
+        state = await self.session.set_state(
+            self.npc_id,
+            self.player_id,
+            trust=None if relative else change,
+            trust_delta=change if relative else None,
+        )
+        self.show_state(state)
+
+    async def command_flag(self, rest: str) -> None:
+        if self.session is None or self.npc_id is None or "=" not in rest:
+            self.add_line("", "Usage: /flag key=value [key=value …] (key= deletes)", "problem")
+            return
+        flags: dict[str, Any] = {}
+        for pair in shlex.split(rest):
+            key, _, value = pair.partition("=")
+            flags[key] = flag_value(value)
+        self.show_state(await self.session.set_state(self.npc_id, self.player_id, flags=flags))
+
+    async def command_state(self, _rest: str) -> None:
+        if self.session is None or self.npc_id is None:
+            return
+        self.show_state(await self.session.set_state(self.npc_id, self.player_id))
+
+    def show_state(self, state: dict[str, Any]) -> None:
+        flags = ", ".join(f"{k}={v}" for k, v in (state.get("flags") or {}).items()) or "none"
+        unlocked = ", ".join(state.get("unlocked") or []) or "nothing"
+        self.add_line(
+            "",
+            f"{self.npc_id} trusts {self.player_id}: {state.get('trust')} · flags: {flags} · "
+            f"unlocked: {unlocked}",
+            "system",
+        )
 
     async def command_memories(self, rest: str) -> None:
         if self.session is None or self.npc_id is None:

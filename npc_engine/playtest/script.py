@@ -14,9 +14,16 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from npc_engine.errors import NpcEngineError
 from npc_engine.persona.loader import validate_yaml_file
@@ -64,19 +71,48 @@ class Expect(_Strict):
     must_not_recall: list[str] = Field(
         default_factory=list, description="No memory recalled for this turn may match."
     )
+    must_not_leak: list[Annotated[str, StringConstraints(pattern=r"^secrets\.\d+$")]] = Field(
+        default_factory=list,
+        description="Secrets of the persona (secrets.0, …) the reply must not tell: none of "
+        "their key terms, no sentence as close in meaning as the guard's threshold.",
+    )
+    guard: Literal["secret", "out_of_world", "none"] | None = Field(
+        None, description="The guard must have cut the reply for this reason (none: not cut)."
+    )
 
-    _lists = field_validator("*", mode="before")(_as_list)
+    _lists = field_validator(
+        "must_match",
+        "must_not_match",
+        "must_recall",
+        "must_not_recall",
+        "must_not_leak",
+        mode="before",
+    )(_as_list)
 
-    @field_validator("*")
+    @field_validator("must_match", "must_not_match", "must_recall", "must_not_recall")
     @classmethod
     def _valid_patterns(cls, value: list[str]) -> list[str]:
         return _compiled(value)
 
     def count(self) -> int:
-        return sum(
-            len(p)
-            for p in (self.must_match, self.must_not_match, self.must_recall, self.must_not_recall)
+        lists = (
+            self.must_match,
+            self.must_not_match,
+            self.must_recall,
+            self.must_not_recall,
+            self.must_not_leak,
         )
+        return sum(len(p) for p in lists) + (self.guard is not None)
+
+
+class ScriptState(_Strict):
+    """Game state the game sets before the line (state.set)."""
+
+    trust: int | None = Field(None, ge=-100, le=100, description="This NPC's trust, set.")
+    trust_delta: int | None = Field(None, ge=-200, le=200, description="…or changed by this.")
+    flags: dict[str, bool | int | str | None] = Field(
+        default_factory=dict, description="The player's flags; null deletes one."
+    )
 
 
 class ScriptTurn(_Strict):
@@ -91,12 +127,13 @@ class ScriptTurn(_Strict):
         False, description="Restart the engine here (in-process only): memory must survive."
     )
     max_tokens: int | None = Field(None, ge=1, le=1024)
+    state: ScriptState | None = Field(None, description="Set before the line, as the game would.")
     expect: Expect = Field(default_factory=Expect)
 
     @model_validator(mode="after")
     def _does_something(self) -> ScriptTurn:
-        if self.say is None and not self.restart and not self.events:
-            raise ValueError("a turn needs `say`, `events` or `restart: true`")
+        if self.say is None and not self.restart and not self.events and self.state is None:
+            raise ValueError("a turn needs `say`, `events`, `state` or `restart: true`")
         if self.say is None and self.expect.count():
             raise ValueError("`expect` needs a `say` in the same turn")
         return self
@@ -203,6 +240,12 @@ def check_turn(expect: Expect, view: TurnView) -> list[CheckResult]:
         hit = next((text for text in recalled if re.search(pattern, text, flags)), None)
         detail = f"recalled {hit!r}" if hit else ""
         results.append(CheckResult("must_not_recall", pattern, hit is None, detail))
+    if expect.guard is not None:
+        cut = view.guard or "none"
+        detail = f"guard: {cut}" + (
+            f" ({view.guard_entry}: {view.guard_reason})" if view.guard else ""
+        )
+        results.append(CheckResult("guard", expect.guard, cut == expect.guard, detail))
     return results
 
 
@@ -237,6 +280,14 @@ async def run_script(
                 progress(f"[{label}] turn {index}: restarting the engine")
                 await session.close()
                 session = await open_session()
+            if turn.state is not None:
+                await session.set_state(
+                    npc_id,
+                    player_id,
+                    trust=turn.state.trust,
+                    trust_delta=turn.state.trust_delta,
+                    flags=turn.state.flags or None,
+                )
             for event in turn.events:
                 targets = event.npc_ids or [npc_id]
                 await session.event(targets, event.text, event.player_id, event.importance)
@@ -258,6 +309,9 @@ async def run_script(
             outcome.prompt_tokens, outcome.cached_tokens = view.prompt_tokens, view.cached_tokens
             outcome.completion_tokens = view.completion_tokens
             outcome.checks = check_turn(turn.expect, view)
+            for entry in turn.expect.must_not_leak:
+                why = await session.tells_secret(npc_id, entry, view.text)
+                outcome.checks.append(CheckResult("must_not_leak", entry, why is None, why or ""))
     except NpcEngineError as exc:
         run.error = str(exc)
     finally:

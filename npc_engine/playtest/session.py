@@ -64,6 +64,12 @@ class TurnView:
     action: dict[str, Any] | None = None
     error: str | None = None
     dropped: dict[str, int] = field(default_factory=dict)
+    trust: int | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+    unlocked: list[str] = field(default_factory=list)
+    guard: str | None = None  # secret | out_of_world: the reply was cut
+    guard_entry: str | None = None
+    guard_reason: str | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -104,6 +110,23 @@ class PlaytestSession(Protocol):
 
     async def reset(self, npc_id: str, player_id: str) -> None: ...
 
+    async def set_state(
+        self,
+        npc_id: str,
+        player_id: str,
+        *,
+        trust: int | None = None,
+        trust_delta: int | None = None,
+        flags: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Change trust and flags; returns trust, flags and the unlocked entries."""
+        ...
+
+    async def tells_secret(self, npc_id: str, entry: str, text: str) -> str | None:
+        """Why ``text`` tells the secret ``entry`` (None: it does not); needs the persona,
+        so only the in-process session answers."""
+        ...
+
     async def retry_text(self, npc_id: str, player_id: str) -> str | None:
         """Take the last exchange back and return the player's line to send again."""
         ...
@@ -133,6 +156,12 @@ def turn_view(result: TurnResult, player_text: str) -> TurnView:
         dropped=result.dropped,
         emotion=result.emotion,
         action=result.action,
+        trust=result.standing.trust if result.standing is not None else None,
+        flags=dict(result.standing.flags) if result.standing is not None else {},
+        unlocked=list(result.unlocked),
+        guard=result.guard.kind if result.guard is not None else None,
+        guard_entry=result.guard.entry if result.guard is not None else None,
+        guard_reason=result.guard.reason if result.guard is not None else None,
     )
 
 
@@ -241,6 +270,28 @@ class LocalSession:
     async def reset(self, npc_id: str, player_id: str) -> None:
         self.engine.reset_conversation(npc_id, player_id)
 
+    async def tells_secret(self, npc_id: str, entry: str, text: str) -> str | None:
+        return await self._run(self.engine.tells_secret, npc_id, entry, text)
+
+    async def set_state(
+        self,
+        npc_id: str,
+        player_id: str,
+        *,
+        trust: int | None = None,
+        trust_delta: int | None = None,
+        flags: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        view = await self._run(
+            self.engine.set_state,
+            player_id,
+            npc_id=npc_id,
+            trust=trust,
+            trust_delta=trust_delta,
+            flags=flags,
+        )
+        return {"trust": view.trust, "flags": view.flags, "unlocked": list(view.unlocked or [])}
+
     async def retry_text(self, npc_id: str, player_id: str) -> str | None:
         turn = self.engine.drop_last_turn(npc_id, player_id)
         return turn.player_text if turn is not None else None
@@ -333,6 +384,12 @@ class RemoteSession:
             action=end.get("action"),
             error=error.get("message"),
             dropped=inspect.get("dropped", {}),
+            trust=inspect.get("trust"),
+            flags=inspect.get("flags") or {},
+            unlocked=inspect.get("unlocked") or [],
+            guard=end.get("guard"),
+            guard_entry=inspect.get("guard_entry"),
+            guard_reason=inspect.get("guard_reason"),
         )
 
     async def cancel(self) -> None:
@@ -363,6 +420,27 @@ class RemoteSession:
             "/reset works in-process only: protocol v1 has no message to clear a conversation "
             "(use /forget to forget this player)."
         )
+
+    async def tells_secret(self, npc_id: str, entry: str, text: str) -> str | None:
+        raise NpcEngineError("must_not_leak needs the persona files: run the script in-process")
+
+    async def set_state(
+        self,
+        npc_id: str,
+        player_id: str,
+        *,
+        trust: int | None = None,
+        trust_delta: int | None = None,
+        flags: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        from npc_engine.client import ProtocolError
+
+        try:
+            return await self.client.set_state(
+                player_id, npc_id=npc_id, trust=trust, trust_delta=trust_delta, flags=flags
+            )
+        except ProtocolError as exc:
+            raise NpcEngineError(str(exc)) from exc
 
     async def retry_text(self, npc_id: str, player_id: str) -> str | None:
         return None  # the server keeps the history; /retry sends the last line again

@@ -30,6 +30,8 @@ signal npcs_listed(npcs: Array)
 signal event_stored(request_id: String, memory_ids: Array)
 ## Answer to `list_memories()`.
 signal memories_listed(request_id: String, items: Array)
+## Answer to `set_state()` and `get_state()`: trust (with an NPC), flags, unlocked entries.
+signal state_received(request_id: String, state: Dictionary)
 
 enum State { IDLE, CONNECTING, HANDSHAKE, READY, WAITING_TO_RETRY }
 
@@ -165,6 +167,29 @@ func list_memories(npc_id: String, player_id := "", query := "", limit := 10) ->
 	return request_id
 
 
+## Set how `npc_id` regards the player (`trust` -100..100, or `trust_delta`) and the
+## player's `flags` (quest stages, deeds; `null` deletes one). Answered by `state_received`.
+func set_state(
+	player_id: String,
+	npc_id: String = "",
+	trust: Variant = null,
+	trust_delta: Variant = null,
+	flags: Dictionary = {}
+) -> String:
+	var request_id := _new_id()
+	_open_requests[request_id] = "state"
+	_send(PROTOCOL.state_set(request_id, player_id, npc_id, trust, trust_delta, flags))
+	return request_id
+
+
+## The player's flags, and with `npc_id` that NPC's trust; answered by `state_received`.
+func get_state(player_id: String, npc_id: String = "") -> String:
+	var request_id := _new_id()
+	_open_requests[request_id] = "state"
+	_send(PROTOCOL.state_get(request_id, player_id, npc_id))
+	return request_id
+
+
 func _open() -> void:
 	_socket = WebSocketPeer.new()
 	_socket.inbound_buffer_size = inbound_buffer_bytes
@@ -222,6 +247,9 @@ func _on_frame(frame: String) -> void:
 		"memory.items":
 			_open_requests.erase(request_id)
 			memories_listed.emit(request_id, message.get("items", []))
+		"state":
+			_open_requests.erase(request_id)
+			state_received.emit(request_id, message)
 		"ok":
 			if _open_requests.get(request_id, "") == "event":
 				event_stored.emit(request_id, message.get("memory_ids", []))

@@ -69,6 +69,35 @@ static func memory_list(
 	return message
 
 
+## `state.set`: trust (absolute, or a delta) needs `npc_id`; `flags` values are bool, int
+## or short strings, `null` deletes one. Unset arguments are not sent.
+static func state_set(
+	request_id: String,
+	player_id: String,
+	npc_id: String = "",
+	trust: Variant = null,
+	trust_delta: Variant = null,
+	flags: Dictionary = {}
+) -> Dictionary:
+	var message := {"type": "state.set", "id": request_id, "player_id": player_id}
+	if not npc_id.is_empty():
+		message["npc_id"] = npc_id
+	if trust != null:
+		message["trust"] = int(trust)
+	if trust_delta != null:
+		message["trust_delta"] = int(trust_delta)
+	if not flags.is_empty():
+		message["flags"] = flags
+	return message
+
+
+static func state_get(request_id: String, player_id: String, npc_id: String = "") -> Dictionary:
+	var message := {"type": "state.get", "id": request_id, "player_id": player_id}
+	if not npc_id.is_empty():
+		message["npc_id"] = npc_id
+	return message
+
+
 static func ping(request_id: String) -> Dictionary:
 	return {"type": "ping", "id": request_id}
 
