@@ -33,6 +33,7 @@ from npc_engine.game_state import (
 from npc_engine.generation.base import GenerationParams, Generator
 from npc_engine.guard import (
     DEFAULT_DEFLECTIONS,
+    PUZZLED_LINES,
     Embed,
     GuardCut,
     GuardedSecret,
@@ -316,9 +317,12 @@ class DialogueEngine:
         best = float((said @ secret).max())
         return f"similar ({best:.2f})" if best >= self.config.guard.threshold else None
 
-    def deflection(self, loaded: LoadedPersona, player_id: str, text: str) -> str:
+    def deflection(self, loaded: LoadedPersona, player_id: str, text: str) -> tuple[str, str]:
+        """The lines that end a cut reply: after a secret (the persona's deflections), and
+        after an out-of-world sentence (puzzlement); the same for the same turn."""
+        pick = zlib.crc32(f"{loaded.id}|{player_id}|{text}".encode())
         lines = loaded.persona.deflections or list(DEFAULT_DEFLECTIONS)
-        return lines[zlib.crc32(f"{loaded.id}|{player_id}|{text}".encode()) % len(lines)]
+        return lines[pick % len(lines)], PUZZLED_LINES[pick % len(PUZZLED_LINES)]
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -539,7 +543,7 @@ class DialogueEngine:
         result.standing, result.unlocked = standing, unlocked.ids
         rules = self.guard_rules(loaded, standing)
         guard = (
-            ReplyGuard(rules, self.deflection(loaded, player_id, text)) if rules.active else None
+            ReplyGuard(rules, *self.deflection(loaded, player_id, text)) if rules.active else None
         )
         halt = _Halt(cancel)
 

@@ -51,6 +51,12 @@ DEFAULT_DEFLECTIONS = (
     "Let's leave that be, shall we?",
     "Ask me something else.",
 )
+# Said when a reply was cut for speaking of something outside the world: in-world puzzlement.
+PUZZLED_LINES = (
+    "Hm? I don't know what that is.",
+    "Never heard of such a thing.",
+    "You speak strangely, friend. What do you mean?",
+)
 DEFAULT_THRESHOLD = 0.58  # tuned on tests/probes/guard_similarity.yaml
 RARE_ZIPF = 3.8  # words rarer than this (wordfreq's Zipf scale) are distinctive
 # A sentence ends at . ! ? … (and closing quotes) followed by white space: "3.5" and a
@@ -158,9 +164,10 @@ class ReplyGuard:
     """One reply's guard: ``feed`` the streamed text, send what it returns; ``finish``
     returns the held tail, or the deflection after a cut. ``cut`` says why it cut."""
 
-    def __init__(self, rules: GuardRules, deflection: str) -> None:
+    def __init__(self, rules: GuardRules, deflection: str, puzzled: str = PUZZLED_LINES[0]) -> None:
         self.rules = rules
-        self.deflection = deflection
+        self.deflection = deflection  # after a secret
+        self.puzzled = puzzled  # after an out-of-world sentence
         self.cut: GuardCut | None = None
         self._pending = ""  # received, not yet released
         self._sentence = ""  # the released start of the current sentence
@@ -201,7 +208,7 @@ class ReplyGuard:
         if self.cut is None:
             return ""
         space = "" if not self._released or self._released[-1].isspace() else " "
-        return space + self.deflection
+        return space + (self.deflection if self.cut.kind == "secret" else self.puzzled)
 
     @property
     def held(self) -> str:

@@ -11,6 +11,7 @@ from npc_engine.config import load_config
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.game_state import MAX_FLAGS_PER_PLAYER, StateError
 from npc_engine.generation.scripted import ScriptedGenerator
+from npc_engine.guard import PUZZLED_LINES
 from npc_engine.memory.in_memory import InMemoryStore
 from npc_engine.persona.loader import load_personas
 
@@ -154,3 +155,4 @@ def test_out_of_world_talk_is_cut_for_every_npc(sample_personas: Path) -> None:
     result = engine.say("wren", "How do I find a cure?", player_id="p1")
     assert result.guard is not None and result.guard.kind == "out_of_world"
     assert "internet" not in result.text and result.text.startswith("Hm.")
+    assert any(result.text.endswith(line) for line in PUZZLED_LINES)  # puzzled, in the world

@@ -82,7 +82,7 @@ def test_secrets_hold_whole_sentences_but_out_of_world_terms_only_a_few_words() 
 
 
 def test_an_out_of_world_sentence_is_cut_before_its_term_is_sent() -> None:
-    guard = ReplyGuard(GuardRules([], ("computer", "internet")), "What strange words.")
+    guard = ReplyGuard(GuardRules([], ("computer", "internet")), "-", "What strange words.")
     sent, end = stream(guard, "Hm. A computer is a machine that thinks for you.", 3)
     released = "".join(sent)
     assert "comp" not in released and released.startswith("Hm.")
@@ -91,7 +91,7 @@ def test_an_out_of_world_sentence_is_cut_before_its_term_is_sent() -> None:
 
 
 def test_boilerplate_of_chat_models_is_always_out_of_world() -> None:
-    guard = ReplyGuard(GuardRules([], ()), "Eh?")
+    guard = ReplyGuard(GuardRules([], ()), "-", "Eh?")
     sent, end = stream(guard, "I'm sorry, but as an AI language model I cannot say.")
     assert "AI" not in "".join(sent) and end.endswith("Eh?")
     assert guard.cut is not None and guard.cut.kind == "out_of_world"
