@@ -160,10 +160,15 @@ def _progress(message: str) -> None:
 
 
 def cmd_say(args: argparse.Namespace) -> int:
-    from npc_engine.runtime import open_engine
+    from npc_engine.errors import UnknownNpcError
+    from npc_engine.runtime import load_registry, open_engine
 
     context = _parse_context(args.context)
-    runtime = open_engine(_config(args), _progress)
+    config = _config(args)
+    registry = load_registry(config)  # a typo in --npc fails before any model loads
+    if registry.get(args.npc) is None:
+        raise UnknownNpcError(args.npc, registry.ids())
+    runtime = open_engine(config, _progress)
     try:
         result = runtime.engine.say(
             args.npc,

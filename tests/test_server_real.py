@@ -24,9 +24,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-async def server(real_runtime: EngineRuntime) -> AsyncIterator[NpcServer]:
+async def server(shared_runtime: EngineRuntime) -> AsyncIterator[NpcServer]:
     instance = NpcServer(
-        real_runtime.engine, port=0, limits=ServerLimits(max_frame_bytes=4096), allow_inspect=True
+        shared_runtime.engine, port=0, limits=ServerLimits(max_frame_bytes=4096), allow_inspect=True
     )
     await instance.start()
     try:
@@ -158,8 +158,8 @@ async def test_error_codes_keep_the_connection_open(server: NpcServer) -> None:
     assert unsupported[0]["code"] == "unsupported_protocol"
 
 
-async def test_token_is_required_when_set(real_runtime: EngineRuntime) -> None:
-    guarded = NpcServer(real_runtime.engine, port=0, token="s3cret")
+async def test_token_is_required_when_set(shared_runtime: EngineRuntime) -> None:
+    guarded = NpcServer(shared_runtime.engine, port=0, token="s3cret")
     await guarded.start()
     try:
         with pytest.raises(ProtocolError) as info:
@@ -171,11 +171,11 @@ async def test_token_is_required_when_set(real_runtime: EngineRuntime) -> None:
         await guarded.stop()
 
 
-def test_non_loopback_without_token_is_refused(real_runtime: EngineRuntime) -> None:
+def test_non_loopback_without_token_is_refused(shared_runtime: EngineRuntime) -> None:
     from npc_engine.errors import NpcEngineError
 
     with pytest.raises(NpcEngineError, match="without a token"):
-        NpcServer(real_runtime.engine, host="0.0.0.0")
+        NpcServer(shared_runtime.engine, host="0.0.0.0")
 
 
 def test_serve_command_prints_url_and_stops_on_sigterm(real_config: EngineConfig) -> None:
@@ -209,9 +209,9 @@ async def test_failure_mid_reply_still_ends_consistently(
 
 
 async def test_idle_connections_are_closed_but_not_while_a_reply_runs(
-    real_runtime: EngineRuntime,
+    shared_runtime: EngineRuntime,
 ) -> None:
-    idle = NpcServer(real_runtime.engine, port=0, limits=ServerLimits(idle_timeout=0.4))
+    idle = NpcServer(shared_runtime.engine, port=0, limits=ServerLimits(idle_timeout=0.4))
     await idle.start()
     try:
         async with connect(idle.url) as websocket:
@@ -267,9 +267,9 @@ async def test_deadline_sends_the_fallback_at_once_and_drops_the_generation(
 
 
 async def test_client_calls_fail_instead_of_hanging_when_the_server_goes(
-    real_runtime: EngineRuntime,
+    shared_runtime: EngineRuntime,
 ) -> None:
-    doomed = NpcServer(real_runtime.engine, port=0)
+    doomed = NpcServer(shared_runtime.engine, port=0)
     await doomed.start()
     client = await NpcClient.connect(doomed.url)
     stream = await client.say("mara", "Tell me a long story about the sea.", max_tokens=200)
@@ -284,16 +284,17 @@ async def test_client_calls_fail_instead_of_hanging_when_the_server_goes(
 
 
 async def test_deltas_after_the_first_are_gathered_per_interval(
-    real_runtime: EngineRuntime,
+    shared_runtime: EngineRuntime,
 ) -> None:
     """One frame per token with interval 0; with 250 ms, the first token alone, then batches.
     (The output guard is off here: it would hold Wren's sentences back, and token-by-token
     streaming is what is measured.)"""
-    real_runtime.engine.config.guard.enabled = False  # this test's own engine
     counts = {}
+    guard = shared_runtime.engine.config.guard
     for interval_ms in (0.0, 250.0):
+        guard.enabled = False  # on again after each round: the engine is shared
         server = NpcServer(
-            real_runtime.engine, port=0, limits=ServerLimits(delta_interval_ms=interval_ms)
+            shared_runtime.engine, port=0, limits=ServerLimits(delta_interval_ms=interval_ms)
         )
         await server.start()
         try:
@@ -307,6 +308,7 @@ async def test_deltas_after_the_first_are_gathered_per_interval(
                 end = await stream.result()
         finally:
             await server.stop()
+            guard.enabled = True
         tokens = end["usage"]["completion_tokens"]
         assert tokens >= 12, end  # long enough for batching to show
         assert "".join(deltas) == end["text"]
