@@ -279,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from npc_engine.runtime import open_engine
-    from npc_engine.server import NpcServer, tls_context
+    from npc_engine.server import NpcServer, refuse_public_without_token, tls_context
 
     config = _config(
         args,
@@ -293,6 +293,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "tls_key": args.tls_key,
         },
     )
+    refuse_public_without_token(config.host, config.token)  # before any model loads
     if (config.tls_cert is None) != (config.tls_key is None):
         raise NpcEngineError("TLS needs both --tls-cert and --tls-key.")
     ssl_context = (

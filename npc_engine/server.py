@@ -154,6 +154,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def refuse_public_without_token(host: str, token: str | None) -> None:
+    """Off loopback, anyone on the network could talk to the NPCs: a token is required."""
+    if host not in LOOPBACK and not token:
+        raise NpcEngineError(
+            f"Refusing to listen on {host} without a token: set --token (or NPC_ENGINE_TOKEN)."
+        )
+
+
 class NpcServer:
     def __init__(
         self,
@@ -167,10 +175,7 @@ class NpcServer:
         allow_inspect: bool = False,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        if host not in LOOPBACK and not token:
-            raise NpcEngineError(
-                f"Refusing to listen on {host} without a token: set --token (or NPC_ENGINE_TOKEN)."
-            )
+        refuse_public_without_token(host, token)
         self.engine = engine
         self.host, self.port, self.token = host, port, token
         self.limits = limits or ServerLimits()

@@ -88,8 +88,8 @@ AnyLlama = LlamaGenerator | BatchedLlamaGenerator
 
 
 def scene_prompts(generator: AnyLlama) -> tuple[RenderedPrompt, RenderedPrompt]:
-    harbour = "The harbour wakes: gulls, nets, tar and salt. " * 20
-    marsh = "Reeds, mud and mist over the marsh pools. " * 20
+    harbour = "The harbour wakes: gulls, nets, tar and salt. " * 8
+    marsh = "Reeds, mud and mist over the marsh pools. " * 8
     return (
         generator.render([{"role": "user", "content": harbour + "Describe it at dawn."}]),
         generator.render([{"role": "user", "content": marsh + "Name three herbs."}]),
