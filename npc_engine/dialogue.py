@@ -42,6 +42,7 @@ from npc_engine.guard import (
     distinctive_words,
     find_term,
 )
+from npc_engine.guard import preload as preload_guard
 from npc_engine.ids import check_id
 from npc_engine.memory.importance import rate_importance
 from npc_engine.memory.scoring import score_candidates
@@ -199,6 +200,8 @@ class DialogueEngine:
         # Per persona object (a reload makes new ones): its secrets' keys and vectors.
         self._secret_cache: dict[int, tuple[Any, list[tuple[str, ...]], Any]] = {}
         self._secret_lock = threading.Lock()
+        if config.guard.enabled:
+            preload_guard()
 
     def _start_trust(self, npc_id: str) -> int:
         loaded = self.registry.get(npc_id)
@@ -552,11 +555,11 @@ class DialogueEngine:
                 result.timings.model_ttft_ms = (time.perf_counter() - started) * 1000
             if guard is None:
                 return piece
-            mark = time.perf_counter()
+            checking = time.perf_counter()
             safe = guard.feed(piece)
             if guard.cut is not None:
                 halt.set()  # the rest of the reply is not wanted: stop generating it
-            result.timings.guard_ms += (time.perf_counter() - mark) * 1000
+            result.timings.guard_ms += (time.perf_counter() - checking) * 1000
             return safe
 
         params = self._params(loaded, max_tokens)
@@ -596,9 +599,9 @@ class DialogueEngine:
             )
             deliver(guarded(cleaner.finish()))
             if guard is not None:
-                mark = time.perf_counter()
+                checking = time.perf_counter()
                 tail = guard.finish()
-                result.timings.guard_ms += (time.perf_counter() - mark) * 1000
+                result.timings.guard_ms += (time.perf_counter() - checking) * 1000
                 deliver(tail)
             result.timings.generation_ms = (time.perf_counter() - mark) * 1000
             result.cached_tokens = stats.cached_tokens

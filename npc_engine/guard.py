@@ -20,9 +20,10 @@ the offending sentence is released, and an in-voice deflection closes the reply.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Literal
 
 import numpy as np
@@ -31,17 +32,14 @@ GuardKind = Literal["secret", "out_of_world"]
 Embed = Callable[[Sequence[str]], Sequence[Sequence[float]]]
 
 # What chat models say about themselves; never true of a person in a game world.
+# What chat models say about themselves; never true of a person in a game world. (Sentences
+# that open with "As an AI…" or "I'm a language model…" are already dropped by the stream
+# cleaner; these catch the rest without holding back common first words like "I" or "as".)
 BOILERPLATE = (
-    "as an AI",
-    "an AI language model",
-    "a language model",
-    "large language model",
-    "I am an AI",
-    "I'm an AI",
+    "an AI",
+    "language model",
     "artificial intelligence",
-    "I cannot assist",
-    "I can't assist",
-    "as an assistant",
+    "AI assistant",
     "OpenAI",
     "ChatGPT",
     "chatbot",
@@ -57,6 +55,7 @@ PUZZLED_LINES = (
     "Never heard of such a thing.",
     "You speak strangely, friend. What do you mean?",
 )
+MIN_MEANING_WORDS = 5  # shorter sentences are checked for key terms only
 DEFAULT_THRESHOLD = 0.58  # tuned on tests/probes/guard_similarity.yaml
 RARE_ZIPF = 3.8  # words rarer than this (wordfreq's Zipf scale) are distinctive
 # A sentence ends at . ! ? … (and closing quotes) followed by white space: "3.5" and a
@@ -138,10 +137,15 @@ def find_term(text: str, terms: Iterable[str]) -> str | None:
     for term in terms:
         if _term_pattern(term).search(text):
             return term
-        packed = re.sub(r"[^a-z]", "", term.lower())
-        if len(packed) >= 4 and any(packed in run for run in spelled):
+        packed = _packed(term)
+        if spelled and len(packed) >= 4 and any(packed in run for run in spelled):
             return term
     return None
+
+
+@cache
+def _packed(term: str) -> str:
+    return re.sub(r"[^a-z]", "", term.lower())
 
 
 def distinctive_words(secret: str, public_text: str) -> tuple[str, ...]:
@@ -160,9 +164,57 @@ def distinctive_words(secret: str, public_text: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _stem(word: str) -> str:
+    """Crude but enough to match inflections: the first five letters."""
+    return word.lower().strip("'-")[:5]
+
+
+@lru_cache(maxsize=1024)
+def _secret_stems(text: str, keys: tuple[str, ...]) -> frozenset[str]:
+    """Stems of a secret's telling words: those of its text and keys, leaving out the very
+    common ones (Zipf ≥ 5: "look", "night"), so everyday talk streams on."""
+    from wordfreq import zipf_frequency
+
+    words = {w.lower().strip("'-") for w in _WORD.findall(" ".join([text, *keys]))}
+    return frozenset(_stem(w) for w in words if len(w) >= 4 and zipf_frequency(w, "en") < 5.0)
+
+
+def _vocabulary(secrets: Sequence[GuardedSecret]) -> frozenset[str]:
+    return frozenset().union(*(_secret_stems(s.text, s.keys) for s in secrets))
+
+
+_preloading = threading.Lock()
+_preloaded = False
+
+
+def preload() -> None:
+    """Load wordfreq's tables (~0.4 s) on a background thread, once per process, so no
+    first reply waits for them."""
+    global _preloaded
+    with _preloading:
+        if _preloaded:
+            return
+        _preloaded = True
+
+    def load() -> None:
+        from wordfreq import zipf_frequency
+
+        zipf_frequency("harbour", "en")
+
+    threading.Thread(target=load, name="npc-guard-preload", daemon=True).start()
+
+
 class ReplyGuard:
     """One reply's guard: ``feed`` the streamed text, send what it returns; ``finish``
-    returns the held tail, or the deflection after a cut. ``cut`` says why it cut."""
+    returns the held tail, or the deflection after a cut. ``cut`` says why it cut.
+
+    Words are released as they come while the sentence so far is innocent. A sentence
+    becomes suspect, and is held to its end, at its first word from a guarded secret's
+    vocabulary; otherwise only the last words that could still grow into a term are held.
+    Every finished sentence is then checked whole, by meaning too: one that tells a
+    secret in words it does not share with it was streamed up to its end, and is cut
+    there (the rest of the reply never comes). Embedding at every few words would hold
+    such a sentence earlier, at ~10 ms per probe: more than the per-token budget here."""
 
     def __init__(self, rules: GuardRules, deflection: str, puzzled: str = PUZZLED_LINES[0]) -> None:
         self.rules = rules
@@ -172,9 +224,16 @@ class ReplyGuard:
         self._pending = ""  # received, not yet released
         self._sentence = ""  # the released start of the current sentence
         self._released = ""
-        self._hold_sentences = bool(rules.secrets)
-        terms = [*rules.out_of_world, *BOILERPLATE]
-        self._longest_term_words = max((len(t.split()) for t in terms), default=1)
+        self._suspect = False  # the current sentence is held to its end
+        self._terms = [
+            t.lower()
+            for t in [
+                *rules.out_of_world,
+                *BOILERPLATE,
+                *(k for s in rules.secrets for k in s.keys),
+            ]
+        ]
+        self._vocabulary = _vocabulary(rules.secrets) if rules.secrets else frozenset()
 
     def feed(self, text: str) -> str:
         if self.cut is not None or not text:
@@ -189,11 +248,11 @@ class ReplyGuard:
             if not self._check(self._sentence + sentence, finished=True):
                 return self._release("".join(out))
             out.append(sentence)
-            self._sentence = ""
-        if self._pending and not self._hold_sentences:
+            self._sentence, self._suspect = "", False
+        if self._pending and not self._suspect:
             if not self._check(self._sentence + self._pending, finished=False):
                 return self._release("".join(out))
-            safe = self._safe_prefix(self._pending)
+            safe = self._innocent_prefix(self._pending)
             out.append(safe)
             self._sentence += safe
             self._pending = self._pending[len(safe) :]
@@ -207,8 +266,11 @@ class ReplyGuard:
                 return self._release(tail)
         if self.cut is None:
             return ""
+        line = self.deflection if self.cut.kind == "secret" else self.puzzled
+        if self._sentence.strip():  # cut off mid-sentence, as a speaker breaks off
+            return "— " + line
         space = "" if not self._released or self._released[-1].isspace() else " "
-        return space + (self.deflection if self.cut.kind == "secret" else self.puzzled)
+        return space + line
 
     @property
     def held(self) -> str:
@@ -218,13 +280,47 @@ class ReplyGuard:
         self._released += text
         return text
 
-    def _safe_prefix(self, text: str) -> str:
-        """Everything but the words a term could still be growing from."""
-        keep = self._longest_term_words  # the last word may be partial: one more held
-        words = list(re.finditer(r"\S+\s*", text))
-        if len(words) <= keep:
-            return ""
-        return text[: words[-keep].start()]
+    def _innocent_prefix(self, text: str) -> str:
+        """The words that may go now: whole words (followed by a space), up to the first
+        suspect one, and not the last ones if they could still be the start of a term."""
+        words = [m for m in re.finditer(r"\S+\s+", text)]
+        for index, match in enumerate(words):
+            if _stem(match.group().strip(".,;:!?\"'()")) in self._vocabulary:
+                self._suspect = True
+                words = words[:index]
+                break
+        # Held at the end: words that may begin a term, and single letters (a word being
+        # spelled out letter by letter, "b r a n d y", is only seen once it is whole).
+        while words and (
+            self._could_start_term(text[words[-1].start() :])
+            or len(words[-1].group().strip().strip(".,;:!?\"'()-")) <= 1
+        ):
+            words.pop()
+        released = words[-1].end() if words else 0
+        partial = text[released:]
+        if (
+            not self._suspect
+            and len(words) == len(re.findall(r"\S+\s+", text))  # nothing held before it
+            and partial
+            and not partial[-1].isspace()
+            and not self._could_grow(partial)
+        ):
+            return text  # the word being written cannot become a term or a telling word
+        return text[:released]
+
+    def _could_grow(self, partial: str) -> bool:
+        """Whether a word still being written may end as a term or a secret's word."""
+        bare = partial.strip().strip(".,;:!?\"'()").lower()
+        if not bare.isalpha() or len(bare) <= 1:  # "b-r-a…", a lone letter: wait for more
+            return True
+        stem = bare[:5]
+        return self._could_start_term(partial) or any(
+            v.startswith(stem) or stem.startswith(v) for v in self._vocabulary
+        )
+
+    def _could_start_term(self, tail: str) -> bool:
+        said = " ".join(tail.lower().split())
+        return any(term.startswith(said) and len(term) > len(said) for term in self._terms)
 
     def _check(self, sentence: str, *, finished: bool) -> bool:
         """False (and ``cut`` set) if the sentence tells a secret or leaves the world."""
@@ -238,7 +334,10 @@ class ReplyGuard:
             self.cut = GuardCut("out_of_world", term, f"term {term!r}", sentence)
             return False
         vectors = self.rules.secret_vectors() if finished else None
-        if vectors is not None and self.rules.embed is not None and _WORD.search(sentence):
+        # A sentence of a few words ("Aye.", "Ask me something else.") cannot tell a secret
+        # by meaning alone; not embedding those saves a third of the guard's time.
+        telling = len(_WORD.findall(sentence)) >= MIN_MEANING_WORDS
+        if vectors is not None and self.rules.embed is not None and telling:
             vector = _normalized(np.asarray(self.rules.embed([sentence]), dtype=np.float32))
             scores = vectors @ vector[0]
             best = int(np.argmax(scores))

@@ -46,8 +46,8 @@ async def test_wiring_runs_on_the_fakes_chosen_by_environment(
         try:
             async with await NpcClient.connect(server.url) as client:
                 stream = await client.say("mara", "Hello?", player_id="p1")
-                # Mara guards secrets, so her reply streams a checked sentence at a time.
-                assert [d async for d in stream] == ["Aye. ", "Wired up."]
+                deltas = [d async for d in stream]
+                assert len(deltas) >= 2 and "".join(deltas) == "Aye. Wired up."
                 assert (await stream.result())["text"] == "Aye. Wired up."
                 items = await client.memory_list("mara", player_id="p1")
                 assert any("Hello?" in item["text"] for item in items)

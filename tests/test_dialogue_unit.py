@@ -130,7 +130,7 @@ def test_generation_failure_uses_fallback_line(sample_personas: Path) -> None:
 
 def test_cancel_stops_between_tokens(sample_personas: Path) -> None:
     cancel = threading.Event()
-    # Sentences: Mara guards secrets, so her replies stream a sentence at a time.
+    # Mara guards secrets; words of an innocent reply stream as they come.
     engine = make_engine(sample_personas, ScriptedGenerator(["One. Two. Three. Four. Five. Six."]))
     deltas: list[str] = []
 

@@ -39,7 +39,7 @@ def stream(guard: ReplyGuard, text: str, seed: int = 0) -> tuple[list[str], str]
         ("b-r-a-n-d-y, if you must know", ["brandy"], "brandy"),
         ("B R A N D Y", ["brandy"], "brandy"),
         ("the open air", ["OpenAI"], None),
-        ("As an AI, I cannot say.", BOILERPLATE, "as an AI"),
+        ("As an AI, I cannot say.", BOILERPLATE, "an AI"),
         ("a  silver\nmark", ["silver mark"], "silver mark"),
         ("they smuggled it in", ["smuggle"], "smuggle"),
         ("Is that a Computer?", ["computer"], "computer"),
@@ -57,8 +57,12 @@ def test_a_leaking_sentence_never_leaves_however_the_text_is_split(seed: int) ->
     guard = ReplyGuard(GuardRules([BRANDY]), "Ask me something else.")
     sent, end = stream(guard, "Aye, a room is five bits. We keep the brandy below! Come.", seed)
     released = "".join(sent)
-    assert released == "Aye, a room is five bits. "
-    assert end == "Ask me something else."
+    # Words stream until the secret's first word; that sentence is held, then cut. (How
+    # much of "the" went depends on the split: a word being written goes unless it could
+    # still become a telling one.)
+    assert released.startswith("Aye, a room is five bits. We keep th")
+    assert "b" not in released.split("We keep")[1]
+    assert end == "— Ask me something else."  # broken off mid-sentence
     assert guard.cut is not None and guard.cut.entry == "secrets.0" and guard.cut.kind == "secret"
     assert "brandy" in guard.cut.withheld
 
@@ -71,14 +75,14 @@ def test_a_harmless_reply_passes_whole_and_in_order() -> None:
         assert "".join(sent) + end == text and guard.cut is None
 
 
-def test_secrets_hold_whole_sentences_but_out_of_world_terms_only_a_few_words() -> None:
-    secret_guard = ReplyGuard(GuardRules([BRANDY]), "-")
-    assert secret_guard.feed("Well now, friend, let me think about ") == ""  # sentence held
-    assert secret_guard.feed("that. And") == "Well now, friend, let me think about that. "
-    words_guard = ReplyGuard(GuardRules([], ("computer",)), "-")
-    released = words_guard.feed("Well now, friend, let me think about ")
-    # Only the last words, which could still grow into "an AI language model", stay back.
-    assert released == "Well now, friend, "
+def test_words_stream_until_a_sentence_turns_to_a_secret_or_a_term() -> None:
+    guard = ReplyGuard(GuardRules([BRANDY]), "-")
+    assert guard.feed("Well now, friend, let me think ") == "Well now, friend, let me think "
+    assert guard.feed("about the cellar and ") == "about the "  # "cellar": held from here…
+    assert guard.feed("the stew. Come") == "cellar and the stew. Come"  # …to its end
+    assert guard.feed(" in, love, we have an ") == " in, love, we have "  # "an AI"?
+    assert guard.feed("apple pie. ") == "an apple pie. "
+    assert guard.finish() == "" and guard.cut is None
 
 
 def test_an_out_of_world_sentence_is_cut_before_its_term_is_sent() -> None:

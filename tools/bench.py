@@ -724,8 +724,10 @@ def target_guard(runtime: EngineRuntime, report: Report, turns: int) -> None:
         engine.writer.flush(60)
         timings = result.timings
         guard_ms += timings.guard_ms
-        decode_ms += timings.generation_ms - timings.guard_ms
-        tokens += max(result.completion_tokens, 1)
+        # The model's time per token: from its first token to the end, less the guard's.
+        after_first = timings.total_ms - (timings.model_ttft_ms or 0.0)
+        decode_ms += max(after_first - timings.guard_ms, 0.0)
+        tokens += max(result.completion_tokens - 1, 1)
         model_first.append(timings.model_ttft_ms or 0.0)
         shown_first.append(timings.ttft_ms or 0.0)
     per_token_guard, per_token_model = guard_ms / tokens, decode_ms / tokens
@@ -739,8 +741,9 @@ def target_guard(runtime: EngineRuntime, report: Report, turns: int) -> None:
     report.rows += [
         Row(
             "10 output guard",
-            f"guard time per reply token (key terms, out-of-world terms, one embedding per "
-            f"sentence) vs the model's time per token, {turns} replies of Mara's",
+            f"guard time per reply token (key terms, out-of-world terms, one meaning check "
+            f"per sentence of 5 words or more) vs the model's decode time per token, "
+            f"{turns} replies of Mara's",
             "guard",
             per_token_guard / 1000,
             "model",
@@ -751,8 +754,7 @@ def target_guard(runtime: EngineRuntime, report: Report, turns: int) -> None:
         ),
         Row(
             "10 output guard",
-            "median first text the player sees (held until the first sentence is checked) "
-            "vs the model's first token, same replies",
+            "median first text the player sees vs the model's first token, same replies",
             "first text shown",
             median(shown_first) / 1000,
             "model first token",
