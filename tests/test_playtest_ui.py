@@ -64,8 +64,7 @@ async def test_talk_inspect_event_and_cancel(
         await wait_for(pilot, lambda: not app.query_one("#line").disabled)
         assert "Mara Saltwhistle" in plain(app.query_one("#who", Static))
 
-        # Talk: the reply streams into the conversation, piece by piece (a checked sentence
-        # at a time: Mara guards secrets).
+        # Talk: the reply streams into the conversation, piece by piece.
         await type_line(pilot, "Hello! My name is Aria.", key_by_key=True)
         await wait_for(pilot, lambda: app.last_turn is not None)
         reply = npc_lines(app)[-1]

@@ -89,7 +89,7 @@ def faulty(
 ) -> Iterator[tuple[DialogueEngine, FaultyGenerator, SlowStore]]:
     """An engine of the real parts (model, Chroma) with the fault wrappers around them. The
     output guard is off: these tests count what the server streams token by token, and the
-    guard would hold Mara's sentences back (it has tests of its own)."""
+    guard releases whole words (it has tests of its own)."""
     real = shared_runtime.engine
     generator = FaultyGenerator(real.generator)
     store = SlowStore(real.store)

@@ -287,8 +287,8 @@ async def test_deltas_after_the_first_are_gathered_per_interval(
     shared_runtime: EngineRuntime,
 ) -> None:
     """One frame per token with interval 0; with 250 ms, the first token alone, then batches.
-    (The output guard is off here: it would hold Wren's sentences back, and token-by-token
-    streaming is what is measured.)"""
+    (The output guard is off here: it releases whole words, and token-by-token streaming is
+    what is measured.)"""
     counts = {}
     guard = shared_runtime.engine.config.guard
     for interval_ms in (0.0, 250.0):
