@@ -165,18 +165,25 @@ def distinctive_words(secret: str, public_text: str) -> tuple[str, ...]:
 
 
 def _stem(word: str) -> str:
-    """Crude but enough to match inflections: the first five letters."""
-    return word.lower().strip("'-")[:5]
+    """Crude but enough to match inflections: the first five letters ("s-i-l-v-e-r" and
+    "silver," alike)."""
+    return re.sub(r"[^a-z]", "", word.lower())[:5]
 
 
 @lru_cache(maxsize=1024)
 def _secret_stems(text: str, keys: tuple[str, ...]) -> frozenset[str]:
-    """Stems of a secret's telling words: those of its text and keys, leaving out the very
-    common ones (Zipf ≥ 5: "look", "night"), so everyday talk streams on."""
+    """Stems of a secret's telling words: those of its text and keys of four letters or
+    more (three for names: "Tom"), leaving out the most common ones (Zipf ≥ 5.5: "other",
+    "night"), so everyday talk streams on."""
     from wordfreq import zipf_frequency
 
-    words = {w.lower().strip("'-") for w in _WORD.findall(" ".join([text, *keys]))}
-    return frozenset(_stem(w) for w in words if len(w) >= 4 and zipf_frequency(w, "en") < 5.0)
+    stems = set()
+    for word in _WORD.findall(" ".join([text, *keys])):
+        bare = word.strip("'-")
+        long_enough = len(bare) >= 4 or (len(bare) == 3 and bare[0].isupper())
+        if long_enough and zipf_frequency(bare.lower(), "en") < 5.5:
+            stems.add(_stem(bare))
+    return frozenset(stems)
 
 
 def _vocabulary(secrets: Sequence[GuardedSecret]) -> frozenset[str]:
@@ -267,7 +274,8 @@ class ReplyGuard:
         if self.cut is None:
             return ""
         line = self.deflection if self.cut.kind == "secret" else self.puzzled
-        if self._sentence.strip():  # cut off mid-sentence, as a speaker breaks off
+        started = self._sentence.strip()
+        if started and not started.endswith((".", "!", "?", "…")):  # broken off mid-sentence
             return "— " + line
         space = "" if not self._released or self._released[-1].isspace() else " "
         return space + line
@@ -285,7 +293,7 @@ class ReplyGuard:
         suspect one, and not the last ones if they could still be the start of a term."""
         words = [m for m in re.finditer(r"\S+\s+", text)]
         for index, match in enumerate(words):
-            if _stem(match.group().strip(".,;:!?\"'()")) in self._vocabulary:
+            if _stem(match.group()) in self._vocabulary:
                 self._suspect = True
                 words = words[:index]
                 break

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Sequence
 
 from npc_engine.generation.base import GenerationParams, GenerationStats, Message, RenderedPrompt
-from npc_engine.generation.scripted import _render_chatml
+from npc_engine.generation.scripted import render_chatml_prompt
 
 SECRETS_HEADER = "Your secrets (you know them, but never reveal them to anyone):"
 STRATEGIES = ("whole", "split", "paraphrase", "spelled")
@@ -128,8 +128,7 @@ class AdversarialGenerator:
         self.prompts: list[str] = []
 
     def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
-        text = _render_chatml(messages)
-        return RenderedPrompt(text=text, stop=["<|im_end|>"], tokens=list(range(len(text.split()))))
+        return render_chatml_prompt(messages)
 
     def generate(
         self,

@@ -15,6 +15,12 @@ def _render_chatml(messages: Sequence[Message]) -> str:
     return "".join(parts) + "<|im_start|>assistant\n"
 
 
+def render_chatml_prompt(messages: Sequence[Message]) -> RenderedPrompt:
+    """ChatML for the test backends; a word counts as a token."""
+    text = _render_chatml(messages)
+    return RenderedPrompt(text=text, stop=["<|im_end|>"], tokens=list(range(len(text.split()))))
+
+
 class ScriptedGenerator:
     name = "scripted"
 
@@ -33,8 +39,7 @@ class ScriptedGenerator:
         self.prompts: list[str] = []
 
     def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
-        text = _render_chatml(messages)
-        return RenderedPrompt(text=text, stop=["<|im_end|>"], tokens=list(range(len(text.split()))))
+        return render_chatml_prompt(messages)
 
     def generate(
         self,
