@@ -293,7 +293,8 @@ class ReplyGuard:
         suspect one, and not the last ones if they could still be the start of a term."""
         words = [m for m in re.finditer(r"\S+\s+", text)]
         for index, match in enumerate(words):
-            if _stem(match.group()) in self._vocabulary:
+            stem = _stem(match.group())  # "Jory's" is Jory's: a stem may start a longer one
+            if stem and any(stem.startswith(v) for v in self._vocabulary):
                 self._suspect = True
                 words = words[:index]
                 break

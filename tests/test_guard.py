@@ -119,3 +119,16 @@ def test_distinctive_words_are_rare_and_not_said_elsewhere_in_the_prompt() -> No
     secret = "She lets the Fog Runners store brandy in her cellar in exchange for half the customs."
     public = "Keep the customs men out of her cellar. The Fog Runners are smugglers."
     assert distinctive_words(secret, public) == ("brandy",)
+
+
+def test_telling_words_are_caught_in_any_form_before_they_go_out() -> None:
+    """A possessive holds the sentence; letters spelled out with dashes or spaces never go
+    out one by one, and are cut once they spell the key."""
+    secret = GuardedSecret("secrets.0", "Jory Pike was silenced.", ("silenced",))
+    guard = ReplyGuard(GuardRules([secret]), "-")
+    assert guard.feed("It was Jory's ") == "It was "  # "Jory's" starts a telling sentence
+    for seed, reply in enumerate(("Well, s-i-l-e-n-c-e-d it was. ", "Well, s i l e n c e d. ")):
+        guard = ReplyGuard(GuardRules([secret]), "-")
+        sent, _end = stream(guard, reply, seed)
+        assert "".join(sent).startswith("Well") and "s" not in "".join(sent)[4:]
+        assert guard.cut is not None
