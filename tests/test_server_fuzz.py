@@ -66,11 +66,9 @@ async def garbage_then(url: str, frames: list[str | bytes], request: dict[str, o
             answer = decode(await asyncio.wait_for(websocket.recv(), 10))
             assert answer["type"] == "error" and isinstance(answer["code"], str)
         await websocket.send(json.dumps(request))
-        while (message := decode(await asyncio.wait_for(websocket.recv(), 60)))["type"] in (
-            "reply.start",
-            "reply.delta",
-        ):
-            pass
+        message = decode(await asyncio.wait_for(websocket.recv(), 60))
+        while message["type"] in ("reply.start", "reply.delta"):  # a say streams first
+            message = decode(await asyncio.wait_for(websocket.recv(), 60))
         assert message["re"] == "ok" and message["type"] in ("npc.items", "reply.end"), message
 
 
