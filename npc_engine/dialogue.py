@@ -45,11 +45,13 @@ from npc_engine.guard import (
 from npc_engine.guard import preload as preload_guard
 from npc_engine.ids import check_id
 from npc_engine.memory.importance import rate_importance
+from npc_engine.memory.saves import SaveInfo
 from npc_engine.memory.scoring import score_candidates
 from npc_engine.memory.types import Memory, MemoryKind, MemoryStore, ScoredMemory, utc_now
-from npc_engine.memory.writer import MemoryWriter
+from npc_engine.memory.writer import MemoryWriter, StateWrite
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
 from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn, render_persona, render_world
+from npc_engine.sentences import SentenceTrim
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ ROLE_STOPS = ["The player (", "\nPlayer:", "\nUser:"]
 # Forgets remembered for turns still running; a turn older than all of them is treated as
 # overlapping a forget (it stores nothing), which takes this many forgets during one turn.
 FORGET_LOG = 1024
+EVERY_NPC = "*"  # a forget of everything (a save being loaded)
+GREETING_MAX_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,9 @@ def sanitize_for_memory(text: str) -> str:
     return clean[:MAX_MEMORY_CHARS]
 
 
-def player_line_memory(npc_id: str, player_id: str, text: str, when: datetime) -> Memory:
+def player_line_memory(
+    npc_id: str, player_id: str, text: str, when: datetime, game_time: float | None = None
+) -> Memory:
     quoted = sanitize_for_memory(text)
     return Memory(
         npc_id=npc_id,
@@ -154,19 +160,42 @@ def player_line_memory(npc_id: str, player_id: str, text: str, when: datetime) -
         text=f'The player {player_id} told me: "{quoted}"',
         importance=rate_importance(quoted),
         created_at=when,
+        game_time=game_time,
     )
 
 
-def reply_memory(npc_id: str, player_id: str, text: str, when: datetime) -> Memory:
+def reply_memory(
+    npc_id: str,
+    player_id: str,
+    text: str,
+    when: datetime,
+    game_time: float | None = None,
+    *,
+    greeting: bool = False,
+) -> Memory:
     quoted = sanitize_for_memory(text)
+    said = "I greeted" if greeting else "I answered"
     return Memory(
         npc_id=npc_id,
         player_id=player_id,
         kind="dialogue",
-        text=f'I answered the player {player_id}: "{quoted}"',
+        text=f'{said} the player {player_id}: "{quoted}"',
         importance=max(1, rate_importance(quoted) - 1),
         created_at=when,
+        game_time=game_time,
     )
+
+
+def history_key(npc_id: str, player_id: str) -> str:
+    """The store record of a conversation's history."""
+    return f"history:{conversation_key(npc_id, player_id)}"
+
+
+def history_write(npc_id: str, player_id: str, turns: Sequence[Turn] | None) -> StateWrite:
+    """A conversation's history as a state write (None deletes it)."""
+    labels = {"kind": "history", "npc_id": npc_id, "player_id": player_id}
+    value = {"turns": [turn.to_record() for turn in turns]} if turns is not None else None
+    return history_key(npc_id, player_id), value, labels
 
 
 class DialogueEngine:
@@ -200,6 +229,7 @@ class DialogueEngine:
         # Per persona object (a reload makes new ones): its secrets' keys and vectors.
         self._secret_cache: dict[int, tuple[Any, list[tuple[str, ...]], Any]] = {}
         self._secret_lock = threading.Lock()
+        self._saves_lock = threading.Lock()  # one save operation at a time
         if config.guard.enabled:
             preload_guard()
 
@@ -340,7 +370,26 @@ class DialogueEngine:
 
     def history(self, npc_id: str, player_id: str) -> list[Turn]:
         with self._history_lock:
-            return list(self._history.get((npc_id, player_id), []))
+            return list(self._conversation(npc_id, player_id))
+
+    def _conversation(self, npc_id: str, player_id: str) -> list[Turn]:
+        """A conversation's turns (history lock held): in RAM, or read back from the store
+        the first time (so a restarted engine continues where the last one stopped)."""
+        key = (npc_id, player_id)
+        turns = self._history.get(key)
+        if turns is not None:
+            self._history.move_to_end(key)
+            return turns
+        try:
+            record = self.store.load_state(history_key(npc_id, player_id)) or {}
+            turns = [Turn.from_record(r) for r in record.get("turns", [])]
+        except Exception as exc:  # a damaged record must not silence the NPC
+            log.warning("history of %s with %s unreadable: %s", npc_id, player_id, exc)
+            turns = []
+        self._history[key] = turns
+        while len(self._history) > self.config.max_conversations:
+            self._history.popitem(last=False)
+        return turns
 
     def conversation_count(self) -> int:
         with self._history_lock:
@@ -349,21 +398,89 @@ class DialogueEngine:
     def drop_last_turn(self, npc_id: str, player_id: str) -> Turn | None:
         """Take the last exchange out of the conversation (to ask again: "retry")."""
         with self._history_lock:
-            turns = self._history.get((npc_id, player_id))
-            return turns.pop() if turns else None
+            turns = self._conversation(npc_id, player_id)
+            dropped = turns.pop() if turns else None
+            if dropped is not None:
+                self.writer.submit([], [history_write(npc_id, player_id, turns)])
+            return dropped
 
     def reset_conversation(self, npc_id: str, player_id: str) -> None:
         with self._history_lock:
             self._history.pop((npc_id, player_id), None)
+            self.writer.submit([], [history_write(npc_id, player_id, None)])
+
+    # -- saves ---------------------------------------------------------------------------
+
+    def create_save(self, save_id: str) -> SaveInfo:
+        """Save every NPC's memories, histories, trust and flags under ``save_id``."""
+        with self._saves_lock:
+            self.writer.flush()  # everything acknowledged so far is in the save
+            return self.store.create_save(save_id)
+
+    def load_save(self, save_id: str) -> SaveInfo:
+        """Make the world what it was at the save. A turn still running meanwhile stores
+        nothing (as if its conversation were forgotten); callers end replies first."""
+        with self._saves_lock:
+            with self._history_lock:
+                self._forget_serial += 1
+                self._forgets.append(_Forget(self._forget_serial, EVERY_NPC, None, None))
+            self.writer.flush()
+            info = self.store.load_save(save_id)
+            with self._history_lock:
+                self._history.clear()
+            self.state.clear()
+            return info
+
+    def list_saves(self) -> list[SaveInfo]:
+        return self.store.list_saves()
+
+    def delete_save(self, save_id: str) -> bool:
+        with self._saves_lock:
+            return self.store.delete_save(save_id)
+
+    def export_save(self, save_id: str) -> bytes:
+        with self._saves_lock:
+            return self.store.export_save(save_id)
+
+    def import_save(self, save_id: str, data: bytes) -> SaveInfo:
+        with self._saves_lock:
+            return self.store.import_save(save_id, data)
 
     # -- memory --------------------------------------------------------------------------
 
     def recall(
-        self, npc_id: str, player_id: str | None, query: str, limit: int
+        self,
+        npc_id: str,
+        player_id: str | None,
+        query: str,
+        limit: int,
+        game_now: float | None = None,
     ) -> list[ScoredMemory]:
+        """The best memories for ``query``; recency on the game's clock with ``game_now``
+        (default: the last game time this player's game sent, else the wall clock)."""
+        if game_now is None and player_id is not None:
+            game_now = self._game_time_of(player_id)
         retrieval = self.config.retrieval
         candidates = self.store.search(npc_id, player_id, query, max(retrieval.candidates, limit))
-        return score_candidates(candidates, self.clock(), retrieval)[:limit]
+        return score_candidates(candidates, self.clock(), retrieval, game_now)[:limit]
+
+    def _game_time_of(self, player_id: str) -> float | None:
+        try:
+            return self.state.game_time(player_id)
+        except Exception as exc:  # state trouble: recency falls back to the wall clock
+            log.warning("game time of %s unavailable: %s", player_id, exc)
+            return None
+
+    def _remembered_of(
+        self, npc_id: str, player_id: str, limit: int, game_now: float | None
+    ) -> list[ScoredMemory]:
+        """What an NPC remembers of a player, newest first (for a greeting: there is no
+        line to match memories against)."""
+        recent = [m for m in self.store.recent(npc_id, player_id, limit * 2)]
+        mine = [m for m in recent if m.player_id == player_id][:limit]
+        return [
+            ScoredMemory(m, 1.0 - i / 100, 0.0, 1.0, m.importance / 10) for i, m in enumerate(mine)
+        ]
 
     def recent_memories(self, npc_id: str, player_id: str | None, limit: int) -> list[Memory]:
         self.persona(npc_id)
@@ -377,10 +494,15 @@ class DialogueEngine:
         player_id: str | None = None,
         importance: int | None = None,
         kind: MemoryKind = "event",
+        game_time: float | None = None,
     ) -> Future[list[str]]:
         """Record something the NPCs witnessed; ``["*"]`` means every NPC."""
         if player_id is not None:
             check_id(player_id, "player_id")
+            if game_time is not None:
+                self.state.update(player_id, game_time=game_time)
+            else:
+                game_time = self._game_time_of(player_id)
         targets = self.registry.ids() if list(npc_ids) == ["*"] else list(npc_ids)
         for npc_id in targets:
             self.persona(npc_id)
@@ -397,6 +519,7 @@ class DialogueEngine:
                 text=clean,
                 importance=rating,
                 created_at=when,
+                game_time=game_time,
             )
             for n in targets
         ]
@@ -426,9 +549,28 @@ class DialogueEngine:
                 elif everything or key[1] == player_id:
                     del self._history[key]
         self.writer.flush()  # writes queued before the forget are stored, then deleted
+        self._forget_in_stored_histories(npc_id, player_id, ids, everything)
         return self.store.forget(
             npc_id, player_id=player_id, memory_ids=memory_ids, everything=everything
         )
+
+    def _forget_in_stored_histories(
+        self, npc_id: str, player_id: str | None, ids: frozenset[str] | None, everything: bool
+    ) -> None:
+        """Apply a forget to the histories in the store, not only those in RAM."""
+        prefix = history_key(npc_id, "")
+        for key in self.store.state_keys({"kind": "history", "npc_id": npc_id}):
+            player = key[len(prefix) :]
+            if ids is None and not everything and player != player_id:
+                continue
+            if ids is None:
+                self.store.delete_state([key])
+                continue
+            with self._history_lock:
+                turns = [turn.without(ids) for turn in self._conversation(npc_id, player)]
+                self._history[(npc_id, player)] = turns
+                self.writer.submit([], [history_write(npc_id, player, turns)])
+        self.writer.flush()
 
     def _forgotten_since(
         self, serial: int, npc_id: str, player_id: str
@@ -441,6 +583,8 @@ class DialogueEngine:
             return True, frozenset()  # too many forgets to tell: assume the worst
         ids: set[str] = set()
         for forget in self._forgets:
+            if forget.serial > serial and forget.npc_id == EVERY_NPC:
+                return True, frozenset()
             if forget.serial <= serial or forget.npc_id != npc_id:
                 continue
             if forget.memory_ids is not None:
@@ -454,11 +598,15 @@ class DialogueEngine:
         a cancelled turn stores it, the player's line and no reply."""
         self.persona(npc_id)
         check_id(player_id, "player_id")
+        game_now = self._game_time_of(player_id)
         with self._history_lock:
-            self._submit_memories([player_line_memory(npc_id, player_id, text, self.clock())])
+            line = player_line_memory(npc_id, player_id, text, self.clock(), game_now)
+            self._submit_memories([line])
 
-    def _submit_memories(self, memories: list[Memory]) -> Future[list[str]]:
-        done = self.writer.submit(memories)
+    def _submit_memories(
+        self, memories: list[Memory], states: Sequence[StateWrite] = ()
+    ) -> Future[list[str]]:
+        done = self.writer.submit(memories, states)
         done.add_done_callback(self._count_failed_write)
         return done
 
@@ -508,12 +656,111 @@ class DialogueEngine:
         guarded secret or leave the world is never delivered; an in-voice deflection ends
         the reply instead (``result.guard`` says why). A cancelled turn stores the player's
         line and no reply (as one cancelled while queued: ``hear``)."""
+        return self._turn(
+            npc_id,
+            text,
+            player_id=player_id,
+            context=context,
+            max_tokens=max_tokens,
+            on_delta=on_delta,
+            cancel=cancel,
+            game_time=game_time,
+        )
+
+    def greet(
+        self,
+        npc_id: str,
+        *,
+        player_id: str = DEFAULT_PLAYER,
+        context: Mapping[str, Any] | None = None,
+        max_tokens: int | None = None,
+        on_delta: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+        game_time: float | None = None,
+    ) -> TurnResult:
+        """The player walks up to the NPC. At a first meeting the persona's ``greeting`` is
+        the reply, at once (no model time); later the NPC greets from what it remembers."""
+        loaded = self.persona(npc_id)
+        check_id(player_id, "player_id")
+        if loaded.persona.greeting.strip() and self._first_meeting(npc_id, player_id):
+            return self._written_greeting(loaded, npc_id, player_id, on_delta, game_time)
+        cap = min(max_tokens or GREETING_MAX_TOKENS, GREETING_MAX_TOKENS)
+        return self._turn(
+            npc_id,
+            "",
+            player_id=player_id,
+            context=context,
+            max_tokens=cap,
+            on_delta=on_delta,
+            cancel=cancel,
+            game_time=game_time,
+            greeting=True,
+        )
+
+    def _first_meeting(self, npc_id: str, player_id: str) -> bool:
+        if self.history(npc_id, player_id):
+            return False
+        recent = self.store.recent(npc_id, player_id, 64)
+        return not any(memory.player_id == player_id for memory in recent)
+
+    def _written_greeting(
+        self,
+        loaded: LoadedPersona,
+        npc_id: str,
+        player_id: str,
+        on_delta: Callable[[str], None] | None,
+        game_time: float | None,
+    ) -> TurnResult:
+        started = time.perf_counter()
+        text = loaded.persona.greeting.strip()
+        if on_delta is not None:
+            on_delta(text)
+        result = TurnResult(npc_id=npc_id, player_id=player_id, text=text, reason="stop")
+        result.timings.ttft_ms = (time.perf_counter() - started) * 1000
+        game_now = self._note_game_time(player_id, game_time)
+        memory = reply_memory(npc_id, player_id, text, self.clock(), game_now, greeting=True)
+        turn = Turn("", text, memory_ids=frozenset({memory.id}), greeting=True)
+        result.emotion = infer_emotion(text, loaded.persona.mood)
+        result.action = infer_action(text)
+        with self._history_lock:
+            self._remember_turn(npc_id, player_id, turn)
+            states = [history_write(npc_id, player_id, self._conversation(npc_id, player_id))]
+            result.memory_write = self._submit_memories([memory], states)
+        result.timings.total_ms = (time.perf_counter() - started) * 1000
+        return result
+
+    def _note_game_time(self, player_id: str, game_time: float | None) -> float | None:
+        """The game time of this turn: the one sent (kept for the next turns), else the
+        last one the game sent, else None (the wall clock)."""
+        if game_time is None:
+            return self._game_time_of(player_id)
+        try:
+            if self.state.game_time(player_id) != game_time:
+                self.state.update(player_id, game_time=game_time)
+        except Exception as exc:
+            log.warning("game time of %s not kept: %s", player_id, exc)
+        return game_time
+
+    def _turn(
+        self,
+        npc_id: str,
+        text: str,
+        *,
+        player_id: str,
+        context: Mapping[str, Any] | None,
+        max_tokens: int | None,
+        on_delta: Callable[[str], None] | None,
+        cancel: threading.Event | None,
+        game_time: float | None,
+        greeting: bool = False,
+    ) -> TurnResult:
         loaded = self.persona(npc_id)
         check_id(player_id, "player_id")
         with self._history_lock:
             forget_serial = self._forget_serial
         started = time.perf_counter()
         now = self.clock()
+        game_now = self._note_game_time(player_id, game_time)
         result = TurnResult(npc_id=npc_id, player_id=player_id, text="", reason="stop")
         emit = on_delta or (lambda _piece: None)
 
@@ -528,8 +775,12 @@ class DialogueEngine:
         top_k = self.config.retrieval.top_k
         # Memories already in the history window are not repeated: fetch enough others.
         in_window = sum(len(turn.memory_ids) for turn in history)
+        wanted = top_k + in_window if top_k else 0
         try:
-            memories = self.recall(npc_id, player_id, text, top_k + in_window if top_k else 0)
+            if greeting:
+                memories = self._remembered_of(npc_id, player_id, wanted, game_now)
+            else:
+                memories = self.recall(npc_id, player_id, text, wanted, game_now)
         except Exception as exc:  # memory trouble must not silence the NPC
             log.warning("memory recall failed for %s: %s", npc_id, exc)
             memories = []
@@ -540,8 +791,8 @@ class DialogueEngine:
         except Exception as exc:  # state trouble must not silence the NPC either
             log.warning("game state unavailable for %s: %s", npc_id, exc)
             standing = Standing(loaded.persona.trust)
-        if game_time is not None:
-            standing = Standing(standing.trust, standing.flags, game_time)
+        if game_now is not None:
+            standing = Standing(standing.trust, standing.flags, game_now)
         unlocked = unlocked_entries(loaded.persona, loaded.world, standing.facts())
         result.standing, result.unlocked = standing, unlocked.ids
         rules = self.guard_rules(loaded, standing)
@@ -564,6 +815,14 @@ class DialogueEngine:
 
         params = self._params(loaded, max_tokens)
         params.cache_key = conversation_key(npc_id, player_id)
+        trim = SentenceTrim(params.max_tokens)
+        produced = 0
+
+        def on_text(piece: str) -> None:
+            nonlocal produced
+            produced += 1
+            deliver(trim.feed(guarded(cleaner.feed(piece)), produced))
+
         built: BuiltPrompt | None = None
         try:
             mark = time.perf_counter()
@@ -577,8 +836,10 @@ class DialogueEngine:
                 context=context or {},
                 player_id=player_id,
                 player_text=text,
+                greeting=greeting,
                 max_tokens=params.max_tokens,
                 now=now,
+                game_now=game_now,
                 standing=standing_notes(standing.trust, unlocked),
                 standing_is_default=standing.trust == loaded.persona.trust and not unlocked.ids,
             )
@@ -594,16 +855,13 @@ class DialogueEngine:
 
             cleaner = StreamCleaner(loaded.persona.name)
             mark = time.perf_counter()
-            stats = self.generator.generate(
-                built.rendered, params, lambda piece: deliver(guarded(cleaner.feed(piece))), halt
-            )
-            deliver(guarded(cleaner.finish()))
+            stats = self.generator.generate(built.rendered, params, on_text, halt)
+            deliver(trim.feed(guarded(cleaner.finish()), produced))
             if guard is not None:
                 checking = time.perf_counter()
                 tail = guard.finish()
                 result.timings.guard_ms += (time.perf_counter() - checking) * 1000
-                deliver(tail)
-            result.timings.generation_ms = (time.perf_counter() - mark) * 1000
+                deliver(trim.feed(tail, produced))
             result.cached_tokens = stats.cached_tokens
             result.completion_tokens = stats.completion_tokens
             result.reason = stats.finish_reason
@@ -611,6 +869,9 @@ class DialogueEngine:
                 result.guard = guard.cut
                 if not (cancel is not None and cancel.is_set()):
                     result.reason = "stop"  # ended by the guard, not by the caller
+            # A reply cut by max_tokens ends at its last complete sentence.
+            deliver(trim.finish(cut_by_length=result.reason == "length"))
+            result.timings.generation_ms = (time.perf_counter() - mark) * 1000
         except Exception as exc:
             log.warning("generation failed for %s: %s", npc_id, exc, exc_info=True)
             result.reason = "error"
@@ -622,9 +883,13 @@ class DialogueEngine:
 
         result.emotion = infer_emotion(result.text, loaded.persona.mood)
         result.action = infer_action(result.text)
-        to_write = [player_line_memory(npc_id, player_id, text, now)]
+        to_write = [] if greeting else [player_line_memory(npc_id, player_id, text, now, game_now)]
         if result.reason in ("stop", "length") and not result.used_fallback:
-            to_write.append(reply_memory(npc_id, player_id, result.text, self.clock()))
+            to_write.append(
+                reply_memory(
+                    npc_id, player_id, result.text, self.clock(), game_now, greeting=greeting
+                )
+            )
         turn: Turn | None = None
         if result.reason in ("stop", "length") and built is not None:
             shown_ids = {m.memory.id for m in built.memories} | {m.id for m in to_write}
@@ -637,16 +902,20 @@ class DialogueEngine:
                 noted=built.noted,
                 scene_shown=built.scene_shown,
                 standing_shown=built.standing_shown,
+                greeting=greeting,
             )
         with self._history_lock:
             wiped, forgotten = self._forgotten_since(forget_serial, npc_id, player_id)
             if wiped:  # forgotten while this turn ran: it must not write it back
                 to_write, turn = [], None
+            states: list[StateWrite] = []
             if turn is not None:
                 self._remember_turn(npc_id, player_id, turn.without(forgotten))
-            result.memory_write = self._submit_memories(to_write)
+                turns = self._conversation(npc_id, player_id)
+                states.append(history_write(npc_id, player_id, turns))
+            result.memory_write = self._submit_memories(to_write, states)
         if result.memories:
-            self.writer.touch(npc_id, [m.memory.id for m in result.memories], now)
+            self.writer.touch(npc_id, [m.memory.id for m in result.memories], now, game_now)
         result.timings.total_ms = (time.perf_counter() - started) * 1000
         return result
 
@@ -654,7 +923,7 @@ class DialogueEngine:
         """Append a turn (called with the history lock held)."""
         window = self.config.history_turns
         key = (npc_id, player_id)
-        turns = self._history.setdefault(key, [])
+        turns = self._conversation(npc_id, player_id)
         self._history.move_to_end(key)
         turns.append(turn)
         if len(turns) > window:

@@ -7,6 +7,14 @@ class NpcEngineError(Exception):
     """Base class: the message is written for the person running the engine."""
 
 
+class FieldError(NpcEngineError):
+    """A request the engine refuses because of one field (named, for ``details.field``)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
 class ConfigError(NpcEngineError):
     """The configuration (flags, environment, config file) is invalid."""
 

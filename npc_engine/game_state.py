@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npc_engine.conditions import FlagValue, GameFacts
-from npc_engine.errors import NpcEngineError
+from npc_engine.errors import FieldError
 from npc_engine.memory.types import MemoryStore
 from npc_engine.persona.model import Persona, World
 
@@ -28,12 +28,8 @@ FLAG_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"  # what a condition can nam
 _FLAG_NAME = re.compile(FLAG_NAME_PATTERN)
 
 
-class StateError(NpcEngineError):
+class StateError(FieldError):
     """A state change the engine refuses (names the field)."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
 
 
 @dataclass(frozen=True)
@@ -154,6 +150,18 @@ class GameState:
             return Standing(
                 self._trust_of(npc_id, player_id), dict(player["flags"]), player["game_time"]
             )
+
+    def game_time(self, player_id: str) -> float | None:
+        """The last game time this player's game sent (minutes), if any."""
+        with self._lock:
+            time = self._player(player_id)["game_time"]
+            return float(time) if time is not None else None
+
+    def clear(self) -> None:
+        """Forget what is cached (after a save was loaded under it)."""
+        with self._lock:
+            self._trust.clear()
+            self._players.clear()
 
     def flags(self, player_id: str) -> dict[str, FlagValue]:
         with self._lock:

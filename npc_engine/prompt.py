@@ -42,6 +42,35 @@ class Turn:
     noted: tuple[tuple[str, str], ...] = ()
     scene_shown: str = ""
     standing_shown: str = ""  # how the NPC regards the player, if shown with this line
+    greeting: bool = False  # the player walked up (greet): no line of the player's
+
+    def to_record(self) -> dict[str, Any]:
+        """The turn as JSON data, to keep the conversation across restarts."""
+        return {
+            "player_text": self.player_text,
+            "reply_text": self.reply_text,
+            "notes": self.notes,
+            "memory_ids": sorted(self.memory_ids),
+            "scene": self.scene,
+            "noted": [list(pair) for pair in self.noted],
+            "scene_shown": self.scene_shown,
+            "standing_shown": self.standing_shown,
+            "greeting": self.greeting,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Turn:
+        return cls(
+            player_text=str(record["player_text"]),
+            reply_text=str(record["reply_text"]),
+            notes=str(record.get("notes", "")),
+            memory_ids=frozenset(str(i) for i in record.get("memory_ids", [])),
+            scene=str(record.get("scene", "")),
+            noted=tuple((str(i), str(line)) for i, line in record.get("noted", [])),
+            scene_shown=str(record.get("scene_shown", "")),
+            standing_shown=str(record.get("standing_shown", "")),
+            greeting=bool(record.get("greeting", False)),
+        )
 
     def without(self, forgotten: frozenset[str]) -> Turn:
         """This turn with the notes of forgotten memories taken out."""
@@ -140,8 +169,21 @@ def player_message(player_id: str, text: str) -> str:
     return f'The player ({player_id}) says: "{text}"'
 
 
+def greeting_message(player_id: str) -> str:
+    """What a greeting answers: the player walking up (also in earlier turns)."""
+    return f"(The player ({player_id}) walks up to you. Greet them in a sentence or two.)"
+
+
+def _said(speaker: str, text: str, greeting: bool) -> str:
+    return greeting_message(speaker) if greeting else player_message(speaker, text)
+
+
 def describe_age(moment: datetime, now: datetime) -> str:
-    seconds = max((now - moment).total_seconds(), 0)
+    return describe_elapsed((now - moment).total_seconds())
+
+
+def describe_elapsed(seconds: float) -> str:
+    seconds = max(seconds, 0)
     if seconds < 90:
         return "just now"
     if seconds < 5400:
@@ -158,8 +200,35 @@ def render_scene(context: Mapping[str, Any]) -> str:
     return f"(What is happening in the game: {scene})"
 
 
-def memory_line(memory: ScoredMemory, now: datetime) -> str:
-    return f"- {describe_age(memory.memory.created_at, now)}: {memory.memory.text}"
+def memory_line(memory: ScoredMemory, now: datetime, game_now: float | None = None) -> str:
+    """A recalled memory with how long ago it was: on the game's clock when both this turn
+    and the memory have a game time."""
+    made = memory.memory.game_time
+    if game_now is not None and made is not None:
+        age = describe_elapsed((game_now - made) * 60)
+    else:
+        age = describe_age(memory.memory.created_at, now)
+    return f"- {age}: {memory.memory.text}"
+
+
+# (first minute of the day part, its name) on a 24-hour game clock
+DAY_PARTS = (
+    (0, "night"),
+    (300, "early morning"),
+    (480, "morning"),
+    (720, "midday"),
+    (840, "afternoon"),
+    (1080, "evening"),
+    (1320, "night"),
+)
+
+
+def describe_game_time(game_time: float) -> str:
+    """``game_time`` (minutes since the game's epoch) as the NPC would say it: "evening of
+    day 3". Days start at minute 0 of the game's clock."""
+    day, minute = divmod(int(game_time), 1440)
+    part = next(name for start, name in reversed(DAY_PARTS) if minute >= start)
+    return f"{part} of day {day + 1}"
 
 
 def render_notes(memory_lines: Sequence[str], scene_line: str, standing: str = "") -> str:
@@ -191,8 +260,10 @@ class PromptBuilder:
         context: Mapping[str, Any],
         player_id: str,
         player_text: str,
+        greeting: bool = False,
         max_tokens: int,
         now: datetime,
+        game_now: float | None = None,
         standing: str = "",
         standing_is_default: bool = False,
     ) -> BuiltPrompt:
@@ -206,16 +277,20 @@ class PromptBuilder:
         examples = list(persona.example_dialogue)
         turns = list(history)
         kept_memories = list(memories)  # best first
-        scene = dict(context)
+        # The time of day is part of the game context: shown when it changes, like it.
+        scene = {"time": describe_game_time(game_now)} if game_now is not None else {}
+        scene.update(context)
         text = strip_special_tokens(player_text)[:MAX_PLAYER_CHARS]
         dropped = {"turns": 0, "memories": 0, "examples": 0, "context": 0, "player_chars": 0}
 
         while True:
             messages: list[Message] = [{"role": "system", "content": system}]
-            exchanges = [("", "player", e.player, e.npc) for e in examples]
-            exchanges += [(t.notes, player_id, t.player_text, t.reply_text) for t in turns]
-            for notes, speaker, said, answer in exchanges:
-                messages.append({"role": "user", "content": notes + player_message(speaker, said)})
+            exchanges = [("", "player", e.player, e.npc, False) for e in examples]
+            exchanges += [
+                (t.notes, player_id, t.player_text, t.reply_text, t.greeting) for t in turns
+            ]
+            for notes, speaker, said, answer, greeted in exchanges:
+                messages.append({"role": "user", "content": notes + _said(speaker, said, greeted)})
                 messages.append({"role": "assistant", "content": answer})
             in_window = set().union(*(t.memory_ids for t in turns))
             fresh = [m for m in kept_memories if m.memory.id not in in_window][:memory_limit]
@@ -226,9 +301,9 @@ class PromptBuilder:
             last_standing = shown_before[-1] if shown_before else ""
             quiet = standing_is_default and not last_standing
             shown_standing = standing if standing != last_standing and not quiet else ""
-            noted = tuple((m.memory.id, memory_line(m, now)) for m in fresh)
+            noted = tuple((m.memory.id, memory_line(m, now, game_now)) for m in fresh)
             block = render_notes([line for _, line in noted], shown_scene, shown_standing)
-            messages.append({"role": "user", "content": block + player_message(player_id, text)})
+            messages.append({"role": "user", "content": block + _said(player_id, text, greeting)})
             # the system message and the examples are the same for every player
             rendered = self.generator.render(messages, shared=1 + 2 * len(examples))
             if rendered.token_count <= budget:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -18,11 +20,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from npc_engine.memory.types import Candidate, Memory, MemoryKind
+from npc_engine.memory.saves import (
+    MAX_SAVES,
+    SaveError,
+    SaveInfo,
+    check_save_id,
+    decode_export,
+    encode_export,
+    pack,
+    unknown_save,
+    unpack,
+)
+from npc_engine.memory.types import Candidate, Memory, MemoryKind, utc_now
 from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache
+
+log = logging.getLogger(__name__)
 
 NO_PLAYER = ""  # Chroma metadata cannot hold None
 STATE_COLLECTION = "npc-engine-game-state"
+SAVES_COLLECTION = "npc-engine-saves"
+# Memories some save names that are no longer alive (forgotten, or undone by a load).
+ARCHIVE_COLLECTION = "npc-engine-archive"
+PENDING_LOAD = "\x1fpending-load"  # the saves record of a load not finished yet
+_MEMORY_COLLECTION = re.compile(r"^npc-[0-9a-f]{24}-(own|players-[0-9]+)$")
+ONE_VECTOR = [[1.0]]  # Chroma needs a vector per record; state and save records have none
 
 
 class OfflineMiniLM:
@@ -100,7 +121,7 @@ def _from_timestamp(value: Any) -> datetime:
 
 
 def _metadata(memory: Memory) -> dict[str, str | int | float | bool]:
-    return {
+    metadata: dict[str, str | int | float | bool] = {
         "npc_id": memory.npc_id,
         "player_id": memory.player_id or NO_PLAYER,
         "kind": memory.kind,
@@ -108,6 +129,15 @@ def _metadata(memory: Memory) -> dict[str, str | int | float | bool]:
         "created_at": _timestamp(memory.created_at),
         "last_accessed_at": _timestamp(memory.last_accessed_at or memory.created_at),
     }
+    if memory.game_time is not None:  # Chroma metadata cannot hold None: absent instead
+        metadata["game_time"] = memory.game_time
+    if memory.accessed_game_time is not None:
+        metadata["accessed_game_time"] = memory.accessed_game_time
+    return metadata
+
+
+def _optional_float(value: Any) -> float | None:
+    return float(value) if value is not None else None
 
 
 def _memory(memory_id: str, document: str | None, metadata: Any) -> Memory:
@@ -122,6 +152,8 @@ def _memory(memory_id: str, document: str | None, metadata: Any) -> Memory:
         player_id=player or None,
         created_at=_from_timestamp(meta.get("created_at", 0)),
         last_accessed_at=_from_timestamp(meta.get("last_accessed_at", meta.get("created_at", 0))),
+        game_time=_optional_float(meta.get("game_time")),
+        accessed_game_time=_optional_float(meta.get("accessed_game_time")),
     )
 
 
@@ -170,6 +202,15 @@ def _names_of(npc_id: str) -> list[str]:
     return [_own_name(npc_id), *(_shard_name(npc_id, k) for k in range(PLAYER_SHARDS))]
 
 
+def _state_labels(key: str, labels: dict[str, str] | None) -> dict[str, str]:
+    return dict(labels) if labels else {"kind": key.split(":", 1)[0]}
+
+
+def _where(labels: dict[str, str]) -> dict[str, Any]:
+    clauses = [{name: value} for name, value in sorted(labels.items())]
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
 class RecordCache:
     """Documents and metadata of recently recalled memories, by id, least recently used out.
 
@@ -198,12 +239,19 @@ class RecordCache:
             while len(self._records) > self._capacity:
                 self._records.popitem(last=False)
 
-    def touch(self, memory_ids: Sequence[str], when: datetime) -> None:
+    def touch(self, memory_ids: Sequence[str], when: datetime, game_time: float | None) -> None:
         with self._lock:
             for memory_id in memory_ids:
                 memory = self._records.get(memory_id)
                 if memory is not None:
-                    self._records[memory_id] = replace(memory, last_accessed_at=when)
+                    game = game_time if game_time is not None else memory.accessed_game_time
+                    self._records[memory_id] = replace(
+                        memory, last_accessed_at=when, accessed_game_time=game
+                    )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
 
     def discard(self, memory_ids: Sequence[str]) -> None:
         with self._lock:
@@ -265,6 +313,9 @@ class ChromaMemoryStore:
         # Held while a record is read from Chroma into the cache and while touch/forget
         # change one, so a search never caches a copy older than what touch just wrote.
         self._record_writes = threading.Lock()
+        self._saves_lock = threading.RLock()
+        self._referenced_ids: set[str] | None = None
+        self._resume_interrupted_load()
 
     def _collection(self, name: str, npc_id: str, *, create: bool = True) -> Any | None:
         with self._lock:
@@ -427,20 +478,27 @@ class ChromaMemoryStore:
         found = self._cached_records(shard, [memory_id for memory_id, _ in stamped[:limit]])
         return list(found.values())
 
-    def touch(self, npc_id: str, memory_ids: Sequence[str], when: datetime) -> None:
+    def touch(
+        self,
+        npc_id: str,
+        memory_ids: Sequence[str],
+        when: datetime,
+        game_time: float | None = None,
+    ) -> None:
         if not memory_ids:
             return
         stamp = _timestamp(when)
+        refreshed: dict[str, str | int | float | bool] = {"last_accessed_at": stamp}
+        if game_time is not None:
+            refreshed["accessed_game_time"] = game_time
         with self._lock:  # recalled memories came from collections opened by search()
             opened = [self._collections[n] for n in _names_of(npc_id) if n in self._collections]
         with self._record_writes:
             for collection in opened:
                 present = collection.get(ids=list(memory_ids), include=[])["ids"]
                 if present:
-                    collection.update(
-                        ids=present, metadatas=[{"last_accessed_at": stamp} for _ in present]
-                    )
-            self._records.touch(memory_ids, _from_timestamp(stamp))
+                    collection.update(ids=present, metadatas=[refreshed for _ in present])
+            self._records.touch(memory_ids, _from_timestamp(stamp), game_time)
 
     def forget(
         self,
@@ -467,6 +525,7 @@ class ChromaMemoryStore:
                 doomed = collection.get(where=where, include=[])["ids"]
             if doomed:
                 with self._record_writes:
+                    self._archive_before_forget(collection, list(doomed))
                     collection.delete(ids=list(doomed))
                     self._records.discard(doomed)
                 count += len(doomed)
@@ -496,10 +555,307 @@ class ChromaMemoryStore:
         documents = found.get("documents") or []
         return json.loads(documents[0]) if documents and documents[0] else None
 
-    def save_state(self, key: str, value: dict[str, Any]) -> None:
+    def save_state(
+        self, key: str, value: dict[str, Any], labels: dict[str, str] | None = None
+    ) -> None:
         self._state_collection().upsert(
-            ids=[key], documents=[json.dumps(value, sort_keys=True)], embeddings=[[1.0]]
+            ids=[key],
+            documents=[json.dumps(value, sort_keys=True)],
+            metadatas=[_state_labels(key, labels)],
+            embeddings=ONE_VECTOR,
         )
+
+    def state_keys(self, labels: dict[str, str]) -> list[str]:
+        """Keys of the state records carrying all of ``labels``."""
+        return list(self._state_collection().get(where=_where(labels), include=[])["ids"])
+
+    def delete_state(self, keys: list[str]) -> None:
+        if keys:
+            self._state_collection().delete(ids=list(keys))
+
+    # -- saves (see npc_engine/memory/saves.py for the design) ---------------------------
+
+    def _saves(self) -> Any:
+        return self._collection(SAVES_COLLECTION, "", create=True)
+
+    def _archive(self) -> Any:
+        return self._collection(ARCHIVE_COLLECTION, "", create=True)
+
+    def _memory_collections(self) -> dict[str, Any]:
+        names = [c.name for c in self._client.list_collections()]
+        found = {n: self._collection(n, "", create=False) for n in names}
+        return {n: c for n, c in found.items() if c is not None and _MEMORY_COLLECTION.match(n)}
+
+    def _live_ids(self) -> dict[str, list[str]]:
+        found = {n: list(c.get(include=[])["ids"]) for n, c in self._memory_collections().items()}
+        return {name: ids for name, ids in found.items() if ids}
+
+    def _manifest(self, save_id: str) -> dict[str, Any] | None:
+        found = self._saves().get(ids=[save_id], include=["metadatas"])
+        metadatas = found.get("metadatas") or []
+        if not metadatas or not metadatas[0] or "manifest" not in metadatas[0]:
+            return None
+        return unpack(str(metadatas[0]["manifest"]))
+
+    def _referenced(self) -> set[str]:
+        """Every memory id some save names (cached until saves change)."""
+        with self._saves_lock:
+            if self._referenced_ids is None:
+                ids: set[str] = set()
+                for info in self.list_saves():
+                    manifest = self._manifest(info.save_id) or {}
+                    for names in manifest.get("memories", {}).values():
+                        ids.update(names)
+                self._referenced_ids = ids
+            return self._referenced_ids
+
+    def list_saves(self) -> list[SaveInfo]:
+        found = self._saves().get(where={"kind": "save"}, include=["metadatas"])
+        infos = [
+            SaveInfo(
+                str(save_id),
+                _from_timestamp(meta.get("created_at", 0)),
+                int(meta.get("memories", 0)),
+            )
+            for save_id, meta in zip(found["ids"], found.get("metadatas") or [], strict=True)
+            if meta
+        ]
+        return sorted(infos, key=lambda info: info.created_at)
+
+    def create_save(self, save_id: str) -> SaveInfo:
+        check_save_id(save_id)
+        with self._saves_lock:
+            known = {info.save_id for info in self.list_saves()}
+            if save_id not in known and len(known) >= MAX_SAVES:
+                raise SaveError("save_id", f"at most {MAX_SAVES} saves: delete one first")
+            live = self._live_ids()
+            state = self._state_collection().get(include=["documents", "metadatas"])
+            manifest = {
+                "memories": live,
+                "state": {
+                    key: [document, metadata or {}]
+                    for key, document, metadata in zip(
+                        state["ids"],
+                        state.get("documents") or [],
+                        state.get("metadatas") or [],
+                        strict=True,
+                    )
+                },
+            }
+            info = SaveInfo(save_id, utc_now(), sum(len(ids) for ids in live.values()))
+            # One record, one write: a save is there whole or not at all.
+            self._saves().upsert(
+                ids=[save_id],
+                metadatas=[
+                    {
+                        "kind": "save",
+                        "created_at": _timestamp(info.created_at),
+                        "memories": info.memories,
+                        "manifest": pack(manifest),
+                    }
+                ],
+                embeddings=ONE_VECTOR,
+            )
+            if self._referenced_ids is not None:
+                for ids in live.values():
+                    self._referenced_ids.update(ids)
+            return info
+
+    def delete_save(self, save_id: str) -> bool:
+        check_save_id(save_id)
+        with self._saves_lock:
+            existed = bool(self._saves().get(ids=[save_id], include=[])["ids"])
+            if existed:
+                self._saves().delete(ids=[save_id])
+                self._referenced_ids = None
+        if existed:
+            self._collect_archive()
+        return existed
+
+    def load_save(self, save_id: str) -> SaveInfo:
+        """Make the live store exactly what the save names: memories made since are
+        removed (archived if another save names them), forgotten ones come back from the
+        archive, and the game state (trust, flags, histories) is replaced. A load
+        interrupted by a crash is finished when the store next opens."""
+        check_save_id(save_id)
+        with self._saves_lock:
+            manifest = self._manifest(save_id)
+            info = next((i for i in self.list_saves() if i.save_id == save_id), None)
+            if manifest is None or info is None:
+                raise unknown_save(save_id)
+            self._saves().upsert(
+                ids=[PENDING_LOAD],
+                metadatas=[{"kind": "pending", "save_id": save_id}],
+                embeddings=ONE_VECTOR,
+            )
+        self._apply(manifest)
+        with self._saves_lock:
+            self._saves().delete(ids=[PENDING_LOAD])
+        return info
+
+    def _resume_interrupted_load(self) -> None:
+        saves = self._collection(SAVES_COLLECTION, "", create=False)
+        if saves is None:
+            return
+        found = saves.get(ids=[PENDING_LOAD], include=["metadatas"])
+        metadatas = found.get("metadatas") or []
+        if metadatas and metadatas[0]:
+            save_id = str(metadatas[0].get("save_id", ""))
+            log.warning("finishing the load of save %r that was interrupted", save_id)
+            manifest = self._manifest(save_id)
+            if manifest is not None:
+                self._apply(manifest)
+            self._saves().delete(ids=[PENDING_LOAD])
+
+    def _apply(self, manifest: dict[str, Any]) -> None:
+        wanted: dict[str, list[str]] = manifest.get("memories", {})
+        live = self._live_ids()
+        referenced = self._referenced()
+        with self._record_writes:
+            for name in sorted(set(live) | set(wanted)):
+                now, want = set(live.get(name, [])), set(wanted.get(name, []))
+                gone = sorted(now - want)
+                if gone:
+                    collection = self._collection(name, "", create=False)
+                    assert collection is not None
+                    self._move(collection, self._archive(), [i for i in gone if i in referenced])
+                    collection.delete(ids=gone)
+                back = sorted(want - now)
+                if back:
+                    self._restore(name, back)
+            self._records.clear()
+        state = self._state_collection()
+        current = state.get(include=[])["ids"]
+        if current:
+            state.delete(ids=list(current))
+        records: dict[str, list[Any]] = manifest.get("state", {})
+        if records:
+            keys = sorted(records)
+            state.upsert(
+                ids=keys,
+                documents=[records[k][0] for k in keys],
+                metadatas=[records[k][1] or _state_labels(k, None) for k in keys],
+                embeddings=ONE_VECTOR * len(keys),
+            )
+        self._collect_archive()
+
+    @staticmethod
+    def _move(source: Any, target: Any, ids: list[str]) -> None:
+        """Copy records (vectors included) from one collection into another."""
+        if not ids:
+            return
+        found = source.get(ids=ids, include=["embeddings", "documents", "metadatas"])
+        if found["ids"]:
+            target.upsert(
+                ids=found["ids"],
+                embeddings=found["embeddings"],
+                documents=found["documents"],
+                metadatas=found["metadatas"],
+            )
+
+    def _restore(self, name: str, ids: list[str]) -> None:
+        found = self._archive().get(ids=ids, include=["embeddings", "documents", "metadatas"])
+        if len(found["ids"]) < len(ids):
+            log.error(
+                "%d memories of a save are missing from the archive", len(ids) - len(found["ids"])
+            )
+        if not found["ids"]:
+            return
+        npc_id = str((found["metadatas"][0] or {}).get("npc_id", ""))
+        collection = self._collection(name, npc_id, create=True)
+        assert collection is not None
+        collection.upsert(
+            ids=found["ids"],
+            embeddings=found["embeddings"],
+            documents=found["documents"],
+            metadatas=found["metadatas"],
+        )
+
+    def _collect_archive(self) -> None:
+        """Drop archived memories no save names any more."""
+        archive = self._archive()
+        held = archive.get(include=[])["ids"]
+        if not held:
+            return
+        unused = [i for i in held if i not in self._referenced()]
+        if unused:
+            archive.delete(ids=unused)
+
+    def _archive_before_forget(self, collection: Any, ids: list[str]) -> None:
+        """A forgotten memory that a save names is kept in the archive for that save."""
+        saves = self._collection(SAVES_COLLECTION, "", create=False)
+        if saves is None or saves.count() == 0:
+            return
+        referenced = self._referenced()
+        self._move(collection, self._archive(), [i for i in ids if i in referenced])
+
+    def export_save(self, save_id: str) -> bytes:
+        check_save_id(save_id)
+        manifest = self._manifest(save_id)
+        info = next((i for i in self.list_saves() if i.save_id == save_id), None)
+        if manifest is None or info is None:
+            raise unknown_save(save_id)
+        records: dict[str, dict[str, Any]] = {}
+        sources = [*self._memory_collections().values(), self._archive()]
+        wanted = {i for ids in manifest.get("memories", {}).values() for i in ids}
+        for source in sources:
+            missing = sorted(wanted - records.keys())
+            if not missing:
+                break
+            found = source.get(ids=missing, include=["embeddings", "documents", "metadatas"])
+            for memory_id, vector, document, metadata in zip(
+                found["ids"],
+                found["embeddings"],
+                found["documents"],
+                found["metadatas"],
+                strict=True,
+            ):
+                records[memory_id] = {
+                    "document": document,
+                    "metadata": metadata,
+                    "vector": [float(x) for x in vector],
+                }
+        return encode_export(info, manifest, records)
+
+    def import_save(self, save_id: str, data: bytes) -> SaveInfo:
+        """Store an exported save under ``save_id``; its memories wait in the archive
+        until the save is loaded."""
+        check_save_id(save_id)
+        document = decode_export(data)
+        manifest, records = document["manifest"], document["records"]
+        for name in manifest.get("memories", {}):
+            if not _MEMORY_COLLECTION.match(str(name)):
+                raise SaveError("file", f"the save file names an unknown collection {name!r}")
+        ids = sorted(records)
+        archive = self._archive()
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            archive.upsert(
+                ids=chunk,
+                embeddings=[records[i]["vector"] for i in chunk],
+                documents=[records[i]["document"] for i in chunk],
+                metadatas=[records[i]["metadata"] for i in chunk],
+            )
+        with self._saves_lock:
+            known = {info.save_id for info in self.list_saves()}
+            if save_id not in known and len(known) >= MAX_SAVES:
+                raise SaveError("save_id", f"at most {MAX_SAVES} saves: delete one first")
+            created = utc_now()
+            count = sum(len(v) for v in manifest.get("memories", {}).values())
+            self._saves().upsert(
+                ids=[save_id],
+                metadatas=[
+                    {
+                        "kind": "save",
+                        "created_at": _timestamp(created),
+                        "memories": count,
+                        "manifest": pack(manifest),
+                    }
+                ],
+                embeddings=ONE_VECTOR,
+            )
+            self._referenced_ids = None
+        return SaveInfo(save_id, created, count)
 
     def close(self) -> None:
         with self._lock:

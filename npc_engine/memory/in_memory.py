@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import threading
@@ -11,7 +12,16 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from npc_engine.memory.types import Candidate, Memory
+from npc_engine.memory.saves import (
+    MAX_SAVES,
+    SaveError,
+    SaveInfo,
+    check_save_id,
+    decode_export,
+    encode_export,
+    unknown_save,
+)
+from npc_engine.memory.types import Candidate, Memory, utc_now
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -34,6 +44,9 @@ class InMemoryStore:
     def __init__(self) -> None:
         self._memories: dict[str, Memory] = {}
         self._state: dict[str, dict[str, Any]] = {}
+        self._labels: dict[str, dict[str, str]] = {}
+        # save id -> (info, memories, state, labels), deep copies
+        self._saves: dict[str, tuple[SaveInfo, dict[str, Memory], dict[str, Any], Any]] = {}
         self._lock = threading.Lock()
 
     def add(self, memories: Sequence[Memory]) -> None:
@@ -63,12 +76,20 @@ class InMemoryStore:
         )
         return memories[:limit]
 
-    def touch(self, npc_id: str, memory_ids: Sequence[str], when: datetime) -> None:
+    def touch(
+        self,
+        npc_id: str,
+        memory_ids: Sequence[str],
+        when: datetime,
+        game_time: float | None = None,
+    ) -> None:
         with self._lock:
             for memory_id in memory_ids:
                 memory = self._memories.get(memory_id)
                 if memory is not None and memory.npc_id == npc_id:
                     memory.last_accessed_at = when
+                    if game_time is not None:
+                        memory.accessed_game_time = game_time
 
     def forget(
         self,
@@ -105,9 +126,104 @@ class InMemoryStore:
             found = self._state.get(key)
             return copy.deepcopy(found) if found is not None else None
 
-    def save_state(self, key: str, value: dict[str, Any]) -> None:
+    def save_state(
+        self, key: str, value: dict[str, Any], labels: dict[str, str] | None = None
+    ) -> None:
         with self._lock:
             self._state[key] = copy.deepcopy(value)
+            self._labels[key] = dict(labels) if labels else {"kind": key.split(":", 1)[0]}
+
+    def state_keys(self, labels: dict[str, str]) -> list[str]:
+        with self._lock:
+            return [
+                key
+                for key, own in self._labels.items()
+                if all(own.get(name) == value for name, value in labels.items())
+            ]
+
+    def delete_state(self, keys: list[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._state.pop(key, None)
+                self._labels.pop(key, None)
+
+    def create_save(self, save_id: str) -> SaveInfo:
+        check_save_id(save_id)
+        with self._lock:
+            if save_id not in self._saves and len(self._saves) >= MAX_SAVES:
+                raise SaveError("save_id", f"at most {MAX_SAVES} saves: delete one first")
+            info = SaveInfo(save_id, utc_now(), len(self._memories))
+            self._saves[save_id] = (
+                info,
+                copy.deepcopy(self._memories),
+                copy.deepcopy(self._state),
+                copy.deepcopy(self._labels),
+            )
+            return info
+
+    def load_save(self, save_id: str) -> SaveInfo:
+        check_save_id(save_id)
+        with self._lock:
+            if save_id not in self._saves:
+                raise unknown_save(save_id)
+            info, memories, state, labels = copy.deepcopy(self._saves[save_id])
+            self._memories, self._state, self._labels = memories, state, labels
+            return info
+
+    def list_saves(self) -> list[SaveInfo]:
+        with self._lock:
+            return sorted((s[0] for s in self._saves.values()), key=lambda i: i.created_at)
+
+    def delete_save(self, save_id: str) -> bool:
+        check_save_id(save_id)
+        with self._lock:
+            return self._saves.pop(save_id, None) is not None
+
+    def export_save(self, save_id: str) -> bytes:
+        check_save_id(save_id)
+        with self._lock:
+            if save_id not in self._saves:
+                raise unknown_save(save_id)
+            info, memories, state, labels = self._saves[save_id]
+            records = {
+                memory_id: {"memory": _memory_record(memory)}
+                for memory_id, memory in memories.items()
+            }
+            manifest = {"memories": {"all": sorted(memories)}, "state": state, "labels": labels}
+            return encode_export(info, manifest, records)
+
+    def import_save(self, save_id: str, data: bytes) -> SaveInfo:
+        check_save_id(save_id)
+        document = decode_export(data)
+        try:
+            memories = {
+                memory_id: _memory_from_record(record["memory"])
+                for memory_id, record in document["records"].items()
+            }
+            state = dict(document["manifest"]["state"])
+            labels = dict(document["manifest"].get("labels", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SaveError("file", f"not a save file of the in-memory store ({exc})") from exc
+        with self._lock:
+            if save_id not in self._saves and len(self._saves) >= MAX_SAVES:
+                raise SaveError("save_id", f"at most {MAX_SAVES} saves: delete one first")
+            info = SaveInfo(save_id, utc_now(), len(memories))
+            self._saves[save_id] = (info, memories, state, labels)
+            return info
 
     def close(self) -> None:
         """Nothing to release: the dict goes with the object."""
+
+
+def _memory_record(memory: Memory) -> dict[str, Any]:
+    record = dataclasses.asdict(memory)
+    for name in ("created_at", "last_accessed_at"):
+        record[name] = record[name].isoformat() if record[name] else None
+    return record
+
+
+def _memory_from_record(record: dict[str, Any]) -> Memory:
+    fields = dict(record)
+    for name in ("created_at", "last_accessed_at"):
+        fields[name] = datetime.fromisoformat(fields[name]) if fields.get(name) else None
+    return Memory(**fields)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from npc_engine.config import RetrievalConfig
-from npc_engine.memory.types import Candidate, ScoredMemory
+from npc_engine.memory.types import Candidate, Memory, ScoredMemory
 
 
 def _normalise(values: Sequence[float], floor: float) -> list[float]:
@@ -25,14 +25,27 @@ def recency_of(last_accessed: datetime, now: datetime, decay_per_hour: float) ->
     return float(decay_per_hour**hours)
 
 
+def hours_since_recalled(memory: Memory, now: datetime, game_now: float | None) -> float:
+    """Hours since the memory was made or last recalled: on the game's clock when both the
+    turn and the memory have a game time, else on the wall clock."""
+    game_then = memory.accessed_game_time
+    if game_now is not None and game_then is not None:
+        return max((game_now - game_then) / 60.0, 0.0)
+    then = memory.last_accessed_at or memory.created_at
+    return max((now - then).total_seconds() / 3600.0, 0.0)
+
+
 def score_candidates(
-    candidates: Sequence[Candidate], now: datetime, config: RetrievalConfig
+    candidates: Sequence[Candidate],
+    now: datetime,
+    config: RetrievalConfig,
+    game_now: float | None = None,
 ) -> list[ScoredMemory]:
-    """Score and sort, best first. Candidates below ``min_relevance`` are dropped."""
+    """Score and sort, best first. Candidates below ``min_relevance`` are dropped.
+    ``game_now``: the game's clock (minutes), which recency follows when given."""
     kept = [c for c in candidates if c.relevance >= config.min_relevance]
     recency = [
-        recency_of(c.memory.last_accessed_at or c.memory.created_at, now, config.recency_decay)
-        for c in kept
+        float(config.recency_decay ** hours_since_recalled(c.memory, now, game_now)) for c in kept
     ]
     importance = [c.memory.importance / 10.0 for c in kept]
     relevance = [c.relevance for c in kept]

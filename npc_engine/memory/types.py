@@ -6,7 +6,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from npc_engine.memory.saves import SaveInfo
 
 MemoryKind = Literal["dialogue", "event", "fact", "summary"]
 MEMORY_KINDS: tuple[MemoryKind, ...] = ("dialogue", "event", "fact", "summary")
@@ -30,6 +33,10 @@ class Memory:
     id: str = field(default_factory=new_memory_id)
     created_at: datetime = field(default_factory=utc_now)
     last_accessed_at: datetime | None = None
+    # Minutes of game time (the game's own clock) when made and when last recalled; None
+    # when the game sent no game_time: recency then runs on the wall clock.
+    game_time: float | None = None
+    accessed_game_time: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.importance <= 10:
@@ -38,6 +45,8 @@ class Memory:
             raise ValueError(f"kind must be one of {', '.join(MEMORY_KINDS)}")
         if self.last_accessed_at is None:
             self.last_accessed_at = self.created_at
+        if self.accessed_game_time is None:
+            self.accessed_game_time = self.game_time
 
 
 @dataclass
@@ -84,7 +93,13 @@ class MemoryStore(Protocol):
 
     def recent(self, npc_id: str, player_id: str | None, limit: int) -> list[Memory]: ...
 
-    def touch(self, npc_id: str, memory_ids: Sequence[str], when: datetime) -> None: ...
+    def touch(
+        self,
+        npc_id: str,
+        memory_ids: Sequence[str],
+        when: datetime,
+        game_time: float | None = None,
+    ) -> None: ...
 
     def forget(
         self,
@@ -101,8 +116,28 @@ class MemoryStore(Protocol):
         """A game-state record (trust, flags), or None if never saved."""
         ...
 
-    def save_state(self, key: str, value: dict[str, Any]) -> None:
-        """Replace a game-state record; durable when this returns."""
+    def save_state(
+        self, key: str, value: dict[str, Any], labels: dict[str, str] | None = None
+    ) -> None:
+        """Replace a game-state record; durable when this returns. ``labels`` (default:
+        the key's first part as ``kind``) let ``state_keys`` find records."""
         ...
+
+    def state_keys(self, labels: dict[str, str]) -> list[str]: ...
+
+    def delete_state(self, keys: list[str]) -> None: ...
+
+    # Save slots (npc_engine/memory/saves.py): every memory, history, trust and flag.
+    def create_save(self, save_id: str) -> SaveInfo: ...
+
+    def load_save(self, save_id: str) -> SaveInfo: ...
+
+    def list_saves(self) -> list[SaveInfo]: ...
+
+    def delete_save(self, save_id: str) -> bool: ...
+
+    def export_save(self, save_id: str) -> bytes: ...
+
+    def import_save(self, save_id: str, data: bytes) -> SaveInfo: ...
 
     def close(self) -> None: ...

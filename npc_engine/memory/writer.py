@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from npc_engine.memory.types import Memory, MemoryStore
 
@@ -24,10 +25,15 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 256
 
 
+# A game-state record to write with a batch: (key, value or None to delete it, labels).
+StateWrite = tuple[str, dict[str, Any] | None, dict[str, str] | None]
+
+
 @dataclass
 class _Write:
     memories: Sequence[Memory]
     done: Future[list[str]]
+    states: Sequence[StateWrite] = ()
 
 
 @dataclass
@@ -35,6 +41,7 @@ class _Touch:
     npc_id: str
     memory_ids: Sequence[str]
     when: datetime
+    game_time: float | None = None
 
 
 _STOP = object()
@@ -48,19 +55,28 @@ class MemoryWriter:
         self._closed = False
         self._thread.start()
 
-    def submit(self, memories: Sequence[Memory]) -> Future[list[str]]:
-        """Queue memories; the future gives their ids once they are stored."""
+    def submit(
+        self, memories: Sequence[Memory], states: Sequence[StateWrite] = ()
+    ) -> Future[list[str]]:
+        """Queue memories (and state records, such as a conversation's history); the
+        future gives the memories' ids once all of it is stored."""
         done: Future[list[str]] = Future()
         if self._closed:
             done.set_exception(RuntimeError("memory writer is closed"))
             return done
-        self._queue.put(_Write(list(memories), done))
+        self._queue.put(_Write(list(memories), done, list(states)))
         return done
 
-    def touch(self, npc_id: str, memory_ids: Sequence[str], when: datetime) -> None:
+    def touch(
+        self,
+        npc_id: str,
+        memory_ids: Sequence[str],
+        when: datetime,
+        game_time: float | None = None,
+    ) -> None:
         """Refresh recency of retrieved memories (best effort, batched like writes)."""
         if memory_ids and not self._closed:
-            self._queue.put(_Touch(npc_id, list(memory_ids), when))
+            self._queue.put(_Touch(npc_id, list(memory_ids), when, game_time))
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything queued before this call is stored."""
@@ -73,10 +89,18 @@ class MemoryWriter:
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
+    def _write_states(self, states: Sequence[StateWrite]) -> None:
+        for key, value, labels in states:
+            if value is None:
+                self._store.delete_state([key])
+            else:
+                self._store.save_state(key, value, labels)
+
     def _write_alone(self, write: _Write) -> None:
         try:
             if write.memories:
                 self._store.add(write.memories)
+            self._write_states(write.states)
         except Exception as exc:  # the failure goes to its waiter, the thread lives on
             log.exception("memory write failed")
             write.done.set_exception(exc)
@@ -109,6 +133,10 @@ class MemoryWriter:
         try:
             if memories:
                 self._store.add(memories)
+            # The last write of a record wins: a conversation's history is written once
+            # per batch however many turns it took.
+            latest = {state[0]: state for write in writes for state in write.states}
+            self._write_states(list(latest.values()))
         except Exception:
             # One bad write must not fail the others merged into its batch: store each
             # on its own, so only the one that fails again reports failure.
@@ -121,6 +149,6 @@ class MemoryWriter:
         for item in batch:
             if isinstance(item, _Touch):
                 try:
-                    self._store.touch(item.npc_id, item.memory_ids, item.when)
+                    self._store.touch(item.npc_id, item.memory_ids, item.when, item.game_time)
                 except Exception:  # recency refresh is best effort
                     log.warning("memory touch failed", exc_info=True)
