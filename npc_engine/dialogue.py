@@ -20,6 +20,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from npc_engine.actions import (
+    ACTION_MAX_TOKENS,
+    ChosenAction,
+    action_grammar,
+    action_question,
+    offered_actions,
+    parse_action,
+)
 from npc_engine.cleaning import StreamCleaner, strip_special_tokens
 from npc_engine.config import EngineConfig
 from npc_engine.errors import NpcEngineError, UnknownNpcError
@@ -30,7 +38,7 @@ from npc_engine.game_state import (
     standing_notes,
     unlocked_entries,
 )
-from npc_engine.generation.base import GenerationParams, Generator
+from npc_engine.generation.base import GenerationParams, Generator, RenderedPrompt
 from npc_engine.guard import (
     DEFAULT_DEFLECTIONS,
     PUZZLED_LINES,
@@ -84,6 +92,7 @@ class TurnTimings:
     total_ms: float = 0.0
     model_ttft_ms: float | None = None  # the model's first text, before the guard held any
     guard_ms: float = 0.0  # time spent checking the reply (key terms, meaning)
+    action_ms: float = 0.0  # choosing a game action after the spoken line
 
 
 @dataclass
@@ -107,6 +116,8 @@ class TurnResult:
     guard: GuardCut | None = None  # why the reply was cut, if it was
     standing: Standing | None = None
     unlocked: tuple[str, ...] = ()
+    game_action: ChosenAction | None = None
+    trimmed: str = ""  # what a max_tokens cut left out (an unfinished sentence)
 
 
 @dataclass(frozen=True)
@@ -871,7 +882,14 @@ class DialogueEngine:
                     result.reason = "stop"  # ended by the guard, not by the caller
             # A reply cut by max_tokens ends at its last complete sentence.
             deliver(trim.finish(cut_by_length=result.reason == "length"))
+            result.trimmed = trim.trimmed
             result.timings.generation_ms = (time.perf_counter() - mark) * 1000
+            if result.reason in ("stop", "length") and result.text.strip() and not greeting:
+                mark = time.perf_counter()
+                result.game_action = self._choose_action(
+                    loaded, built, result.text, standing, params.cache_key, cancel
+                )
+                result.timings.action_ms = (time.perf_counter() - mark) * 1000
         except Exception as exc:
             log.warning("generation failed for %s: %s", npc_id, exc, exc_info=True)
             result.reason = "error"
@@ -918,6 +936,76 @@ class DialogueEngine:
             self.writer.touch(npc_id, [m.memory.id for m in result.memories], now, game_now)
         result.timings.total_ms = (time.perf_counter() - started) * 1000
         return result
+
+    def _choose_action(
+        self,
+        loaded: LoadedPersona,
+        built: BuiltPrompt,
+        reply: str,
+        standing: Standing,
+        cache_key: str | None,
+        cancel: threading.Event | None,
+    ) -> ChosenAction | None:
+        """After the spoken line: one of the declared actions, or None. The model answers
+        under a grammar of those actions only, continuing the conversation it just had (its
+        KV cache holds it), so this costs the question and a few tokens."""
+        offered = offered_actions(loaded.persona, loaded.world, standing.facts())
+        if not offered:
+            return None
+        messages = [
+            *built.messages,
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": action_question(loaded.persona.name, offered)},
+        ]
+        answer: list[str] = []
+        params = GenerationParams(
+            max_tokens=ACTION_MAX_TOKENS,
+            temperature=0.0,
+            grammar=action_grammar(offered),
+            cache_key=cache_key,
+        )
+        try:
+            rendered = self.generator.render(messages)
+            stats = self.generator.generate(rendered, params, answer.append, cancel)
+        except Exception as exc:  # no action is always a safe answer
+            log.warning("choosing a game action failed for %s: %s", loaded.persona.name, exc)
+            return None
+        if stats.finish_reason != "stop":
+            return None
+        return parse_action("".join(answer), offered)
+
+    # -- warm-up -------------------------------------------------------------------------
+
+    def warm(self, npc_id: str) -> bool:
+        """Prepare an NPC's stable prompt prefix (world, persona, examples): its KV cells
+        are computed once and kept (RAM, and on disk where the generator keeps heads), so
+        the first turn with it starts like a warm one. False: nothing to prepare here
+        (a generator without a KV cache)."""
+        loaded = self.persona(npc_id)
+        built = self.prompts.build(
+            persona=loaded.persona,
+            world=loaded.world,
+            names=self.npc_names(),
+            history=[],
+            memories=[],
+            context={},
+            player_id=DEFAULT_PLAYER,
+            player_text="Hello.",
+            max_tokens=self._params(loaded, None).max_tokens,
+            now=self.clock(),
+        )
+        rendered = built.rendered
+        head = rendered.head_tokens
+        if rendered.tokens is None or not head or len(rendered.tokens) < head + 2:
+            return False
+        # The head and two tokens past it: the generator stores a head only when it reads
+        # on beyond it; one token is sampled and ignored.
+        prefix = RenderedPrompt(rendered.text, tokens=rendered.tokens[: head + 2], head_tokens=head)
+        params = GenerationParams(
+            max_tokens=1, temperature=0.0, cache_key=f"warm{KEY_SEPARATOR}{npc_id}"
+        )
+        self.generator.generate(prefix, params, lambda _piece: None)
+        return True
 
     def _remember_turn(self, npc_id: str, player_id: str, turn: Turn) -> None:
         """Append a turn (called with the history lock held)."""

@@ -124,6 +124,67 @@ class StateSet(_Request):
     game_time: GameTime | None = None
 
 
+class Greet(_Request):
+    """The player walks up to an NPC: answered with reply.* frames exactly as a say is."""
+
+    type: Literal["greet"]
+    npc_id: EntityId
+    player_id: EntityId = "player"
+    context: Context | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1024)
+    priority: Literal["foreground", "background"] = "foreground"
+    deadline_ms: int | None = Field(None, ge=1, le=600_000)
+    game_time: GameTime | None = None
+    inspect: bool = False
+
+
+class NpcWarm(_Request):
+    """Prepare NPCs' stable prompt prefixes (world, persona, examples) ahead of a say."""
+
+    type: Literal["npc.warm"]
+    npc_ids: list[EntityId | Literal["*"]] = Field(min_length=1, max_length=256)
+
+
+SaveId = Annotated[str, Field(pattern=ID_PATTERN)]
+SAVE_FILE_PATTERN = r"^[A-Za-z0-9_.:@-]{1,64}\.npcsave$"
+
+
+class SaveCreate(_Request):
+    type: Literal["save.create"]
+    save_id: SaveId
+
+
+class SaveLoad(_Request):
+    type: Literal["save.load"]
+    save_id: SaveId
+
+
+class SaveList(_Request):
+    type: Literal["save.list"]
+
+
+class SaveDelete(_Request):
+    type: Literal["save.delete"]
+    save_id: SaveId
+
+
+class SaveExport(_Request):
+    """Extension: write a save as one file in the data directory's ``exports`` folder
+    (``ok.path``), for games that keep the engine's part inside their own save files."""
+
+    type: Literal["save.export"]
+    save_id: SaveId
+
+
+class SaveImport(_Request):
+    """Extension: read ``file`` (a name in the ``exports`` folder, no path) as ``save_id``;
+    ``save.load`` then restores it."""
+
+    type: Literal["save.import"]
+    save_id: SaveId
+    file: Annotated[str, Field(pattern=SAVE_FILE_PATTERN)]
+
+
 class StateGet(_Request):
     type: Literal["state.get"]
     npc_id: EntityId | None = None
@@ -141,6 +202,7 @@ class Event(_Request):
     player_id: EntityId | None = None
     text: Text
     importance: int | None = Field(None, ge=1, le=10)
+    game_time: GameTime | None = None
 
 
 class MemoryList(_Request):
@@ -184,7 +246,15 @@ Request = Annotated[
     | Ping
     | Stats
     | StateSet
-    | StateGet,
+    | StateGet
+    | Greet
+    | NpcWarm
+    | SaveCreate
+    | SaveLoad
+    | SaveList
+    | SaveDelete
+    | SaveExport
+    | SaveImport,
     Field(discriminator="type"),
 ]
 REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)
@@ -271,6 +341,11 @@ class TurnInspection(_Message):
     guard_withheld: str | None = Field(None, description="The sentence that was not sent.")
 
 
+class GameAction(_Message):
+    name: str
+    args: dict[str, str | int] = Field(default_factory=dict)
+
+
 class ReplyEnd(_Message):
     type: Literal["reply.end"] = "reply.end"
     re: str
@@ -284,6 +359,11 @@ class ReplyEnd(_Message):
     )
     emotion: str | None = None
     action: dict[str, Any] | None = None
+    game_action: GameAction | None = Field(
+        None,
+        description="null, or one action the persona (or world) declares, with valid "
+        "arguments: what the NPC does in the game after this line.",
+    )
     usage: Usage | None = None
     error: ErrorInfo | None = None
     inspect: TurnInspection | None = None
@@ -306,6 +386,23 @@ class Ok(_Message):
     re: str
     memory_ids: list[str] | None = None
     count: int | None = None
+    save_id: str | None = None
+    memories: int | None = Field(None, description="save.*: memories the save holds.")
+    path: str | None = Field(None, description="save.export: the file written.")
+    warmed: list[str] | None = Field(None, description="npc.warm: the NPCs prepared.")
+    ms: int | None = Field(None, description="npc.warm: how long it took.")
+
+
+class SaveItem(_Message):
+    save_id: str
+    created_at: str
+    memories: int
+
+
+class SaveItems(_Message):
+    type: Literal["save.items"] = "save.items"
+    re: str
+    saves: list[SaveItem]
 
 
 class MemoryItem(_Message):
@@ -363,6 +460,7 @@ ServerMessage = (
     | ReplyDelta
     | ReplyEnd
     | Ok
+    | SaveItems
     | MemoryItems
     | NpcItems
     | Pong

@@ -27,6 +27,8 @@ class GenerationParams:
     seed: int = -1
     # Names the conversation, so a backend can keep (and later restore) its KV cache.
     cache_key: str | None = None
+    # GBNF the output must match (a game action's choice); None: free text.
+    grammar: str | None = None
 
 
 @dataclass

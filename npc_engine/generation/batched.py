@@ -305,6 +305,18 @@ class BatchedLlamaGenerator:
     def _make_sampler(self, params: GenerationParams, recent: list[int]) -> object:
         low = self._low
         chain = low.llama_sampler_chain_init(low.llama_sampler_chain_default_params())
+        if params.grammar is not None:
+            # Constrained choice: the grammar, then the likeliest token it allows. No
+            # penalties, and the prompt is not fed to it (the grammar would parse it).
+            grammar = low.llama_sampler_init_grammar(
+                self._vocab, params.grammar.encode("utf-8"), b"root"
+            )
+            if not grammar:
+                low.llama_sampler_free(chain)
+                raise GenerationError("llama.cpp refused the grammar")
+            low.llama_sampler_chain_add(chain, grammar)
+            low.llama_sampler_chain_add(chain, low.llama_sampler_init_greedy())
+            return chain
         low.llama_sampler_chain_add(
             chain,
             low.llama_sampler_init_penalties(

@@ -369,8 +369,14 @@ class LlamaGenerator:
         on_text: Callable[[str], None],
         cancel: threading.Event | None,
     ) -> FinishReason:
+        grammar = None
+        if params.grammar is not None:
+            from llama_cpp import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(params.grammar, verbose=False)
         stream: Any = self._llama.create_completion(
             prompt=list(tokens),
+            grammar=grammar,
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_k=params.top_k,

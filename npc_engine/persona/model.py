@@ -158,6 +158,64 @@ class Persona(_Strict):
         description="Said when generation fails or times out.",
     )
     generation: GenerationOverrides = Field(default_factory=GenerationOverrides)
+    actions: GameActions = Field(
+        default_factory=list,
+        description="What this NPC can do in the game (besides the world's actions).",
+    )
+
+
+ACTION_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+ACTION_WORD_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+ActionName = Annotated[str, StringConstraints(pattern=ACTION_NAME_PATTERN)]
+ActionWord = Annotated[str, StringConstraints(pattern=ACTION_WORD_PATTERN)]
+
+
+class IntegerParam(_Strict):
+    """A whole number from ``min`` to ``max`` (an amount of gold, a count)."""
+
+    min: int = Field(ge=-1_000_000, le=1_000_000)
+    max: int = Field(ge=-1_000_000, le=1_000_000)
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.min > self.max:
+            raise ValueError("min must not exceed max")
+
+
+class TextParam(_Strict):
+    """A short free text (a name the NPC gives, a password)."""
+
+    max_length: int = Field(24, ge=1, le=64)
+
+
+ActionParam = (
+    Annotated[list[ActionWord], Field(min_length=1, max_length=32)] | IntegerParam | TextParam
+)
+
+
+class GameActionSpec(_Strict):
+    """Something the NPC can do in the game; ``reply.end.game_action`` names it when the
+    NPC does it. Parameters: a list of words (one of them), {min, max} (an integer) or
+    {max_length} (a short text)."""
+
+    name: ActionName = Field(description="The name the game receives: give_item, open_door.")
+    description: NonEmptyText = Field(
+        description="When the NPC does this, in a few words: 'hand the player an item'."
+    )
+    params: dict[ActionWord, ActionParam] = Field(default_factory=dict, max_length=4)
+    when: ConditionText | None = Field(
+        None, description="Offered only while this condition holds (same language as reveal_when)."
+    )
+
+
+def _unique_actions(actions: list[GameActionSpec]) -> list[GameActionSpec]:
+    names = [action.name for action in actions]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"action names must be unique: {', '.join(repeated)}")
+    return actions
+
+
+GameActions = Annotated[list[GameActionSpec], AfterValidator(_unique_actions), Field(max_length=32)]
 
 
 class Place(_Strict):
@@ -206,4 +264,7 @@ class World(_Strict):
         default_factory=list,
         description="Things that do not exist in this world ('computer', 'internet'): a "
         "reply that speaks of one is cut and answered in character.",
+    )
+    actions: GameActions = Field(
+        default_factory=list, description="What every NPC of this world can do in the game."
     )

@@ -1,0 +1,131 @@
+"""Declared game actions: what an NPC may do, the grammar that lets the model choose only
+among them, and the check that turns the model's choice into an action the game can run.
+
+After the spoken line has streamed, the model answers one short question ("does the NPC do
+one of these now?") under a GBNF grammar built from the declared actions alone, so every
+output is ``none`` or one declared action with arguments of the declared types. The parse
+checks it again (ranges, lengths): nothing else ever reaches the game, whatever the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from npc_engine.conditions import GameFacts, parse_condition
+from npc_engine.persona.model import GameActionSpec, IntegerParam, Persona, TextParam, World
+
+NO_ACTION = "none"
+ACTION_MAX_TOKENS = 32  # the longest declared call fits in this many tokens
+
+
+@dataclass(frozen=True)
+class ChosenAction:
+    name: str
+    args: dict[str, str | int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "args": dict(self.args)}
+
+
+def offered_actions(
+    persona: Persona, world: World | None, facts: GameFacts
+) -> list[GameActionSpec]:
+    """The actions this NPC can take now: the world's and its own (its own win on a name
+    clash), those with a ``when`` only while it holds."""
+    by_name = {a.name: a for a in (world.actions if world is not None else [])}
+    by_name.update((a.name, a) for a in persona.actions)
+    return [a for a in by_name.values() if a.when is None or parse_condition(a.when).holds(facts)]
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text)  # a GBNF string literal is a JSON string
+
+
+def _param_rule(spec: list[str] | IntegerParam | TextParam) -> str:
+    if isinstance(spec, list):
+        return " | ".join(_literal(word) for word in spec)
+    if isinstance(spec, IntegerParam):
+        return '"-"? [0-9]{1,7}'
+    return f'"\\"" [^"\\\\\\n]{{0,{spec.max_length}}} "\\""'
+
+
+def action_grammar(actions: Sequence[GameActionSpec]) -> str:
+    """GBNF: ``none`` or ``name(param=value, …)`` of one declared action."""
+    rules = []
+    choices = [_literal(NO_ACTION)]
+    for index, action in enumerate(actions):
+        parts = [_literal(f"{action.name}(")]
+        for position, (param, spec) in enumerate(action.params.items()):
+            prefix = ", " if position else ""
+            parts.append(_literal(f"{prefix}{param}="))
+            parts.append(f"({_param_rule(spec)})")
+        parts.append(_literal(")"))
+        rules.append(f"action{index} ::= " + " ".join(parts))
+        choices.append(f"action{index}")
+    return "\n".join([f"root ::= {' | '.join(choices)}", *rules]) + "\n"
+
+
+def _signature(action: GameActionSpec) -> str:
+    params = []
+    for param, spec in action.params.items():
+        if isinstance(spec, list):
+            params.append(f"{param}={'|'.join(spec)}")
+        elif isinstance(spec, IntegerParam):
+            params.append(f"{param}=<number {spec.min} to {spec.max}>")
+        else:
+            params.append(f'{param}="<up to {spec.max_length} letters>"')
+    return f"{action.name}({', '.join(params)})"
+
+
+def action_question(npc_name: str, actions: Sequence[GameActionSpec]) -> str:
+    """The question asked after the spoken line (never shown to the player)."""
+    lines = [
+        f"(Game: does {npc_name} now do one of these things, as the words just spoken say or "
+        "promise? Answer none unless the words clearly do it.)"
+    ]
+    lines += [f"- {_signature(action)}: {action.description}" for action in actions]
+    lines.append(f"- {NO_ACTION}: nothing")
+    return "\n".join(lines)
+
+
+_CALL = re.compile(r"^([a-z][a-z0-9_]*)\((.*)\)$", re.DOTALL)
+_ARG = re.compile(r'\s*([A-Za-z0-9_-]+)=("(?:[^"\\\n])*"|[^,"]+)\s*(?:,|$)')
+
+
+def parse_action(output: str, actions: Sequence[GameActionSpec]) -> ChosenAction | None:
+    """The model's answer as an action, or None: ``none``, anything not declared, and any
+    argument out of its declared type or range all give None."""
+    text = output.strip()
+    match = _CALL.match(text)
+    if text == NO_ACTION or match is None:
+        return None
+    by_name = {a.name: a for a in actions}
+    action = by_name.get(match.group(1))
+    if action is None:
+        return None
+    raw_args = match.group(2)
+    found = {m.group(1): m.group(2).strip() for m in _ARG.finditer(raw_args)}
+    if set(found) != set(action.params):
+        return None
+    args: dict[str, str | int] = {}
+    for param, spec in action.params.items():
+        value = found[param]
+        if isinstance(spec, list):
+            if value not in spec:
+                return None
+            args[param] = value
+        elif isinstance(spec, IntegerParam):
+            if not re.fullmatch(r"-?[0-9]{1,7}", value) or not spec.min <= int(value) <= spec.max:
+                return None
+            args[param] = int(value)
+        else:
+            if not (value.startswith('"') and value.endswith('"')):
+                return None
+            inner = value[1:-1]
+            if len(inner) > spec.max_length or not inner.strip():
+                return None
+            args[param] = inner
+    return ChosenAction(action.name, args)
