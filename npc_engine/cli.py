@@ -90,7 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss://")
     serve_cmd.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    serve_cmd.add_argument(
+        "--warm",
+        nargs="+",
+        metavar="ID",
+        help="prepare these NPCs' prompts at start (all: every NPC), so their first lines "
+        "come as fast as a warm turn; kept on disk, so a restart is warm at once",
+    )
     _engine_flags(serve_cmd)
+
+    saves = commands.add_parser(
+        "save", help="list, export or import save slots (while no server uses the data dir)"
+    )
+    saves.add_argument("action", choices=["list", "export", "import"])
+    saves.add_argument("save_id", nargs="?", help="the save slot")
+    saves.add_argument("file", nargs="?", type=Path, help="the .npcsave file to write or read")
+    _engine_flags(saves)
 
     playtest = commands.add_parser(
         "playtest", help="talk to NPCs in a terminal UI, or run golden-conversation scripts"
@@ -291,6 +306,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "allow_inspect": args.allow_inspect,
             "tls_cert": args.tls_cert,
             "tls_key": args.tls_key,
+            "warm": args.warm,
         },
     )
     refuse_public_without_token(config.host, config.token)  # before any model loads
@@ -302,6 +318,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else None
     )
     runtime = open_engine(config, _progress)
+    warm = runtime.registry.ids() if config.warm == ["all"] else config.warm
+    for npc_id in warm:
+        runtime.engine.persona(npc_id)  # an unknown id stops here, before serving
 
     async def run() -> None:
         server = NpcServer(
@@ -317,6 +336,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await server.start()
         npcs = ", ".join(runtime.registry.ids())
         print(f"npc-engine serving {server.url} · NPCs: {npcs}", flush=True)
+        if warm:
+            server.warm_in_background(warm, _progress)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -334,6 +355,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_save(args: argparse.Namespace) -> int:
+    from npc_engine.backends import make_store
+
+    config = _config(args)
+    if args.action != "list" and (args.save_id is None or args.file is None):
+        raise NpcEngineError(f"save {args.action} needs SAVE_ID and FILE.")
+    store = make_store(config, _progress)
+    try:
+        if args.action == "list":
+            for info in store.list_saves():
+                print(f"{info.save_id}\t{info.iso_created_at()}\t{info.memories} memories")
+        elif args.action == "export":
+            args.file.write_bytes(store.export_save(args.save_id))
+            print(f"wrote {args.file}")
+        else:
+            info = store.import_save(args.save_id, args.file.read_bytes())
+            print(f"imported {info.save_id} ({info.memories} memories)")
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_playtest(args: argparse.Namespace) -> int:
     from npc_engine.playtest.launch import run_playtest
 
@@ -348,6 +391,7 @@ COMMANDS = {
     "models": cmd_models,
     "schema": cmd_schema,
     "serve": cmd_serve,
+    "save": cmd_save,
     "playtest": cmd_playtest,
 }
 

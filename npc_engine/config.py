@@ -256,6 +256,10 @@ class EngineConfig(BaseSettings):
         description="Serve say.inspect (the exact prompt, secrets included) to every "
         "connection; without it only connections that presented the token get it.",
     )
+    warm: list[str] = Field(
+        default_factory=list,
+        description="NPC ids whose prompts `serve` prepares at start (['all']: every NPC).",
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve wss://.")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
     max_conversations: int = Field(

@@ -18,7 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from npc_engine.protocol import ErrorCode, ErrorInfo, ReplyDelta, ReplyEnd, TurnInspection, Usage
+from npc_engine.protocol import (
+    ErrorCode,
+    ErrorInfo,
+    GameAction,
+    ReplyDelta,
+    ReplyEnd,
+    TurnInspection,
+    Usage,
+)
 
 ReplyMessage = ReplyDelta | ReplyEnd
 
@@ -34,6 +42,7 @@ class FinishedTurn:
     usage: Usage | None = None
     error: str | None = None
     inspect: TurnInspection | None = None
+    game_action: GameAction | None = None
 
 
 @dataclass
@@ -94,6 +103,7 @@ class ReplyStream:
             guard=turn.guard,
             emotion=turn.emotion,
             action=turn.action,
+            game_action=turn.game_action,
             usage=turn.usage,
             error=error,
             inspect=turn.inspect,

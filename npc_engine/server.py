@@ -24,7 +24,9 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -35,8 +37,8 @@ from websockets.http11 import Response as HttpResponse
 from npc_engine import __version__
 from npc_engine.config import ServerLimits
 from npc_engine.dialogue import DialogueEngine, StateView, TurnResult, npc_of
-from npc_engine.errors import NpcEngineError, UnknownNpcError
-from npc_engine.game_state import StateError
+from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError
+from npc_engine.memory.saves import SaveError
 from npc_engine.memory.types import Memory
 from npc_engine.protocol import (
     Cancel,
@@ -44,6 +46,8 @@ from npc_engine.protocol import (
     Error,
     ErrorCode,
     Event,
+    GameAction,
+    Greet,
     Hello,
     MemoryForget,
     MemoryItem,
@@ -52,6 +56,7 @@ from npc_engine.protocol import (
     NpcInfo,
     NpcItems,
     NpcList,
+    NpcWarm,
     Ok,
     Ping,
     Pong,
@@ -59,6 +64,14 @@ from npc_engine.protocol import (
     RecalledMemory,
     ReplyStart,
     Request,
+    SaveCreate,
+    SaveDelete,
+    SaveExport,
+    SaveImport,
+    SaveItem,
+    SaveItems,
+    SaveList,
+    SaveLoad,
     Say,
     State,
     StateGet,
@@ -183,6 +196,7 @@ class NpcServer:
         # an origin only when listed (a page the player visits must not reach the server).
         self.origins: list[str | None] = [None, *(origins or [])]
         self.allow_inspect = allow_inspect
+        self.exports_dir = engine.config.data_dir / "exports"  # save.export / save.import
         self.ssl_context = ssl_context
         # As many replies at once as the generator decodes together (its slots).
         slots = getattr(engine.generator, "slots", None)
@@ -307,7 +321,16 @@ class NpcServer:
                     re=request.id,
                     server=f"npc-engine/{__version__}",
                     session=uuid.uuid4().hex,
-                    capabilities=["stream", "msgpack", "memory", "state"],
+                    capabilities=[
+                        "stream",
+                        "msgpack",
+                        "memory",
+                        "state",
+                        "saves",
+                        "greet",
+                        "warm",
+                        "actions",
+                    ],
                     npcs=self._npc_infos(),
                 ),
             )
@@ -329,7 +352,7 @@ class NpcServer:
             message = "Too many requests waiting on this connection; retry later."
             await self._fail(conn, request, outcome.encoding, "busy", message)
         else:
-            if isinstance(request, Say):
+            if isinstance(request, Say | Greet):
                 if request.id in conn.queued_says:
                     message = f"Request id {request.id!r} is still in flight."
                     code: ErrorCode = "invalid_request"
@@ -357,7 +380,7 @@ class NpcServer:
                 await self._serve(conn, request, encoding)
             except UnknownNpcError as exc:
                 await self._fail(conn, request, encoding, "unknown_npc", str(exc), known=exc.known)
-            except StateError as exc:
+            except FieldError as exc:
                 code: ErrorCode = "invalid_request"
                 await self._fail(conn, request, encoding, code, str(exc), field=exc.field)
             except NpcEngineError as exc:
@@ -370,8 +393,16 @@ class NpcServer:
                 await self._fail(conn, request, encoding, "internal", message)
 
     async def _serve(self, conn: _Connection, request: Request, encoding: Encoding) -> None:
-        if isinstance(request, Say):
+        if isinstance(request, Say | Greet):
             await self._say(conn, request, encoding)
+        elif isinstance(request, NpcWarm):
+            await self._warm(conn, request)
+        elif isinstance(request, SaveCreate | SaveLoad | SaveList | SaveDelete):
+            await self._own_writes(conn)
+            await self._save(conn, request)
+        elif isinstance(request, SaveExport | SaveImport):
+            await self._own_writes(conn)
+            await self._save_file(conn, request)
         elif isinstance(request, NpcList):
             await conn.send(NpcItems(re=request.id, npcs=self._npc_infos()))
         elif isinstance(request, Stats):
@@ -382,6 +413,7 @@ class NpcServer:
                 request.text,
                 player_id=request.player_id,
                 importance=request.importance,
+                game_time=request.game_time,
             )
             conn.track(done)
             ids = await self._acknowledged(done)
@@ -414,6 +446,100 @@ class NpcServer:
                     unlocked=list(view.unlocked) if view.unlocked is not None else None,
                 )
             )
+
+    async def _warm(self, conn: _Connection, request: NpcWarm) -> None:
+        """Warm each NPC as a background generation job (a say waiting goes first)."""
+        ids = self.engine.registry.ids() if "*" in request.npc_ids else request.npc_ids
+        for npc_id in ids:
+            self.engine.persona(npc_id)  # unknown_npc before any work
+        started = time.perf_counter()
+        warmed = []
+        for npc_id in dict.fromkeys(ids):
+            job = self._generation.submit(
+                npc_id, partial(self.engine.warm, npc_id), background=True
+            )
+            if await asyncio.wrap_future(job):
+                warmed.append(npc_id)
+        ms = round((time.perf_counter() - started) * 1000)
+        await conn.send(Ok(re=request.id, warmed=warmed, ms=ms))
+
+    def warm_in_background(self, npc_ids: list[str], report: Callable[[str], None]) -> None:
+        """Warm NPCs at start (``serve --warm``) as background jobs: a say goes first."""
+        started = time.perf_counter()
+        jobs = [
+            self._generation.submit(n, partial(self.engine.warm, n), background=True)
+            for n in dict.fromkeys(npc_ids)
+        ]
+
+        reported = threading.Lock()
+
+        def done(_job: Future[Any]) -> None:
+            if all(job.done() for job in jobs) and reported.acquire(blocking=False):
+                seconds = time.perf_counter() - started
+                report(f"warmed {len(jobs)} NPC(s) in {seconds:.1f} s")
+
+        for job in jobs:
+            job.add_done_callback(done)
+
+    async def _end_all_replies(self) -> None:
+        """End every running reply (reason cancelled) and wait for its work to stop."""
+        replies = list(self._replies.values())
+        for reply in replies:
+            reply.cancel.set()
+        tasks = [r.task for r in replies if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.limits.shutdown_grace)
+
+    async def _save(
+        self, conn: _Connection, request: SaveCreate | SaveLoad | SaveList | SaveDelete
+    ) -> None:
+        engine = self.engine
+        if isinstance(request, SaveList):
+            infos = await self._in_io(lambda _r: engine.list_saves(), request)
+            items = [
+                SaveItem(save_id=i.save_id, created_at=i.iso_created_at(), memories=i.memories)
+                for i in infos
+            ]
+            await conn.send(SaveItems(re=request.id, saves=items))
+        elif isinstance(request, SaveCreate):
+            info = await self._in_io(lambda r: engine.create_save(r.save_id), request)
+            await conn.send(Ok(re=request.id, save_id=info.save_id, memories=info.memories))
+        elif isinstance(request, SaveLoad):
+            if request.save_id not in {i.save_id for i in engine.list_saves()}:
+                raise SaveError("save_id", f"No save with id {request.save_id!r}.")
+            await self._end_all_replies()
+            info = await self._in_io(lambda r: engine.load_save(r.save_id), request)
+            await conn.send(Ok(re=request.id, save_id=info.save_id, memories=info.memories))
+        else:
+            if not await self._in_io(lambda r: engine.delete_save(r.save_id), request):
+                raise SaveError("save_id", f"No save with id {request.save_id!r}.")
+            await conn.send(Ok(re=request.id, save_id=request.save_id))
+
+    async def _save_file(self, conn: _Connection, request: SaveExport | SaveImport) -> None:
+        """Exports live in one folder of the data directory; a request names a file in it,
+        never a path (a client must not read or write elsewhere)."""
+        folder = self.exports_dir
+        if isinstance(request, SaveExport):
+
+            def export(r: SaveExport) -> Path:
+                data = self.engine.export_save(r.save_id)
+                folder.mkdir(parents=True, exist_ok=True)
+                target = folder / f"{r.save_id}.npcsave"
+                unfinished = target.with_suffix(".partial")
+                unfinished.write_bytes(data)
+                unfinished.replace(target)
+                return target
+
+            path = await self._in_io(export, request)
+            await conn.send(Ok(re=request.id, save_id=request.save_id, path=str(path)))
+            return
+        source = folder / request.file
+        if not source.is_file():
+            raise SaveError("file", f"No file {request.file!r} in {folder}.")
+        info = await self._in_io(
+            lambda r: self.engine.import_save(r.save_id, source.read_bytes()), request
+        )
+        await conn.send(Ok(re=request.id, save_id=info.save_id, memories=info.memories))
 
     def _state(self, request: StateSet | StateGet) -> StateView:
         if isinstance(request, StateGet):
@@ -483,7 +609,7 @@ class NpcServer:
 
     # -- say -----------------------------------------------------------------------------
 
-    async def _say(self, conn: _Connection, request: Say, encoding: Encoding) -> None:
+    async def _say(self, conn: _Connection, request: Say | Greet, encoding: Encoding) -> None:
         conn.queued_says.discard(request.id)
         cancelled = request.id in conn.cancelled_early
         conn.cancelled_early.discard(request.id)
@@ -522,7 +648,7 @@ class NpcServer:
         await conn.send(ReplyStart(re=request.id, npc_id=request.npc_id, turn_id=turn_id))
         reply.task = asyncio.create_task(self._run_say(conn, request, reply))
 
-    def _submit_turn(self, request: Say, reply: _Reply) -> Future[TurnResult | None]:
+    def _submit_turn(self, request: Say | Greet, reply: _Reply) -> Future[TurnResult | None]:
         loop = asyncio.get_running_loop()
 
         def on_delta(piece: str) -> None:
@@ -532,8 +658,19 @@ class NpcServer:
             if reply.cancel.is_set():
                 # Cancelled (or its client gone) while queued: the NPC heard the line and
                 # never answered, exactly what a cancel during the reply stores.
-                self.engine.hear(request.npc_id, request.text, player_id=request.player_id)
+                if isinstance(request, Say):
+                    self.engine.hear(request.npc_id, request.text, player_id=request.player_id)
                 return None
+            if isinstance(request, Greet):
+                return self.engine.greet(
+                    request.npc_id,
+                    player_id=request.player_id,
+                    context=request.context,
+                    max_tokens=request.max_tokens,
+                    on_delta=on_delta,
+                    cancel=reply.cancel,
+                    game_time=request.game_time,
+                )
             return self.engine.say(
                 request.npc_id,
                 request.text,
@@ -563,7 +700,7 @@ class NpcServer:
         job.add_done_callback(lambda f: loop.call_soon_threadsafe(report, f))
         return job
 
-    async def _run_say(self, conn: _Connection, request: Say, reply: _Reply) -> None:
+    async def _run_say(self, conn: _Connection, request: Say | Greet, reply: _Reply) -> None:
         loop = asyncio.get_running_loop()
         stream = ReplyStream(
             request.id,
@@ -608,7 +745,7 @@ class NpcServer:
             conn.session.in_flight.discard(request.id)
 
     def _turn_over(
-        self, stream: ReplyStream, request: Say, job: Future[TurnResult | None]
+        self, stream: ReplyStream, request: Say | Greet, job: Future[TurnResult | None]
     ) -> list[ReplyMessage]:
         try:
             result = job.result()
@@ -623,13 +760,16 @@ class NpcServer:
         for message in messages:
             await conn.send(message)
 
-    def _finished_turn(self, request: Say, result: TurnResult) -> FinishedTurn:
+    def _finished_turn(self, request: Say | Greet, result: TurnResult) -> FinishedTurn:
         timings = result.timings
         return FinishedTurn(
             reason=result.reason,
             guard=result.guard.kind if result.guard is not None else None,
             emotion=result.emotion,
             action=result.action,
+            game_action=GameAction(**result.game_action.as_dict())
+            if result.game_action is not None
+            else None,
             usage=Usage(
                 prompt_tokens=result.prompt_tokens,
                 cached_tokens=result.cached_tokens,
