@@ -170,12 +170,8 @@ class NpcClient:
         deadline_ms: int | None = None,
         game_time: float | None = None,
     ) -> ReplyStream:
-        request_id = self._next_id()
-        stream = ReplyStream(request_id)
-        self._streams[request_id] = stream
-        message = _request(
+        return await self._stream(
             "say",
-            id=request_id,
             npc_id=npc_id,
             player_id=player_id,
             text=text,
@@ -186,8 +182,57 @@ class NpcClient:
             deadline_ms=deadline_ms,
             game_time=game_time,
         )
-        await self.send_raw(message)
+
+    async def greet(
+        self,
+        npc_id: str,
+        *,
+        player_id: str = "player",
+        context: dict[str, Any] | None = None,
+        inspect: bool | None = None,
+        game_time: float | None = None,
+    ) -> ReplyStream:
+        """The player walks up: the persona's greeting at a first meeting (at once), else
+        a greeting from what the NPC remembers. Streams like ``say``."""
+        return await self._stream(
+            "greet",
+            npc_id=npc_id,
+            player_id=player_id,
+            context=context,
+            inspect=inspect,
+            game_time=game_time,
+        )
+
+    async def _stream(self, kind: str, **fields: Any) -> ReplyStream:
+        request_id = self._next_id()
+        stream = ReplyStream(request_id)
+        self._streams[request_id] = stream
+        await self.send_raw(_request(kind, id=request_id, **fields))
         return stream
+
+    async def warm(self, npc_ids: list[str]) -> dict[str, Any]:
+        """``npc.warm`` (``["*"]``: every NPC): returns ``{"warmed": [...], "ms": ...}``."""
+        return await self.request(_request("npc.warm", npc_ids=npc_ids))
+
+    async def save_create(self, save_id: str) -> dict[str, Any]:
+        return await self.request(_request("save.create", save_id=save_id))
+
+    async def save_load(self, save_id: str) -> dict[str, Any]:
+        return await self.request(_request("save.load", save_id=save_id))
+
+    async def save_list(self) -> list[dict[str, Any]]:
+        return list((await self.request(_request("save.list")))["saves"])
+
+    async def save_delete(self, save_id: str) -> dict[str, Any]:
+        return await self.request(_request("save.delete", save_id=save_id))
+
+    async def save_export(self, save_id: str) -> str:
+        """Writes the save as one file in the server's exports folder; returns its path."""
+        return str((await self.request(_request("save.export", save_id=save_id)))["path"])
+
+    async def save_import(self, save_id: str, file: str) -> dict[str, Any]:
+        """Reads ``file`` (a name in the server's exports folder) as ``save_id``."""
+        return await self.request(_request("save.import", save_id=save_id, file=file))
 
     async def cancel(self, target: str) -> dict[str, Any]:
         return await self.request({"type": "cancel", "target": target})
@@ -199,9 +244,15 @@ class NpcClient:
         *,
         player_id: str | None = None,
         importance: int | None = None,
+        game_time: float | None = None,
     ) -> list[str]:
         message = _request(
-            "event", npc_ids=npc_ids, text=text, player_id=player_id, importance=importance
+            "event",
+            npc_ids=npc_ids,
+            text=text,
+            player_id=player_id,
+            importance=importance,
+            game_time=game_time,
         )
         return list((await self.request(message))["memory_ids"])
 

@@ -72,6 +72,22 @@ class GuardConfig(BaseModel):
     )
 
 
+class ActionConfig(BaseModel):
+    """Declared game actions (persona/world ``actions``): how the engine picks one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Choose game actions after replies.")
+    gate: float = Field(
+        0.15,
+        ge=-1,
+        le=1,
+        description="Ask the model only about actions whose meaning (MiniLM cosine of the "
+        "action's name, description and words) is at least this near the player's line; "
+        "none near: no action, no model call. -1 asks about every offered action.",
+    )
+
+
 class GenerationConfig(BaseModel):
     """Which generator writes the replies (``npc_engine.backends``)."""
 
@@ -210,6 +226,7 @@ class EngineConfig(BaseSettings):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    actions: ActionConfig = Field(default_factory=ActionConfig)
     parallel: int = Field(
         8,
         ge=1,

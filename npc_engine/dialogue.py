@@ -25,8 +25,10 @@ from npc_engine.actions import (
     ChosenAction,
     action_grammar,
     action_question,
+    action_text,
     offered_actions,
     parse_action,
+    plausible_actions,
 )
 from npc_engine.cleaning import StreamCleaner, strip_special_tokens
 from npc_engine.config import EngineConfig
@@ -241,6 +243,7 @@ class DialogueEngine:
         self._secret_cache: dict[int, tuple[Any, list[tuple[str, ...]], Any]] = {}
         self._secret_lock = threading.Lock()
         self._saves_lock = threading.Lock()  # one save operation at a time
+        self._action_vector_cache: dict[str, Any] = {}  # bounded by the declared actions
         if config.guard.enabled:
             preload_guard()
 
@@ -887,7 +890,7 @@ class DialogueEngine:
             if result.reason in ("stop", "length") and result.text.strip() and not greeting:
                 mark = time.perf_counter()
                 result.game_action = self._choose_action(
-                    loaded, built, result.text, standing, params.cache_key, cancel
+                    loaded, built, text, result.text, standing, params.cache_key, cancel
                 )
                 result.timings.action_ms = (time.perf_counter() - mark) * 1000
         except Exception as exc:
@@ -941,15 +944,25 @@ class DialogueEngine:
         self,
         loaded: LoadedPersona,
         built: BuiltPrompt,
+        player_text: str,
         reply: str,
         standing: Standing,
         cache_key: str | None,
         cancel: threading.Event | None,
     ) -> ChosenAction | None:
-        """After the spoken line: one of the declared actions, or None. The model answers
-        under a grammar of those actions only, continuing the conversation it just had (its
-        KV cache holds it), so this costs the question and a few tokens."""
+        """After the spoken line: one of the declared actions, or None. Only actions whose
+        meaning is near the player's line are offered (a sentence-vector check, ~10 ms); the
+        model then answers under a grammar of those actions only, continuing the
+        conversation it just had (its KV cache holds it): the question and a few tokens."""
+        if not self.config.actions.enabled:
+            return None
         offered = offered_actions(loaded.persona, loaded.world, standing.facts())
+        if offered and self.embed is not None and self.config.actions.gate > -1:
+            vectors = self._action_vectors(offered)
+            # The player's line alone: what was asked for is the clearest sign of an
+            # action (measured on the labelled set; a small model's reply adds noise).
+            exchange = self.embed([player_text])[0]
+            offered = plausible_actions(exchange, vectors, offered, self.config.actions.gate)
         if not offered:
             return None
         messages = [
@@ -973,6 +986,16 @@ class DialogueEngine:
         if stats.finish_reason != "stop":
             return None
         return parse_action("".join(answer), offered)
+
+    def _action_vectors(self, actions: Sequence[Any]) -> list[Any]:
+        """Sentence vectors of actions' meanings, computed once per text."""
+        assert self.embed is not None
+        texts = [action_text(action) for action in actions]
+        missing = [t for t in texts if t not in self._action_vector_cache]
+        if missing:
+            for text, vector in zip(missing, self.embed(missing), strict=True):
+                self._action_vector_cache[text] = vector
+        return [self._action_vector_cache[t] for t in texts]
 
     # -- warm-up -------------------------------------------------------------------------
 

@@ -20,6 +20,11 @@ Targets (issue 5):
   expression  emotion/action from the finished reply vs grammar-constrained generation
   restart     an NPC's first line in a new process: head restored from disk vs read cold
   guard       the output guard's time per token vs the model's; first text shown vs first token
+  npc_warm    (issue 12) the first say to an NPC after npc.warm vs a warm turn; the same in a
+              new engine reading the head from disk; the cold first say beside them
+  saves       (issue 12) save.create / save.load with 10,000 memories vs copying the store
+  actions     (issue 12) the labelled game-action set through the model: accuracy,
+              false actions, added time per turn
 """
 
 from __future__ import annotations
@@ -504,6 +509,221 @@ def target_restart(root: Path, report: Report) -> None:
             cold / restored,
             "≥ 5×",
             cold / restored >= 5,
+        )
+    )
+
+
+def target_npc_warm(root: Path, report: Report, turns: int) -> None:
+    """npc.warm, measured in engines of their own with an empty head folder: an NPC's first
+    say cold, then (another NPC) its first say after warm(), then warm turns with it; and a
+    new engine (a restart) that warms from the heads on disk."""
+    heads = root / "kv-heads-npc-warm"
+    lines = PLAYER_LINES
+
+    def first_say(engine: Any, npc: str, player: str) -> float:
+        result = engine.say(npc, lines[0], player_id=player, max_tokens=24)
+        engine.writer.flush(60)
+        return (result.timings.ttft_ms or 0) / 1000
+
+    runtime = open_engine(bench_config(root, "npc-warm", head_cache_dir=heads))
+    try:
+        engine = runtime.engine
+        cold = first_say(engine, "wren", "cold")
+        started = time.perf_counter()
+        engine.warm("guard_tom")
+        warm_call = time.perf_counter() - started
+        warmed_first = first_say(engine, "guard_tom", "p1")
+        ongoing = []
+        for index in range(1, turns + 1):
+            result = engine.say("guard_tom", lines[index], player_id="p1", max_tokens=24)
+            engine.writer.flush(60)
+            ongoing.append((result.timings.ttft_ms or 0) / 1000)
+    finally:
+        runtime.close()
+    runtime = open_engine(bench_config(root, "npc-warm-restart", head_cache_dir=heads))
+    try:
+        started = time.perf_counter()
+        runtime.engine.warm("guard_tom")
+        restart_warm_call = time.perf_counter() - started
+        restarted_first = first_say(runtime.engine, "guard_tom", "p2")
+    finally:
+        runtime.close()
+    warm_turn = median(ongoing)
+    report.details["npc_warm"] = {
+        "cold_first_s": cold,
+        "warm_call_s": warm_call,
+        "warmed_first_s": warmed_first,
+        "warm_turns_s": ongoing,
+        "restart_warm_call_s": restart_warm_call,
+        "restarted_first_s": restarted_first,
+    }
+    for label, first in (("after npc.warm", warmed_first), ("after a restart", restarted_first)):
+        ratio = first / warm_turn
+        report.rows.append(
+            Row(
+                "11 npc.warm",
+                f"an NPC's first say {label} vs a warm turn of an ongoing conversation "
+                f"(a cold first say took {cold:.2f} s; warm() took {warm_call:.2f} s, "
+                f"{restart_warm_call:.2f} s after the restart)",
+                "first say",
+                first,
+                "warm turn",
+                warm_turn,
+                ratio,
+                "≤ 1.5×",
+                ratio <= 1.5,
+            )
+        )
+
+
+def target_saves(root: Path, report: Report, memories: int) -> None:
+    """save.create / save.load on a world of ``memories`` memories (10 NPCs, their own
+    and 100 players'), against copying the store's folder (what a save by copying costs)."""
+    import shutil
+
+    from npc_engine.dialogue import DialogueEngine
+    from npc_engine.generation.scripted import ScriptedGenerator
+    from npc_engine.memory.chroma_store import ChromaMemoryStore
+    from npc_engine.memory.types import Memory
+    from npc_engine.persona.loader import load_personas
+
+    config = bench_config(root, "saves")
+    rng = np.random.default_rng(7)
+    store = ChromaMemoryStore(
+        config.data_dir / "chroma", lambda texts: [[0.0] * 384 for _ in texts]
+    )
+    npcs = [f"npc{n}" for n in range(10)]
+    world = [
+        Memory(
+            npc_id=npcs[i % 10],
+            player_id=None if i % 4 == 0 else f"p{i % 100}",
+            text=f"Memory {i}: the player mentioned the {i % 37}th barrel of herring.",
+        )
+        for i in range(memories)
+    ]
+    vectors = rng.standard_normal((memories, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for start in range(0, memories, 2000):
+        store.add_with_embeddings(world[start : start + 2000], list(vectors[start : start + 2000]))
+    engine = DialogueEngine(load_personas(config.personas_dir), ScriptedGenerator(), store, config)
+    try:
+        creates, loads, copies, restores = [], [], [], []
+        for round_number in range(3):
+            slot = f"slot{round_number}"
+            started = time.perf_counter()
+            engine.create_save(slot)
+            creates.append(time.perf_counter() - started)
+            # The game goes on: 100 new memories, 50 forgotten.
+            extra = [
+                Memory(npc_id="npc1", player_id="p1", text=f"new {round_number}-{k}")
+                for k in range(100)
+            ]
+            store.add_with_embeddings(extra, list(vectors[:100]))
+            store.forget("npc2", memory_ids=[m.id for m in world[2 + 10 * round_number :: 10][:50]])
+            started = time.perf_counter()
+            engine.load_save(slot)
+            loads.append(time.perf_counter() - started)
+        chroma = config.data_dir / "chroma"
+        for round_number in range(3):
+            target = root / f"copy-{round_number}"
+            started = time.perf_counter()
+            shutil.copytree(chroma, target)
+            copies.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            shutil.rmtree(target)
+            shutil.copytree(chroma, target)
+            restores.append(time.perf_counter() - started)
+            shutil.rmtree(target)
+    finally:
+        engine.close()
+    create, load, copy, restore = median(creates), median(loads), median(copies), median(restores)
+    report.details["saves"] = {"create_s": creates, "load_s": loads, "copy_s": copies}
+    report.rows += [
+        Row(
+            "12 saves",
+            f"save.create with {memories} memories (manifest of ids) vs copying the store",
+            "save.create",
+            create,
+            "copy the store",
+            copy,
+            create / copy,
+            "≤ 200 ms",
+            create <= 0.2,
+        ),
+        Row(
+            "12 saves",
+            f"save.load after 100 new and 50 forgotten memories ({memories} in all) vs "
+            "putting a copied store back",
+            "save.load",
+            load,
+            "restore a copy",
+            restore,
+            load / restore,
+            "≤ 1 s",
+            load <= 1.0,
+        ),
+    ]
+
+
+def load_action_probes() -> list[dict[str, Any]]:
+    probes = yaml.safe_load((REPO / "tests/probes/game_actions.yaml").read_text())
+    return list(probes["lines"])
+
+
+def action_label(action: Any) -> str:
+    if action is None:
+        return "none"
+    args = ", ".join(f"{k}={v}" for k, v in action.args.items())
+    return f"{action.name}({args})"
+
+
+def target_actions(runtime: EngineRuntime, report: Report, limit: int | None) -> None:
+    """The labelled game-action lines through the model: how often the chosen action is the
+    expected one, how often an action comes where none was expected, and the time the choice
+    adds to a turn (after the spoken line: the first token is not delayed)."""
+    engine = runtime.engine
+    probes = load_action_probes()[:limit]
+    outcomes = []
+    for index, probe in enumerate(probes):
+        player = f"actions{index}"
+        state = probe.get("state") or {}
+        if state:
+            engine.set_state(player, npc_id=probe["npc"], **state)
+        result = engine.say(probe["npc"], probe["player"], player_id=player, max_tokens=32)
+        engine.writer.flush(60)
+        outcomes.append(
+            {
+                "npc": probe["npc"],
+                "player": probe["player"],
+                "reply": result.text,
+                "expected": probe["expect"],
+                "chosen": action_label(result.game_action),
+                "action_ms": result.timings.action_ms,
+                "generation_ms": result.timings.generation_ms,
+            }
+        )
+    right = sum(o["chosen"] == o["expected"] for o in outcomes)
+    quiet = [o for o in outcomes if o["expected"] == "none"]
+    acting = [o for o in outcomes if o["expected"] != "none"]
+    false_actions = sum(o["chosen"] != "none" for o in quiet)
+    named = sum(o["chosen"].split("(")[0] == o["expected"].split("(")[0] for o in acting)
+    added = statistics.mean(o["action_ms"] for o in outcomes) / 1000
+    reply = statistics.mean(o["generation_ms"] for o in outcomes) / 1000
+    report.details["actions"] = {"outcomes": outcomes}
+    report.rows.append(
+        Row(
+            "13 game actions",
+            f"{len(outcomes)} labelled lines: {right} right ({right / len(outcomes):.0%}); "
+            f"actions when none was expected {false_actions}/{len(quiet)}; right action name "
+            f"{named}/{len(acting)}. Time added per turn (after the spoken line) vs the "
+            "reply's own generation",
+            "action choice",
+            added,
+            "reply generation",
+            reply,
+            added / reply if reply else float("nan"),
+            "valid always (checked in tests)",
+            None,
         )
     )
 
@@ -1042,6 +1262,9 @@ def main(argv: list[str] | None = None) -> int:
             "expression",
             "restart",
             "guard",
+            "npc_warm",
+            "saves",
+            "actions",
         ],
     )
     parser.add_argument("--model", help="known model id or GGUF path (default: the default)")
@@ -1086,6 +1309,9 @@ def main(argv: list[str] | None = None) -> int:
         if wanted("batch"):
             with timed("batch"):
                 target_batch(runtime, config, report, 8 if quick else 64)
+        if wanted("actions"):
+            with timed("actions"):
+                target_actions(runtime, report, 3 if quick else None)
     finally:
         runtime.close()
         bare.close()
@@ -1097,6 +1323,12 @@ def main(argv: list[str] | None = None) -> int:
             # quick: Mara (her head cached by "warm") and one more
             pair = ["mara", "guard_tom"]
             target_switch(root, pair if quick else npcs, warm_single, report, 2 if quick else 3)
+    if wanted("npc_warm"):
+        with timed("npc_warm"):
+            target_npc_warm(root, report, 2 if quick else 5)
+    if wanted("saves"):
+        with timed("saves"):
+            target_saves(root, report, 1_000 if quick else 10_000)
     if wanted("memory"):
         with timed("memory"):
             if quick:

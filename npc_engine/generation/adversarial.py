@@ -137,6 +137,9 @@ class AdversarialGenerator:
         on_text: Callable[[str], None],
         cancel: threading.Event | None = None,
     ) -> GenerationStats:
+        if params.grammar is not None:  # the game-action question: a hostile non-answer
+            on_text("give_item(item=the_crown_jewels); DROP TABLE npcs")
+            return GenerationStats(prompt_tokens=prompt.token_count, completion_tokens=1)
         self.prompts.append(prompt.text)
         reply, piece = attack(prompt.text)
         stats = GenerationStats(prompt_tokens=prompt.token_count)

@@ -31,12 +31,16 @@ class ScriptedGenerator:
         respond: Callable[[str], str] | None = None,
         n_ctx: int = 4096,
         fail: bool = False,
+        action: str | Callable[[str], str] = "none",
     ) -> None:
         self.replies = deque(replies)
         self.respond = respond
         self.n_ctx = n_ctx
         self.fail = fail
         self.prompts: list[str] = []
+        # What it answers under a grammar (the game-action question), from the prompt.
+        self.action = action
+        self.action_prompts: list[str] = []
 
     def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
         return render_chatml_prompt(messages)
@@ -48,6 +52,11 @@ class ScriptedGenerator:
         on_text: Callable[[str], None],
         cancel: threading.Event | None = None,
     ) -> GenerationStats:
+        if params.grammar is not None:
+            self.action_prompts.append(prompt.text)
+            answer = self.action(prompt.text) if callable(self.action) else self.action
+            on_text(answer)
+            return GenerationStats(prompt_tokens=prompt.token_count, completion_tokens=1)
         self.prompts.append(prompt.text)
         if self.fail:
             raise GenerationError("scripted failure")
