@@ -36,6 +36,9 @@ def test_bench_quick_mode_reports_every_target(tmp_path: Path) -> None:
         "structured output",
         "9 restart",
         "10 output guard",
+        "11 npc.warm",
+        "12 saves",
+        "13 game actions",
     } <= targets
     assert report["machine"]["model"] and report["machine"]["build"]
     measured = [row for row in report["rows"] if "not implemented" not in row["note"]]

@@ -135,7 +135,9 @@ def test_a_new_engine_continues_the_conversation_byte_for_byte(sample_personas: 
     first.say("mara", "Any rooms?", player_id="p1", context={"weather": "fog"})
     last = first.say("mara", "How much?", player_id="p1")
     first.writer.flush()
-    second = make_engine(sample_personas, ScriptedGenerator(respond=lambda _p: next(replies)), store)
+    second = make_engine(
+        sample_personas, ScriptedGenerator(respond=lambda _p: next(replies)), store
+    )
     after = second.say("mara", "And supper?", player_id="p1")
     assert after.prompt.startswith(last.prompt + last.text)
     assert after.cached_tokens == 0  # (the scripted generator caches nothing: no help there)
@@ -225,7 +227,9 @@ def test_chroma_archive_keeps_only_what_saves_name(tmp_path: Path) -> None:
 
 def test_export_import_into_another_store(tmp_path: Path) -> None:
     source = ChromaMemoryStore(tmp_path / "a", hashed_embed)
-    memories = [Memory("mara", f"Fact number {n} about the harbour.", player_id="p1") for n in range(5)]
+    memories = [
+        Memory("mara", f"Fact number {n} about the harbour.", player_id="p1") for n in range(5)
+    ]
     source.add(memories)
     source.save_state("trust:mara:p1", {"trust": 30})
     source.create_save("slot")

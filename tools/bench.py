@@ -127,16 +127,17 @@ BENCH_OVERRIDES: dict[str, Any] = {}  # --model / --n-gpu-layers / --threads
 
 
 def bench_config(root: Path, name: str, **overrides: Any) -> EngineConfig:
-    return load_config(
+    settings: dict[str, Any] = {
         **BENCH_OVERRIDES,
-        personas_dir=root / "personas",
-        data_dir=root / f"data-{name}",
-        head_cache_dir=root / "kv-heads",  # starts empty: the first line of an NPC is cold
-        seed=1234,
-        temperature=0.0,
-        n_ctx=4096,
-        **overrides,
-    )
+        "personas_dir": root / "personas",
+        "data_dir": root / f"data-{name}",
+        "head_cache_dir": root / "kv-heads",  # starts empty: the first line of an NPC is cold
+        "seed": 1234,
+        "temperature": 0.0,
+        "n_ctx": 4096,
+    }
+    settings.update(overrides)
+    return load_config(**settings)
 
 
 class ChildProcess:
