@@ -85,6 +85,14 @@ def test_csharp_client_streams_a_reply_from_the_live_server(
     assert int(steps["MEMORY"]) >= 1
     # Trust and a quest flag set from C#: Mara's pier fact and trust-gated secret unlock.
     assert steps["STATE"] == "45 knowledge.3,secrets.1"
+    # Greet at a first meeting: the persona's line, no model time; warm; a save slot that
+    # undoes an event stored after it; an unknown slot names the field.
+    tokens, greeting = steps["GREET"].split(" ", 1)
+    assert tokens == "0" and json.loads(greeting).startswith("Shut the door, love")
+    assert steps["WARM"] == "mara"
+    assert steps["SAVES"] == "1 cs-slot True"
+    assert steps["SAVEERROR"] == "invalid_request save_id"
+    assert steps["ACTION"] in ("null", "give_item", "take_payment", "refuse")
     # A handler that threw (ReplyFinished, per ended reply) was reported; the awaited
     # replies still completed and reading went on.
     faults, connected = steps["FAULTS"].split()

@@ -1,12 +1,19 @@
 extends Node2D
-## The demo: arrow keys walk, Enter talks to the nearest NPC, Esc cuts a reply short.
+## The demo: arrow keys walk, Enter walks up to the nearest NPC (it greets you) and opens
+## the line to talk, Esc cuts a reply short, F5 saves and F9 loads the quick-save slot.
 ##
 ## The NPCs come from the server's welcome, so the demo shows whatever personas the
-## engine loaded. Start the engine first: `tools/dev.sh serve` in the npc-engine repo.
+## engine loaded; at level load the demo warms them all (`npc.warm`). NPCs act through
+## declared game actions: when Mara gives you something (`give_item`), it lands in your
+## pockets (shown at the top). The game clock runs a game minute per real second and goes
+## with every line (`game_time`), so NPCs know the time of day and how long ago things were.
+## Start the engine first: `tools/dev.sh serve` in the npc-engine repo.
 
 const PLAYER_SPEED := 220.0
 const TALK_DISTANCE := 90.0
 const PLAYER_ID := "demo-player"
+const QUICK_SAVE := "quicksave"
+const GAME_MINUTES_PER_SECOND := 1.0
 const COLOURS: Array[Color] = [
 	Color.CORNFLOWER_BLUE, Color.INDIAN_RED, Color.SEA_GREEN, Color.GOLDENROD, Color.ORCHID
 ]
@@ -17,6 +24,8 @@ var _status := Label.new()
 var _input := LineEdit.new()
 var _talking_to: NpcMarker = null
 var _reply_id := ""
+var _game_minutes := 18.0 * 60.0  # evening of day 1
+var _pockets: Array[String] = []
 
 
 func _ready() -> void:
@@ -38,10 +47,13 @@ func _ready() -> void:
 	NpcEngine.reply_delta.connect(_on_reply_delta)
 	NpcEngine.reply_finished.connect(_on_reply_finished)
 	NpcEngine.error_received.connect(_on_error_received)
+	NpcEngine.game_action.connect(_on_game_action)
+	NpcEngine.save_done.connect(_on_save_done)
 	_status.text = "Connecting to %s …" % NpcEngine.url
 
 
 func _process(delta: float) -> void:
+	_game_minutes += delta * GAME_MINUTES_PER_SECOND
 	if not _input.visible:
 		var direction := Input.get_vector("ui_left", "ui_right", "ui_up", "ui_down")
 		_player.position += direction * PLAYER_SPEED * delta
@@ -56,10 +68,15 @@ func _unhandled_input(event: InputEvent) -> void:
 		if _talking_to != null:
 			_input.visible = true
 			_input.grab_focus()
+			_reply_id = NpcEngine.greet(_talking_to.npc_id, PLAYER_ID, {}, _game_minutes)
 	elif event.is_action_pressed("ui_cancel"):
 		if not _reply_id.is_empty():
 			NpcEngine.cancel(_reply_id)
 		_input.visible = false
+	elif event is InputEventKey and event.pressed and event.keycode == KEY_F5:
+		NpcEngine.save_create(QUICK_SAVE)
+	elif event is InputEventKey and event.pressed and event.keycode == KEY_F9:
+		NpcEngine.save_load(QUICK_SAVE)
 
 
 func _on_connected(welcome: Dictionary) -> void:
@@ -77,6 +94,7 @@ func _on_connected(welcome: Dictionary) -> void:
 		marker.position = Vector2(160 + index * 720.0 / maxi(1, npcs.size() - 1), 250)
 		add_child(marker)
 		_markers[marker.npc_id] = marker
+	NpcEngine.warm(["*"])  # level load: every NPC's first line comes as fast as a warm turn
 
 
 func _on_disconnected(_code: int, reason: String) -> void:
@@ -88,7 +106,7 @@ func _on_line_submitted(text: String) -> void:
 		return
 	_input.clear()
 	var context := {"location": "the demo square", "time_of_day": "evening"}
-	_reply_id = NpcEngine.say(_talking_to.npc_id, text, PLAYER_ID, context)
+	_reply_id = NpcEngine.say(_talking_to.npc_id, text, PLAYER_ID, context, 0, _game_minutes)
 
 
 func _on_reply_started(request_id: String, npc_id: String) -> void:
@@ -105,6 +123,28 @@ func _on_reply_finished(request_id: String, reply: Dictionary) -> void:
 	if request_id == _reply_id and _talking_to != null:
 		_talking_to.finish_reply(reply)
 		_reply_id = ""
+
+
+## Mara hands over a key (or an ale, stew, a map): the engine only ever sends actions the
+## persona declares, with arguments from the declared list, so the game can trust them.
+func _on_game_action(_request_id: String, npc_id: String, action: Dictionary) -> void:
+	var args: Dictionary = action.get("args", {})
+	if action.get("name") == "give_item":
+		_pockets.append(str(args.get("item", "")))
+		_status.text = (
+			"%s gives you: %s · pockets: %s"
+			% [
+				_markers[npc_id].display_name if _markers.has(npc_id) else npc_id,
+				args.get("item", "?"),
+				", ".join(_pockets)
+			]
+		)
+	else:
+		_status.text = "%s: %s %s" % [npc_id, action.get("name"), args]
+
+
+func _on_save_done(_request_id: String, kind: String, _answer: Dictionary) -> void:
+	_status.text = "Quick-saved." if kind == "create" else "Quick-save loaded."
 
 
 func _on_error_received(

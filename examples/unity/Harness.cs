@@ -91,6 +91,29 @@ public static class Harness
             var state = await client.GetStateAsync("csharp", npcId);
             var unlocked = (List<object>)state["unlocked"];
             Console.WriteLine("STATE " + state["trust"] + " " + string.Join(",", unlocked));
+
+            var greeting = await client.GreetAsync(npcId, "csharp-stranger");
+            var greetUsage = (Dictionary<string, object>)greeting.Raw["usage"];
+            Console.WriteLine("GREET " + greetUsage["completion_tokens"] + " " + Json.Serialize(greeting.Text));
+            var warm = await client.WarmAsync(new List<string> { npcId });
+            Console.WriteLine("WARM " + string.Join(",", (List<object>)warm["warmed"]));
+            await client.SaveCreateAsync("cs-slot");
+            await client.SendEventAsync(new List<string> { npcId }, "A gull stole the harness's bread.", "csharp");
+            await client.SaveLoadAsync("cs-slot");
+            var saves = await client.SaveListAsync();
+            var afterLoad = await client.ListMemoriesAsync(npcId, "csharp", "gull bread", 10);
+            var gullGone = afterLoad.TrueForAll(m => !((string)m["text"]).Contains("gull"));
+            Console.WriteLine("SAVES " + saves.Count + " " + saves[0]["save_id"] + " " + gullGone);
+            try
+            {
+                await client.SaveLoadAsync("no-such-slot");
+                Console.WriteLine("SAVEERROR none");
+            }
+            catch (NpcEngineException error)
+            {
+                Console.WriteLine("SAVEERROR " + error.Code + " " + error.Details["field"]);
+            }
+            Console.WriteLine("ACTION " + (reply.GameAction == null ? "null" : reply.GameAction.Name));
             Console.WriteLine("FAULTS " + faults + " " + client.IsConnected);
             await client.CloseAsync();
 

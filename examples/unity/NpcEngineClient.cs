@@ -50,11 +50,23 @@ namespace NpcEngine
         /// guarded secret or left the world, and ended with an in-character line.</summary>
         public string Guard;
         public string Emotion;
+        /// <summary>null, or what the NPC does in the game after its line: Name (a declared
+        /// action, e.g. "give_item") and Args (e.g. item = "room_key"); always one the persona
+        /// or world declares, with valid arguments.</summary>
+        public NpcGameAction GameAction;
         public string ErrorCode;
         public string ErrorMessage;
         /// <summary>Milliseconds from acceptance to the first token, when one came.</summary>
         public double? FirstTokenMs;
         public Dictionary<string, object> Raw;
+    }
+
+    /// <summary>A declared game action chosen by the NPC (<c>reply.end.game_action</c>).</summary>
+    public sealed class NpcGameAction
+    {
+        public string Name;
+        /// <summary>Argument values: strings for word lists and texts, longs for integers.</summary>
+        public Dictionary<string, object> Args = new Dictionary<string, object>();
     }
 
     /// <summary>An <c>error</c> message from the server, thrown by the awaiting call.</summary>
@@ -136,10 +148,10 @@ namespace NpcEngine
         /// event; the task completes with the final reply (it never throws for a reply that
         /// was accepted; a rejected say throws NpcEngineException, e.g. code "busy").
         /// </summary>
-        public async Task<NpcReply> SayAsync(
+        public Task<NpcReply> SayAsync(
             string npcId, string text, string playerId = null,
             Dictionary<string, object> context = null, int? maxTokens = null,
-            Action<string> onDelta = null, string requestId = null)
+            Action<string> onDelta = null, string requestId = null, double? gameTime = null)
         {
             var message = Message("say", requestId);
             message["npc_id"] = npcId;
@@ -147,6 +159,71 @@ namespace NpcEngine
             if (playerId != null) message["player_id"] = playerId;
             if (context != null) message["context"] = context;
             if (maxTokens.HasValue) message["max_tokens"] = maxTokens.Value;
+            if (gameTime.HasValue) message["game_time"] = gameTime.Value;
+            return StreamAsync(message, npcId, onDelta);
+        }
+
+        /// <summary>
+        /// The player walks up to <paramref name="npcId"/>: at a first meeting the persona's
+        /// greeting arrives at once (no model time); later the NPC greets from what it
+        /// remembers. Streams exactly like <see cref="SayAsync"/>.
+        /// </summary>
+        public Task<NpcReply> GreetAsync(
+            string npcId, string playerId = null, Dictionary<string, object> context = null,
+            Action<string> onDelta = null, double? gameTime = null)
+        {
+            var message = Message("greet");
+            message["npc_id"] = npcId;
+            if (playerId != null) message["player_id"] = playerId;
+            if (context != null) message["context"] = context;
+            if (gameTime.HasValue) message["game_time"] = gameTime.Value;
+            return StreamAsync(message, npcId, onDelta);
+        }
+
+        /// <summary>Prepare NPCs' prompts at level load ("*" = every NPC); returns the
+        /// <c>ok</c> answer with <c>warmed</c> and <c>ms</c>.</summary>
+        public Task<Dictionary<string, object>> WarmAsync(IList<string> npcIds)
+        {
+            var message = Message("npc.warm");
+            message["npc_ids"] = new List<object>(npcIds);
+            return RequestAsync(message);
+        }
+
+        /// <summary>Save every NPC's memories, conversations, trust and flags as a slot.</summary>
+        public Task<Dictionary<string, object>> SaveCreateAsync(string saveId)
+        {
+            return SaveRequestAsync("save.create", saveId);
+        }
+
+        /// <summary>Restore a slot exactly (running replies end first, reason "cancelled");
+        /// an unknown slot throws NpcEngineException with Details["field"] == "save_id".</summary>
+        public Task<Dictionary<string, object>> SaveLoadAsync(string saveId)
+        {
+            return SaveRequestAsync("save.load", saveId);
+        }
+
+        public Task<Dictionary<string, object>> SaveDeleteAsync(string saveId)
+        {
+            return SaveRequestAsync("save.delete", saveId);
+        }
+
+        /// <summary>The slots: each has save_id, created_at and memories.</summary>
+        public async Task<List<Dictionary<string, object>>> SaveListAsync()
+        {
+            var answer = await RequestAsync(Message("save.list")).ConfigureAwait(false);
+            return Objects(answer, "saves");
+        }
+
+        private Task<Dictionary<string, object>> SaveRequestAsync(string type, string saveId)
+        {
+            var message = Message(type);
+            message["save_id"] = saveId;
+            return RequestAsync(message);
+        }
+
+        private async Task<NpcReply> StreamAsync(
+            Dictionary<string, object> message, string npcId, Action<string> onDelta)
+        {
             var id = (string)message["id"];
             var pending = new PendingReply { NpcId = npcId, OnDelta = onDelta };
             lock (_lock) _replies[id] = pending;
@@ -178,13 +255,15 @@ namespace NpcEngine
 
         /// <summary>Something the NPCs saw or heard; returns the stored memory ids.</summary>
         public async Task<List<string>> SendEventAsync(
-            IList<string> npcIds, string text, string playerId = null, int? importance = null)
+            IList<string> npcIds, string text, string playerId = null, int? importance = null,
+            double? gameTime = null)
         {
             var message = Message("event");
             message["npc_ids"] = new List<object>(npcIds);
             message["text"] = text;
             if (playerId != null) message["player_id"] = playerId;
             if (importance.HasValue) message["importance"] = importance.Value;
+            if (gameTime.HasValue) message["game_time"] = gameTime.Value;
             var answer = await RequestAsync(message).ConfigureAwait(false);
             return Strings(answer, "memory_ids");
         }
@@ -428,6 +507,14 @@ namespace NpcEngine
                 Emotion = Str(message, "emotion"),
                 Raw = message,
             };
+            var action = message.ContainsKey("game_action")
+                ? message["game_action"] as Dictionary<string, object> : null;
+            if (action != null)
+            {
+                reply.GameAction = new NpcGameAction { Name = Str(action, "name") };
+                var args = action.ContainsKey("args") ? action["args"] as Dictionary<string, object> : null;
+                if (args != null) reply.GameAction.Args = args;
+            }
             var error = message.ContainsKey("error") ? message["error"] as Dictionary<string, object> : null;
             if (error != null)
             {

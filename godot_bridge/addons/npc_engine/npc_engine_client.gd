@@ -32,6 +32,15 @@ signal event_stored(request_id: String, memory_ids: Array)
 signal memories_listed(request_id: String, items: Array)
 ## Answer to `set_state()` and `get_state()`: trust (with an NPC), flags, unlocked entries.
 signal state_received(request_id: String, state: Dictionary)
+## The NPC acts in the game after its line: `action` is {"name": ..., "args": {...}}, always
+## one the persona or world declares, with valid arguments (also in reply["game_action"]).
+signal game_action(request_id: String, npc_id: String, action: Dictionary)
+## `npc.warm` finished: the NPCs whose first line will now come as fast as a warm turn.
+signal warmed(request_id: String, npc_ids: Array, ms: int)
+## `save.create` / `save.load` / `save.delete` done (`kind` says which); `answer` is the `ok`.
+signal save_done(request_id: String, kind: String, answer: Dictionary)
+## `save.list`: [{"save_id", "created_at", "memories"}, …], oldest first.
+signal saves_listed(request_id: String, saves: Array)
 
 enum State { IDLE, CONNECTING, HANDSHAKE, READY, WAITING_TO_RETRY }
 
@@ -128,12 +137,65 @@ func is_ready() -> bool:
 
 ## Ask `npc_id` something; returns the request id that the reply signals carry.
 ## `context` is free-form game state (location, time of day, quest flags).
+## `game_time` (minutes since the game's epoch; < 0: not sent) drives memory recency,
+## "how long ago" and the time of day in the prompt.
 func say(
-	npc_id: String, text: String, player_id: String = "", context: Dictionary = {}, max_tokens := 0
+	npc_id: String,
+	text: String,
+	player_id: String = "",
+	context: Dictionary = {},
+	max_tokens := 0,
+	game_time := -1.0
 ) -> String:
 	var request_id := _new_id()
 	_open_replies[request_id] = npc_id
-	_send(PROTOCOL.say(request_id, npc_id, text, player_id, context, max_tokens))
+	_send(PROTOCOL.say(request_id, npc_id, text, player_id, context, max_tokens, game_time))
+	return request_id
+
+
+## The player walks up to `npc_id`: at a first meeting the persona's greeting arrives at
+## once; later the NPC greets from what it remembers. Same signals as `say`.
+func greet(
+	npc_id: String, player_id: String = "", context: Dictionary = {}, game_time := -1.0
+) -> String:
+	var request_id := _new_id()
+	_open_replies[request_id] = npc_id
+	_send(PROTOCOL.greet(request_id, npc_id, player_id, context, game_time))
+	return request_id
+
+
+## Prepare NPCs' prompts (at level load, for the NPCs nearby); answered by `warmed`.
+func warm(npc_ids: Array) -> String:
+	var request_id := _new_id()
+	_open_requests[request_id] = "npc.warm"
+	_send(PROTOCOL.npc_warm(request_id, npc_ids))
+	return request_id
+
+
+## Save slots: every NPC's memories, conversations, trust and flags. Answered by
+## `save_done` (or `error_received`, details.field "save_id" for an unknown slot).
+func save_create(save_id: String) -> String:
+	return _save_request("create", save_id)
+
+
+## Restores the slot exactly; replies still running end first (reason "cancelled").
+func save_load(save_id: String) -> String:
+	return _save_request("load", save_id)
+
+
+func save_delete(save_id: String) -> String:
+	return _save_request("delete", save_id)
+
+
+## Answered by `saves_listed`.
+func save_list() -> String:
+	return _save_request("list", "")
+
+
+func _save_request(kind: String, save_id: String) -> String:
+	var request_id := _new_id()
+	_open_requests[request_id] = "save." + kind
+	_send(PROTOCOL.save(request_id, kind, save_id))
 	return request_id
 
 
@@ -250,10 +312,18 @@ func _on_frame(frame: String) -> void:
 		"state":
 			_open_requests.erase(request_id)
 			state_received.emit(request_id, message)
-		"ok":
-			if _open_requests.get(request_id, "") == "event":
-				event_stored.emit(request_id, message.get("memory_ids", []))
+		"save.items":
 			_open_requests.erase(request_id)
+			saves_listed.emit(request_id, message.get("saves", []))
+		"ok":
+			var asked: String = _open_requests.get(request_id, "")
+			_open_requests.erase(request_id)
+			if asked == "event":
+				event_stored.emit(request_id, message.get("memory_ids", []))
+			elif asked == "npc.warm":
+				warmed.emit(request_id, message.get("warmed", []), int(message.get("ms", 0)))
+			elif asked.begins_with("save."):
+				save_done.emit(request_id, asked.trim_prefix("save."), message)
 
 
 func _on_reply_message(request_id: String, message: Dictionary) -> void:
@@ -263,8 +333,12 @@ func _on_reply_message(request_id: String, message: Dictionary) -> void:
 		"reply.delta":
 			reply_delta.emit(request_id, int(message.get("seq", 0)), str(message.get("text", "")))
 		"reply.end":
+			var npc_id: String = _open_replies.get(request_id, "")
 			_open_replies.erase(request_id)
 			reply_finished.emit(request_id, message)
+			var action: Variant = message.get("game_action")
+			if typeof(action) == TYPE_DICTIONARY:
+				game_action.emit(request_id, npc_id, action)
 
 
 func _on_welcome(message: Dictionary) -> void:

@@ -20,13 +20,16 @@ static func hello(request_id: String, client_name: String, token: String = "") -
 	return message
 
 
+## `game_time`: minutes of game time since the game's epoch (< 0: not sent, the engine
+## then uses the last one it was given, or the wall clock).
 static func say(
 	request_id: String,
 	npc_id: String,
 	text: String,
 	player_id: String = "",
 	context: Dictionary = {},
-	max_tokens: int = 0
+	max_tokens: int = 0,
+	game_time: float = -1.0
 ) -> Dictionary:
 	var message := {"type": "say", "id": request_id, "npc_id": npc_id, "text": text}
 	if not player_id.is_empty():
@@ -35,6 +38,39 @@ static func say(
 		message["context"] = context
 	if max_tokens > 0:
 		message["max_tokens"] = max_tokens
+	if game_time >= 0.0:
+		message["game_time"] = game_time
+	return message
+
+
+## The player walks up: answered with reply.* frames exactly as `say` is.
+static func greet(
+	request_id: String,
+	npc_id: String,
+	player_id: String = "",
+	context: Dictionary = {},
+	game_time: float = -1.0
+) -> Dictionary:
+	var message := {"type": "greet", "id": request_id, "npc_id": npc_id}
+	if not player_id.is_empty():
+		message["player_id"] = player_id
+	if not context.is_empty():
+		message["context"] = context
+	if game_time >= 0.0:
+		message["game_time"] = game_time
+	return message
+
+
+## `npc_ids` may be ["*"] for every NPC.
+static func npc_warm(request_id: String, npc_ids: Array) -> Dictionary:
+	return {"type": "npc.warm", "id": request_id, "npc_ids": npc_ids}
+
+
+## `kind`: "create", "load", "delete" (with `save_id`) or "list" (without).
+static func save(request_id: String, kind: String, save_id: String = "") -> Dictionary:
+	var message := {"type": "save." + kind, "id": request_id}
+	if not save_id.is_empty():
+		message["save_id"] = save_id
 	return message
 
 
@@ -44,13 +80,20 @@ static func cancel(request_id: String, target: String) -> Dictionary:
 
 ## `npc_ids` may be ["*"] for every NPC; `importance` 1-10, 0 lets the engine rate it.
 static func event(
-	request_id: String, npc_ids: Array, text: String, player_id: String = "", importance: int = 0
+	request_id: String,
+	npc_ids: Array,
+	text: String,
+	player_id: String = "",
+	importance: int = 0,
+	game_time: float = -1.0
 ) -> Dictionary:
 	var message := {"type": "event", "id": request_id, "npc_ids": npc_ids, "text": text}
 	if not player_id.is_empty():
 		message["player_id"] = player_id
 	if importance > 0:
 		message["importance"] = clampi(importance, 1, 10)
+	if game_time >= 0.0:
+		message["game_time"] = game_time
 	return message
 
 
@@ -77,9 +120,12 @@ static func state_set(
 	npc_id: String = "",
 	trust: Variant = null,
 	trust_delta: Variant = null,
-	flags: Dictionary = {}
+	flags: Dictionary = {},
+	game_time: float = -1.0
 ) -> Dictionary:
 	var message := {"type": "state.set", "id": request_id, "player_id": player_id}
+	if game_time >= 0.0:
+		message["game_time"] = game_time
 	if not npc_id.is_empty():
 		message["npc_id"] = npc_id
 	if trust != null:
