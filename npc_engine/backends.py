@@ -87,7 +87,11 @@ def _llama(config: EngineConfig, progress: Progress) -> Generator:
             # llama.cpp's sequence state holds the context's stream count (one per batch
             # slot): a head stored by an 8-slot context cannot be read by a 1-slot one.
             model_fingerprint(
-                model_path, llama_cpp.__version__, config.n_gpu_layers, config.parallel
+                model_path,
+                llama_cpp.__version__,
+                config.n_gpu_layers,
+                config.parallel,
+                digest_cache=config.head_cache_dir / "model-digests.json",
             ),
             config.head_cache_mb << 20,
         )

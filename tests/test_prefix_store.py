@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,7 +10,12 @@ import numpy as np
 import pytest
 
 from npc_engine.config import EngineConfig
-from npc_engine.generation.prefix_store import MIN_HEAD_TOKENS, PrefixStore, model_fingerprint
+from npc_engine.generation.prefix_store import (
+    MIN_HEAD_TOKENS,
+    PrefixStore,
+    model_digest,
+    model_fingerprint,
+)
 from npc_engine.runtime import open_engine
 
 pytestmark = pytest.mark.timeout(300)
@@ -59,6 +65,30 @@ def test_model_fingerprint_changes_with_the_file_and_the_build(tmp_path: Path) -
     assert first != model_fingerprint(model, "0.3.16", -1)
     model.write_bytes(b"GGUF" + b"\0" * 101)
     assert first != model_fingerprint(model, "0.3.16", 0)
+
+
+def test_the_fingerprint_is_the_files_content_and_its_hash_is_cached(tmp_path: Path) -> None:
+    cache = tmp_path / "digests.json"
+    original, copy = tmp_path / "a.gguf", tmp_path / "elsewhere" / "b.gguf"
+    copy.parent.mkdir()
+    original.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    copy.write_bytes(original.read_bytes())
+    # The same bytes under another name share heads; a byte changed does not.
+    assert model_fingerprint(original, "v", digest_cache=cache) == model_fingerprint(
+        copy, "v", digest_cache=cache
+    )
+    assert len(json.loads(cache.read_text())) == 2
+    changed = bytearray(copy.read_bytes())
+    changed[100] ^= 1
+    copy.write_bytes(bytes(changed))
+    assert model_fingerprint(original, "v", digest_cache=cache) != model_fingerprint(
+        copy, "v", digest_cache=cache
+    )
+    # Unchanged files are not hashed again: a cached digest is trusted while path, size
+    # and modification time hold (a planted value shows it was read, not recomputed).
+    key = next(k for k in json.loads(cache.read_text()) if k.startswith(str(original.resolve())))
+    cache.write_text(json.dumps({key: "planted"}))
+    assert model_digest(original, cache) == "planted"
 
 
 def test_damaged_and_foreign_files_are_never_restored(tmp_path: Path) -> None:

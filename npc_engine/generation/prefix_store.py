@@ -19,7 +19,9 @@ This module knows nothing of llama.cpp: it stores bytes and token arrays (tested
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -41,13 +43,35 @@ _HEADER = struct.Struct("<IQI")
 MIN_HEAD_TOKENS = 64
 
 
-def model_fingerprint(model_path: Path, *parts: object) -> str:
-    """Names one GGUF file (path, size, modification time) and whatever else decides the
-    KV layout (``parts``: llama.cpp's version, offloading…)."""
+def model_digest(model_path: Path, cache_file: Path | None = None) -> str:
+    """SHA-256 of a GGUF's bytes. Hashing gigabytes takes seconds, so the digest is kept
+    in ``cache_file`` by (path, size, modification time) and read back while those hold."""
     stat = model_path.stat()
-    described = "|".join(
-        [str(model_path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), *map(str, parts)]
-    )
+    key = f"{model_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    known: dict[str, str] = {}
+    if cache_file is not None and cache_file.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            known = dict(json.loads(cache_file.read_text()))
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with model_path.open("rb") as model:
+        for block in iter(lambda: model.read(1 << 20), b""):
+            digest.update(block)
+    known[key] = digest.hexdigest()
+    if cache_file is not None:
+        with contextlib.suppress(OSError):  # only a cache: a read-only folder costs a rehash
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            unfinished = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            unfinished.write_text(json.dumps(known))
+            unfinished.replace(cache_file)
+    return known[key]
+
+
+def model_fingerprint(model_path: Path, *parts: object, digest_cache: Path | None = None) -> str:
+    """Names one GGUF by its content (``model_digest``) and whatever else decides the KV
+    layout (``parts``: llama.cpp's version, offloading, batch slots)."""
+    described = "|".join([model_digest(model_path, digest_cache), *map(str, parts)])
     return hashlib.sha256(described.encode()).hexdigest()[:24]
 
 

@@ -340,6 +340,9 @@ class PlaytestApp(App[None]):
             extra.append(f"emotion: {turn.emotion}")
         if turn.action:
             extra.append(f"action: {turn.action}")
+        if turn.game_action:
+            args = ", ".join(f"{k}={v}" for k, v in turn.game_action.get("args", {}).items())
+            extra.append(f"game action: {turn.game_action['name']}({args})")
         reply.refresh_text(streaming=False, suffix=" · ".join(extra))
         self.transcript.append((card.name, turn.text))
         self.last_turn = turn

@@ -70,6 +70,7 @@ class TurnView:
     guard: str | None = None  # secret | out_of_world: the reply was cut
     guard_entry: str | None = None
     guard_reason: str | None = None
+    game_action: dict[str, Any] | None = None  # {"name", "args"}: what the NPC does
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -162,6 +163,7 @@ def turn_view(result: TurnResult, player_text: str) -> TurnView:
         guard=result.guard.kind if result.guard is not None else None,
         guard_entry=result.guard.entry if result.guard is not None else None,
         guard_reason=result.guard.reason if result.guard is not None else None,
+        game_action=result.game_action.as_dict() if result.game_action is not None else None,
     )
 
 
@@ -390,6 +392,7 @@ class RemoteSession:
             guard=end.get("guard"),
             guard_entry=inspect.get("guard_entry"),
             guard_reason=inspect.get("guard_reason"),
+            game_action=end.get("game_action"),
         )
 
     async def cancel(self) -> None:
