@@ -288,7 +288,9 @@ def test_ten_thousand_player_ids_keep_ram_and_handles_bounded(tmp_path: Path) ->
         assert grown_fds <= 8  # a collection per player opened 4 files each
         assert grown_rss < 100 * 2**20  # a collection per player: ~2.5 MB each
         assert engine.conversation_count() == 50
-        found = store.search("mara", "player-9999", "who paid a toll?", 3)
-        assert [c.memory.text for c in found] == ["player-9999 paid a toll."]
+        engine.writer.flush()
+        found = store.search("mara", "player-9999", "who paid a toll?", 10)
+        assert {c.memory.player_id for c in found} == {"player-9999"}  # never another's
+        assert "player-9999 paid a toll." in [c.memory.text for c in found]
     finally:
         runtime.close()
