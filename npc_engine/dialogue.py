@@ -485,13 +485,10 @@ class DialogueEngine:
             log.warning("game time of %s unavailable: %s", player_id, exc)
             return None
 
-    def _remembered_of(
-        self, npc_id: str, player_id: str, limit: int, game_now: float | None
-    ) -> list[ScoredMemory]:
+    def _remembered_of(self, npc_id: str, player_id: str, limit: int) -> list[ScoredMemory]:
         """What an NPC remembers of a player, newest first (for a greeting: there is no
         line to match memories against)."""
-        recent = [m for m in self.store.recent(npc_id, player_id, limit * 2)]
-        mine = [m for m in recent if m.player_id == player_id][:limit]
+        mine = self.store.recent(npc_id, player_id, limit, player_only=True)
         return [
             ScoredMemory(m, 1.0 - i / 100, 0.0, 1.0, m.importance / 10) for i, m in enumerate(mine)
         ]
@@ -714,8 +711,7 @@ class DialogueEngine:
     def _first_meeting(self, npc_id: str, player_id: str) -> bool:
         if self.history(npc_id, player_id):
             return False
-        recent = self.store.recent(npc_id, player_id, 64)
-        return not any(memory.player_id == player_id for memory in recent)
+        return not self.store.recent(npc_id, player_id, 1, player_only=True)
 
     def _written_greeting(
         self,
@@ -792,7 +788,7 @@ class DialogueEngine:
         wanted = top_k + in_window if top_k else 0
         try:
             if greeting:
-                memories = self._remembered_of(npc_id, player_id, wanted, game_now)
+                memories = self._remembered_of(npc_id, player_id, wanted)
             else:
                 memories = self.recall(npc_id, player_id, text, wanted, game_now)
         except Exception as exc:  # memory trouble must not silence the NPC

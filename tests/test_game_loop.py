@@ -391,3 +391,18 @@ def test_saves_while_turns_run_never_write_back_undone_turns(sample_personas: Pa
     engine.writer.flush()
     assert engine.history("mara", "player") == []
     assert engine.store.recent("mara", "player", 10) == []
+
+
+def test_a_player_remembered_under_many_newer_events_is_no_stranger(
+    sample_personas: Path, tmp_path: Path
+) -> None:
+    generator = ScriptedGenerator(respond=lambda _p: "You again.")
+    engine = make_engine(
+        sample_personas, generator, ChromaMemoryStore(tmp_path / "chroma", hashed_embed)
+    )
+    engine.add_event(["mara"], "Aria bought rope.", player_id="aria").result(5)
+    for n in range(80):  # the NPC's own memories, all newer than what it knows of Aria
+        engine.add_event(["mara"], f"Ship {n} came in.").result(5)
+    greeting = engine.greet("mara", player_id="aria")
+    assert greeting.text == "You again."  # generated: she remembers Aria
+    assert "Aria bought rope." in generator.prompts[-1]

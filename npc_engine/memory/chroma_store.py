@@ -429,12 +429,14 @@ class ChromaMemoryStore:
             found.update((m.id, m) for m in fetched)
         return found
 
-    def recent(self, npc_id: str, player_id: str | None, limit: int) -> list[Memory]:
+    def recent(
+        self, npc_id: str, player_id: str | None, limit: int, *, player_only: bool = False
+    ) -> list[Memory]:
         if limit <= 0:
             return []
         memories = []
         own = self._collection(_own_name(npc_id), npc_id, create=False)
-        if own is not None:
+        if own is not None and not (player_only and player_id is not None):
             memories += self._newest(own, limit)
         if player_id is not None:
             shard = self._collection(_player_shard(npc_id, player_id), npc_id, create=False)

@@ -70,10 +70,13 @@ class InMemoryStore:
         )
         return ranked[:limit]
 
-    def recent(self, npc_id: str, player_id: str | None, limit: int) -> list[Memory]:
-        memories = sorted(
-            self._visible(npc_id, player_id), key=lambda m: m.created_at, reverse=True
-        )
+    def recent(
+        self, npc_id: str, player_id: str | None, limit: int, *, player_only: bool = False
+    ) -> list[Memory]:
+        visible = self._visible(npc_id, player_id)
+        if player_only and player_id is not None:
+            visible = [m for m in visible if m.player_id == player_id]
+        memories = sorted(visible, key=lambda m: m.created_at, reverse=True)
         return memories[:limit]
 
     def touch(

@@ -91,7 +91,11 @@ class MemoryStore(Protocol):
         self, npc_id: str, player_id: str | None, query: str, limit: int
     ) -> list[Candidate]: ...
 
-    def recent(self, npc_id: str, player_id: str | None, limit: int) -> list[Memory]: ...
+    def recent(
+        self, npc_id: str, player_id: str | None, limit: int, *, player_only: bool = False
+    ) -> list[Memory]:
+        """Newest first; ``player_only``: only those tied to ``player_id``."""
+        ...
 
     def touch(
         self,
