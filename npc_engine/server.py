@@ -505,7 +505,8 @@ class NpcServer:
             info = await self._in_io(lambda r: engine.create_save(r.save_id), request)
             await conn.send(Ok(re=request.id, save_id=info.save_id, memories=info.memories))
         elif isinstance(request, SaveLoad):
-            if request.save_id not in {i.save_id for i in engine.list_saves()}:
+            known = await self._in_io(lambda _r: engine.list_saves(), request)
+            if request.save_id not in {i.save_id for i in known}:
                 raise SaveError("save_id", f"No save with id {request.save_id!r}.")
             await self._end_all_replies()
             info = await self._in_io(lambda r: engine.load_save(r.save_id), request)
