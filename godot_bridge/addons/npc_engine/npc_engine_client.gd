@@ -175,27 +175,32 @@ func warm(npc_ids: Array) -> String:
 ## Save slots: every NPC's memories, conversations, trust and flags. Answered by
 ## `save_done` (or `error_received`, details.field "save_id" for an unknown slot).
 func save_create(save_id: String) -> String:
-	return _save_request("create", save_id)
+	var request_id := _new_id()
+	_open_requests[request_id] = "save.create"
+	_send(PROTOCOL.save_create(request_id, save_id))
+	return request_id
 
 
 ## Restores the slot exactly; replies still running end first (reason "cancelled").
 func save_load(save_id: String) -> String:
-	return _save_request("load", save_id)
+	var request_id := _new_id()
+	_open_requests[request_id] = "save.load"
+	_send(PROTOCOL.save_load(request_id, save_id))
+	return request_id
 
 
 func save_delete(save_id: String) -> String:
-	return _save_request("delete", save_id)
+	var request_id := _new_id()
+	_open_requests[request_id] = "save.delete"
+	_send(PROTOCOL.save_delete(request_id, save_id))
+	return request_id
 
 
 ## Answered by `saves_listed`.
 func save_list() -> String:
-	return _save_request("list", "")
-
-
-func _save_request(kind: String, save_id: String) -> String:
 	var request_id := _new_id()
-	_open_requests[request_id] = "save." + kind
-	_send(PROTOCOL.save(request_id, kind, save_id))
+	_open_requests[request_id] = "save.list"
+	_send(PROTOCOL.save_list(request_id))
 	return request_id
 
 

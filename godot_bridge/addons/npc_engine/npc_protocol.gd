@@ -66,12 +66,20 @@ static func npc_warm(request_id: String, npc_ids: Array) -> Dictionary:
 	return {"type": "npc.warm", "id": request_id, "npc_ids": npc_ids}
 
 
-## `kind`: "create", "load", "delete" (with `save_id`) or "list" (without).
-static func save(request_id: String, kind: String, save_id: String = "") -> Dictionary:
-	var message := {"type": "save." + kind, "id": request_id}
-	if not save_id.is_empty():
-		message["save_id"] = save_id
-	return message
+static func save_create(request_id: String, save_id: String) -> Dictionary:
+	return {"type": "save.create", "id": request_id, "save_id": save_id}
+
+
+static func save_load(request_id: String, save_id: String) -> Dictionary:
+	return {"type": "save.load", "id": request_id, "save_id": save_id}
+
+
+static func save_delete(request_id: String, save_id: String) -> Dictionary:
+	return {"type": "save.delete", "id": request_id, "save_id": save_id}
+
+
+static func save_list(request_id: String) -> Dictionary:
+	return {"type": "save.list", "id": request_id}
 
 
 static func cancel(request_id: String, target: String) -> Dictionary:
