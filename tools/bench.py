@@ -135,6 +135,9 @@ def bench_config(root: Path, name: str, **overrides: Any) -> EngineConfig:
         "seed": 1234,
         "temperature": 0.0,
         "n_ctx": 4096,
+        # Game actions are measured on their own (target "actions"); elsewhere their choice
+        # after a reply would only add to the turn times those targets compare.
+        "actions": {"enabled": False},
     }
     settings.update(overrides)
     return load_config(**settings)
@@ -687,6 +690,7 @@ def target_actions(runtime: EngineRuntime, report: Report, limit: int | None) ->
     engine = runtime.engine
     probes = load_action_probes()[:limit]
     outcomes = []
+    engine.config.actions.enabled = True
     for index, probe in enumerate(probes):
         player = f"actions{index}"
         state = probe.get("state") or {}
@@ -705,6 +709,7 @@ def target_actions(runtime: EngineRuntime, report: Report, limit: int | None) ->
                 "generation_ms": result.timings.generation_ms,
             }
         )
+    engine.config.actions.enabled = False
     right = sum(o["chosen"] == o["expected"] for o in outcomes)
     quiet = [o for o in outcomes if o["expected"] == "none"]
     acting = [o for o in outcomes if o["expected"] != "none"]
