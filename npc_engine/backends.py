@@ -138,7 +138,9 @@ def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
 
     cache = ModelCache(config.cache_dir)
     ensure_installed(cache, MODELS[EMBEDDING_MODEL], progress)
-    return ChromaMemoryStore(config.data_dir / "chroma", OfflineMiniLM(cache))
+    store = ChromaMemoryStore(config.data_dir / "chroma", OfflineMiniLM(cache))
+    store.open_collections_in_background()
+    return store
 
 
 @store_backend("memory")

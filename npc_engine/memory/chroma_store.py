@@ -588,6 +588,21 @@ class ChromaMemoryStore:
         found = {n: self._collection(n, "", create=False) for n in names}
         return {n: c for n, c in found.items() if c is not None and _MEMORY_COLLECTION.match(n)}
 
+    def open_collections_in_background(self) -> threading.Thread:
+        """Read every memory collection once on a background thread: Chroma loads a
+        collection's segments on first use (~25 ms each; 0.8 s for 10 NPCs), which would
+        otherwise land on the first save (it lists them all) or an NPC's first recall."""
+
+        def open_all() -> None:
+            try:
+                self._live_ids()
+            except Exception:  # only a warm-up: the real call reports its own failure
+                log.debug("opening collections ahead failed", exc_info=True)
+
+        thread = threading.Thread(target=open_all, name="npc-chroma-open", daemon=True)
+        thread.start()
+        return thread
+
     def _live_ids(self) -> dict[str, list[str]]:
         found = {n: list(c.get(include=[])["ids"]) for n, c in self._memory_collections().items()}
         return {name: ids for name, ids in found.items() if ids}
