@@ -662,19 +662,12 @@ class NpcServer:
                 if isinstance(request, Say):
                     self.engine.hear(request.npc_id, request.text, player_id=request.player_id)
                 return None
-            if isinstance(request, Greet):
-                return self.engine.greet(
-                    request.npc_id,
-                    player_id=request.player_id,
-                    context=request.context,
-                    max_tokens=request.max_tokens,
-                    on_delta=on_delta,
-                    cancel=reply.cancel,
-                    game_time=request.game_time,
-                )
-            return self.engine.say(
-                request.npc_id,
-                request.text,
+            turn = (
+                partial(self.engine.greet, request.npc_id)
+                if isinstance(request, Greet)
+                else partial(self.engine.say, request.npc_id, request.text)
+            )
+            return turn(
                 player_id=request.player_id,
                 context=request.context,
                 max_tokens=request.max_tokens,

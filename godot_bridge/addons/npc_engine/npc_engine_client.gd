@@ -166,41 +166,35 @@ func greet(
 
 ## Prepare NPCs' prompts (at level load, for the NPCs nearby); answered by `warmed`.
 func warm(npc_ids: Array) -> String:
-	var request_id := _new_id()
-	_open_requests[request_id] = "npc.warm"
-	_send(PROTOCOL.npc_warm(request_id, npc_ids))
-	return request_id
+	return _ask(PROTOCOL.npc_warm("", npc_ids))
 
 
 ## Save slots: every NPC's memories, conversations, trust and flags. Answered by
 ## `save_done` (or `error_received`, details.field "save_id" for an unknown slot).
 func save_create(save_id: String) -> String:
-	var request_id := _new_id()
-	_open_requests[request_id] = "save.create"
-	_send(PROTOCOL.save_create(request_id, save_id))
-	return request_id
+	return _ask(PROTOCOL.save_create("", save_id))
 
 
 ## Restores the slot exactly; replies still running end first (reason "cancelled").
 func save_load(save_id: String) -> String:
-	var request_id := _new_id()
-	_open_requests[request_id] = "save.load"
-	_send(PROTOCOL.save_load(request_id, save_id))
-	return request_id
+	return _ask(PROTOCOL.save_load("", save_id))
 
 
 func save_delete(save_id: String) -> String:
-	var request_id := _new_id()
-	_open_requests[request_id] = "save.delete"
-	_send(PROTOCOL.save_delete(request_id, save_id))
-	return request_id
+	return _ask(PROTOCOL.save_delete("", save_id))
 
 
 ## Answered by `saves_listed`.
 func save_list() -> String:
+	return _ask(PROTOCOL.save_list(""))
+
+
+## Sends a request built without an id, under a new one; its answer is routed by type.
+func _ask(message: Dictionary) -> String:
 	var request_id := _new_id()
-	_open_requests[request_id] = "save.list"
-	_send(PROTOCOL.save_list(request_id))
+	message["id"] = request_id
+	_open_requests[request_id] = message["type"]
+	_send(message)
 	return request_id
 
 
