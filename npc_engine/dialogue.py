@@ -233,7 +233,12 @@ class DialogueEngine:
         # Recent turns per conversation, least recently used out beyond max_conversations
         # (player ids are the client's choice: RAM must not grow with them).
         self._history: OrderedDict[tuple[str, str], list[Turn]] = OrderedDict()
-        self._history_lock = threading.Lock()  # also orders forgets with turns' writes
+        # Also orders forgets with turns' writes. Reentrant: a write's done-callback takes it,
+        # and runs at once in the caller's thread when the write is already done.
+        self._history_lock = threading.RLock()
+        # Histories queued for the store and not written yet: a conversation that left RAM
+        # meanwhile is read back from here, never from the older copy in the store.
+        self._unsaved: dict[tuple[str, str], list[Turn]] = {}
         self._forgets: deque[_Forget] = deque(maxlen=FORGET_LOG)
         self._forget_serial = 0
         self._fallback_counter = itertools.count()
@@ -395,8 +400,11 @@ class DialogueEngine:
             self._history.move_to_end(key)
             return turns
         try:
-            record = self.store.load_state(history_key(npc_id, player_id)) or {}
-            turns = [Turn.from_record(r) for r in record.get("turns", [])]
+            if key in self._unsaved:
+                turns = list(self._unsaved[key])
+            else:
+                record = self.store.load_state(history_key(npc_id, player_id)) or {}
+                turns = [Turn.from_record(r) for r in record.get("turns", [])]
         except Exception as exc:  # a damaged record must not silence the NPC
             log.warning("history of %s with %s unreadable: %s", npc_id, player_id, exc)
             turns = []
@@ -415,13 +423,13 @@ class DialogueEngine:
             turns = self._conversation(npc_id, player_id)
             dropped = turns.pop() if turns else None
             if dropped is not None:
-                self.writer.submit([], [history_write(npc_id, player_id, turns)])
+                self._store_history(npc_id, player_id, turns)
             return dropped
 
     def reset_conversation(self, npc_id: str, player_id: str) -> None:
         with self._history_lock:
             self._history.pop((npc_id, player_id), None)
-            self.writer.submit([], [history_write(npc_id, player_id, None)])
+            self._store_history(npc_id, player_id, None)
 
     # -- saves ---------------------------------------------------------------------------
 
@@ -442,6 +450,7 @@ class DialogueEngine:
             info = self.store.load_save(save_id)
             with self._history_lock:
                 self._history.clear()
+                self._unsaved.clear()
             self.state.clear()
             return info
 
@@ -580,7 +589,7 @@ class DialogueEngine:
             with self._history_lock:
                 turns = [turn.without(ids) for turn in self._conversation(npc_id, player)]
                 self._history[(npc_id, player)] = turns
-                self.writer.submit([], [history_write(npc_id, player, turns)])
+                self._store_history(npc_id, player, turns)
         self.writer.flush()
 
     def _forgotten_since(
@@ -613,6 +622,29 @@ class DialogueEngine:
         with self._history_lock:
             line = player_line_memory(npc_id, player_id, text, self.clock(), game_now)
             self._submit_memories([line])
+
+    def _store_history(
+        self,
+        npc_id: str,
+        player_id: str,
+        turns: Sequence[Turn] | None,
+        memories: Sequence[Memory] = (),
+    ) -> Future[list[str]]:
+        """Queue a conversation's turns (None: delete them) with the turn's memories, one
+        write; until it is stored, ``_conversation`` reads the turns from here."""
+        key = (npc_id, player_id)
+        snapshot = list(turns) if turns is not None else []
+        with self._history_lock:
+            self._unsaved[key] = snapshot
+            done = self._submit_memories(list(memories), [history_write(npc_id, player_id, turns)])
+
+        def stored(_done: Future[list[str]]) -> None:
+            with self._history_lock:
+                if self._unsaved.get(key) is snapshot:
+                    del self._unsaved[key]
+
+        done.add_done_callback(stored)
+        return done
 
     def _submit_memories(
         self, memories: list[Memory], states: Sequence[StateWrite] = ()
@@ -734,8 +766,8 @@ class DialogueEngine:
         result.action = infer_action(text)
         with self._history_lock:
             self._remember_turn(npc_id, player_id, turn)
-            states = [history_write(npc_id, player_id, self._conversation(npc_id, player_id))]
-            result.memory_write = self._submit_memories([memory], states)
+            turns = self._conversation(npc_id, player_id)
+            result.memory_write = self._store_history(npc_id, player_id, turns, [memory])
         result.timings.total_ms = (time.perf_counter() - started) * 1000
         return result
 
@@ -925,12 +957,12 @@ class DialogueEngine:
             wiped, forgotten = self._forgotten_since(forget_serial, npc_id, player_id)
             if wiped:  # forgotten while this turn ran: it must not write it back
                 to_write, turn = [], None
-            states: list[StateWrite] = []
             if turn is not None:
                 self._remember_turn(npc_id, player_id, turn.without(forgotten))
                 turns = self._conversation(npc_id, player_id)
-                states.append(history_write(npc_id, player_id, turns))
-            result.memory_write = self._submit_memories(to_write, states)
+                result.memory_write = self._store_history(npc_id, player_id, turns, to_write)
+            else:
+                result.memory_write = self._submit_memories(to_write)
         if result.memories:
             self.writer.touch(npc_id, [m.memory.id for m in result.memories], now, game_now)
         result.timings.total_ms = (time.perf_counter() - started) * 1000

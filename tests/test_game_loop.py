@@ -406,3 +406,36 @@ def test_a_player_remembered_under_many_newer_events_is_no_stranger(
     greeting = engine.greet("mara", player_id="aria")
     assert greeting.text == "You again."  # generated: she remembers Aria
     assert "Aria bought rope." in generator.prompts[-1]
+
+
+class SlowStateStore(InMemoryStore):
+    """State writes wait for ``release``: a history write stays queued meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def save_state(
+        self, key: str, value: dict[str, object], labels: dict[str, str] | None = None
+    ) -> None:
+        if key.startswith("history:"):
+            self.release.wait(10)
+        super().save_state(key, value, labels)
+
+
+def test_a_conversation_evicted_before_its_write_lands_is_not_read_stale(
+    sample_personas: Path,
+) -> None:
+    store = SlowStateStore()
+    engine = make_engine(
+        sample_personas,
+        ScriptedGenerator(respond=lambda _p: "Aye."),
+        store,
+        max_conversations=1,
+    )
+    engine.say("mara", "First words.", player_id="p1")
+    engine.say("mara", "Other words.", player_id="p2")  # p1 leaves RAM, unwritten
+    assert [t.player_text for t in engine.history("mara", "p1")] == ["First words."]
+    store.release.set()
+    engine.writer.flush(10)
+    assert [t.player_text for t in engine.history("mara", "p1")] == ["First words."]
