@@ -139,6 +139,11 @@ def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
     cache = ModelCache(config.cache_dir)
     ensure_installed(cache, MODELS[EMBEDDING_MODEL], progress)
     store = ChromaMemoryStore(config.data_dir / "chroma", OfflineMiniLM(cache))
+    if store.embedding_format() is None:
+        progress(
+            "note: this data directory's memories were embedded by an older npc-engine; "
+            "recall is better after a one-off `npc-engine memory reindex` (server stopped)"
+        )
     store.open_collections_in_background()
     return store
 

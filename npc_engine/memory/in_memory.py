@@ -62,7 +62,7 @@ class InMemoryStore:
         query_bag = _bag(query)
         ranked = sorted(
             (
-                Candidate(m, _cosine(query_bag, _bag(m.text)))
+                Candidate(m, _cosine(query_bag, _bag(m.searchable)))
                 for m in self._visible(npc_id, player_id)
             ),
             key=lambda c: c.relevance,

@@ -66,4 +66,13 @@ def score_candidates(
         for i, candidate in enumerate(kept)
     ]
     scored.sort(key=lambda s: s.score, reverse=True)
-    return scored
+    # The same words remembered again (a question asked twice, a stock reply) add nothing
+    # to the prompt and would crowd out other memories: only the best-scored copy stays.
+    seen: set[str] = set()
+    distinct = []
+    for memory in scored:
+        said = " ".join(memory.memory.searchable.lower().split())
+        if said not in seen:
+            seen.add(said)
+            distinct.append(memory)
+    return distinct

@@ -37,6 +37,14 @@ class Memory:
     # when the game sent no game_time: recency then runs on the wall clock.
     game_time: float | None = None
     accessed_game_time: float | None = None
+    # What was said, without the third-person wrapper of ``text`` ("The player p1 told me:
+    # …"): what search compares a query with. None: the text itself (events, facts).
+    content: str | None = None
+
+    @property
+    def searchable(self) -> str:
+        """The words a memory is found by (its vector, and keyword search)."""
+        return self.content or self.text
 
     def __post_init__(self) -> None:
         if not 1 <= self.importance <= 10:
