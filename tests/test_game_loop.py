@@ -58,12 +58,22 @@ def test_game_time_ranks_recency_whatever_the_wall_clock_says(sample_personas: P
     engine = make_engine(sample_personas, ScriptedGenerator())
     now = utc_now()
     game_now = 10 * DAY
-    text = "The player p1 told me the cellar key is lost."
-    # Equal relevance (the same words). By the wall clock the 3-game-day-old memory is the
-    # newer one (made just now), the 1-game-hour-old one a month old.
-    three_days = Memory("mara", text, player_id="p1", created_at=now, game_time=game_now - 3 * DAY)
+    # Equal relevance (the same words, in another order). By the wall clock the
+    # 3-game-day-old memory is the newer one (made just now), the 1-game-hour-old one a
+    # month old.
+    three_days = Memory(
+        "mara",
+        "The cellar key is lost, p1 told me.",
+        player_id="p1",
+        created_at=now,
+        game_time=game_now - 3 * DAY,
+    )
     one_hour = Memory(
-        "mara", text, player_id="p1", created_at=now - timedelta(days=30), game_time=game_now - 60
+        "mara",
+        "p1 told me the cellar key is lost.",
+        player_id="p1",
+        created_at=now - timedelta(days=30),
+        game_time=game_now - 60,
     )
     engine.store.add([three_days, one_hour])
     by_game = engine.recall("mara", "p1", "cellar key", 2, game_now=game_now)
