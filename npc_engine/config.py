@@ -53,6 +53,14 @@ class RetrievalConfig(BaseModel):
     min_relevance: float = Field(
         0.0, ge=-1, le=1, description="Memories below this cosine similarity are never used."
     )
+    hybrid: bool = Field(
+        True,
+        description="Join keyword (BM25) matches to the nearest by meaning and fuse the two "
+        "rankings (reciprocal rank fusion) into the relevance that is scored.",
+    )
+    rrf_k: float = Field(
+        60.0, gt=0, description="Reciprocal rank fusion constant: larger flattens the ranks."
+    )
 
 
 class GuardConfig(BaseModel):
@@ -104,8 +112,44 @@ class GenerationConfig(BaseModel):
     )
 
 
+class ConsolidationConfig(BaseModel):
+    """Folding old small talk into summaries, and the caps that bound memory growth
+    (``npc_engine.memory.upkeep``). Runs on the memory writer's thread, after writes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    every: int = Field(
+        40, ge=1, description="Look at a (NPC, player) pair after this many new memories of it."
+    )
+    keep_recent: int = Field(
+        40, ge=0, description="The newest dialogue memories of a pair are never folded."
+    )
+    fold_size: int = Field(
+        20, ge=2, le=200, description="Dialogue memories folded into one summary."
+    )
+    max_importance: int = Field(
+        4, ge=1, le=10, description="Only dialogue rated at most this important is folded."
+    )
+    max_per_player: int = Field(
+        400,
+        ge=50,
+        description="Memories one NPC keeps of one player; past it the oldest summaries go, "
+        "then the oldest superseded facts. Current facts and important lines stay.",
+    )
+    max_facts_per_player: int = Field(
+        200, ge=10, description="Facts (current and superseded) kept about one player."
+    )
+    max_per_npc: int = Field(
+        100_000,
+        ge=1000,
+        description="Memories of one NPC, all players together; past it the oldest "
+        "summaries and small talk go first, facts last.",
+    )
+
+
 class MemoryConfig(BaseModel):
-    """Which store keeps the memories (``npc_engine.backends``)."""
+    """Which store keeps the memories (``npc_engine.backends``), and their upkeep."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -114,6 +158,12 @@ class MemoryConfig(BaseModel):
         description="chroma: on disk in data_dir (the real store); memory: in RAM, gone at "
         "exit, for tests.",
     )
+    facts: bool = Field(
+        True,
+        description="Find durable facts in player lines (my name is…, I used to be…) and "
+        "keep them as kind 'fact' memories, shown as what the NPC knows about the player.",
+    )
+    consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
 
 
 class ServerLimits(BaseModel):

@@ -58,6 +58,7 @@ from npc_engine.memory.importance import rate_importance
 from npc_engine.memory.saves import SaveInfo
 from npc_engine.memory.scoring import score_candidates
 from npc_engine.memory.types import Memory, MemoryKind, MemoryStore, ScoredMemory, utc_now
+from npc_engine.memory.upkeep import MemoryUpkeep
 from npc_engine.memory.writer import MemoryWriter, StateWrite
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
 from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn, render_persona, render_world
@@ -230,7 +231,9 @@ class DialogueEngine:
         self.store = store
         self.config = config
         self.clock = clock
-        self.writer = MemoryWriter(store)
+        # Facts and consolidation, on the writer's thread after each stored batch.
+        self.upkeep = MemoryUpkeep(store, config.memory)
+        self.writer = MemoryWriter(store, self.upkeep.after_write)
         self.prompts = PromptBuilder(generator)
         # Recent turns per conversation, least recently used out beyond max_conversations
         # (player ids are the client's choice: RAM must not grow with them).
@@ -454,6 +457,7 @@ class DialogueEngine:
                 self._history.clear()
                 self._unsaved.clear()
             self.state.clear()
+            self.upkeep.forgotten()
             return info
 
     def list_saves(self) -> list[SaveInfo]:
@@ -486,7 +490,9 @@ class DialogueEngine:
         if game_now is None and player_id is not None:
             game_now = self._game_time_of(player_id)
         retrieval = self.config.retrieval
-        candidates = self.store.search(npc_id, player_id, query, max(retrieval.candidates, limit))
+        candidates = self.store.search(
+            npc_id, player_id, query, max(retrieval.candidates, limit), keywords=retrieval.hybrid
+        )
         return score_candidates(candidates, self.clock(), retrieval, game_now)[:limit]
 
     def _game_time_of(self, player_id: str) -> float | None:
@@ -572,9 +578,12 @@ class DialogueEngine:
                     del self._history[key]
         self.writer.flush()  # writes queued before the forget are stored, then deleted
         self._forget_in_stored_histories(npc_id, player_id, ids, everything)
-        return self.store.forget(
-            npc_id, player_id=player_id, memory_ids=memory_ids, everything=everything
-        )
+        try:
+            return self.store.forget(
+                npc_id, player_id=player_id, memory_ids=memory_ids, everything=everything
+            )
+        finally:
+            self.upkeep.forgotten(npc_id)
 
     def _forget_in_stored_histories(
         self, npc_id: str, player_id: str | None, ids: frozenset[str] | None, everything: bool
@@ -623,7 +632,7 @@ class DialogueEngine:
         game_now = self._game_time_of(player_id)
         with self._history_lock:
             line = player_line_memory(npc_id, player_id, text, self.clock(), game_now)
-            self._submit_memories([line])
+            self._submit_memories([line, *self.upkeep.facts_in(line)])
 
     def _store_history(
         self,
@@ -828,6 +837,14 @@ class DialogueEngine:
         except Exception as exc:  # memory trouble must not silence the NPC
             log.warning("memory recall failed for %s: %s", npc_id, exc)
             memories = []
+        try:
+            known_facts = self.upkeep.known_facts(npc_id, player_id)
+        except Exception as exc:
+            log.warning("facts unavailable for %s: %s", npc_id, exc)
+            known_facts = []
+        # Facts have their own place in the notes: not repeated among recalled memories.
+        fact_ids = {fact.id for fact in known_facts}
+        memories = [m for m in memories if m.memory.id not in fact_ids]
         result.timings.retrieval_ms = (time.perf_counter() - started) * 1000
 
         try:
@@ -886,6 +903,7 @@ class DialogueEngine:
                 game_now=game_now,
                 standing=standing_notes(standing.trust, unlocked),
                 standing_is_default=standing.trust == loaded.persona.trust and not unlocked.ids,
+                known_facts=known_facts,
             )
             result.timings.prompt_ms = (time.perf_counter() - mark) * 1000
             result.prompt = built.rendered.text
@@ -934,7 +952,10 @@ class DialogueEngine:
 
         result.emotion = infer_emotion(result.text, loaded.persona.mood)
         result.action = infer_action(result.text)
-        to_write = [] if greeting else [player_line_memory(npc_id, player_id, text, now, game_now)]
+        to_write = []
+        if not greeting:
+            line = player_line_memory(npc_id, player_id, text, now, game_now)
+            to_write = [line, *self.upkeep.facts_in(line)]
         if result.reason in ("stop", "length") and not result.used_fallback:
             to_write.append(
                 reply_memory(
@@ -958,6 +979,7 @@ class DialogueEngine:
         with self._history_lock:
             wiped, forgotten = self._forgotten_since(forget_serial, npc_id, player_id)
             if wiped:  # forgotten while this turn ran: it must not write it back
+                self.upkeep.discard(to_write)
                 to_write, turn = [], None
             if turn is not None:
                 self._remember_turn(npc_id, player_id, turn.without(forgotten))

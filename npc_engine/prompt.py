@@ -1,7 +1,8 @@
 """Builds the character prompt, most stable part first so llama.cpp reuses the cached prefix.
 
 Order: world lore → persona → example dialogue → earlier turns of this conversation →
-this turn's notes (recalled memories, game context) together with the player's line.
+this turn's notes (what the NPC knows about the player, recalled memories, game context)
+together with the player's line.
 An earlier turn is rendered exactly as it was shown, notes included (they are stored with
 the turn), so the whole history stays a cached prefix and each turn evaluates only the
 last reply's end, the new notes and the new line. Memories already in the window (shown
@@ -9,9 +10,9 @@ in an earlier turn's notes, or made from an exchange still in it) are not repeat
 the game context is repeated only when it changed: the notes stay short turn after turn.
 
 When the prompt does not fit the token budget, parts are dropped in this order:
-1. the oldest earlier turns, 2. the lowest-scored memories, 3. example dialogue (last
-first), 4. game context; finally the player's line is shortened. World lore and the
-persona itself are never dropped (a persona too large for ``n_ctx`` is an error).
+1. the oldest earlier turns, 2. the lowest-scored memories, 3. the oldest known facts,
+4. example dialogue (last first), 5. game context; finally the player's line is shortened.
+World lore and the persona itself are never dropped (a persona too large for ``n_ctx`` is an error).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any
 from npc_engine.cleaning import strip_special_tokens
 from npc_engine.errors import NpcEngineError
 from npc_engine.generation.base import Generator, Message, RenderedPrompt
-from npc_engine.memory.types import ScoredMemory
+from npc_engine.memory.types import Memory, ScoredMemory
 from npc_engine.persona.model import Persona, World
 
 MAX_PLAYER_CHARS = 2000
+MAX_FACTS_SHOWN = 12  # facts about the player noted in one turn, the newest
 
 
 @dataclass(frozen=True)
@@ -231,8 +233,16 @@ def describe_game_time(game_time: float) -> str:
     return f"{part} of day {day + 1}"
 
 
-def render_notes(memory_lines: Sequence[str], scene_line: str, standing: str = "") -> str:
+def render_notes(
+    memory_lines: Sequence[str],
+    scene_line: str,
+    standing: str = "",
+    fact_lines: Sequence[str] = (),
+) -> str:
     lines: list[str] = [standing.rstrip("\n")] if standing else []
+    if fact_lines:
+        lines.append("(What you know about this player, newest last:)")
+        lines += fact_lines
     if memory_lines:
         lines.append(
             "(Things you remember that may matter now; your notes, not the player's words:)"
@@ -266,22 +276,32 @@ class PromptBuilder:
         game_now: float | None = None,
         standing: str = "",
         standing_is_default: bool = False,
+        known_facts: Sequence[Memory] = (),
     ) -> BuiltPrompt:
         """``standing``: how the NPC regards this player and what it has unlocked
         (``game_state.standing_notes``); shown when it differs from what the conversation
         window last showed. At its default (start trust, nothing unlocked) it is not shown
         unless the window shows another: a stranger needs no note, and first turns stay
-        short."""
+        short. ``known_facts``: what the NPC knows about the player (oldest first); those
+        the window does not show yet are noted, the newest ``MAX_FACTS_SHOWN``."""
         budget = self.generator.n_ctx - max_tokens - self.reserve_tokens
         system = render_world(world, persona) + render_persona(persona, names)
         examples = list(persona.example_dialogue)
         turns = list(history)
         kept_memories = list(memories)  # best first
+        facts = list(known_facts)[-MAX_FACTS_SHOWN:]
         # The time of day is part of the game context: shown when it changes, like it.
         scene = {"time": describe_game_time(game_now)} if game_now is not None else {}
         scene.update(context)
         text = strip_special_tokens(player_text)[:MAX_PLAYER_CHARS]
-        dropped = {"turns": 0, "memories": 0, "examples": 0, "context": 0, "player_chars": 0}
+        dropped = {
+            "turns": 0,
+            "memories": 0,
+            "facts": 0,
+            "examples": 0,
+            "context": 0,
+            "player_chars": 0,
+        }
 
         while True:
             messages: list[Message] = [{"role": "system", "content": system}]
@@ -301,8 +321,15 @@ class PromptBuilder:
             last_standing = shown_before[-1] if shown_before else ""
             quiet = standing_is_default and not last_standing
             shown_standing = standing if standing != last_standing and not quiet else ""
-            noted = tuple((m.memory.id, memory_line(m, now, game_now)) for m in fresh)
-            block = render_notes([line for _, line in noted], shown_scene, shown_standing)
+            new_facts = [(f.id, f"- {f.text}") for f in facts if f.id not in in_window]
+            recalled = tuple((m.memory.id, memory_line(m, now, game_now)) for m in fresh)
+            noted = (*new_facts, *recalled)
+            block = render_notes(
+                [line for _, line in recalled],
+                shown_scene,
+                shown_standing,
+                [line for _, line in new_facts],
+            )
             messages.append({"role": "user", "content": block + _said(player_id, text, greeting)})
             # the system message and the examples are the same for every player
             rendered = self.generator.render(messages, shared=1 + 2 * len(examples))
@@ -324,6 +351,9 @@ class PromptBuilder:
             elif kept_memories:
                 kept_memories.pop()
                 dropped["memories"] += 1
+            elif facts:
+                facts.pop(0)
+                dropped["facts"] += 1
             elif examples:
                 examples.pop()
                 dropped["examples"] += 1

@@ -79,13 +79,16 @@ def run(
     turns: int,
     *,
     content_vectors: bool,
+    hybrid: bool = True,
     facts: int | None = None,
     replies: list[str] | None = None,
 ) -> Outcome:
     """``replies``: Mara's answer to each fact (default: one stock line for all)."""
     probes = load_probes()
     chatter = probes["chatter"]
-    config = load_config(personas_dir=REPO / "personas", data_dir=folder)
+    config = load_config(
+        personas_dir=REPO / "personas", data_dir=folder, retrieval={"hybrid": hybrid}
+    )
     embed = OfflineMiniLM(ModelCache(config.cache_dir))
     store = ChromaMemoryStore(folder / "chroma", embed)
     engine = DialogueEngine(
@@ -137,13 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             replies = model_replies(Path(folder), load_probes()["facts"][: args.facts])
     for turns in args.turns:
-        for content in (False, True):
+        for content, hybrid in ((False, False), (True, False), (True, True)):
             with tempfile.TemporaryDirectory() as folder:
                 outcome = run(
-                    Path(folder), turns, content_vectors=content, facts=args.facts, replies=replies
+                    Path(folder),
+                    turns,
+                    content_vectors=content,
+                    hybrid=hybrid,
+                    facts=args.facts,
+                    replies=replies,
                 )
-            label = "what was said" if content else "whole third-person line"
-            print(f"K={turns:3d}  vectors of {label:24s} recall@3 {outcome.hits}/{outcome.total}")
+            label = ("what was said" if content else "whole line") + (
+                " + keywords" if hybrid else ""
+            )
+            print(f"K={turns:3d}  {label:26s} recall@3 {outcome.hits}/{outcome.total}")
             for question, recalled in outcome.misses:
                 print(f"    miss: {question!r} -> {recalled}")
     return 0

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+from npc_engine.memory.keywords import KeywordIndex
 from npc_engine.memory.saves import (
     MAX_SAVES,
     SaveError,
@@ -49,6 +50,7 @@ _WRAPPED = re.compile(
     r'^(?:The player \S+ told me|I (?:answered|greeted) the player \S+): "(.*)"$', re.S
 )
 _MEMORY_COLLECTION = re.compile(r"^npc-[0-9a-f]{24}-(own|players-[0-9]+)$")
+KEYWORD_INDEX = "npc-engine-keywords.sqlite3"  # beside Chroma's own files
 ONE_VECTOR = [[1.0]]  # Chroma needs a vector per record; state and save records have none
 
 
@@ -141,6 +143,10 @@ def _metadata(memory: Memory) -> dict[str, str | int | float | bool]:
         metadata["accessed_game_time"] = memory.accessed_game_time
     if memory.content is not None:
         metadata["content"] = memory.content
+    if memory.subject is not None:
+        metadata["subject"] = memory.subject
+    if memory.superseded_by is not None:
+        metadata["superseded_by"] = memory.superseded_by
     return metadata
 
 
@@ -163,6 +169,8 @@ def _memory(memory_id: str, document: str | None, metadata: Any) -> Memory:
         game_time=_optional_float(meta.get("game_time")),
         accessed_game_time=_optional_float(meta.get("accessed_game_time")),
         content=str(meta["content"]) if "content" in meta else None,
+        subject=str(meta["subject"]) if "subject" in meta else None,
+        superseded_by=str(meta["superseded_by"]) if "superseded_by" in meta else None,
     )
 
 
@@ -330,6 +338,7 @@ class ChromaMemoryStore:
         self._record_writes = threading.Lock()
         self._saves_lock = threading.RLock()
         self._referenced_ids: set[str] | None = None
+        self._keywords = KeywordIndex(path / KEYWORD_INDEX)
         self._resume_interrupted_load()
         self._mark_if_new()
 
@@ -385,10 +394,21 @@ class ChromaMemoryStore:
                 documents=[memories[i].text for i in indexes],
                 metadatas=[_metadata(memories[i]) for i in indexes],
             )
+        self._keywords.add(memories)
         # Just written, likely recalled on the next turn: cache them as stored.
         self._records.put([_memory(m.id, m.text, _metadata(m)) for m in memories])
 
-    def search(self, npc_id: str, player_id: str | None, query: str, limit: int) -> list[Candidate]:
+    def search(
+        self,
+        npc_id: str,
+        player_id: str | None,
+        query: str,
+        limit: int,
+        *,
+        keywords: bool = True,
+    ) -> list[Candidate]:
+        """The nearest memories by meaning (MiniLM), joined by the best keyword (BM25)
+        matches when ``keywords``; each keyword match carries its rank for fusion."""
         own = self._collection(_own_name(npc_id), npc_id, create=False)
         shard = (
             self._collection(_player_shard(npc_id, player_id), npc_id, create=False)
@@ -402,7 +422,33 @@ class ChromaMemoryStore:
         if shard is not None and player_id is not None:
             candidates += self._nearest(shard, vector, limit, player_id)
         candidates.sort(key=lambda c: c.relevance, reverse=True)
-        return candidates[:limit]
+        candidates = candidates[:limit]
+        if keywords:
+            matches = self._keywords.search(npc_id, player_id, query, limit)
+            candidates = self._join_keyword_matches(
+                candidates, [memory_id for memory_id, _ in matches], [own, shard], vector
+            )
+        return [c for c in candidates if c.memory.superseded_by is None]
+
+    def _join_keyword_matches(
+        self,
+        candidates: list[Candidate],
+        matched_ids: list[str],
+        collections: list[Any],
+        vector: Any,
+    ) -> list[Candidate]:
+        """Mark dense candidates that are also keyword matches with their keyword rank,
+        and add the keyword matches the dense search missed, with their own cosine."""
+        rank = {memory_id: place for place, memory_id in enumerate(matched_ids)}
+        joined = [replace(c, keyword_rank=rank.get(c.memory.id)) for c in candidates]
+        missing = [i for i in matched_ids if i not in {c.memory.id for c in candidates}]
+        for collection in collections:
+            if collection is None or not missing:
+                continue
+            for found in self._query(collection, vector, len(missing), None, ids=missing):
+                joined.append(replace(found, keyword_rank=rank[found.memory.id]))
+                missing.remove(found.memory.id)
+        return joined
 
     def _nearest(
         self, collection: Any, vector: Any, limit: int, player_id: str | None
@@ -420,10 +466,16 @@ class ChromaMemoryStore:
         return self._query(collection, vector, limit, {"player_id": player_id})
 
     def _query(
-        self, collection: Any, vector: Any, count: int, where: dict[str, Any] | None
+        self,
+        collection: Any,
+        vector: Any,
+        count: int,
+        where: dict[str, Any] | None,
+        *,
+        ids: list[str] | None = None,
     ) -> list[Candidate]:
         result = collection.query(
-            query_embeddings=vector, n_results=count, where=where, include=["distances"]
+            query_embeddings=vector, n_results=count, where=where, ids=ids, include=["distances"]
         )
         ids = result["ids"][0]
         distances = (result.get("distances") or [[]])[0]
@@ -546,8 +598,44 @@ class ChromaMemoryStore:
                     self._archive_before_forget(collection, list(doomed))
                     collection.delete(ids=list(doomed))
                     self._records.discard(doomed)
+                    self._keywords.delete(doomed)
                 count += len(doomed)
         return count
+
+    def of_player(self, npc_id: str, player_id: str) -> list[Memory]:
+        """Every memory tied to this player (superseded ones too), in no set order."""
+        shard = self._collection(_player_shard(npc_id, player_id), npc_id, create=False)
+        if shard is None:
+            return []
+        found = shard.get(where={"player_id": player_id}, include=["documents", "metadatas"])
+        return _memories(found)
+
+    def mark_superseded(
+        self, npc_id: str, player_id: str, memory_ids: Sequence[str], by: str
+    ) -> None:
+        """Keep these memories as history, no longer recalled: ``by`` replaced them."""
+        if not memory_ids:
+            return
+        shard = self._collection(_player_shard(npc_id, player_id), npc_id, create=False)
+        if shard is None:
+            return
+        with self._record_writes:
+            present = shard.get(ids=list(memory_ids), include=[])["ids"]
+            if present:  # Chroma merges the new key into each record's metadata
+                shard.update(ids=present, metadatas=[{"superseded_by": by} for _ in present])
+            self._records.discard(memory_ids)
+
+    def oldest(self, npc_id: str, limit: int, kinds: Sequence[MemoryKind]) -> list[Memory]:
+        """Reads every matching record's metadata (Chroma cannot sort): for the rare
+        trim of an NPC over its cap, not for a turn."""
+        found: list[Memory] = []
+        for collection in self._all_of(npc_id):
+            result = collection.get(
+                where={"kind": {"$in": list(kinds)}}, include=["documents", "metadatas"]
+            )
+            found += _memories(result)
+        found.sort(key=lambda m: m.created_at)
+        return found[:limit]
 
     def count(self, npc_id: str, player_id: str | None = None) -> int:
         """Memories of an NPC, or (with ``player_id``) those tied to that player."""
@@ -666,6 +754,7 @@ class ChromaMemoryStore:
                     progress(done, total)
         self._records.clear()
         self._mark_format()
+        self.sync_keywords(rewrite=True)
         return done
 
     def open_collections_in_background(self) -> threading.Thread:
@@ -675,13 +764,39 @@ class ChromaMemoryStore:
 
         def open_all() -> None:
             try:
-                self._live_ids()
+                self.sync_keywords()
             except Exception:  # only a warm-up: the real call reports its own failure
                 log.debug("opening collections ahead failed", exc_info=True)
 
         thread = threading.Thread(target=open_all, name="npc-chroma-open", daemon=True)
         thread.start()
         return thread
+
+    def sync_keywords(self, *, rewrite: bool = False) -> int:
+        """Make the keyword index hold exactly the live memories (Chroma is the record):
+        adds what is missing, drops what is gone, or with ``rewrite`` remakes it all.
+        Returns how many memories were indexed anew."""
+        live = self._live_ids()
+        indexed = set() if rewrite else self._keywords.ids()
+        wanted = {i for ids in live.values() for i in ids}
+        if rewrite:
+            self._keywords.rebuild([])
+        self._keywords.delete(sorted(indexed - wanted))
+        added = 0
+        for name, ids in live.items():
+            missing = [i for i in ids if i not in indexed]
+            collection = self._collection(name, "", create=False)
+            for start in range(0, len(missing), 1000):
+                if collection is None:
+                    break
+                found = collection.get(
+                    ids=missing[start : start + 1000], include=["documents", "metadatas"]
+                )
+                self._keywords.add(_memories(found))
+                added += len(found["ids"])
+        if added:
+            log.info("keyword index: %d memories indexed anew", added)
+        return added
 
     def _live_ids(self) -> dict[str, list[str]]:
         found = {n: list(c.get(include=[])["ids"]) for n, c in self._memory_collections().items()}
@@ -821,6 +936,7 @@ class ChromaMemoryStore:
                 if back:
                     self._restore(name, back)
             self._records.clear()
+        self.sync_keywords()
         state = self._state_collection()
         current = state.get(include=[])["ids"]
         if current:
@@ -955,5 +1071,6 @@ class ChromaMemoryStore:
         return SaveInfo(save_id, created, count)
 
     def close(self) -> None:
+        self._keywords.close()
         with self._lock:
             self._collections.clear()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from npc_engine.memory.keywords import KeywordIndex
 from npc_engine.memory.saves import (
     MAX_SAVES,
     SaveError,
@@ -21,7 +22,7 @@ from npc_engine.memory.saves import (
     encode_export,
     unknown_save,
 )
-from npc_engine.memory.types import Candidate, Memory, utc_now
+from npc_engine.memory.types import Candidate, Memory, MemoryKind, utc_now
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -48,27 +49,66 @@ class InMemoryStore:
         # save id -> (info, memories, state, labels), deep copies
         self._saves: dict[str, tuple[SaveInfo, dict[str, Memory], dict[str, Any], Any]] = {}
         self._lock = threading.Lock()
+        self._keywords = KeywordIndex(None)  # the real keyword half, in RAM
 
     def add(self, memories: Sequence[Memory]) -> None:
         with self._lock:
             for memory in memories:
                 self._memories[memory.id] = memory
+        self._keywords.add(memories)
 
     def _visible(self, npc_id: str, player_id: str | None) -> list[Memory]:
         with self._lock:
             return [m for m in self._memories.values() if visible_to(m, npc_id, player_id)]
 
-    def search(self, npc_id: str, player_id: str | None, query: str, limit: int) -> list[Candidate]:
+    def search(
+        self,
+        npc_id: str,
+        player_id: str | None,
+        query: str,
+        limit: int,
+        *,
+        keywords: bool = True,
+    ) -> list[Candidate]:
         query_bag = _bag(query)
         ranked = sorted(
             (
                 Candidate(m, _cosine(query_bag, _bag(m.searchable)))
                 for m in self._visible(npc_id, player_id)
+                if m.superseded_by is None
             ),
             key=lambda c: c.relevance,
             reverse=True,
         )
-        return ranked[:limit]
+        chosen = ranked[:limit]
+        if keywords:
+            matches = self._keywords.search(npc_id, player_id, query, limit)
+            rank = {memory_id: place for place, (memory_id, _) in enumerate(matches)}
+            chosen += [c for c in ranked[limit:] if c.memory.id in rank]
+            chosen = [dataclasses.replace(c, keyword_rank=rank.get(c.memory.id)) for c in chosen]
+        return chosen
+
+    def of_player(self, npc_id: str, player_id: str) -> list[Memory]:
+        with self._lock:
+            return [
+                m
+                for m in self._memories.values()
+                if m.npc_id == npc_id and m.player_id == player_id
+            ]
+
+    def mark_superseded(
+        self, npc_id: str, player_id: str, memory_ids: Sequence[str], by: str
+    ) -> None:
+        with self._lock:
+            for memory_id in memory_ids:
+                memory = self._memories.get(memory_id)
+                if memory is not None and (memory.npc_id, memory.player_id) == (npc_id, player_id):
+                    memory.superseded_by = by
+
+    def oldest(self, npc_id: str, limit: int, kinds: Sequence[MemoryKind]) -> list[Memory]:
+        with self._lock:
+            found = [m for m in self._memories.values() if m.npc_id == npc_id and m.kind in kinds]
+        return sorted(found, key=lambda m: m.created_at)[:limit]
 
     def recent(
         self, npc_id: str, player_id: str | None, limit: int, *, player_only: bool = False
@@ -115,7 +155,8 @@ class InMemoryStore:
             ]
             for memory_id in doomed:
                 del self._memories[memory_id]
-            return len(doomed)
+        self._keywords.delete(doomed)
+        return len(doomed)
 
     def count(self, npc_id: str) -> int:
         return len(self._visible_all(npc_id))
@@ -171,7 +212,8 @@ class InMemoryStore:
                 raise unknown_save(save_id)
             info, memories, state, labels = copy.deepcopy(self._saves[save_id])
             self._memories, self._state, self._labels = memories, state, labels
-            return info
+        self._keywords.rebuild(memories.values())
+        return info
 
     def list_saves(self) -> list[SaveInfo]:
         with self._lock:
@@ -215,7 +257,7 @@ class InMemoryStore:
             return info
 
     def close(self) -> None:
-        """Nothing to release: the dict goes with the object."""
+        self._keywords.close()
 
 
 def _memory_record(memory: Memory) -> dict[str, Any]:

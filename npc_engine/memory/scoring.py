@@ -35,6 +35,23 @@ def hours_since_recalled(memory: Memory, now: datetime, game_now: float | None) 
     return max((now - then).total_seconds() / 3600.0, 0.0)
 
 
+def fused_relevance(candidates: Sequence[Candidate], rrf_k: float) -> list[float]:
+    """Reciprocal rank fusion (Cormack et al. 2009) of the meaning rank (cosine) and the
+    keyword rank (BM25), scaled so that first in both lists is 1.0 and first by meaning
+    alone is 0.5: a memory that shares the question's rare words climbs past one that is
+    only similar in tone."""
+    order = sorted(range(len(candidates)), key=lambda i: candidates[i].relevance, reverse=True)
+    meaning_rank = {index: place for place, index in enumerate(order)}
+    best = 2.0 / (rrf_k + 1)
+    fused = []
+    for index, candidate in enumerate(candidates):
+        score = 1.0 / (rrf_k + 1 + meaning_rank[index])
+        if candidate.keyword_rank is not None:
+            score += 1.0 / (rrf_k + 1 + candidate.keyword_rank)
+        fused.append(score / best)
+    return fused
+
+
 def score_candidates(
     candidates: Sequence[Candidate],
     now: datetime,
@@ -44,6 +61,7 @@ def score_candidates(
     """Score and sort, best first. Candidates below ``min_relevance`` are dropped.
     ``game_now``: the game's clock (minutes), which recency follows when given."""
     kept = [c for c in candidates if c.relevance >= config.min_relevance]
+    matched = fused_relevance(kept, config.rrf_k) if config.hybrid else [c.relevance for c in kept]
     recency = [
         float(config.recency_decay ** hours_since_recalled(c.memory, now, game_now)) for c in kept
     ]
@@ -52,7 +70,7 @@ def score_candidates(
     floor = config.normalize_floor
     rec_n = _normalise(recency, floor)
     imp_n = _normalise(importance, floor)
-    rel_n = _normalise(relevance, floor)
+    rel_n = _normalise(matched, floor)
     scored = [
         ScoredMemory(
             memory=candidate.memory,
@@ -62,6 +80,7 @@ def score_candidates(
             relevance=relevance[i],
             recency=recency[i],
             importance=importance[i],
+            keyword_rank=candidate.keyword_rank,
         )
         for i, candidate in enumerate(kept)
     ]

@@ -40,6 +40,11 @@ class Memory:
     # What was said, without the third-person wrapper of ``text`` ("The player p1 told me:
     # …"): what search compares a query with. None: the text itself (events, facts).
     content: str | None = None
+    # Facts about a player (kind "fact"): what the fact is about ("name", "trade"), so a
+    # newer fact on the same subject supersedes this one. A superseded memory is kept
+    # as history (saves, memory.list) but never recalled as current.
+    subject: str | None = None
+    superseded_by: str | None = None
 
     @property
     def searchable(self) -> str:
@@ -63,6 +68,7 @@ class Candidate:
 
     memory: Memory
     relevance: float  # cosine similarity to the query, -1..1
+    keyword_rank: int | None = None  # place among the keyword (BM25) matches, 0 = best
 
 
 @dataclass
@@ -72,6 +78,7 @@ class ScoredMemory:
     relevance: float
     recency: float
     importance: float
+    keyword_rank: int | None = None
 
     def summary(self) -> dict[str, Any]:
         """The fields tools and the protocol show for a recalled memory."""
@@ -96,8 +103,32 @@ class MemoryStore(Protocol):
     def add(self, memories: Sequence[Memory]) -> None: ...
 
     def search(
-        self, npc_id: str, player_id: str | None, query: str, limit: int
-    ) -> list[Candidate]: ...
+        self,
+        npc_id: str,
+        player_id: str | None,
+        query: str,
+        limit: int,
+        *,
+        keywords: bool = True,
+    ) -> list[Candidate]:
+        """The ``limit`` nearest by meaning, plus (``keywords``) the ``limit`` best keyword
+        matches, marked with their keyword rank; superseded memories are left out."""
+        ...
+
+    def of_player(self, npc_id: str, player_id: str) -> list[Memory]:
+        """Every memory tied to this player, superseded ones too, in no set order."""
+        ...
+
+    def mark_superseded(
+        self, npc_id: str, player_id: str, memory_ids: Sequence[str], by: str
+    ) -> None:
+        """Keep these memories of the player as history, never recalled again: ``by``
+        (a newer fact) replaced them."""
+        ...
+
+    def oldest(self, npc_id: str, limit: int, kinds: Sequence[MemoryKind]) -> list[Memory]:
+        """The ``limit`` oldest memories of these kinds of an NPC, all players together."""
+        ...
 
     def recent(
         self, npc_id: str, player_id: str | None, limit: int, *, player_only: bool = False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,8 +48,15 @@ _STOP = object()
 
 
 class MemoryWriter:
-    def __init__(self, store: MemoryStore) -> None:
+    def __init__(
+        self,
+        store: MemoryStore,
+        after_write: Callable[[Sequence[Memory]], None] | None = None,
+    ) -> None:
+        """``after_write``: runs on this thread with each batch of memories once they are
+        stored and acknowledged (facts, consolidation: ``npc_engine.memory.upkeep``)."""
         self._store = store
+        self._after_write = after_write
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="npc-memory-writer", daemon=True)
         self._closed = False
@@ -79,7 +86,9 @@ class MemoryWriter:
             self._queue.put(_Touch(npc_id, list(memory_ids), when, game_time))
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything queued before this call is stored."""
+        """Wait until everything queued before this call is stored, and its upkeep done:
+        the second round starts only after the batch of the first ran ``after_write``."""
+        self.submit([]).result(timeout)
         self.submit([]).result(timeout)
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -96,7 +105,7 @@ class MemoryWriter:
             else:
                 self._store.save_state(key, value, labels)
 
-    def _write_alone(self, write: _Write) -> None:
+    def _write_alone(self, write: _Write) -> bool:
         try:
             if write.memories:
                 self._store.add(write.memories)
@@ -104,8 +113,9 @@ class MemoryWriter:
         except Exception as exc:  # the failure goes to its waiter, the thread lives on
             log.exception("memory write failed")
             write.done.set_exception(exc)
-        else:
-            write.done.set_result([m.id for m in write.memories])
+            return False
+        write.done.set_result([m.id for m in write.memories])
+        return True
 
     def _run(self) -> None:
         while True:
@@ -141,11 +151,16 @@ class MemoryWriter:
             # One bad write must not fail the others merged into its batch: store each
             # on its own, so only the one that fails again reports failure.
             log.warning("batched memory write failed; writing one request at a time")
-            for write in writes:
-                self._write_alone(write)
+            stored = [w for w in writes if self._write_alone(w)]
+            memories = [memory for write in stored for memory in write.memories]
         else:
             for write in writes:
                 write.done.set_result([m.id for m in write.memories])
+        if memories and self._after_write is not None:
+            try:
+                self._after_write(memories)
+            except Exception:  # upkeep is best effort: the next write tries again
+                log.warning("memory upkeep failed", exc_info=True)
         for item in batch:
             if isinstance(item, _Touch):
                 try:
