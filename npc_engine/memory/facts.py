@@ -22,6 +22,7 @@ from npc_engine.memory.types import Memory
 
 FACT_IMPORTANCE = 8
 MAX_VALUE_WORDS = 8
+MAX_VALUE_CHARS = 60
 MAX_FACTS_PER_LINE = 4
 FACT_ID_MARK = ".fact"  # a fact's id is its line's id + this + a number
 
@@ -211,7 +212,8 @@ class Fact:
 def _value_of(raw: str) -> str | None:
     value = _TRAILING.sub("", raw.strip())
     words = value.split()
-    if not words or len(words) > MAX_VALUE_WORDS or value.lower() in _EMPTY_VALUES:
+    too_long = len(words) > MAX_VALUE_WORDS or len(value) > MAX_VALUE_CHARS
+    if not words or too_long or value.lower() in _EMPTY_VALUES:
         return None
     if words[0].lower() in _EMPTY_VALUES - {"a", "an", "the", "this", "that"}:
         return None
