@@ -51,7 +51,20 @@ class RetrievalConfig(BaseModel):
         "so near-identical values (ten memories from the same minute) do not look far apart.",
     )
     min_relevance: float = Field(
-        0.0, ge=-1, le=1, description="Memories below this cosine similarity are never used."
+        0.28,
+        ge=-1,
+        le=1,
+        description="Memories below this cosine similarity are never used: what the player "
+        "never told stays untold. Calibrated for MiniLM: tools/recall_probe.py --calibrate "
+        "(60 recall questions against 30 never-told ones); rerun it for another embedder.",
+    )
+    min_relevance_small_talk: float = Field(
+        0.55,
+        ge=-1,
+        le=1,
+        description="The bar for memories that state nothing about the player: the "
+        "player's own questions, the NPC's replies, summaries of small talk. Near any "
+        "question about the player by form alone, they come in only on a close match.",
     )
     hybrid: bool = Field(
         True,

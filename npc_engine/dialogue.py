@@ -54,10 +54,17 @@ from npc_engine.guard import (
 )
 from npc_engine.guard import preload as preload_guard
 from npc_engine.ids import check_id
-from npc_engine.memory.importance import rate_importance
+from npc_engine.memory.importance import rate_importance, rate_player_line
 from npc_engine.memory.saves import SaveInfo
 from npc_engine.memory.scoring import score_candidates
-from npc_engine.memory.types import Memory, MemoryKind, MemoryStore, ScoredMemory, utc_now
+from npc_engine.memory.types import (
+    PLAYER_LINE_PREFIX,
+    Memory,
+    MemoryKind,
+    MemoryStore,
+    ScoredMemory,
+    utc_now,
+)
 from npc_engine.memory.upkeep import MemoryUpkeep
 from npc_engine.memory.writer import MemoryWriter, StateWrite
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
@@ -132,6 +139,7 @@ class StateView:
     npc_id: str | None = None
     trust: int | None = None
     unlocked: tuple[str, ...] | None = None
+    facts: tuple[Memory, ...] | None = None  # what the NPC knows about the player now
 
 
 class _Halt(threading.Event):
@@ -171,8 +179,8 @@ def player_line_memory(
         npc_id=npc_id,
         player_id=player_id,
         kind="dialogue",
-        text=f'The player {player_id} told me: "{quoted}"',
-        importance=rate_importance(quoted),
+        text=f'{PLAYER_LINE_PREFIX}{player_id} told me: "{quoted}"',
+        importance=rate_player_line(quoted),
         created_at=when,
         game_time=game_time,
         content=quoted,
@@ -270,7 +278,10 @@ class DialogueEngine:
         loaded = self.persona(npc_id)
         standing = self.state.standing(npc_id, player_id)
         unlocked = unlocked_entries(loaded.persona, loaded.world, standing.facts())
-        return StateView(player_id, dict(standing.flags), npc_id, standing.trust, unlocked.ids)
+        facts = tuple(self.upkeep.known_facts(npc_id, player_id))
+        return StateView(
+            player_id, dict(standing.flags), npc_id, standing.trust, unlocked.ids, facts
+        )
 
     def set_state(
         self,

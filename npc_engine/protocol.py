@@ -369,6 +369,16 @@ class ReplyEnd(_Message):
     inspect: TurnInspection | None = None
 
 
+class MemoryItem(_Message):
+    id: str
+    text: str
+    kind: str
+    importance: int
+    player_id: str | None
+    created_at: str
+    score: float | None = None
+
+
 class State(_Message):
     type: Literal["state"] = "state"
     re: str
@@ -378,6 +388,11 @@ class State(_Message):
     flags: dict[str, FlagValue]
     unlocked: list[str] | None = Field(
         None, description="Persona entries whose reveal condition holds now (knowledge.2…)."
+    )
+    facts: list[MemoryItem] | None = Field(
+        None,
+        description="What the NPC knows about the player now (with npc_id): the current "
+        "facts the player stated (kind fact), oldest first; superseded ones are left out.",
     )
 
 
@@ -403,16 +418,6 @@ class SaveItems(_Message):
     type: Literal["save.items"] = "save.items"
     re: str
     saves: list[SaveItem]
-
-
-class MemoryItem(_Message):
-    id: str
-    text: str
-    kind: str
-    importance: int
-    player_id: str | None
-    created_at: str
-    score: float | None = None
 
 
 class MemoryItems(_Message):

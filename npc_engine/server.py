@@ -175,6 +175,18 @@ def refuse_public_without_token(host: str, token: str | None) -> None:
         )
 
 
+def memory_item(memory: Memory, score: float | None = None) -> MemoryItem:
+    return MemoryItem(
+        id=memory.id,
+        text=memory.text,
+        kind=memory.kind,
+        importance=memory.importance,
+        player_id=memory.player_id,
+        created_at=memory.created_at.isoformat().replace("+00:00", "Z"),
+        score=score,
+    )
+
+
 class NpcServer:
     def __init__(
         self,
@@ -444,6 +456,7 @@ class NpcServer:
                     trust=view.trust,
                     flags=view.flags,
                     unlocked=list(view.unlocked) if view.unlocked is not None else None,
+                    facts=[memory_item(f) for f in view.facts] if view.facts is not None else None,
                 )
             )
 
@@ -595,18 +608,7 @@ class NpcServer:
         else:
             memories = self.engine.recent_memories(request.npc_id, request.player_id, request.limit)
             pairs = [(m, None) for m in memories]
-        return [
-            MemoryItem(
-                id=m.id,
-                text=m.text,
-                kind=m.kind,
-                importance=m.importance,
-                player_id=m.player_id,
-                created_at=m.created_at.isoformat().replace("+00:00", "Z"),
-                score=score,
-            )
-            for m, score in pairs
-        ]
+        return [memory_item(m, score) for m, score in pairs]
 
     # -- say -----------------------------------------------------------------------------
 

@@ -14,10 +14,13 @@ from npc_engine.generation.scripted import ScriptedGenerator
 from npc_engine.memory.in_memory import InMemoryStore
 from npc_engine.persona.loader import load_personas
 
+from .conftest import FAKE_STORE_RETRIEVAL
+
 
 def make_engine(
     sample_personas: Path, generator: ScriptedGenerator, **config: object
 ) -> DialogueEngine:
+    config.setdefault("retrieval", FAKE_STORE_RETRIEVAL)
     return DialogueEngine(
         load_personas(sample_personas), generator, InMemoryStore(), load_config(**config)
     )

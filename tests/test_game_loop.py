@@ -25,6 +25,8 @@ from npc_engine.persona.model import GameActionSpec
 from npc_engine.prompt import greeting_message
 from npc_engine.sentences import SentenceTrim
 
+from .conftest import FAKE_STORE_RETRIEVAL
+
 DAY = 1440  # game minutes
 
 
@@ -34,6 +36,7 @@ def make_engine(
     store: MemoryStore | None = None,
     **config: object,
 ) -> DialogueEngine:
+    config.setdefault("retrieval", FAKE_STORE_RETRIEVAL)
     return DialogueEngine(
         load_personas(personas), generator, store or InMemoryStore(), load_config(**config)
     )

@@ -20,6 +20,8 @@ from npc_engine.memory.writer import MemoryWriter
 from npc_engine.model_registry import ModelCache
 from npc_engine.persona.loader import load_personas
 
+from .conftest import FAKE_STORE_RETRIEVAL
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -163,7 +165,7 @@ def test_forgotten_memories_leave_the_notes_of_earlier_turns(sample_personas: Pa
         load_personas(sample_personas),
         ScriptedGenerator(["Aye.", "Noted.", "Hm."]),
         InMemoryStore(),
-        load_config(),
+        load_config(retrieval=FAKE_STORE_RETRIEVAL),
     )
     [event_id] = engine.add_event(
         ["mara"], "The player Aria stole a herring.", player_id="aria"

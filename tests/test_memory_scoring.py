@@ -25,14 +25,18 @@ def test_recency_decays_per_hour_like_the_paper() -> None:
     assert abs(recency_of(NOW - timedelta(hours=138), NOW, 0.995) - 0.5) < 0.01
 
 
+# The score's arithmetic, without the relevance bar (test_the_relevance_bar below).
+UNGATED = {"min_relevance": -1.0, "min_relevance_small_talk": -1.0}
+
+
 def test_relevance_importance_and_recency_all_count() -> None:
-    config = RetrievalConfig()
+    config = RetrievalConfig(**UNGATED)
     relevant = Candidate(memory("name is Aria", hours_ago=5, importance=8), 0.6)
     recent_noise = Candidate(memory("weather talk", hours_ago=0, importance=2), 0.1)
     scored = score_candidates([recent_noise, relevant], NOW, config)
     assert [s.memory.text for s in scored] == ["name is Aria", "weather talk"]
     weights_recency_only = RetrievalConfig(
-        weight_relevance=0, weight_importance=0, weight_recency=1
+        weight_relevance=0, weight_importance=0, weight_recency=1, **UNGATED
     )
     assert (
         score_candidates([relevant, recent_noise], NOW, weights_recency_only)[0].memory.text
@@ -41,7 +45,7 @@ def test_relevance_importance_and_recency_all_count() -> None:
 
 
 def test_tiny_spreads_are_not_stretched() -> None:
-    config = RetrievalConfig(weight_relevance=0, weight_importance=0, weight_recency=1)
+    config = RetrievalConfig(weight_relevance=0, weight_importance=0, weight_recency=1, **UNGATED)
     a = Candidate(memory("a", hours_ago=0.001), 0.5)
     b = Candidate(memory("b", hours_ago=0.0), 0.5)
     scores = [s.score for s in score_candidates([a, b], NOW, config)]
@@ -73,7 +77,7 @@ def test_in_memory_store_keeps_players_apart() -> None:
 def test_the_same_words_remembered_twice_take_one_place() -> None:
     """A stock reply stored every turn must not fill the recalled slots (recall probe at
     K=50: 53/60 facts in the top 3 with repeats, 60/60 without)."""
-    config = RetrievalConfig()
+    config = RetrievalConfig(**UNGATED)
     repeats = [
         Candidate(memory("Fish, onions and whatever the gulls didn't steal.", hours_ago=h), 0.5)
         for h in (0.1, 0.2, 0.3)
@@ -84,3 +88,24 @@ def test_the_same_words_remembered_twice_take_one_place() -> None:
     assert texts.count("Fish, onions and whatever the gulls didn't steal.") == 1
     assert scored[0].memory is repeats[0].memory  # the best-scored copy (the newest) stays
     assert "I used to be a bell founder." in texts[:2]
+
+
+def test_the_relevance_bar_is_higher_for_what_says_nothing_about_the_player() -> None:
+    config = RetrievalConfig()
+    said = Memory(npc_id="mara", text='The player p1 told me: "I grew up on a farm."')
+    asked = Memory(npc_id="mara", text='The player p1 told me: "Is it going to rain?"')
+    answered = Memory(npc_id="mara", text='I answered the player p1: "Always, love."')
+    summary = Memory(npc_id="mara", text="Earlier talk with the player p1", kind="summary")
+    fact = Memory(npc_id="mara", text="The player p1's name is Rook.", kind="fact")
+    event = Memory(npc_id="mara", text="A storm broke the pier.", kind="event")
+    middling = (config.min_relevance + config.min_relevance_small_talk) / 2
+    kept = score_candidates(
+        [Candidate(m, middling) for m in (said, asked, answered, summary, fact, event)],
+        NOW,
+        config,
+    )
+    assert {s.memory.text for s in kept} == {said.text, fact.text, event.text}
+    below = score_candidates([Candidate(said, config.min_relevance - 0.01)], NOW, config)
+    assert below == []
+    close = score_candidates([Candidate(asked, config.min_relevance_small_talk)], NOW, config)
+    assert [s.memory.text for s in close] == [asked.text]

@@ -1,6 +1,16 @@
-"""Recall probe (issue 16): facts told once, then unrelated turns, then a natural question.
+"""Memory probes (issue 16): recall, updates and abstention, measured as a player would.
 
-    .venv/bin/python tools/recall_probe.py [--turns 10 50] [--facts N]
+    .venv/bin/python tools/recall_probe.py [--turns 10 50] [--facts N]   # store, side by side
+    .venv/bin/python tools/recall_probe.py --server                      # the real server
+    .venv/bin/python tools/recall_probe.py --calibrate       # choose retrieval.min_relevance
+
+``--server`` runs every probe through a real server on loopback (real Chroma, MiniLM, the
+scripted reply backend so only memory is measured): each fact of recall_facts.yaml told
+once by a fresh player, then K unrelated turns, then ``memory.list`` with the question
+(recall@3); the 30 never-told questions of never_told.yaml (memories recalled above the
+bar: should be none); the 20 update pairs of fact_updates.yaml (what the NPC knows about
+the player, ``state.facts``, holds the newer value; neither it nor the question's recall
+holds the older). tests/test_memory_probes_real.py runs it in the default test run.
 
 Each fact of ``tests/probes/recall_facts.yaml`` is told to Mara by a fresh player, Mara
 answers, then the same player chats about other things for K turns (player line and reply,
@@ -14,8 +24,10 @@ third-person line), side by side.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +47,8 @@ from npc_engine.model_registry import ModelCache  # noqa: E402
 from npc_engine.persona.loader import load_personas  # noqa: E402
 
 PROBES = REPO / "tests/probes/recall_facts.yaml"
+NEVER_TOLD = REPO / "tests/probes/never_told.yaml"
+UPDATES = REPO / "tests/probes/fact_updates.yaml"
 ACKNOWLEDGED = "Is that so? I'll keep it in mind, love."
 
 
@@ -125,6 +139,204 @@ def run(
     return Outcome(hits, len(told), misses)
 
 
+@dataclass
+class ServerOutcome:
+    recall: dict[int, Outcome]  # by K
+    injected: dict[int, list[tuple[str, list[str]]]]  # by K: never-told question, recalled
+    updates: Outcome  # hits: the newer value won
+
+    @property
+    def injected_total(self) -> dict[int, int]:
+        return {k: sum(len(texts) for _, texts in found) for k, found in self.injected.items()}
+
+
+async def probe_server(
+    url: str, turns: Sequence[int] = (10, 50), *, facts: int | None = None, workers: int = 4
+) -> ServerOutcome:
+    """All three probes against the server at ``url`` (players ``probe-*``, ``update-*``)."""
+    from npc_engine.client import NpcClient
+    from npc_engine.dialogue import sanitize_for_memory
+
+    probes = load_probes()
+    chatter = [said for said, _answer in probes["chatter"]]
+    told = probes["facts"][:facts]
+    never = list(yaml.safe_load(NEVER_TOLD.read_text())["questions"])
+    pairs = list(yaml.safe_load(UPDATES.read_text())["pairs"])
+    hits = {k: 0 for k in turns}
+    misses: dict[int, list[tuple[str, list[str]]]] = {k: [] for k in turns}
+    injected: dict[int, list[tuple[str, list[str]]]] = {k: [] for k in turns}
+    won, lost = 0, []
+
+    async def say(client: NpcClient, player: str, text: str) -> None:
+        await (await client.say("mara", text, player_id=player)).result()
+
+    async def recalled(client: NpcClient, player: str, question: str) -> list[dict[str, Any]]:
+        return await client.memory_list("mara", player_id=player, query=question, limit=3)
+
+    async def recall_one(client: NpcClient, index: int) -> None:
+        player, fact = f"probe-{index}", told[index]
+        wording = sanitize_for_memory(fact["told"])
+        await say(client, player, fact["told"])
+        done = 0
+        for k in sorted(turns):
+            for turn in range(done, k):
+                await say(client, player, chatter[(index + turn) % len(chatter)])
+            done = k
+            items = await recalled(client, player, fact["asked"])
+            # The fact in the player's words (its line, or a summary quoting it), or the
+            # fact memory made from that line (the chatter states no facts).
+            if any(wording in i["text"] or i["kind"] == "fact" for i in items):
+                hits[k] += 1
+            else:
+                misses[k].append((fact["asked"], [i["text"] for i in items]))
+            if index < len(never):
+                items = await recalled(client, player, never[index])
+                injected[k].append((never[index], [i["text"] for i in items]))
+
+    async def update_one(client: NpcClient, index: int) -> None:
+        nonlocal won
+        player, pair = f"update-{index}", pairs[index]
+        await say(client, player, pair["before"])
+        for turn in range(3):
+            await say(client, player, chatter[(index + turn) % len(chatter)])
+        await say(client, player, pair["after"])
+        for turn in range(2):
+            await say(client, player, chatter[(index + turn + 5) % len(chatter)])
+        # What the NPC knows about the player (state.facts) holds the newer value and not
+        # the older; the question recalls nothing with the older value as current.
+        state = await client.get_state(player, npc_id="mara")
+        known = [fact["text"] for fact in state.get("facts") or []]
+        texts = [i["text"] for i in await recalled(client, player, pair["asked"])]
+        newer = any(pair["new"] in fact for fact in known)
+        if newer and not any(pair["old"] in t for t in known + texts):
+            won += 1
+        else:
+            lost.append((pair["asked"], known + texts))
+
+    jobs: asyncio.Queue[Any] = asyncio.Queue()
+    for index in range(len(told)):
+        jobs.put_nowait((recall_one, index))
+    for index in range(len(pairs)):
+        jobs.put_nowait((update_one, index))
+
+    async def worker() -> None:
+        async with await NpcClient.connect(url) as client:
+            while not jobs.empty():
+                job, index = jobs.get_nowait()
+                await job(client, index)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return ServerOutcome(
+        {k: Outcome(hits[k], len(told), misses[k]) for k in turns},
+        injected,
+        Outcome(won, len(pairs), lost),
+    )
+
+
+def serve_and_probe(folder: Path, turns: Sequence[int], facts: int | None = None) -> ServerOutcome:
+    """Start the real server (scripted replies, Chroma in ``folder``) and probe it."""
+    from npc_engine.runtime import open_engine
+    from npc_engine.server import NpcServer
+
+    config = load_config(
+        personas_dir=REPO / "personas",
+        data_dir=folder,
+        generation={"backend": "scripted", "scripted_reply": ACKNOWLEDGED},
+    )
+    runtime = open_engine(config)
+
+    async def run_all() -> ServerOutcome:
+        server = NpcServer(runtime.engine, port=0)
+        await server.start()
+        try:
+            return await probe_server(server.url, turns, facts=facts)
+        finally:
+            await server.stop()
+
+    try:
+        return asyncio.run(run_all())
+    finally:
+        runtime.close()
+
+
+def print_server(outcome: ServerOutcome) -> None:
+    for k, result in outcome.recall.items():
+        print(f"server K={k:3d}  recall@3 {result.hits}/{result.total}")
+        for question, recalled in result.misses:
+            print(f"    miss: {question!r} -> {recalled}")
+        found = [(q, texts) for q, texts in outcome.injected[k] if texts]
+        print(
+            f"server K={k:3d}  never told: {outcome.injected_total[k]} memories recalled "
+            f"for {len(outcome.injected[k])} questions"
+        )
+        for question, texts in found:
+            print(f"    recalled: {question!r} -> {texts}")
+    updates = outcome.updates
+    print(f"server updates: newer value won {updates.hits}/{updates.total}")
+    for question, recalled in updates.misses:
+        print(f"    lost: {question!r} -> {recalled}")
+
+
+def calibrate(folder: Path, turns: int = 10) -> tuple[list[float], list[float]]:
+    """The relevance (cosine) of the best answer to each recall question, and of the best
+    memory that states something about the player for each never-told question: what
+    ``retrieval.min_relevance`` separates. Told through the engine (facts made, scripted
+    replies), on Chroma with the configured embedder."""
+    from npc_engine.runtime import open_engine
+
+    probes = load_probes()
+    chatter = [said for said, _answer in probes["chatter"]]
+    never = list(yaml.safe_load(NEVER_TOLD.read_text())["questions"])
+    config = load_config(
+        personas_dir=REPO / "personas",
+        data_dir=folder,
+        generation={"backend": "scripted", "scripted_reply": ACKNOWLEDGED},
+    )
+    runtime = open_engine(config)
+    engine = runtime.engine
+    answers, unrelated = [], []
+    try:
+        for index, fact in enumerate(probes["facts"]):
+            player = f"probe-{index}"
+            engine.say("mara", fact["told"], player_id=player)
+            for turn in range(turns):
+                engine.say("mara", chatter[(index + turn) % len(chatter)], player_id=player)
+        engine.writer.flush(120)
+        for index, fact in enumerate(probes["facts"]):
+            player, wording = f"probe-{index}", fact["told"].replace('"', "'")
+            found = engine.store.search("mara", player, fact["asked"], 40)
+            hits = [
+                c.relevance for c in found if wording in c.memory.text or c.memory.kind == "fact"
+            ]
+            answers.append(max(hits, default=-1.0))
+            if index < len(never):
+                telling = [
+                    c.relevance
+                    for c in engine.store.search("mara", player, never[index], 40)
+                    if not c.memory.states_little
+                ]
+                unrelated.append(max(telling, default=-1.0))
+    finally:
+        runtime.close()
+    return answers, unrelated
+
+
+def print_calibration(answers: list[float], unrelated: list[float]) -> None:
+    print(
+        f"best answer per recall question ({len(answers)}), lowest: "
+        + " ".join(f"{v:.3f}" for v in sorted(answers)[:6])
+    )
+    print(
+        f"best memory per never-told question ({len(unrelated)}), highest: "
+        + " ".join(f"{v:.3f}" for v in sorted(unrelated)[-6:])
+    )
+    print("min_relevance  recalled  never-told questions recalling something")
+    for bar in (0.20, 0.22, 0.24, 0.25, 0.26, 0.27, 0.28, 0.29, 0.30, 0.32, 0.35):
+        kept = sum(1 for v in answers if v >= bar)
+        leaked = sum(1 for v in unrelated if v >= bar)
+        print(f"  {bar:.2f}         {kept:3d}/{len(answers)}    {leaked}/{len(unrelated)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--turns", type=int, nargs="+", default=[10, 50])
@@ -134,7 +346,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Mara answers each fact with the model (default: one stock reply)",
     )
+    parser.add_argument("--server", action="store_true", help="all probes via the server")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="sweep retrieval.min_relevance: recall against never-told questions",
+    )
     args = parser.parse_args(argv)
+    if args.calibrate:
+        with tempfile.TemporaryDirectory() as folder:
+            print_calibration(*calibrate(Path(folder)))
+        return 0
+    if args.server:
+        with tempfile.TemporaryDirectory() as folder:
+            print_server(serve_and_probe(Path(folder), args.turns, args.facts))
+        return 0
     replies = None
     if args.model_replies:
         with tempfile.TemporaryDirectory() as folder:

@@ -445,7 +445,7 @@ class ChromaMemoryStore:
         for collection in collections:
             if collection is None or not missing:
                 continue
-            for found in self._query(collection, vector, len(missing), None, ids=missing):
+            for found in self._exact(collection, vector, len(missing), ids=missing):
                 joined.append(replace(found, keyword_rank=rank[found.memory.id]))
                 missing.remove(found.memory.id)
         return joined
@@ -463,19 +463,46 @@ class ChromaMemoryStore:
         mine = [c for c in found if c.memory.player_id == player_id]
         if len(mine) >= limit or wanted >= total:
             return mine[:limit]
-        return self._query(collection, vector, limit, {"player_id": player_id})
+        # The player holds a small part of the shard: compare with each of their memories
+        # (a few hundred at most under the consolidation caps). Chroma's filtered HNSW
+        # query missed the nearest ones once a shard had deletions and many identical lines
+        # (the recall probe through the server lost 6 of 60 facts that way).
+        return self._exact(collection, vector, limit, where={"player_id": player_id})
 
-    def _query(
+    def _exact(
         self,
         collection: Any,
         vector: Any,
-        count: int,
-        where: dict[str, Any] | None,
+        limit: int,
         *,
+        where: dict[str, Any] | None = None,
         ids: list[str] | None = None,
     ) -> list[Candidate]:
+        """The ``limit`` nearest among the records ``where`` or ``ids`` select, by exact
+        cosine similarity."""
+        import numpy as np
+
+        result = collection.get(where=where, ids=ids, include=["embeddings"])
+        found_ids = list(result["ids"])
+        if not found_ids:
+            return []
+        matrix = np.asarray(result["embeddings"], dtype=np.float32)
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
+        similarity = (matrix @ query) / np.maximum(norms, 1e-12)
+        best = np.argsort(-similarity)[:limit]
+        records = self._cached_records(collection, [found_ids[i] for i in best])
+        return [
+            Candidate(records[found_ids[i]], float(similarity[i]))
+            for i in best
+            if found_ids[i] in records
+        ]
+
+    def _query(
+        self, collection: Any, vector: Any, count: int, where: dict[str, Any] | None
+    ) -> list[Candidate]:
         result = collection.query(
-            query_embeddings=vector, n_results=count, where=where, ids=ids, include=["distances"]
+            query_embeddings=vector, n_results=count, where=where, include=["distances"]
         )
         ids = result["ids"][0]
         distances = (result.get("distances") or [[]])[0]

@@ -208,8 +208,34 @@ class Fact:
         part of the format string."""
         return self.template.format(who=who, **dict(self.parts))
 
+    def in_own_words(self) -> str:
+        """The fact as the player would state it ("I work as a smith"): what its vector is
+        made from, as close to the player's questions about it ("What's my trade?") as a
+        player's own line is, unlike the third-person wording."""
+        return _first_person(self.template).format(**dict(self.parts))
 
-def _value_of(raw: str) -> str | None:
+
+_THIRD_TO_FIRST = (
+    ("{who}'s", "my"),
+    ("{who} is", "I am"),
+    ("{who} has", "I have"),
+    ("{who} works", "I work"),
+    ("{who} makes", "I make"),
+    ("{who} comes", "I come"),
+    ("{who} lives", "I live"),
+    ("{who}", "I"),
+    ("{value}", "{own}"),
+)
+
+
+def _first_person(template: str) -> str:
+    for third, first in _THIRD_TO_FIRST:
+        template = template.replace(third, first)
+    return template
+
+
+def _value_of(raw: str) -> tuple[str, str] | None:
+    """(the value as said, the value about the player: "my brother" -> "their brother")."""
     value = _TRAILING.sub("", raw.strip())
     words = value.split()
     too_long = len(words) > MAX_VALUE_WORDS or len(value) > MAX_VALUE_CHARS
@@ -217,7 +243,7 @@ def _value_of(raw: str) -> str | None:
         return None
     if words[0].lower() in _EMPTY_VALUES - {"a", "an", "the", "this", "that"}:
         return None
-    return _WORD.sub(lambda m: _PRONOUNS.get(m.group(0).lower(), m.group(0)), value)
+    return value, _WORD.sub(lambda m: _PRONOUNS.get(m.group(0).lower(), m.group(0)), value)
 
 
 def extract_facts(text: str) -> list[Fact]:
@@ -228,15 +254,22 @@ def extract_facts(text: str) -> list[Fact]:
             continue  # questions and conditionals state nothing
         for rule in _RULES:
             for match in rule.pattern.finditer(sentence):
-                value = _value_of(match.group("value"))
-                if value is None:
+                values = _value_of(match.group("value"))
+                if values is None:
                     continue
+                own, value = values
                 groups = match.groupdict()
                 thing = (groups.get("thing") or "").lower()
                 article = (groups.get("article") or "").lower()
                 verb = "was" if re.search(r"\bwas\b", match.group(0), re.I) else "is"
                 subject = rule.subject.format(thing=thing, value=value.lower())
-                parts = (("value", value), ("thing", thing), ("article", article), ("verb", verb))
+                parts = (
+                    ("value", value),
+                    ("own", own),
+                    ("thing", thing),
+                    ("article", article),
+                    ("verb", verb),
+                )
                 found.setdefault(subject, Fact(subject, rule.statement, parts))
     return list(found.values())[:MAX_FACTS_PER_LINE]
 
@@ -259,7 +292,7 @@ def fact_memories(line: Memory) -> list[Memory]:
                 id=f"{line.id}{FACT_ID_MARK}{number}",
                 created_at=line.created_at,
                 game_time=line.game_time,
-                content=fact.statement("the player") + ".",
+                content=fact.in_own_words() + ".",
                 subject=fact.subject,
             )
         )

@@ -52,3 +52,16 @@ def rate_importance(text: str, base: int = 3) -> int:
     if best == base and len(text.split()) <= 3:
         best = max(1, base - 1)
     return max(1, min(10, best))
+
+
+SELF_STATEMENT_IMPORTANCE = 5  # above what consolidation folds by default (4)
+_SELF = re.compile(r"\b(i|i'm|i've|i'd|i was|my|me|mine|myself)\b", re.I)
+
+
+def rate_player_line(text: str) -> int:
+    """A player's line: what the player says about themself ("I grew up on a farm") is
+    never small talk, whatever words it uses; questions are not statements."""
+    rated = rate_importance(text)
+    if _SELF.search(text) and not text.rstrip().endswith("?"):
+        return max(rated, SELF_STATEMENT_IMPORTANCE)
+    return rated

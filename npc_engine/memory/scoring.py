@@ -52,15 +52,20 @@ def fused_relevance(candidates: Sequence[Candidate], rrf_k: float) -> list[float
     return fused
 
 
+def relevance_bar(memory: Memory, config: RetrievalConfig) -> float:
+    """How similar to the query a memory must be to be used at all."""
+    return config.min_relevance_small_talk if memory.states_little else config.min_relevance
+
+
 def score_candidates(
     candidates: Sequence[Candidate],
     now: datetime,
     config: RetrievalConfig,
     game_now: float | None = None,
 ) -> list[ScoredMemory]:
-    """Score and sort, best first. Candidates below ``min_relevance`` are dropped.
+    """Score and sort, best first. Candidates below their ``relevance_bar`` are dropped.
     ``game_now``: the game's clock (minutes), which recency follows when given."""
-    kept = [c for c in candidates if c.relevance >= config.min_relevance]
+    kept = [c for c in candidates if c.relevance >= relevance_bar(c.memory, config)]
     matched = fused_relevance(kept, config.rrf_k) if config.hybrid else [c.relevance for c in kept]
     recency = [
         float(config.recency_decay ** hours_since_recalled(c.memory, now, game_now)) for c in kept

@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 if TYPE_CHECKING:
     from npc_engine.memory.saves import SaveInfo
 
+# A player's line is stored as 'The player p1 told me: "…"' (``dialogue.player_line_memory``).
+PLAYER_LINE_PREFIX = "The player "
+
 MemoryKind = Literal["dialogue", "event", "fact", "summary"]
 MEMORY_KINDS: tuple[MemoryKind, ...] = ("dialogue", "event", "fact", "summary")
 
@@ -45,6 +48,21 @@ class Memory:
     # as history (saves, memory.list) but never recalled as current.
     subject: str | None = None
     superseded_by: str | None = None
+
+    @property
+    def said_by_player(self) -> bool:
+        return self.kind == "dialogue" and self.text.startswith(PLAYER_LINE_PREFIX)
+
+    @property
+    def states_little(self) -> bool:
+        """A question the player asked, the NPC's own reply, a summary of small talk:
+        memories that tell nothing about the player, only talk around it."""
+        if self.kind == "summary":
+            return True
+        if self.kind != "dialogue":
+            return False
+        # (older stores have no content: their text ends in the question's closing quote)
+        return not self.said_by_player or self.searchable.rstrip(' "').endswith("?")
 
     @property
     def searchable(self) -> str:

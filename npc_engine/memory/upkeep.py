@@ -36,11 +36,6 @@ TRIM_ORDER: tuple[tuple[MemoryKind, ...], ...] = (("summary", "dialogue", "event
 Pair = tuple[str, str]
 
 
-def said_by_player(memory: Memory) -> bool:
-    """Dialogue memories are "The player X told me: …" or "I answered/greeted …"."""
-    return memory.text.startswith("The player ")
-
-
 def _npc_topics(replies: Sequence[str]) -> list[str]:
     """The telling words of the NPC's side: the rarer words it used most."""
     from wordfreq import zipf_frequency
@@ -62,10 +57,10 @@ def summarize(npc_id: str, player_id: str, chunk: Sequence[Memory]) -> Memory:
     seen: set[str] = set()
     for memory in chunk:
         said = (memory.content or memory.text).strip()
-        if said_by_player(memory) and said.lower() not in seen:
+        if memory.said_by_player and said.lower() not in seen:
             seen.add(said.lower())
             quotes.append(said if len(said) <= MAX_QUOTE_CHARS else said[:MAX_QUOTE_CHARS] + "…")
-    topics = _npc_topics([m.content or m.text for m in chunk if not said_by_player(m)])
+    topics = _npc_topics([m.content or m.text for m in chunk if not m.said_by_player])
     body = ""
     for number, quote in enumerate(quotes):
         piece = f'{"; " if body else ""}"{quote}"'
