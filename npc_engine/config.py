@@ -147,8 +147,8 @@ class ConsolidationConfig(BaseModel):
     max_per_player: int = Field(
         400,
         ge=50,
-        description="Memories one NPC keeps of one player; past it the oldest summaries go, "
-        "then the oldest superseded facts. Current facts and important lines stay.",
+        description="Memories one NPC keeps of one player; past it the oldest summaries and "
+        "superseded lines go. Facts (their own cap) and important lines stay.",
     )
     max_facts_per_player: int = Field(
         200, ge=10, description="Facts (current and superseded) kept about one player."

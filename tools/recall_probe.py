@@ -233,8 +233,14 @@ async def probe_server(
     )
 
 
-def serve_and_probe(folder: Path, turns: Sequence[int], facts: int | None = None) -> ServerOutcome:
-    """Start the real server (scripted replies, Chroma in ``folder``) and probe it."""
+def serve_and_probe(
+    folder: Path,
+    turns: Sequence[int],
+    facts: int | None = None,
+    settings: dict[str, Any] | None = None,
+) -> ServerOutcome:
+    """Start the real server (scripted replies, Chroma in ``folder``, ``settings`` on top
+    of the defaults) and probe it."""
     from npc_engine.runtime import open_engine
     from npc_engine.server import NpcServer
 
@@ -242,6 +248,7 @@ def serve_and_probe(folder: Path, turns: Sequence[int], facts: int | None = None
         personas_dir=REPO / "personas",
         data_dir=folder,
         generation={"backend": "scripted", "scripted_reply": ACKNOWLEDGED},
+        **(settings or {}),
     )
     runtime = open_engine(config)
 
@@ -348,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--server", action="store_true", help="all probes via the server")
     parser.add_argument(
+        "--no-facts", action="store_true", help="with --server: memory.facts off (before/after)"
+    )
+    parser.add_argument(
         "--calibrate",
         action="store_true",
         help="sweep retrieval.min_relevance: recall against never-told questions",
@@ -359,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.server:
         with tempfile.TemporaryDirectory() as folder:
-            print_server(serve_and_probe(Path(folder), args.turns, args.facts))
+            settings = {"memory": {"facts": False}} if args.no_facts else None
+            print_server(serve_and_probe(Path(folder), args.turns, args.facts, settings))
         return 0
     replies = None
     if args.model_replies:

@@ -1,8 +1,8 @@
 """Durable facts a player states about themself, found by rules (issue 16).
 
 "My name is Aria", "I used to work as a bell founder", "I'm allergic to shellfish": each
-becomes a ``kind: fact`` memory with a subject ("name", "former trade", "allergy:
-shellfish"), rendered in the third person for the prompt. A newer fact on the same subject
+becomes a ``kind: fact`` memory with a subject ("name", "former trade: bell founder",
+"allergy: shellfish"), rendered in the third person for the prompt. A newer fact on the same subject
 supersedes the older (``superseding``). Rules, not the model: they run on every line in
 microseconds, cannot be talked into writing a "fact" a player dictates in another form
 (the value is a bounded clause of the player's own words, quoted by position, never
@@ -86,8 +86,9 @@ _RULES: tuple[_Rule, ...] = (
         "{who}'s name is {value}",
         _NAME_END,
     ),
+    # Former trades add up ("I was a soldier", later "I used to be a cook"): one per trade.
     _rule(
-        "former trade",
+        "former trade:{value}",
         r"\bi (?:used to (?:be|work as)|once worked as|was once|worked as) (?P<article>an? )?"
         + _VALUE,
         "{who} used to be {article}{value}",
@@ -99,7 +100,7 @@ _RULES: tuple[_Rule, ...] = (
         "{who} works as {article}{value}",
     ),
     _rule(
-        "former trade",
+        "former trade:{value}",
         r"\bi was (?P<article>an? )(?P<value>(?:\w+ )?(?:"
         + _OCCUPATIONS
         + r")\b[^,.;!?()\"]{0,60}?)",
@@ -193,7 +194,9 @@ _PRONOUNS = {
     "i'm": "they're", "i've": "they've", "i'd": "they'd", "i'll": "they'll", "am": "are",
 }  # fmt: skip
 _WORD = re.compile(r"[\w']+")
-_TRAILING = re.compile(r"\s+(?:now|these days|anymore|any more|nowadays|actually|too)$", re.I)
+_TRAILING = re.compile(
+    r"\s+(?:now|these days|anymore|any more|nowadays|actually|really|too)$", re.I
+)
 _SENTENCE = re.compile(r"[^.!?]+[.!?]*")
 
 

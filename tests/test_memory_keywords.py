@@ -1,0 +1,93 @@
+"""The keyword half of hybrid retrieval (issue 16, item 2): SQLite FTS5 BM25 beside Chroma.
+Real Chroma on disk; an embedder that makes everything alike but the barrel, so what the
+keywords add shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from npc_engine.memory.chroma_store import KEYWORD_INDEX, ChromaMemoryStore
+from npc_engine.memory.keywords import KeywordIndex, query_terms
+from npc_engine.memory.types import Memory
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def same_vector(texts: list[str]) -> list[list[float]]:
+    """Every text the same vector, except those about the barrel: orthogonal to all."""
+    return [[0.0, 1.0] + [0.0] * 6 if "barrel" in t else [1.0] + [0.0] * 7 for t in texts]
+
+
+def filler(count: int, player: str = "p1") -> list[Memory]:
+    return [
+        Memory("mara", f"The player {player} told me: chatter {i}", player_id=player)
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ChromaMemoryStore:
+    return ChromaMemoryStore(tmp_path / "chroma", same_vector)
+
+
+def test_a_keyword_match_joins_the_candidates_the_meaning_half_missed(
+    store: ChromaMemoryStore,
+) -> None:
+    key = Memory(
+        "mara", 'The player p1 told me: "The cellar key is under the barrel."', player_id="p1"
+    )
+    store.add([*filler(40), key, *filler(40)])
+    dense = store.search("mara", "p1", "Where is the cellar key?", 3, keywords=False)
+    hybrid = store.search("mara", "p1", "Where is the cellar key?", 3)
+    assert key.id not in [c.memory.id for c in dense]  # by meaning: the farthest of all
+    joined = {c.memory.id: c for c in hybrid}
+    assert joined[key.id].keyword_rank == 0 and joined[key.id].relevance == pytest.approx(0.0)
+    store.close()
+
+
+def test_keyword_search_keeps_players_and_npcs_apart(store: ChromaMemoryStore) -> None:
+    store.add(
+        [
+            Memory("mara", "Aria hid the silver under the mill.", player_id="aria"),
+            Memory("tomas", "Bo hid the silver under the mill.", player_id="bo"),
+            Memory("mara", "Bo hid the silver in the chapel.", player_id="bo"),
+            Memory("mara", "The mill burned down last winter."),  # Mara's own: any player
+        ]
+    )
+    found = {c.memory.text for c in store.search("mara", "bo", "silver mill", 10)}
+    assert found == {"Bo hid the silver in the chapel.", "The mill burned down last winter."}
+    store.close()
+
+
+def test_query_words_are_data_never_fts_syntax(store: ChromaMemoryStore) -> None:
+    store.add([Memory("mara", "A note about NEAR and OR.", player_id="p1")])
+    for hostile in ['" OR * NEAR(', "scope : p1", "words:*", "a" * 5000, "' -- ;"]:
+        store.search("mara", "p1", hostile, 5)  # no error, nothing outside the scope
+    assert query_terms("what is my name") == ['"name"']  # common words say nothing
+    assert len(query_terms(" ".join(f"w{i}x" for i in range(500)))) == 32
+    store.close()
+
+
+def test_forget_supersede_and_a_lost_index_stay_in_step_with_chroma(tmp_path: Path) -> None:
+    store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
+    key = Memory("mara", "The cellar key is under the barrel.", player_id="p1")
+    old = Memory("mara", "The cellar key is in the well.", player_id="p1")
+    store.add([*filler(10), key, old])
+    store.mark_superseded("mara", "p1", [old.id], key.id)
+    found = [c.memory.id for c in store.search("mara", "p1", "cellar key", 5)]
+    assert key.id in found and old.id not in found  # superseded: history only
+    kept = {m.id: m for m in store.of_player("mara", "p1")}  # the rest of its record stays
+    assert kept[old.id].superseded_by == key.id and kept[old.id].text == old.text
+    store.forget("mara", memory_ids=[key.id])
+    assert key.id not in KeywordIndex(tmp_path / "chroma" / KEYWORD_INDEX).ids()
+    store.close()
+    (tmp_path / "chroma" / KEYWORD_INDEX).unlink()  # lost (or written by an older version)
+    store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
+    store.open_collections_in_background().join(30)
+    index = KeywordIndex(tmp_path / "chroma" / KEYWORD_INDEX)
+    assert index.count() == store.count("mara") == 11
+    assert any(c.keyword_rank == 0 for c in store.search("mara", "p1", "chatter", 5))
+    assert store.search("mara", "p1", "barrel", 5, keywords=True)[0].keyword_rank is None
+    store.close()
