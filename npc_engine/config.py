@@ -147,8 +147,8 @@ class ConsolidationConfig(BaseModel):
     max_per_player: int = Field(
         400,
         ge=50,
-        description="Memories one NPC keeps of one player; past it the oldest summaries and "
-        "superseded lines go. Facts (their own cap) and important lines stay.",
+        description="Memories one NPC keeps of one player, facts aside; past it the oldest "
+        "summaries and superseded lines go first, then the oldest other lines.",
     )
     max_facts_per_player: int = Field(
         200, ge=10, description="Facts (current and superseded) kept about one player."
@@ -157,7 +157,7 @@ class ConsolidationConfig(BaseModel):
         100_000,
         ge=1000,
         description="Memories of one NPC, all players together; past it the oldest "
-        "summaries and small talk go first, facts last.",
+        "summaries, lines and events go first, facts last.",
     )
 
 

@@ -103,3 +103,20 @@ def test_a_summary_is_bounded_and_quotes_the_player(sample_personas: Path) -> No
     assert summary.kind == "summary" and summary.created_at == lines[-1].created_at
     assert summary.text.startswith("Earlier talk with the player p1 (20 lines): they said")
     engine.close()
+
+
+def test_a_flood_of_statements_about_oneself_is_bounded_too(sample_personas: Path) -> None:
+    """Lines a player says about themself are never folded; the per-player cap still holds
+    (a client cannot grow one NPC's store by talking about itself)."""
+    engine = make_engine(
+        sample_personas, memory={"consolidation": {"max_per_player": 50, "every": 20}}
+    )
+    engine.say("mara", "My name is Aria.", player_id="p1")
+    for turn in range(200):
+        engine.say("mara", f"I think thought number {turn} is mine.", player_id="p1")
+    engine.writer.flush(30)
+    kept = engine.store.of_player("mara", "p1")
+    rules = engine.config.memory.consolidation
+    assert len([m for m in kept if m.kind != "fact"]) <= rules.max_per_player + rules.every
+    assert [m.text for m in kept if m.kind == "fact"] == ["The player p1's name is Aria."]
+    engine.close()

@@ -94,15 +94,18 @@ def run(
     *,
     content_vectors: bool,
     hybrid: bool = True,
+    gated: bool = True,
     facts: int | None = None,
     replies: list[str] | None = None,
 ) -> Outcome:
-    """``replies``: Mara's answer to each fact (default: one stock line for all)."""
+    """``replies``: Mara's answer to each fact (default: one stock line for all).
+    ``gated``: the relevance bars as configured (else none, as before issue 16)."""
     probes = load_probes()
     chatter = probes["chatter"]
-    config = load_config(
-        personas_dir=REPO / "personas", data_dir=folder, retrieval={"hybrid": hybrid}
-    )
+    retrieval: dict[str, Any] = {"hybrid": hybrid}
+    if not gated:
+        retrieval |= {"min_relevance": -1.0, "min_relevance_small_talk": -1.0}
+    config = load_config(personas_dir=REPO / "personas", data_dir=folder, retrieval=retrieval)
     embed = OfflineMiniLM(ModelCache(config.cache_dir))
     store = ChromaMemoryStore(folder / "chroma", embed)
     engine = DialogueEngine(
@@ -376,20 +379,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_replies:
         with tempfile.TemporaryDirectory() as folder:
             replies = model_replies(Path(folder), load_probes()["facts"][: args.facts])
+    # Each step of issue 16 added to the one before, so each row shows what one step did.
+    steps = (
+        ("whole line (before)", False, False, False),
+        ("what was said", True, False, False),
+        ("+ keywords (hybrid)", True, True, False),
+        ("+ relevance bars", True, True, True),
+    )
     for turns in args.turns:
-        for content, hybrid in ((False, False), (True, False), (True, True)):
+        for label, content, hybrid, gated in steps:
             with tempfile.TemporaryDirectory() as folder:
                 outcome = run(
                     Path(folder),
                     turns,
                     content_vectors=content,
                     hybrid=hybrid,
+                    gated=gated,
                     facts=args.facts,
                     replies=replies,
                 )
-            label = ("what was said" if content else "whole line") + (
-                " + keywords" if hybrid else ""
-            )
             print(f"K={turns:3d}  {label:26s} recall@3 {outcome.hits}/{outcome.total}")
             for question, recalled in outcome.misses:
                 print(f"    miss: {question!r} -> {recalled}")

@@ -120,6 +120,8 @@ class MemoryUpkeep:
             key = (line.npc_id, line.player_id)
             with self._lock:
                 self._pending.setdefault(key, []).extend(facts)
+                while len(self._pending) > MAX_KNOWN_PAIRS:  # only while writes fail
+                    del self._pending[next(iter(self._pending))]
                 if key in self._known:
                     self._known[key] = self._apply(self._known[key], facts)
         return facts
@@ -262,25 +264,26 @@ class MemoryUpkeep:
         return len(folded) + len(trimmed), len(summaries)
 
     def _over_player_caps(self, memories: list[Memory]) -> list[str]:
-        """What goes to keep one player's memories within the caps: the oldest summaries
-        and superseded lines first; facts past their own cap, superseded ones first."""
+        """What goes to keep one player's memories within the caps: facts past their own
+        cap (superseded ones first); past ``max_per_player``, the oldest summaries and
+        superseded lines, then the oldest other lines. Facts never count against it."""
         rules = self.consolidation
         doomed: list[str] = []
         facts = [m for m in memories if m.kind == "fact"]
         if len(facts) > rules.max_facts_per_player:
             by_age = sorted(facts, key=lambda m: (m.superseded_by is None, m.created_at))
             doomed += [m.id for m in by_age[: len(facts) - rules.max_facts_per_player]]
-        excess = len(memories) - len(doomed) - rules.max_per_player
+        others = [m for m in memories if m.kind != "fact"]
+        excess = len(others) - rules.max_per_player
         if excess > 0:
-            spare = sorted(
-                (
-                    m
-                    for m in memories
-                    if m.kind != "fact" and (m.kind == "summary" or m.superseded_by is not None)
+            spare_first = sorted(
+                others,
+                key=lambda m: (
+                    not (m.kind == "summary" or m.superseded_by is not None),
+                    m.created_at,
                 ),
-                key=lambda m: m.created_at,
             )
-            doomed += [m.id for m in spare[:excess]]
+            doomed += [m.id for m in spare_first[:excess]]
         return doomed
 
     def _check_npc_cap(self, npc_id: str, written: int) -> None:
