@@ -57,6 +57,7 @@ class Outcome:
     hits: int
     total: int
     misses: list[tuple[str, list[str]]]  # question, the 3 recalled
+    firsts: int = 0  # the fact recalled first (recall@1)
 
     @property
     def recall(self) -> float:
@@ -131,15 +132,16 @@ def run(
         memories = [replace(m, content=None) for m in memories]
     for start in range(0, len(memories), 512):
         store.add(memories[start : start + 512])
-    hits, misses = 0, []
+    hits, firsts, misses = 0, 0, []
     for player, fact_id, question in told:
-        recalled = engine.recall("mara", player, question, 3)
-        if fact_id in [m.memory.id for m in recalled]:
+        recalled = [m.memory.id for m in engine.recall("mara", player, question, 3)]
+        if fact_id in recalled:
             hits += 1
+            firsts += recalled[0] == fact_id
         else:
             misses.append((question, [m.memory.text for m in recalled]))
     engine.close()
-    return Outcome(hits, len(told), misses)
+    return Outcome(hits, len(told), misses, firsts)
 
 
 @dataclass
@@ -166,6 +168,7 @@ async def probe_server(
     never = list(yaml.safe_load(NEVER_TOLD.read_text())["questions"])
     pairs = list(yaml.safe_load(UPDATES.read_text())["pairs"])
     hits = {k: 0 for k in turns}
+    firsts = {k: 0 for k in turns}
     misses: dict[int, list[tuple[str, list[str]]]] = {k: [] for k in turns}
     injected: dict[int, list[tuple[str, list[str]]]] = {k: [] for k in turns}
     won, lost = 0, []
@@ -188,8 +191,10 @@ async def probe_server(
             items = await recalled(client, player, fact["asked"])
             # The fact in the player's words (its line, or a summary quoting it), or the
             # fact memory made from that line (the chatter states no facts).
-            if any(wording in i["text"] or i["kind"] == "fact" for i in items):
+            found = [wording in i["text"] or i["kind"] == "fact" for i in items]
+            if any(found):
                 hits[k] += 1
+                firsts[k] += found[0]
             else:
                 misses[k].append((fact["asked"], [i["text"] for i in items]))
             if index < len(never):
@@ -230,7 +235,7 @@ async def probe_server(
 
     await asyncio.gather(*(worker() for _ in range(workers)))
     return ServerOutcome(
-        {k: Outcome(hits[k], len(told), misses[k]) for k in turns},
+        {k: Outcome(hits[k], len(told), misses[k], firsts[k]) for k in turns},
         injected,
         Outcome(won, len(pairs), lost),
     )
@@ -271,7 +276,10 @@ def serve_and_probe(
 
 def print_server(outcome: ServerOutcome) -> None:
     for k, result in outcome.recall.items():
-        print(f"server K={k:3d}  recall@3 {result.hits}/{result.total}")
+        print(
+            f"server K={k:3d}  recall@3 {result.hits}/{result.total}"
+            f"  recall@1 {result.firsts}/{result.total}"
+        )
         for question, recalled in result.misses:
             print(f"    miss: {question!r} -> {recalled}")
         found = [(q, texts) for q, texts in outcome.injected[k] if texts]
@@ -398,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                     facts=args.facts,
                     replies=replies,
                 )
-            print(f"K={turns:3d}  {label:26s} recall@3 {outcome.hits}/{outcome.total}")
+            print(
+                f"K={turns:3d}  {label:26s} recall@3 {outcome.hits}/{outcome.total}"
+                f"  recall@1 {outcome.firsts}/{outcome.total}"
+            )
             for question, recalled in outcome.misses:
                 print(f"    miss: {question!r} -> {recalled}")
     return 0

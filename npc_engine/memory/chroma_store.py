@@ -51,6 +51,9 @@ _WRAPPED = re.compile(
 )
 _MEMORY_COLLECTION = re.compile(r"^npc-[0-9a-f]{24}-(own|players-[0-9]+)$")
 KEYWORD_INDEX = "npc-engine-keywords.sqlite3"  # beside Chroma's own files
+# A player with at most this many memories on an NPC is searched exactly (~3 ms), past it
+# by Chroma's HNSW index (consolidation keeps players far below it unless turned off).
+EXACT_SEARCH_LIMIT = 2000
 ONE_VECTOR = [[1.0]]  # Chroma needs a vector per record; state and save records have none
 
 
@@ -420,7 +423,14 @@ class ChromaMemoryStore:
         vector = self._embed([query])
         candidates = self._nearest(own, vector, limit, None) if own is not None else []
         if shard is not None and player_id is not None:
-            candidates += self._nearest(shard, vector, limit, player_id)
+            if self._keywords.count_of(npc_id, player_id) <= EXACT_SEARCH_LIMIT:
+                # What one player said is a few hundred memories under the consolidation
+                # caps: compared one by one. Chroma's HNSW answers are approximate, and
+                # missed the nearest ones once a shard had deletions and many identical
+                # lines (the recall probe through the server lost 2 to 6 of 60 facts).
+                candidates += self._exact(shard, vector, limit, where={"player_id": player_id})
+            else:
+                candidates += self._nearest(shard, vector, limit, player_id)
         candidates.sort(key=lambda c: c.relevance, reverse=True)
         candidates = candidates[:limit]
         if keywords:
@@ -463,10 +473,6 @@ class ChromaMemoryStore:
         mine = [c for c in found if c.memory.player_id == player_id]
         if len(mine) >= limit or wanted >= total:
             return mine[:limit]
-        # The player holds a small part of the shard: compare with each of their memories
-        # (a few hundred at most under the consolidation caps). Chroma's filtered HNSW
-        # query missed the nearest ones once a shard had deletions and many identical lines
-        # (the recall probe through the server lost 6 of 60 facts that way).
         return self._exact(collection, vector, limit, where={"player_id": player_id})
 
     def _exact(

@@ -122,6 +122,15 @@ class KeywordIndex:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM memory_rows").fetchone()[0])
 
+    def count_of(self, npc_id: str, player_id: str) -> int:
+        """How many memories of this NPC are tied to this player."""
+        match = f'scope : "{_scope_word("n", npc_id)}" AND scope : "{_scope_word("p", player_id)}"'
+        with self._lock:
+            found = self._db.execute(
+                "SELECT count(*) FROM memory_words WHERE memory_words MATCH ?", (match,)
+            ).fetchone()
+        return int(found[0])
+
     def search(
         self, npc_id: str, player_id: str | None, query: str, limit: int
     ) -> list[tuple[str, float]]:
