@@ -66,7 +66,7 @@ def test_query_words_are_data_never_fts_syntax(store: ChromaMemoryStore) -> None
     for hostile in ['" OR * NEAR(', "scope : p1", "words:*", "a" * 5000, "' -- ;"]:
         store.search("mara", "p1", hostile, 5)  # no error, nothing outside the scope
     assert query_terms("what is my name") == ['"name"']  # common words say nothing
-    assert len(query_terms(" ".join(f"w{i}x" for i in range(500)))) == 32
+    assert len(query_terms(" ".join(f"w{i}x" for i in range(500)))) == 16
     store.close()
 
 
@@ -74,7 +74,8 @@ def test_forget_supersede_and_a_lost_index_stay_in_step_with_chroma(tmp_path: Pa
     store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
     key = Memory("mara", "The cellar key is under the barrel.", player_id="p1")
     old = Memory("mara", "The cellar key is in the well.", player_id="p1")
-    store.add([*filler(10), key, old])
+    lantern = Memory("mara", "The lantern is in the attic.", player_id="p1")
+    store.add([*filler(10), key, old, lantern])
     store.mark_superseded("mara", "p1", [old.id], key.id)
     found = [c.memory.id for c in store.search("mara", "p1", "cellar key", 5)]
     assert key.id in found and old.id not in found  # superseded: history only
@@ -87,7 +88,8 @@ def test_forget_supersede_and_a_lost_index_stay_in_step_with_chroma(tmp_path: Pa
     store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
     store.open_collections_in_background().join(30)
     index = KeywordIndex(tmp_path / "chroma" / KEYWORD_INDEX)
-    assert index.count() == store.count("mara") == 11
-    assert any(c.keyword_rank == 0 for c in store.search("mara", "p1", "chatter", 5))
+    assert index.count() == store.count("mara") == 12
+    found = {c.memory.id: c.keyword_rank for c in store.search("mara", "p1", "attic lantern", 5)}
+    assert found[lantern.id] == 0
     assert store.search("mara", "p1", "barrel", 5, keywords=True)[0].keyword_rank is None
     store.close()
