@@ -73,6 +73,9 @@ class KeywordIndex:
         self._lock = threading.Lock()
         self._tables: set[str] = set()
         self._sizes: dict[str, int] = {}  # memories per word table, counted once then kept
+        # Per table: (its size when counted, how many of its memories hold each term). Shares
+        # move slowly: recounted once the table changed by 2 %, not on every turn's write.
+        self._shares: dict[str, tuple[int, dict[str, int]]] = {}
         with self._lock, self._db:
             self._db.execute("PRAGMA journal_mode=WAL")
             # Derived data, rebuilt from Chroma on a mismatch: no fsync per turn.
@@ -106,6 +109,7 @@ class KeywordIndex:
         self._db.execute("DROP TABLE IF EXISTS memory_rows")
         self._tables = set()
         self._sizes = {}
+        self._shares = {}
 
     def _ensure_table(self, table: str) -> None:
         if table not in self._tables:
@@ -221,10 +225,20 @@ class KeywordIndex:
 
     def _share(self, table: str, term: str) -> int:
         """In how many memories of the table ``term`` occurs (the table's own stemming)."""
-        found = self._db.execute(
-            f"SELECT count(*) FROM {table} WHERE {table} MATCH ?", (f"words : {term}",)
-        ).fetchone()
-        return int(found[0])
+        size = self._sizes[table]
+        counted_at, shares = self._shares.get(table, (size, {}))
+        if abs(size - counted_at) > max(16, counted_at // 50):
+            counted_at, shares = size, {}
+        if term not in shares:
+            if len(shares) >= 4096:  # query words are the client's: bounded
+                shares.clear()
+            shares[term] = int(
+                self._db.execute(
+                    f"SELECT count(*) FROM {table} WHERE {table} MATCH ?", (f"words : {term}",)
+                ).fetchone()[0]
+            )
+        self._shares[table] = (counted_at, shares)
+        return shares[term]
 
     def close(self) -> None:
         with self._lock:
