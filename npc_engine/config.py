@@ -58,6 +58,14 @@ class RetrievalConfig(BaseModel):
         "never told stays untold. Calibrated for MiniLM: tools/recall_probe.py --calibrate "
         "(60 recall questions against 30 never-told ones); rerun it for another embedder.",
     )
+    min_relevance_events: float = Field(
+        0.18,
+        ge=-1,
+        le=1,
+        description="The bar for events the game told the NPC (event messages): players "
+        "ask about them vaguely ('Anything strange happen lately?' scores 0.22 against "
+        "'Someone broke into the customs shed'; unrelated questions 0.11 at most).",
+    )
     min_relevance_small_talk: float = Field(
         0.55,
         ge=-1,

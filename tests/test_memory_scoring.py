@@ -107,5 +107,8 @@ def test_the_relevance_bar_is_higher_for_what_says_nothing_about_the_player() ->
     assert {s.memory.text for s in kept} == {said.text, fact.text, event.text}
     below = score_candidates([Candidate(said, config.min_relevance - 0.01)], NOW, config)
     assert below == []
+    vague = score_candidates([Candidate(event, config.min_relevance_events)], NOW, config)
+    assert [s.memory.text for s in vague] == [event.text]  # the game's events: a lower bar
+    assert config.min_relevance_events < config.min_relevance
     close = score_candidates([Candidate(asked, config.min_relevance_small_talk)], NOW, config)
     assert [s.memory.text for s in close] == [asked.text]

@@ -54,6 +54,8 @@ def fused_relevance(candidates: Sequence[Candidate], rrf_k: float) -> list[float
 
 def relevance_bar(memory: Memory, config: RetrievalConfig) -> float:
     """How similar to the query a memory must be to be used at all."""
+    if memory.kind == "event":
+        return config.min_relevance_events
     return config.min_relevance_small_talk if memory.states_little else config.min_relevance
 
 
