@@ -290,7 +290,8 @@ namespace NpcEngine
 
         /// <summary>Set how <paramref name="npcId"/> regards the player (trust -100..100, or a
         /// delta; needs an NPC) and the player's flags (bool, int or short string; null deletes
-        /// one). Returns the <c>state</c> answer: trust, flags, unlocked persona entries.</summary>
+        /// one). Returns the <c>state</c> answer: trust, flags, unlocked persona entries, and
+        /// <c>facts</c>: what the NPC knows about the player.</summary>
         public Task<Dictionary<string, object>> SetStateAsync(
             string playerId, string npcId = null, int? trust = null, int? trustDelta = null,
             IDictionary<string, object> flags = null)
