@@ -93,3 +93,19 @@ def test_forget_supersede_and_a_lost_index_stay_in_step_with_chroma(tmp_path: Pa
     assert found[lantern.id] == 0
     assert store.search("mara", "p1", "barrel", 5, keywords=True)[0].keyword_rank is None
     store.close()
+
+
+def test_a_players_vectors_kept_in_ram_follow_adds_and_forgets(store: ChromaMemoryStore) -> None:
+    """The exact search over one player's memories reads their vectors from RAM after the
+    first search: a memory written later is found, a forgotten one is not."""
+    store.add(filler(30))
+    first = store.search("mara", "p1", "the barrel", 5, keywords=False)
+    assert first and max(c.relevance for c in first) == pytest.approx(0.0)
+    barrel = Memory("mara", "The key is under the barrel.", player_id="p1")
+    store.add([barrel])
+    found = store.search("mara", "p1", "the barrel", 5, keywords=False)
+    assert found[0].memory.id == barrel.id and found[0].relevance == pytest.approx(1.0)
+    store.forget("mara", memory_ids=[barrel.id])
+    after = store.search("mara", "p1", "the barrel", 5, keywords=False)
+    assert barrel.id not in {c.memory.id for c in after}
+    store.close()

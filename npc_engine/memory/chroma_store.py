@@ -54,6 +54,7 @@ KEYWORD_INDEX = "npc-engine-keywords.sqlite3"  # beside Chroma's own files
 # A player with at most this many memories on an NPC is searched exactly (~3 ms), past it
 # by Chroma's HNSW index (consolidation keeps players far below it unless turned off).
 EXACT_SEARCH_LIMIT = 2000
+PLAYER_VECTORS_BYTES = 64 << 20  # ~100 players' memories at the per-player cap
 ONE_VECTOR = [[1.0]]  # Chroma needs a vector per record; state and save records have none
 
 
@@ -302,6 +303,69 @@ class _Lru(OrderedDict[str, Any]):
             self.popitem(last=False)
 
 
+class _PlayerVectors:
+    """The unit vectors of recently searched players' memories, in RAM, least recently
+    used out past a byte budget. Reading a player's 400 vectors from Chroma on every search
+    cost ~9 ms (mostly turning lists into arrays). Kept current by the store: new memories
+    are appended, a forget or reload drops what it touched. A fill that raced a write is
+    not kept (``epoch``); a deleted id left in a matrix is harmless, since its record is
+    gone and search drops it."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self._budget = budget_bytes
+        self._pairs: OrderedDict[tuple[str, str], tuple[list[str], Any]] = OrderedDict()
+        self._bytes = 0
+        self._epoch = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> tuple[tuple[list[str], Any] | None, int]:
+        with self._lock:
+            entry = self._pairs.get(key)
+            if entry is not None:
+                self._pairs.move_to_end(key)
+            return entry, self._epoch
+
+    def put(self, key: tuple[str, str], ids: list[str], matrix: Any, epoch: int) -> None:
+        with self._lock:
+            if epoch != self._epoch or key in self._pairs or matrix.nbytes > self._budget:
+                return
+            self._pairs[key] = (ids, matrix)
+            self._bytes += matrix.nbytes
+            while self._bytes > self._budget:
+                _, (_, dropped) = self._pairs.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+    def extend(self, key: tuple[str, str], ids: list[str], unit_vectors: Any) -> None:
+        import numpy as np
+
+        with self._lock:
+            self._epoch += 1
+            entry = self._pairs.pop(key, None)
+            if entry is None:
+                return
+            self._bytes -= entry[1].nbytes
+            matrix = np.vstack([entry[1], unit_vectors]) if len(entry[0]) else unit_vectors
+            if self._bytes + matrix.nbytes <= self._budget:
+                self._pairs[key] = (entry[0] + ids, matrix)
+                self._bytes += matrix.nbytes
+
+    def drop(self, npc_id: str | None = None) -> None:
+        """Forget the cached vectors of one NPC's players, or of all."""
+        with self._lock:
+            self._epoch += 1
+            for key in [k for k in self._pairs if npc_id is None or k[0] == npc_id]:
+                self._bytes -= self._pairs.pop(key)[1].nbytes
+
+
+def _unit_rows(vectors: Any) -> Any:
+    import numpy as np
+
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2 or not len(matrix):
+        return np.zeros((0, 0), dtype=np.float32)
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
 class ChromaMemoryStore:
     """Per NPC: one collection of its own memories and ``PLAYER_SHARDS`` of what it knows
     about players (each memory carries its player_id).
@@ -342,6 +406,7 @@ class ChromaMemoryStore:
         self._saves_lock = threading.RLock()
         self._referenced_ids: set[str] | None = None
         self._keywords = KeywordIndex(path / KEYWORD_INDEX)
+        self._player_vectors = _PlayerVectors(PLAYER_VECTORS_BYTES)
         self._resume_interrupted_load()
         self._mark_if_new()
 
@@ -397,6 +462,14 @@ class ChromaMemoryStore:
                 documents=[memories[i].text for i in indexes],
                 metadatas=[_metadata(memories[i]) for i in indexes],
             )
+        by_player: dict[tuple[str, str], list[int]] = {}
+        for index, memory in enumerate(memories):
+            if memory.player_id is not None:
+                by_player.setdefault((memory.npc_id, memory.player_id), []).append(index)
+        for key, indexes in by_player.items():
+            self._player_vectors.extend(
+                key, [memories[i].id for i in indexes], _unit_rows([vectors[i] for i in indexes])
+            )
         self._keywords.add(memories)
         # Just written, likely recalled on the next turn: cache them as stored.
         self._records.put([_memory(m.id, m.text, _metadata(m)) for m in memories])
@@ -428,7 +501,7 @@ class ChromaMemoryStore:
                 # caps: compared one by one. Chroma's HNSW answers are approximate, and
                 # missed the nearest ones once a shard had deletions and many identical
                 # lines (the recall probe through the server lost 2 to 6 of 60 facts).
-                candidates += self._exact(shard, vector, limit, where={"player_id": player_id})
+                candidates += self._player_nearest(shard, npc_id, player_id, vector, limit)
             else:
                 candidates += self._nearest(shard, vector, limit, player_id)
         candidates.sort(key=lambda c: c.relevance, reverse=True)
@@ -474,6 +547,28 @@ class ChromaMemoryStore:
         if len(mine) >= limit or wanted >= total:
             return mine[:limit]
         return self._exact(collection, vector, limit, where={"player_id": player_id})
+
+    def _player_nearest(
+        self, shard: Any, npc_id: str, player_id: str, vector: Any, limit: int
+    ) -> list[Candidate]:
+        """The ``limit`` nearest of one player's memories, by exact cosine similarity over
+        their vectors (cached in RAM between searches)."""
+        import numpy as np
+
+        key = (npc_id, player_id)
+        entry, epoch = self._player_vectors.get(key)
+        if entry is None:
+            found = shard.get(where={"player_id": player_id}, include=["embeddings"])
+            entry = (list(found["ids"]), _unit_rows(found["embeddings"]))
+            self._player_vectors.put(key, entry[0], entry[1], epoch)
+        ids, matrix = entry
+        if not ids:
+            return []
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        similarity = matrix @ (query / max(float(np.linalg.norm(query)), 1e-12))
+        best = np.argsort(-similarity)[:limit]
+        records = self._cached_records(shard, [ids[i] for i in best])
+        return [Candidate(records[ids[i]], float(similarity[i])) for i in best if ids[i] in records]
 
     def _exact(
         self,
@@ -632,6 +727,7 @@ class ChromaMemoryStore:
                     collection.delete(ids=list(doomed))
                     self._records.discard(doomed)
                     self._keywords.delete(doomed)
+                    self._player_vectors.drop(npc_id)
                 count += len(doomed)
         return count
 
@@ -786,6 +882,7 @@ class ChromaMemoryStore:
                 if progress is not None:
                     progress(done, total)
         self._records.clear()
+        self._player_vectors.drop()
         self._mark_format()
         self.sync_keywords(rewrite=True)
         return done
@@ -969,6 +1066,7 @@ class ChromaMemoryStore:
                 if back:
                     self._restore(name, back)
             self._records.clear()
+            self._player_vectors.drop()
         self.sync_keywords()
         state = self._state_collection()
         current = state.get(include=[])["ids"]
