@@ -63,6 +63,7 @@ def test_the_newest_turns_are_never_folded(sample_personas: Path) -> None:
     kept = sorted(engine.store.of_player("mara", "p1"), key=lambda m: m.created_at)
     recent = kept[-40:]
     assert all(m.kind == "dialogue" for m in recent)
+    assert any(m.kind == "summary" for m in kept)  # older ones were folded
     engine.close()
 
 

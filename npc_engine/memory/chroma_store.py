@@ -553,22 +553,13 @@ class ChromaMemoryStore:
     ) -> list[Candidate]:
         """The ``limit`` nearest of one player's memories, by exact cosine similarity over
         their vectors (cached in RAM between searches)."""
-        import numpy as np
-
         key = (npc_id, player_id)
         entry, epoch = self._player_vectors.get(key)
         if entry is None:
             found = shard.get(where={"player_id": player_id}, include=["embeddings"])
             entry = (list(found["ids"]), _unit_rows(found["embeddings"]))
             self._player_vectors.put(key, entry[0], entry[1], epoch)
-        ids, matrix = entry
-        if not ids:
-            return []
-        query = np.asarray(vector, dtype=np.float32).reshape(-1)
-        similarity = matrix @ (query / max(float(np.linalg.norm(query)), 1e-12))
-        best = np.argsort(-similarity)[:limit]
-        records = self._cached_records(shard, [ids[i] for i in best])
-        return [Candidate(records[ids[i]], float(similarity[i])) for i in best if ids[i] in records]
+        return self._ranked(shard, entry[0], entry[1], vector, limit)
 
     def _exact(
         self,
@@ -581,23 +572,24 @@ class ChromaMemoryStore:
     ) -> list[Candidate]:
         """The ``limit`` nearest among the records ``where`` or ``ids`` select, by exact
         cosine similarity."""
+        result = collection.get(where=where, ids=ids, include=["embeddings"])
+        return self._ranked(
+            collection, list(result["ids"]), _unit_rows(result["embeddings"]), vector, limit
+        )
+
+    def _ranked(
+        self, collection: Any, ids: list[str], unit_rows: Any, vector: Any, limit: int
+    ) -> list[Candidate]:
+        """The ``limit`` of ``ids`` nearest to ``vector`` (their vectors: ``unit_rows``)."""
         import numpy as np
 
-        result = collection.get(where=where, ids=ids, include=["embeddings"])
-        found_ids = list(result["ids"])
-        if not found_ids:
+        if not ids:
             return []
-        matrix = np.asarray(result["embeddings"], dtype=np.float32)
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
-        norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
-        similarity = (matrix @ query) / np.maximum(norms, 1e-12)
+        similarity = unit_rows @ (query / max(float(np.linalg.norm(query)), 1e-12))
         best = np.argsort(-similarity)[:limit]
-        records = self._cached_records(collection, [found_ids[i] for i in best])
-        return [
-            Candidate(records[found_ids[i]], float(similarity[i]))
-            for i in best
-            if found_ids[i] in records
-        ]
+        records = self._cached_records(collection, [ids[i] for i in best])
+        return [Candidate(records[ids[i]], float(similarity[i])) for i in best if ids[i] in records]
 
     def _query(
         self, collection: Any, vector: Any, count: int, where: dict[str, Any] | None

@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from npc_engine.config import ConsolidationConfig, MemoryConfig
 from npc_engine.memory.facts import fact_memories, source_line_id, superseding
@@ -87,17 +87,9 @@ def summarize(npc_id: str, player_id: str, chunk: Sequence[Memory]) -> Memory:
 
 
 class MemoryUpkeep:
-    def __init__(
-        self,
-        store: MemoryStore,
-        config: MemoryConfig,
-        forget: Callable[[str, list[str]], object] | None = None,
-    ) -> None:
-        """``forget(npc_id, memory_ids)``: how folded and trimmed memories leave (the
-        engine's forget, so histories and saves stay consistent); default: the store's."""
+    def __init__(self, store: MemoryStore, config: MemoryConfig) -> None:
         self.store = store
         self.config = config
-        self._forget = forget or (lambda npc, ids: store.forget(npc, memory_ids=ids))
         self._lock = threading.Lock()
         self._known: OrderedDict[Pair, list[Memory]] = OrderedDict()  # current facts, oldest first
         self._pending: dict[Pair, list[Memory]] = {}  # facts queued, not yet written
@@ -285,6 +277,11 @@ class MemoryUpkeep:
             )
             doomed += [m.id for m in spare_first[:excess]]
         return doomed
+
+    def _forget(self, npc_id: str, memory_ids: list[str]) -> None:
+        # The store's forget, not the engine's: this runs on the writer thread, which the
+        # engine's forget waits for. Saves keep their copies (the store archives them).
+        self.store.forget(npc_id, memory_ids=memory_ids)
 
     def _check_npc_cap(self, npc_id: str, written: int) -> None:
         rules = self.consolidation
