@@ -17,7 +17,7 @@ from npc_engine import __version__
 from npc_engine.config import EngineConfig, load_config
 from npc_engine.errors import NpcEngineError
 
-SCHEMA_NAMES = ("persona", "world", "protocol")
+SCHEMA_NAMES = ("persona", "world", "lore", "protocol")
 
 
 def _engine_flags(parser: argparse.ArgumentParser, *, several_models: bool = False) -> None:

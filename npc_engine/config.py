@@ -117,6 +117,27 @@ class ActionConfig(BaseModel):
     )
 
 
+class LoreConfig(BaseModel):
+    """The lorebook: world entries looked up per turn (docs/lore.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget_tokens: int = Field(
+        200, ge=0, le=4096, description="Tokens of lore entries noted in one turn at most."
+    )
+    max_entries: int = Field(6, ge=0, le=50, description="Entries noted in one turn at most.")
+    min_similarity: float = Field(
+        0.4,
+        ge=-1,
+        le=1,
+        description="An entry without a key match is noted when its meaning (MiniLM cosine "
+        "to the player's line) is at least this (tuned on tests/probes/lore_questions.yaml).",
+    )
+    scan_turns: int = Field(
+        2, ge=0, le=20, description="Earlier exchanges scanned for keys, besides this line."
+    )
+
+
 class GenerationConfig(BaseModel):
     """Which generator writes the replies (``npc_engine.backends``)."""
 
@@ -298,6 +319,7 @@ class EngineConfig(BaseSettings):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     actions: ActionConfig = Field(default_factory=ActionConfig)
+    lore: LoreConfig = Field(default_factory=LoreConfig)
     parallel: int = Field(
         8,
         ge=1,

@@ -54,6 +54,7 @@ from npc_engine.guard import (
 )
 from npc_engine.guard import preload as preload_guard
 from npc_engine.ids import check_id
+from npc_engine.lore import ChosenLore, Lorebook, LoreSettings, LoreVectors, recent_talk
 from npc_engine.memory.importance import rate_importance, rate_player_line
 from npc_engine.memory.saves import SaveInfo
 from npc_engine.memory.scoring import score_candidates
@@ -68,6 +69,7 @@ from npc_engine.memory.types import (
 from npc_engine.memory.upkeep import MemoryUpkeep
 from npc_engine.memory.writer import MemoryWriter, StateWrite
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
+from npc_engine.persona.model import World
 from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn, render_persona, render_world
 from npc_engine.sentences import SentenceTrim
 
@@ -128,6 +130,7 @@ class TurnResult:
     unlocked: tuple[str, ...] = ()
     game_action: ChosenAction | None = None
     trimmed: str = ""  # what a max_tokens cut left out (an unfinished sentence)
+    lore: list[ChosenLore] = field(default_factory=list)  # lorebook entries noted
 
 
 @dataclass(frozen=True)
@@ -232,8 +235,10 @@ class DialogueEngine:
         *,
         clock: Callable[[], datetime] = utc_now,
         embed: Embed | None = None,
+        lore_vectors: LoreVectors | None = None,
     ) -> None:
         self.registry = registry
+        self.lore_vectors = lore_vectors  # None: lore is looked up by keys only
         self.embed = embed  # sentence vectors for the secret guard (None: key terms only)
         self.generator = generator
         self.store = store
@@ -262,6 +267,9 @@ class DialogueEngine:
         self._secret_lock = threading.Lock()
         self._saves_lock = threading.Lock()  # one save operation at a time
         self._action_vector_cache: dict[str, Any] = {}  # bounded by the declared actions
+        # Per world object (a reload makes new ones): its lorebook, built once.
+        self._lorebooks: dict[int, tuple[World, Lorebook]] = {}
+        self._lorebooks_lock = threading.Lock()
         if config.guard.enabled:
             preload_guard()
 
@@ -867,6 +875,12 @@ class DialogueEngine:
             standing = Standing(standing.trust, standing.flags, game_now)
         unlocked = unlocked_entries(loaded.persona, loaded.world, standing.facts())
         result.standing, result.unlocked = standing, unlocked.ids
+        mark = time.perf_counter()
+        try:
+            result.lore = self._choose_lore(loaded, standing, history, text, greeting)
+        except Exception as exc:  # a lorebook fault must not silence the NPC
+            log.warning("lore lookup failed for %s: %s", npc_id, exc)
+        result.timings.retrieval_ms += (time.perf_counter() - mark) * 1000
         rules = self.guard_rules(loaded, standing)
         guard = (
             ReplyGuard(rules, *self.deflection(loaded, player_id, text)) if rules.active else None
@@ -915,7 +929,10 @@ class DialogueEngine:
                 standing=standing_notes(standing.trust, unlocked),
                 standing_is_default=standing.trust == loaded.persona.trust and not unlocked.ids,
                 known_facts=known_facts,
+                lore=[(chosen.note_id, chosen.text) for chosen in result.lore],
             )
+            noted_lore = {note_id for note_id, _ in built.noted}
+            result.lore = [chosen for chosen in result.lore if chosen.note_id in noted_lore]
             result.timings.prompt_ms = (time.perf_counter() - mark) * 1000
             result.prompt = built.rendered.text
             result.prompt_tokens = built.token_count
@@ -976,6 +993,7 @@ class DialogueEngine:
         turn: Turn | None = None
         if result.reason in ("stop", "length") and built is not None:
             shown_ids = {m.memory.id for m in built.memories} | {m.id for m in to_write}
+            shown_ids |= {chosen.note_id for chosen in result.lore}
             turn = Turn(
                 text,
                 result.text,
@@ -1059,6 +1077,72 @@ class DialogueEngine:
             for text, vector in zip(missing, self.embed(missing), strict=True):
                 self._action_vector_cache[text] = vector
         return [self._action_vector_cache[t] for t in texts]
+
+    # -- lorebook ------------------------------------------------------------------------
+
+    def _count_tokens(self, text: str) -> int:
+        tokenize = getattr(self.generator, "tokenize", None)
+        return len(tokenize(text)) if tokenize is not None else len(text.split())
+
+    def lorebook(self, world: World) -> Lorebook:
+        """The world's lorebook (its vectors embedded once, at first use or at start)."""
+        with self._lorebooks_lock:
+            cached = self._lorebooks.get(id(world))
+            if cached is not None and cached[0] is world:
+                return cached[1]
+            # Worlds no longer loaded (a reload replaced them) leave with their books.
+            current = {id(w) for w in self.registry.worlds.values()}
+            for key in [k for k in self._lorebooks if k not in current]:
+                del self._lorebooks[key]
+            looked_up = [entry.text for entry in world.lore if not entry.constant]
+            vectors = (
+                self.lore_vectors.index(looked_up)
+                if self.lore_vectors is not None and looked_up
+                else None
+            )
+            book = Lorebook(world, vectors, self._count_tokens)
+            self._lorebooks[id(world)] = (world, book)
+            return book
+
+    def prepare_lore(self) -> dict[str, int]:
+        """Build every loaded world's lorebook now (not at its first turn), and drop stored
+        vectors no world uses any more. Returns entries and texts embedded, for the log."""
+        entries = embedded = 0
+        texts: list[str] = []
+        for world in self.registry.worlds.values():
+            book = self.lorebook(world)
+            entries += len(book)
+            embedded += book.vectors.embedded if book.vectors is not None else 0
+            texts += [entry.text for entry in book.entries]
+        if self.lore_vectors is not None:
+            self.lore_vectors.prune(texts)
+        return {"entries": entries, "embedded": embedded}
+
+    def _choose_lore(
+        self,
+        loaded: LoadedPersona,
+        standing: Standing,
+        history: Sequence[Turn],
+        text: str,
+        greeting: bool,
+    ) -> list[ChosenLore]:
+        if loaded.world is None or not self.config.lore.max_entries:
+            return []
+        settings = self.config.lore
+        shown = set().union(*(t.memory_ids for t in history)) if history else set()
+        return self.lorebook(loaded.world).choose(
+            loaded.persona,
+            standing.facts(),
+            query="" if greeting else text,
+            recent=recent_talk(history, settings.scan_turns),
+            shown=shown,
+            settings=LoreSettings(
+                budget_tokens=settings.budget_tokens,
+                max_entries=settings.max_entries,
+                min_similarity=settings.min_similarity,
+                scan_turns=settings.scan_turns,
+            ),
+        )
 
     # -- warm-up -------------------------------------------------------------------------
 

@@ -79,7 +79,8 @@ def unlocked_entries(persona: Persona, world: World | None, facts: GameFacts) ->
     if world is not None:
         for index, lore in enumerate(world.lore):
             knows = lore.known_by_npc(persona.id or "", persona.factions)
-            if lore.reveal_when is not None and knows and lore.known(facts):
+            # Entries looked up per turn come in the lore notes when they hold (lore.py).
+            if lore.constant and lore.reveal_when is not None and knows and lore.known(facts):
                 ids.append(f"lore.{index}")
                 lines.append(lore.text)
     return Unlocked(tuple(ids), tuple(lines))

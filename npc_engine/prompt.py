@@ -1,8 +1,8 @@
 """Builds the character prompt, most stable part first so llama.cpp reuses the cached prefix.
 
-Order: world lore → persona → example dialogue → earlier turns of this conversation →
-this turn's notes (what the NPC knows about the player, recalled memories, game context)
-together with the player's line.
+Order: world lore (entries marked always) → persona → example dialogue → earlier turns of
+this conversation → this turn's notes (what the NPC knows about the player, lorebook entries
+looked up for this line, recalled memories, game context) together with the player's line.
 An earlier turn is rendered exactly as it was shown, notes included (they are stored with
 the turn), so the whole history stays a cached prefix and each turn evaluates only the
 last reply's end, the new notes and the new line. Memories already in the window (shown
@@ -10,8 +10,9 @@ in an earlier turn's notes, or made from an exchange still in it) are not repeat
 the game context is repeated only when it changed: the notes stay short turn after turn.
 
 When the prompt does not fit the token budget, parts are dropped in this order:
-1. the oldest earlier turns, 2. the lowest-scored memories, 3. the oldest known facts,
-4. example dialogue (last first), 5. game context; finally the player's line is shortened.
+1. the oldest earlier turns, 2. the lowest-ranked lore entries, 3. the lowest-scored
+memories, 4. the oldest known facts, 5. example dialogue (last first), 6. game context;
+finally the player's line is shortened.
 World lore and the persona itself are never dropped (a persona too large for ``n_ctx`` is an error).
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 from npc_engine.cleaning import strip_special_tokens
 from npc_engine.errors import NpcEngineError
 from npc_engine.generation.base import Generator, Message, RenderedPrompt
+from npc_engine.lore import LORE_NOTE_PREFIX
 from npc_engine.memory.types import Memory, ScoredMemory
 from npc_engine.persona.model import Persona, World
 
@@ -81,7 +83,7 @@ class Turn:
         noted = tuple((i, line) for i, line in self.noted if i not in forgotten)
         return replace(
             self,
-            notes=render_notes([line for _, line in noted], self.scene_shown, self.standing_shown),
+            notes=render_noted(noted, self.scene_shown, self.standing_shown),
             noted=noted,
             memory_ids=self.memory_ids - forgotten,
         )
@@ -106,13 +108,15 @@ class BuiltPrompt:
 
 def render_world(world: World | None, persona: Persona | None = None) -> str:
     """The world as one NPC knows it from the start: lore gated by a condition or kept to
-    some NPCs (``known_by``) is left out (see ``game_state.unlocked_entries``)."""
+    some NPCs (``known_by``) is left out (see ``game_state.unlocked_entries``), and so are
+    the lorebook entries looked up per turn (``lore.LoreChooser``)."""
     if world is None:
         return ""
     lore = [
         item.text
         for item in world.lore
-        if item.reveal_when is None
+        if item.constant
+        and item.reveal_when is None
         and (persona is None or item.known_by_npc(persona.id or "", persona.factions))
     ]
     lines = [f"# The world: {world.name}", world.setting]
@@ -137,6 +141,8 @@ def render_persona(persona: Persona, names: Mapping[str, str]) -> str:
         lines.append("Personality: " + ", ".join(persona.personality) + ".")
     if persona.speech_style:
         lines.append("How you speak: " + persona.speech_style)
+    if persona.scenario:
+        lines.append("Your situation: " + persona.scenario)
     # Entries with a reveal condition are never here: while locked the model must not see
     # them, once unlocked they come in the turn's notes (``game_state.standing_notes``).
     knowledge = [fact.text for fact in persona.knowledge if fact.reveal_when is None]
@@ -233,16 +239,28 @@ def describe_game_time(game_time: float) -> str:
     return f"{part} of day {day + 1}"
 
 
+def render_noted(noted: Sequence[tuple[str, str]], scene_line: str, standing: str) -> str:
+    """Notes from their (id, line) pairs: lore entries by their ``lore:`` ids, facts and
+    memories by theirs (facts are memories of kind fact: all in the memory part here)."""
+    lore = [line for note_id, line in noted if note_id.startswith(LORE_NOTE_PREFIX)]
+    others = [line for note_id, line in noted if not note_id.startswith(LORE_NOTE_PREFIX)]
+    return render_notes(others, scene_line, standing, lore_lines=lore)
+
+
 def render_notes(
     memory_lines: Sequence[str],
     scene_line: str,
     standing: str = "",
     fact_lines: Sequence[str] = (),
+    lore_lines: Sequence[str] = (),
 ) -> str:
     lines: list[str] = [standing.rstrip("\n")] if standing else []
     if fact_lines:
         lines.append("(What you know about this player, newest last:)")
         lines += fact_lines
+    if lore_lines:
+        lines.append("(What you know of the world that may matter now:)")
+        lines += lore_lines
     if memory_lines:
         lines.append(
             "(Things you remember that may matter now; your notes, not the player's words:)"
@@ -277,25 +295,29 @@ class PromptBuilder:
         standing: str = "",
         standing_is_default: bool = False,
         known_facts: Sequence[Memory] = (),
+        lore: Sequence[tuple[str, str]] = (),
     ) -> BuiltPrompt:
         """``standing``: how the NPC regards this player and what it has unlocked
         (``game_state.standing_notes``); shown when it differs from what the conversation
         window last showed. At its default (start trust, nothing unlocked) it is not shown
         unless the window shows another: a stranger needs no note, and first turns stay
         short. ``known_facts``: what the NPC knows about the player (oldest first); those
-        the window does not show yet are noted, the newest ``MAX_FACTS_SHOWN``."""
+        the window does not show yet are noted, the newest ``MAX_FACTS_SHOWN``. ``lore``:
+        lorebook entries for this line as (note id, text), best first."""
         budget = self.generator.n_ctx - max_tokens - self.reserve_tokens
         system = render_world(world, persona) + render_persona(persona, names)
         examples = list(persona.example_dialogue)
         turns = list(history)
         kept_memories = list(memories)  # best first
         facts = list(known_facts)[-MAX_FACTS_SHOWN:]
+        kept_lore = list(lore)
         # The time of day is part of the game context: shown when it changes, like it.
         scene = {"time": describe_game_time(game_now)} if game_now is not None else {}
         scene.update(context)
         text = strip_special_tokens(player_text)[:MAX_PLAYER_CHARS]
         dropped = {
             "turns": 0,
+            "lore": 0,
             "memories": 0,
             "facts": 0,
             "examples": 0,
@@ -323,12 +345,14 @@ class PromptBuilder:
             shown_standing = standing if standing != last_standing and not quiet else ""
             new_facts = [(f.id, f"- {f.text}") for f in facts if f.id not in in_window]
             recalled = tuple((m.memory.id, memory_line(m, now, game_now)) for m in fresh)
-            noted = (*new_facts, *recalled)
+            lore_noted = tuple((note_id, f"- {text}") for note_id, text in kept_lore)
+            noted = (*new_facts, *lore_noted, *recalled)
             block = render_notes(
                 [line for _, line in recalled],
                 shown_scene,
                 shown_standing,
                 [line for _, line in new_facts],
+                [line for _, line in lore_noted],
             )
             messages.append({"role": "user", "content": block + _said(player_id, text, greeting)})
             # the system message and the examples are the same for every player
@@ -348,6 +372,9 @@ class PromptBuilder:
             if turns:
                 turns.pop(0)
                 dropped["turns"] += 1
+            elif kept_lore:
+                kept_lore.pop()
+                dropped["lore"] += 1
             elif kept_memories:
                 kept_memories.pop()
                 dropped["memories"] += 1

@@ -323,9 +323,21 @@ class RecalledMemory(_Message):
     importance: float
 
 
+class ChosenLoreItem(_Message):
+    id: str = Field(description="The lore entry's id (world.3, harbour.12, or its own).")
+    why: str = Field(description="key 'WORD' (a key matched), similar (by meaning), or both.")
+    similarity: float
+    tokens: int
+
+
 class TurnInspection(_Message):
     prompt: str
     memories: list[RecalledMemory]
+    lore: list[ChosenLoreItem] = Field(
+        default_factory=list,
+        description="Lorebook entries noted for this line (entries marked always are in the "
+        "prompt's head, not here), best first, with why each was chosen.",
+    )
     dropped: dict[str, int] = Field(
         default_factory=dict, description="Prompt parts left out to fit the context, by kind."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +81,22 @@ def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> E
         store = make_store(config, progress)
         generator = make_generator(config, progress)
         # The store's embedder (if it has one) also judges replies for the secret guard.
+        lore_vectors = getattr(store, "lore_vectors", None)
         engine = DialogueEngine(
-            registry, generator, store, config, embed=getattr(store, "embedder", None)
+            registry,
+            generator,
+            store,
+            config,
+            embed=getattr(store, "embedder", None),
+            lore_vectors=lore_vectors() if lore_vectors is not None else None,
         )
+        started = time.perf_counter()
+        lore = engine.prepare_lore()
+        if lore["entries"]:
+            progress(
+                f"lorebook: {lore['entries']} entries looked up per turn, {lore['embedded']} "
+                f"embedded now ({time.perf_counter() - started:.1f} s)"
+            )
     except BaseException:
         lock.release()
         raise

@@ -38,10 +38,12 @@ from npc_engine import __version__
 from npc_engine.config import ServerLimits
 from npc_engine.dialogue import DialogueEngine, StateView, TurnResult, npc_of
 from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError
+from npc_engine.lore import lore_summary
 from npc_engine.memory.saves import SaveError
 from npc_engine.memory.types import Memory
 from npc_engine.protocol import (
     Cancel,
+    ChosenLoreItem,
     Encoding,
     Error,
     ErrorCode,
@@ -782,6 +784,7 @@ class NpcServer:
         return TurnInspection(
             prompt=result.prompt,
             memories=[RecalledMemory(**scored.summary()) for scored in result.memories],
+            lore=[ChosenLoreItem(**item) for item in lore_summary(result.lore)],
             dropped=result.dropped,
             retrieval_ms=result.timings.retrieval_ms,
             prompt_ms=result.timings.prompt_ms,

@@ -173,7 +173,7 @@ def test_validate_cli_accepts_samples(sample_personas: Path) -> None:
     assert "OK: 4 persona(s)" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["persona", "world"])
+@pytest.mark.parametrize("name", ["persona", "world", "lore"])
 def test_committed_schema_is_fresh(name: str) -> None:
     assert committed_schema_path(name).read_text() == schema_text(name), (
         f"run: npc-engine schema {name} > {committed_schema_path(name)}"

@@ -92,10 +92,27 @@ class OfflineMiniLM:
             str(model_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self._lock = threading.Lock()
+        # A turn embeds the player's line twice (memory recall, then the lorebook): the
+        # second is answered from here.
+        self._recent: OrderedDict[str, list[float]] = OrderedDict()
 
     def __call__(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
+        if len(texts) == 1:
+            with self._lock:
+                hit = self._recent.get(texts[0])
+            if hit is not None:
+                return [hit]
+            vector = self._vectors(texts)[0]
+            with self._lock:
+                self._recent[texts[0]] = vector
+                if len(self._recent) > 64:
+                    self._recent.popitem(last=False)
+            return [vector]
+        return self._vectors(texts)
+
+    def _vectors(self, texts: Sequence[str]) -> list[list[float]]:
         # Similar lengths share a batch, so little is padded; results go back in order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         vectors: list[Any] = [None] * len(texts)
@@ -766,6 +783,12 @@ class ChromaMemoryStore:
         if shard is None:
             return 0
         return len(shard.get(where={"player_id": player_id}, include=[])["ids"])
+
+    def lore_vectors(self) -> Any:
+        """The lorebook's vectors, in this store's Chroma (see ``lore_vectors.py``)."""
+        from npc_engine.memory.lore_vectors import ChromaLoreVectors
+
+        return ChromaLoreVectors(self._client, self._embed, EMBEDDING_MODEL)
 
     @property
     def embedder(self) -> Any:

@@ -37,6 +37,29 @@ def _cosine(a: Counter[str], b: Counter[str]) -> float:
     return dot / norm if norm else 0.0
 
 
+class BagOfWordsLoreIndex:
+    """Lore similarity by shared words: the fake of ``lore_vectors.MatrixIndex``."""
+
+    embedded = 0
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self._bags = [_bag(text) for text in texts]
+
+    def scores(self, query: str) -> Any:
+        import numpy as np
+
+        bag = _bag(query)
+        return np.array([_cosine(bag, other) for other in self._bags], dtype=np.float32)
+
+
+class BagOfWordsLoreVectors:
+    def index(self, texts: Sequence[str]) -> BagOfWordsLoreIndex:
+        return BagOfWordsLoreIndex(texts)
+
+    def prune(self, keep: Sequence[str]) -> int:
+        return 0
+
+
 def visible_to(memory: Memory, npc_id: str, player_id: str | None) -> bool:
     return memory.npc_id == npc_id and memory.player_id in (None, player_id)
 
@@ -50,6 +73,9 @@ class InMemoryStore:
         self._saves: dict[str, tuple[SaveInfo, dict[str, Memory], dict[str, Any], Any]] = {}
         self._lock = threading.Lock()
         self._keywords = KeywordIndex(None)  # the real keyword half, in RAM
+
+    def lore_vectors(self) -> BagOfWordsLoreVectors:
+        return BagOfWordsLoreVectors()
 
     def add(self, memories: Sequence[Memory]) -> None:
         with self._lock:

@@ -12,10 +12,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from npc_engine.persona.model import Persona, World
+from npc_engine.persona.model import LoreFile, Persona, World, WorldLore
 from npc_engine.persona.yaml_source import Location, ParsedYaml, dotted, parse_yaml_file
 
 WORLD_FILE = "world.yaml"
+LORE_FOLDER = "lore"  # beside world.yaml: lorebook files, not personas
 PERSONA_SUFFIXES = (".yaml", ".yml")
 
 
@@ -151,20 +152,71 @@ def _find_world(persona_path: Path, root: Path, worlds: dict[Path, World | None]
         folder = folder.parent
 
 
+def is_lore_file(path: Path, root: Path) -> bool:
+    return LORE_FOLDER in path.relative_to(root).parts[:-1]
+
+
 def persona_files(paths: Iterable[Path]) -> tuple[list[tuple[Path, Path]], list[PersonaProblem]]:
-    """Expand folders into ``(file, root)`` pairs; missing paths become problems."""
+    """Expand folders into ``(file, root)`` pairs (lorebook files not among them); missing
+    paths become problems."""
     found: list[tuple[Path, Path]] = []
     problems: list[PersonaProblem] = []
     for path in paths:
         if path.is_dir():
             for candidate in sorted(path.rglob("*")):
-                if candidate.suffix in PERSONA_SUFFIXES and candidate.is_file():
+                if (
+                    candidate.suffix in PERSONA_SUFFIXES
+                    and candidate.is_file()
+                    and not is_lore_file(candidate, path)
+                ):
                     found.append((candidate, path))
         elif path.is_file():
             found.append((path, path.parent))
         else:
             problems.append(PersonaProblem(path, 1, "(document)", "no such file or folder"))
     return found, problems
+
+
+def lore_files(world_path: Path) -> list[Path]:
+    folder = world_path.parent / LORE_FOLDER
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.rglob("*")) if p.suffix in PERSONA_SUFFIXES and p.is_file()]
+
+
+def _with_lorebook(
+    world: World, world_path: Path, parsed: ParsedYaml, problems: list[PersonaProblem]
+) -> World:
+    """The world with the entries of its lorebook files after its own lore. A broken file
+    is reported and left out; the rest loads. Entry ids must be unique in the world."""
+    entries: list[WorldLore] = list(world.lore)
+    where: dict[str, tuple[Path, int]] = {
+        entry.id or "": (world_path, parsed.line_of(("lore", index)))
+        for index, entry in enumerate(world.lore)
+    }
+    folder = world_path.parent / LORE_FOLDER
+    for path in lore_files(world_path):
+        book, book_parsed, book_problems = validate_yaml_file(path, LoreFile)
+        problems.extend(book_problems)
+        if book is None:
+            continue
+        stem = ".".join(path.relative_to(folder).with_suffix("").parts)
+        for index, entry in enumerate(book.resolved(stem)):
+            line = book_parsed.line_of(("entries", index))
+            first = where.get(entry.id or "")
+            if first is not None:
+                problems.append(
+                    PersonaProblem(
+                        path,
+                        line,
+                        f"entries.{index}.id",
+                        f"duplicate lore id {entry.id!r} (also at {first[0]}:{first[1]})",
+                    )
+                )
+                continue
+            where[entry.id or ""] = (path, line)
+            entries.append(entry)
+    return world.model_copy(update={"lore": entries}) if len(entries) > len(world.lore) else world
 
 
 def load_personas(paths: Path | Sequence[Path]) -> PersonaRegistry:
@@ -176,8 +228,10 @@ def load_personas(paths: Path | Sequence[Path]) -> PersonaRegistry:
     worlds: dict[Path, World | None] = {}
     world_paths = [(f, r) for f, r in files if f.name == WORLD_FILE]
     for world_path, _root in world_paths:
-        world, _parsed, problems = validate_yaml_file(world_path, World)
+        world, parsed, problems = validate_yaml_file(world_path, World)
         registry.problems.extend(problems)
+        if world is not None:
+            world = _with_lorebook(world, world_path, parsed, registry.problems)
         worlds[world_path.parent] = world
         if world is not None:
             registry.worlds[world_path] = world

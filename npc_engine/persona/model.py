@@ -3,6 +3,7 @@ shipped for editors is generated from them (`npc-engine schema persona`)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -12,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    model_validator,
 )
 
 from npc_engine.conditions import Condition, ConditionError, GameFacts, parse_condition
@@ -92,12 +94,29 @@ class DialogueExample(_Strict):
 
 
 class Relationship(_Strict):
-    """How this NPC feels about another NPC of the same world."""
+    """How this NPC feels about another NPC of the same world. A plain string is short for
+    its ``attitude``."""
 
     attitude: NonEmptyText = Field(
         description="A few words: 'trusts', 'owes money to', 'secretly loves'."
     )
     notes: str = Field("", description="Anything the NPC knows or feels about them.")
+
+
+def _short_form(field_name: str) -> Any:
+    """Writers write what reads naturally: a plain string where an object has one field
+    that matters (``captain_ysolde: Respects her.``) is short for ``{field_name: ...}``."""
+
+    def expand(value: Any) -> Any:
+        return {field_name: value} if isinstance(value, str) else value
+
+    return expand
+
+
+RelationshipEntry = Annotated[
+    Relationship,
+    BeforeValidator(_short_form("attitude"), json_schema_input_type=str | Relationship),
+]
 
 
 class GenerationOverrides(_Strict):
@@ -123,7 +142,15 @@ class Persona(_Strict):
         default_factory=list, description="Traits: 'gruff', 'kind to children'."
     )
     speech_style: str = Field("", description="How the NPC talks: vocabulary, rhythm, tics.")
+    scenario: str = Field(
+        "", description="The situation the NPC is in when players meet it (shown to the model)."
+    )
     greeting: str = Field("", description="First line when a player walks up.")
+    alternate_greetings: list[NonEmptyText] = Field(
+        default_factory=list,
+        description="Other first lines: each player meets the NPC with one of greeting and "
+        "these (the same one every time for the same player).",
+    )
     knowledge: list[FactEntry] = Field(
         default_factory=list,
         description="Facts the NPC knows and may share: a string, or {text, reveal_when} for "
@@ -147,8 +174,10 @@ class Persona(_Strict):
         "strangers' ears.'). Default: built-in ones.",
     )
     goals: list[NonEmptyText] = Field(default_factory=list, description="What the NPC wants.")
-    relationships: dict[NpcId, Relationship] = Field(
-        default_factory=dict, description="Other NPCs of this world, by id."
+    relationships: dict[NpcId, RelationshipEntry] = Field(
+        default_factory=dict,
+        description="Other NPCs of this world, by id: how this NPC regards them (a string), "
+        "or {attitude, notes}.",
     )
     example_dialogue: list[DialogueExample] = Field(default_factory=list)
     mood: str = Field("neutral", description="Mood at the start of a conversation.")
@@ -161,6 +190,13 @@ class Persona(_Strict):
     actions: GameActions = Field(
         default_factory=list,
         description="What this NPC can do in the game (besides the world's actions).",
+    )
+    creator_notes: str = Field("", description="Notes for other writers; never shown to the model.")
+    tags: list[NonEmptyText] = Field(default_factory=list, description="For finding the NPC.")
+    extensions: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Data kept for other tools (an imported card's fields that have no "
+        "persona equivalent); never shown to the model.",
     )
 
 
@@ -219,25 +255,79 @@ GameActions = Annotated[list[GameActionSpec], AfterValidator(_unique_actions), F
 
 
 class Place(_Strict):
+    """A place of the world. A plain string is short for its name."""
+
     name: NonEmptyText
     description: str = ""
 
 
 class Faction(_Strict):
+    """A faction of the world. A plain string is short for its name."""
+
     name: NonEmptyText
     description: str = ""
 
 
-class WorldLore(GatedFact):
-    """A piece of lore, known to everyone or only to some."""
+PlaceEntry = Annotated[
+    Place, BeforeValidator(_short_form("name"), json_schema_input_type=str | Place)
+]
+FactionEntry = Annotated[
+    Faction, BeforeValidator(_short_form("name"), json_schema_input_type=str | Faction)
+]
 
+LORE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$"
+
+
+def _checked_keys(keys: list[str]) -> list[str]:
+    """A ``/regex/`` key must compile (the error names it at load, not at a turn)."""
+    for key in keys:
+        match = re.fullmatch(r"/(.+)/[a-z]*", key, re.DOTALL)
+        if match:
+            try:
+                re.compile(match.group(1))
+            except re.error as exc:
+                raise ValueError(f"key {key!r} is not a valid regular expression: {exc}") from None
+    return keys
+
+
+class WorldLore(GatedFact):
+    """A piece of lore (a lorebook entry), known to everyone or only to some. Entries marked
+    ``always`` are in every prompt of the NPCs that know them; the others are looked up per
+    turn, by their keys and by meaning (see docs/lore.md)."""
+
+    id: Annotated[str, StringConstraints(pattern=LORE_ID_PATTERN)] | None = Field(
+        None,
+        description="Stable name of the entry (shown by the inspector). Default: the file's "
+        "name and the entry's number, e.g. 'harbour.3'.",
+    )
+    keys: Annotated[list[NonEmptyText], AfterValidator(_checked_keys)] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Words or phrases that bring the entry into the talk when said in the "
+        "recent conversation (whole words, any case); '/regex/' for a regular expression.",
+    )
+    always: bool | None = Field(
+        None,
+        description="true: in every prompt (the stable head). Default: true for an entry of "
+        "world.yaml without keys, false for lorebook files.",
+    )
+    priority: int = Field(
+        0, ge=-100, le=100, description="Higher first when the lore budget is short."
+    )
     known_by: list[NonEmptyText] = Field(
         default_factory=list,
         description="NPC ids or faction names that know it (empty: everyone).",
     )
+    extensions: dict[str, Any] = Field(
+        default_factory=dict, description="Data kept for other tools (from an imported card)."
+    )
 
     def known_by_npc(self, npc_id: str, factions: list[str]) -> bool:
         return not self.known_by or any(k == npc_id or k in factions for k in self.known_by)
+
+    @property
+    def constant(self) -> bool:
+        return bool(self.always)
 
 
 WorldFact = Annotated[
@@ -245,20 +335,51 @@ WorldFact = Annotated[
 ]
 
 
+def resolve_lore_entries(entries: list[WorldLore], stem: str, always_default: bool) -> None:
+    """Every entry gets its id and a definite ``always``."""
+    for index, entry in enumerate(entries):
+        if entry.id is None:
+            entry.id = f"{stem}.{index}"
+        if entry.always is None:
+            entry.always = always_default and not entry.keys
+
+
+class LoreFile(_Strict):
+    """A lorebook file (``lore/*.yaml`` beside ``world.yaml``): entries looked up per turn."""
+
+    known_by: list[NonEmptyText] = Field(
+        default_factory=list,
+        description="NPC ids or faction names that know every entry of this file that "
+        "names none itself (empty: everyone).",
+    )
+    entries: list[WorldFact] = Field(
+        description="Lore entries: a string, or {text, keys, always, priority, known_by, "
+        "reveal_when, id}."
+    )
+
+    def resolved(self, stem: str) -> list[WorldLore]:
+        for entry in self.entries:
+            if not entry.known_by:
+                entry.known_by = list(self.known_by)
+        resolve_lore_entries(self.entries, stem, always_default=False)
+        return self.entries
+
+
 class World(_Strict):
     """Lore shared by every NPC whose file sits beside this ``world.yaml``."""
 
     name: NonEmptyText
     setting: NonEmptyText = Field(description="The world in a few sentences.")
-    places: list[Place] = Field(default_factory=list)
-    factions: list[Faction] = Field(default_factory=list)
+    places: list[PlaceEntry] = Field(default_factory=list)
+    factions: list[FactionEntry] = Field(default_factory=list)
     rules: list[NonEmptyText] = Field(
         default_factory=list, description="Hard rules: 'no modern technology exists'."
     )
     lore: list[WorldFact] = Field(
         default_factory=list,
         description="Common knowledge: a string, or {text, reveal_when, known_by} for lore "
-        "only some NPCs know, or only once a condition holds.",
+        "only some NPCs know, or only once a condition holds; an entry with keys is looked "
+        "up per turn like a lorebook entry (lore/*.yaml, see docs/lore.md).",
     )
     out_of_world: list[NonEmptyText] = Field(
         default_factory=list,
@@ -268,3 +389,8 @@ class World(_Strict):
     actions: GameActions = Field(
         default_factory=list, description="What every NPC of this world can do in the game."
     )
+
+    @model_validator(mode="after")
+    def _lore_ids(self) -> World:
+        resolve_lore_entries(self.lore, "world", always_default=True)
+        return self

@@ -16,9 +16,9 @@ SCHEMA_DIR = Path(__file__).parent
 
 
 def _models() -> dict[str, type[BaseModel]]:
-    from npc_engine.persona.model import Persona, World
+    from npc_engine.persona.model import LoreFile, Persona, World
 
-    return {"persona": Persona, "world": World}
+    return {"persona": Persona, "world": World, "lore": LoreFile}
 
 
 def schema_for(name: str) -> dict[str, Any]:
