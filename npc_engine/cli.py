@@ -50,10 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML config file (default: ./npc-engine.yaml)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    validate = commands.add_parser("validate", help="check persona and world files")
+    validate = commands.add_parser(
+        "validate",
+        help="check persona, world and lore files; report each NPC's prompt prefix size",
+    )
     validate.add_argument(
         "paths", nargs="*", type=Path, help="files or folders (default: personas)"
     )
+    validate.add_argument(
+        "--no-sizes", action="store_true", help="skip the prefix sizes (no model needed)"
+    )
+    _engine_flags(validate)
+
+    new = commands.add_parser("new", help="write a persona skeleton, every field explained")
+    new.add_argument("npc_id", help="the new NPC's id (also its file name)")
+    new.add_argument("--out", type=Path, help="folder (default: the personas folder)")
+    new.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    importer = commands.add_parser(
+        "import", help="a Character Card (V1/V2/V3 .json, .png, .charx) as a persona"
+    )
+    importer.add_argument("file", type=Path, help="the card")
+    importer.add_argument("--out", type=Path, help="folder (default: the personas folder)")
+    importer.add_argument("--id", dest="npc_id", help="NPC id (default: from the name)")
+    importer.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    exporter = commands.add_parser("export", help="a persona as a Character Card V3")
+    exporter.add_argument("npc_id", help="the NPC to export")
+    exporter.add_argument("--format", default="card-v3", choices=["card-v3"])
+    exporter.add_argument("--png", type=Path, metavar="AVATAR", help="write a PNG card on it")
+    exporter.add_argument("--out", type=Path, help="file (default: NPC_ID.json / NPC_ID.png)")
 
     say = commands.add_parser("say", help="one reply from an NPC, streamed; memory is written")
     say.add_argument("--npc", required=True, help="NPC id")
@@ -153,18 +179,99 @@ def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> En
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from npc_engine.persona.authoring import prefix_warnings, secret_leaks
     from npc_engine.persona.loader import load_personas
 
-    paths = args.paths or [_config(args).personas_dir]
+    config = _config(args)
+    paths = args.paths or [config.personas_dir]
     registry = load_personas(paths)
     for problem in registry.problems:
         print(problem)
+    warnings = [w for loaded in registry.personas.values() for w in secret_leaks(loaded)]
+    if registry.personas and not args.no_sizes:
+        sizes = _prefix_sizes(registry, config)
+        if sizes:
+            print(f"Stable prompt prefix (tokens of {config.model}, n_ctx={config.n_ctx}):")
+            for npc_id, size in sizes.items():
+                print(f"  {npc_id}: {size} ({size / config.n_ctx:.0%} of n_ctx)")
+            warnings += prefix_warnings(registry, sizes, config.n_ctx)
+    for warning in warnings:
+        print(warning)
     loaded = len(registry.personas)
     if registry.problems:
         print(f"{len(registry.problems)} problem(s); {loaded} persona(s) valid.", file=sys.stderr)
         return 1
     worlds = len(registry.worlds)
-    print(f"OK: {loaded} persona(s) and {worlds} world file(s) valid.")
+    lore = sum(len(w.lore) for w in registry.worlds.values())
+    print(
+        f"OK: {loaded} persona(s), {worlds} world file(s) and {lore} lore entries valid"
+        + (f"; {len(warnings)} warning(s)." if warnings else ".")
+    )
+    return 0
+
+
+def _prefix_sizes(registry: Any, config: EngineConfig) -> dict[str, int]:
+    from npc_engine.persona.authoring import prefix_sizes
+    from npc_engine.runtime import resolve_chat_model
+
+    try:
+        model_path, chat_format = resolve_chat_model(config, _progress)
+        return prefix_sizes(registry, model_path, chat_format, config.n_ctx)
+    except NpcEngineError as exc:
+        print(f"(prompt prefix sizes not reported: {exc})", file=sys.stderr)
+        return {}
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from npc_engine.persona.authoring import schema_ref, skeleton
+
+    folder = args.out or _config(args).personas_dir
+    path = folder / f"{args.npc_id}.yaml"
+    if path.exists() and not args.force:
+        raise NpcEngineError(f"{path} exists; pass --force to overwrite it")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(skeleton(args.npc_id, schema_ref("persona", folder)))
+    print(f"wrote {path}; fill it in, then: npc-engine validate {folder}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from npc_engine.cards import card_to_persona
+    from npc_engine.persona.authoring import check_written, write_persona_files
+
+    folder = args.out or _config(args).personas_dir
+    imported = card_to_persona(args.file, args.npc_id)
+    written = write_persona_files(
+        folder, imported.persona, imported.lore, args.file.name, force=args.force
+    )
+    for path in written:
+        print(f"wrote {path}")
+    for note in imported.notes:
+        print(f"note: {note}")
+    problems = [p for p in check_written(written) if any(str(w) in p for w in written)]
+    for problem in problems:
+        print(problem)
+    return 1 if problems else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from npc_engine.cards import persona_to_card, write_card_json, write_card_png
+    from npc_engine.errors import UnknownNpcError
+    from npc_engine.persona.authoring import own_lore
+    from npc_engine.runtime import load_registry
+
+    registry = load_registry(_config(args))
+    loaded = registry.get(args.npc_id)
+    if loaded is None:
+        raise UnknownNpcError(args.npc_id, registry.ids())
+    card = persona_to_card(loaded.persona, own_lore(loaded))
+    if args.png is not None:
+        out = args.out or Path(f"{args.npc_id}.png")
+        write_card_png(card, args.png, out)
+    else:
+        out = args.out or Path(f"{args.npc_id}.json")
+        write_card_json(card, out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -414,6 +521,9 @@ def cmd_playtest(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "validate": cmd_validate,
+    "new": cmd_new,
+    "import": cmd_import,
+    "export": cmd_export,
     "say": cmd_say,
     "models": cmd_models,
     "schema": cmd_schema,

@@ -125,9 +125,9 @@ class LoreConfig(BaseModel):
     budget_tokens: int = Field(
         200, ge=0, le=4096, description="Tokens of lore entries noted in one turn at most."
     )
-    max_entries: int = Field(6, ge=0, le=50, description="Entries noted in one turn at most.")
+    max_entries: int = Field(4, ge=0, le=50, description="Entries noted in one turn at most.")
     min_similarity: float = Field(
-        0.4,
+        0.45,
         ge=-1,
         le=1,
         description="An entry without a key match is noted when its meaning (MiniLM cosine "

@@ -7,6 +7,7 @@ the background ``MemoryWriter`` after the reply, so they never delay a first tok
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import re
@@ -69,7 +70,7 @@ from npc_engine.memory.types import (
 from npc_engine.memory.upkeep import MemoryUpkeep
 from npc_engine.memory.writer import MemoryWriter, StateWrite
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
-from npc_engine.persona.model import World
+from npc_engine.persona.model import Persona, World
 from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn, render_persona, render_world
 from npc_engine.sentences import SentenceTrim
 
@@ -211,6 +212,17 @@ def reply_memory(
         game_time=game_time,
         content=quoted,
     )
+
+
+def first_line_for(persona: Persona, player_id: str) -> str:
+    """The written greeting a player meets the NPC with: one of ``greeting`` and the
+    ``alternate_greetings``, always the same one for the same player (a stable hash, not
+    Python's salted one, so it holds across restarts)."""
+    lines = [line for line in [persona.greeting.strip(), *persona.alternate_greetings] if line]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    digest = hashlib.sha1(f"{persona.id}\n{player_id}".encode()).digest()
+    return lines[int.from_bytes(digest[:4], "big") % len(lines)]
 
 
 def history_key(npc_id: str, player_id: str) -> str:
@@ -784,7 +796,7 @@ class DialogueEngine:
         game_time: float | None,
     ) -> TurnResult:
         started = time.perf_counter()
-        text = loaded.persona.greeting.strip()
+        text = first_line_for(loaded.persona, player_id)
         if on_delta is not None:
             on_delta(text)
         result = TurnResult(npc_id=npc_id, player_id=player_id, text=text, reason="stop")

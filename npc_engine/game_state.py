@@ -78,9 +78,10 @@ def unlocked_entries(persona: Persona, world: World | None, facts: GameFacts) ->
             lines.append(secret.text)
     if world is not None:
         for index, lore in enumerate(world.lore):
-            knows = lore.known_by_npc(persona.id or "", persona.factions)
             # Entries looked up per turn come in the lore notes when they hold (lore.py).
-            if lore.constant and lore.reveal_when is not None and knows and lore.known(facts):
+            if not lore.constant or lore.reveal_when is None:
+                continue
+            if lore.known_by_npc(persona.id or "", persona.factions) and lore.known(facts):
                 ids.append(f"lore.{index}")
                 lines.append(lore.text)
     return Unlocked(tuple(ids), tuple(lines))

@@ -115,8 +115,8 @@ class ChosenLore:
 @dataclass(frozen=True)
 class LoreSettings:
     budget_tokens: int = 200
-    max_entries: int = 6
-    min_similarity: float = 0.4
+    max_entries: int = 4
+    min_similarity: float = 0.45
     scan_turns: int = 2
 
 

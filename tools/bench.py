@@ -25,6 +25,9 @@ Targets (issue 5):
   saves       (issue 12) save.create / save.load with 10,000 memories vs copying the store
   actions     (issue 12) the labelled game-action set through the model: accuracy,
               false actions, added time per turn
+  lore        (issue 14) a 2,000-entry lorebook: recall of the answering entry on the probe
+              set; warm first token vs the same NPC in the small sample world; load and
+              restart time (entries embedded)
 """
 
 from __future__ import annotations
@@ -515,6 +518,101 @@ def target_restart(root: Path, report: Report) -> None:
             cold / restored >= 5,
         )
     )
+
+
+def target_lore(root: Path, report: Report, turns: int, entries: int) -> None:
+    """The same NPC and player lines in the sample world (its 29-entry lorebook) and in the
+    sample world plus ``entries`` generated ones; turns interleaved so noise hits both."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import lore_probe
+    import make_world
+
+    spec = lore_probe.load_probes()
+    small_dir, big_dir = root / "lore-small", root / "lore-big"
+    make_world.write_world(small_dir, 0)
+    make_world.write_world(big_dir, entries, spec["seed"])
+    small_config = bench_config(root, "lore-small", personas_dir=small_dir)
+    big_config = bench_config(root, "lore-big", personas_dir=big_dir)
+    small, small_open = lore_probe.open_world(small_config)
+    try:
+        big, big_open = lore_probe.open_world(big_config)
+        try:
+            probes = spec["probes"] if entries == spec["entries"] else []
+            found = lore_probe.ask(big.engine, probes, lore_probe.settings_of(big_config))
+            times: dict[str, list[float]] = {"small": [], "big": []}
+            chosen: dict[str, list[int]] = {"small": [], "big": []}
+            for index in range(turns):
+                line = PLAYER_LINES[index % len(PLAYER_LINES)]
+                for name, runtime in (("small", small), ("big", big)):
+                    result = runtime.engine.say("mara", line, player_id="lore", max_tokens=24)
+                    runtime.engine.writer.flush(60)
+                    times[name].append((result.timings.ttft_ms or 0) / 1000)
+                    chosen[name].append(len(result.lore))
+        finally:
+            big.close()
+    finally:
+        small.close()
+    again, again_open = lore_probe.open_world(big_config)
+    again.close()
+    warm_small, warm_big = median(times["small"][1:]), median(times["big"][1:])
+    report.details["lore"] = {
+        "ttft_small_s": times["small"],
+        "ttft_big_s": times["big"],
+        "entries_chosen_small": chosen["small"],
+        "entries_chosen_big": chosen["big"],
+        "misses": found.misses,
+    }
+    report.rows += [
+        Row(
+            "14 lorebook",
+            f"probe recall: the answering entry among those chosen for the question "
+            f"({found.total} questions, {big_open.entries} entries, default budget)",
+            "hits",
+            float(found.hits),
+            "questions",
+            float(found.total),
+            found.recall,
+            "≥ 0.9",
+            found.recall >= 0.9 if found.total else None,
+            "" if found.total else "the probe set needs the 2,000-entry world",
+        ),
+        Row(
+            "14 lorebook",
+            f"median warm first token, turns 2-{turns}, Mara: {big_open.entries}-entry "
+            f"lorebook vs the sample world's {small_open.entries} (entries noted per line: "
+            f"{statistics.mean(chosen['big']):.1f} vs {statistics.mean(chosen['small']):.1f})",
+            "big world",
+            warm_big,
+            "sample world",
+            warm_small,
+            warm_big / warm_small,
+            "≤ 1.1×",
+            warm_big / warm_small <= 1.1,
+        ),
+        Row(
+            "14 lorebook",
+            f"engine open with the big world: first ({big_open.embedded} entries embedded) vs "
+            f"restart ({again_open.embedded} embedded)",
+            "first open",
+            big_open.seconds,
+            "restart",
+            again_open.seconds,
+            big_open.seconds / again_open.seconds,
+            "restart embeds 0",
+            again_open.embedded == 0,
+        ),
+        Row(
+            "14 lorebook",
+            "engine open, restart: big world vs the sample world (model load included)",
+            "big world",
+            again_open.seconds,
+            "sample world",
+            small_open.seconds,
+            again_open.seconds / small_open.seconds,
+            "report",
+            None,
+        ),
+    ]
 
 
 def target_npc_warm(root: Path, report: Report, turns: int, *, cold_too: bool = True) -> None:
@@ -1337,6 +1435,7 @@ def main(argv: list[str] | None = None) -> int:
             "npc_warm",
             "saves",
             "actions",
+            "lore",
         ],
     )
     parser.add_argument("--model", help="known model id or GGUF path (default: the default)")
@@ -1401,6 +1500,9 @@ def main(argv: list[str] | None = None) -> int:
     if wanted("saves"):
         with timed("saves"):
             target_saves(root, report, 1_000 if quick else 10_000)
+    if wanted("lore"):
+        with timed("lore"):
+            target_lore(root, report, 3 if quick else 20, 200 if quick else 2000)
     if wanted("memory"):
         with timed("memory"):
             if quick:
