@@ -251,7 +251,7 @@ def _personality(text: str) -> list[str]:
     return parts if all(len(p) <= 80 for p in parts) else [text.strip()] if text.strip() else []
 
 
-def _lore_entry(entry: BookEntry, name: str, used: set[str]) -> dict[str, Any]:
+def _lore_entry(entry: BookEntry, index: int, name: str, used: set[str]) -> dict[str, Any]:
     keys = [k.strip() for k in entry.keys if k.strip()]
     if entry.use_regex:
         keys = [k if k.startswith("/") else f"/{k}/" for k in keys]
@@ -277,6 +277,7 @@ def _lore_entry(entry: BookEntry, name: str, used: set[str]) -> dict[str, Any]:
         for k, v in entry.model_dump(exclude_none=True).items()
         if k not in ("keys", "content", "constant", "priority", "enabled", "extensions")
         and v not in ({}, [], "")
+        and not (k == "insertion_order" and v == index)  # what an export writes anyway
     }
     if card_extensions:
         kept["extensions"] = card_extensions
@@ -335,7 +336,8 @@ def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
         value = getattr(data, key)
         if value:
             card_kept[key] = value
-    card_kept.update(data.model_extra or {})  # V3 fields (nickname, assets…) and unknown ones
+    # V3 fields (nickname, assets…) and unknown ones
+    card_kept.update({k: v for k, v in (data.model_extra or {}).items() if v not in ({}, [], "")})
     if unparsed:
         card_kept["unparsed_examples"] = unparsed
         notes.append(f"example_dialogue: {len(unparsed)} example block(s) had no user/char pair")
@@ -351,7 +353,8 @@ def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
     if book is not None:
         used: set[str] = set()
         entries = [
-            _lore_entry(e, name, used) for e in book.entries if e.enabled and e.content.strip()
+            _lore_entry(e, index, name, used)
+            for index, e in enumerate(e for e in book.entries if e.enabled and e.content.strip())
         ]
         disabled = [e.model_dump(exclude_none=True) for e in book.entries if not e.enabled]
         settings = book.model_dump(exclude_none=True, exclude={"entries"})
@@ -360,8 +363,10 @@ def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
             card_kept["character_book"] = {**settings, "disabled_entries": disabled}
         if entries:
             lore = {"known_by": [chosen_id], "entries": entries}
-    extensions[CARD_KEY] = card_kept
-    persona["extensions"] = extensions
+    if set(card_kept) - {"spec"}:  # the spec alone is not worth keeping
+        extensions[CARD_KEY] = card_kept
+    if extensions:
+        persona["extensions"] = extensions
     return ImportedCard(persona, lore, notes)
 
 
@@ -430,7 +435,6 @@ def _book_entry(entry: WorldLore, index: int, persona: Persona) -> dict[str, Any
         "insertion_order": index,
         "constant": entry.constant,
         "priority": entry.priority,
-        "id": index,
     }
     out.update(kept)  # what the import kept of the card's entry (its name, order, flags)
     return out

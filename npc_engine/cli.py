@@ -41,6 +41,10 @@ def _engine_flags(parser: argparse.ArgumentParser, *, several_models: bool = Fal
     group.add_argument("--temperature", type=float)
 
 
+def _personas_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--personas", dest="personas_dir", type=Path, help="personas folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npc-engine", description="Local-first dialogue engine for game NPCs."
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("npc_id", help="the new NPC's id (also its file name)")
     new.add_argument("--out", type=Path, help="folder (default: the personas folder)")
     new.add_argument("--force", action="store_true", help="overwrite an existing file")
+    _personas_flag(new)
 
     importer = commands.add_parser(
         "import", help="a Character Card (V1/V2/V3 .json, .png, .charx) as a persona"
@@ -74,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--out", type=Path, help="folder (default: the personas folder)")
     importer.add_argument("--id", dest="npc_id", help="NPC id (default: from the name)")
     importer.add_argument("--force", action="store_true", help="overwrite existing files")
+    _personas_flag(importer)
 
     exporter = commands.add_parser("export", help="a persona as a Character Card V3")
     exporter.add_argument("npc_id", help="the NPC to export")
     exporter.add_argument("--format", default="card-v3", choices=["card-v3"])
     exporter.add_argument("--png", type=Path, metavar="AVATAR", help="write a PNG card on it")
     exporter.add_argument("--out", type=Path, help="file (default: NPC_ID.json / NPC_ID.png)")
+    _personas_flag(exporter)
 
     say = commands.add_parser("say", help="one reply from an NPC, streamed; memory is written")
     say.add_argument("--npc", required=True, help="NPC id")
