@@ -209,7 +209,7 @@ def _with_lorebook(
                     PersonaProblem(
                         path,
                         line,
-                        f"entries.{index}.id",
+                        dotted(("entries", index, "id")),
                         f"duplicate lore id {entry.id!r} (also at {first[0]}:{first[1]})",
                     )
                 )
