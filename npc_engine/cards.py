@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from npc_engine.errors import NpcEngineError
-from npc_engine.persona.model import NPC_ID_PATTERN, Persona, WorldLore
+from npc_engine.persona.model import LORE_ID_PATTERN, NPC_ID_PATTERN, Persona, WorldLore
 
 MAX_CARD_BYTES = 16 << 20  # a card with a big lorebook is a few MB; more is not a card
 PLAYER_WORDS = "the player"
@@ -251,16 +251,27 @@ def _personality(text: str) -> list[str]:
     return parts if all(len(p) <= 80 for p in parts) else [text.strip()] if text.strip() else []
 
 
-def _lore_entry(entry: BookEntry, index: int, name: str, used: set[str]) -> dict[str, Any]:
+def _lore_entry(
+    entry: BookEntry, index: int, name: str, used: set[str], npc_id: str, exported_as: str
+) -> dict[str, Any]:
+    """One book entry as a lorebook entry. Its id is the NPC's id and the entry's own name
+    (ids are unique in a world, and several cards may name an entry "kraken"); an entry
+    this engine exported (``exported_as``: the NPC's id then) keeps its name."""
     keys = [k.strip() for k in entry.keys if k.strip()]
     if entry.use_regex:
         keys = [k if k.startswith("/") else f"/{k}/" for k in keys]
     card_extensions = dict(entry.extensions)
     ours = card_extensions.pop(ENGINE_KEY, None)
     ours = dict(ours) if isinstance(ours, dict) else {}
-    out: dict[str, Any] = {"text": resolve_macros(entry.content, name)}
-    wanted = str(ours.pop("id", "") or "") or _slug(entry.name or entry.comment or "", 60)
-    if wanted and wanted != "npc" and wanted not in used:
+    # V3 decorators (``@@depth 4`` lines) steer SillyTavern's insertion, not the story.
+    lines = entry.content.splitlines()
+    decorators = [line.strip() for line in lines if line.strip().startswith("@@")]
+    content = "\n".join(line for line in lines if not line.strip().startswith("@@"))
+    out: dict[str, Any] = {"text": resolve_macros(content, name)}
+    restored = str(ours.pop("id", "") or "").removeprefix(f"{exported_as}.")
+    local = restored or _slug(entry.name or entry.comment or "", 40)
+    wanted = f"{npc_id}.{local}"
+    if local and local != "npc" and wanted not in used and re.match(LORE_ID_PATTERN, wanted):
         out["id"] = wanted
         used.add(wanted)
     if keys:
@@ -281,6 +292,8 @@ def _lore_entry(entry: BookEntry, index: int, name: str, used: set[str]) -> dict
     }
     if card_extensions:
         kept["extensions"] = card_extensions
+    if decorators:
+        kept["decorators"] = decorators
     if kept:
         out["extensions"] = kept
     return out
@@ -294,7 +307,8 @@ def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
     engine = dict(engine) if isinstance(engine, dict) else {}
     notes: list[str] = []
     persona: dict[str, Any] = {}
-    chosen_id = npc_id or str(engine.pop("id", "") or "") or _slug(name)
+    exported_as = str(engine.pop("id", "") or "")
+    chosen_id = npc_id or exported_as or _slug(name)
     if not re.match(NPC_ID_PATTERN, chosen_id):
         raise CardError(path, "data.name", "cannot make an NPC id of it; pass --id")
     persona["id"] = chosen_id
@@ -353,7 +367,7 @@ def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
     if book is not None:
         used: set[str] = set()
         entries = [
-            _lore_entry(e, index, name, used)
+            _lore_entry(e, index, name, used, chosen_id, exported_as)
             for index, e in enumerate(e for e in book.entries if e.enabled and e.content.strip())
         ]
         disabled = [e.model_dump(exclude_none=True) for e in book.entries if not e.enabled]
@@ -422,6 +436,7 @@ def persona_to_card(persona: Persona, lore: list[WorldLore]) -> dict[str, Any]:
 
 def _book_entry(entry: WorldLore, index: int, persona: Persona) -> dict[str, Any]:
     kept = dict(entry.extensions)
+    decorators = [str(line) for line in kept.pop("decorators", []) or []]
     ours: dict[str, Any] = {"id": entry.id}
     if entry.reveal_when:
         ours["reveal_when"] = entry.reveal_when
@@ -429,7 +444,7 @@ def _book_entry(entry: WorldLore, index: int, persona: Persona) -> dict[str, Any
         ours["known_by"] = list(entry.known_by)
     out: dict[str, Any] = {
         "keys": list(entry.keys),
-        "content": _as_card_text(entry.text, persona.name),
+        "content": "\n".join([*decorators, _as_card_text(entry.text, persona.name)]),
         "extensions": {**dict(kept.pop("extensions", {}) or {}), ENGINE_KEY: ours},
         "enabled": True,
         "insertion_order": index,

@@ -338,6 +338,13 @@ class DialogueEngine:
             persona.model_copy(update={"secrets": []}), self.npc_names()
         )
         public += "\n".join(f.text for f in persona.knowledge)
+        if loaded.world is not None:  # lorebook entries it knows: words it may say freely
+            npc_id, factions = persona.id or "", persona.factions
+            public += "\n".join(
+                entry.text
+                for entry in loaded.world.lore
+                if entry.reveal_when is None and entry.known_by_npc(npc_id, factions)
+            )
         keys = [tuple(s.keys) or distinctive_words(s.text, public) for s in persona.secrets]
         vectors = None
         if self.embed is not None and persona.secrets:

@@ -53,7 +53,7 @@ def card_v2() -> dict[str, Any]:
                 "entries": [
                     {
                         "keys": ["kraken", "sea beast"],
-                        "content": "{{char}} says the kraken sleeps under Gull Point.",
+                        "content": "@@depth 4\n{{char}} says the kraken sleeps under Gull Point.",
                         "extensions": {"probability": 100},
                         "enabled": True,
                         "insertion_order": 10,
@@ -159,9 +159,10 @@ def test_v2_json_maps_every_field_and_keeps_the_rest(tmp_path: Path) -> None:
     assert "{{" not in json.dumps({k: v for k, v in persona.items() if k != "extensions"})
     assert lore is not None and lore["known_by"] == ["captain_brine"]
     kraken, rum = lore["entries"]
-    assert kraken["id"] == "kraken" and kraken["keys"] == ["kraken", "sea beast"]
+    assert kraken["id"] == "captain_brine.kraken" and kraken["keys"] == ["kraken", "sea beast"]
     assert kraken["priority"] == 5 and kraken["text"].startswith("Captain Brine says")
     assert kraken["extensions"]["secondary_keys"] == ["deep"]
+    assert kraken["extensions"]["decorators"] == ["@@depth 4"]  # not in the text
     assert rum["always"] is True
     assert any("role" in note for note in imported.notes)
 
@@ -175,7 +176,7 @@ def test_imported_card_validates_with_its_lorebook(tmp_path: Path) -> None:
     brine = registry.personas["captain_brine"]
     assert brine.world is not None
     ids = {entry.id for entry in own_lore(brine)}
-    assert ids == {"kraken", "captain_brine.1"}
+    assert ids == {"captain_brine.kraken", "captain_brine.1"}
     result = run_cli("validate", "--no-sizes", str(folder))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK: 5 persona(s)" in result.stdout

@@ -86,6 +86,10 @@ async def test_talk_inspect_event_and_cancel(
         assert any("bell cracked" in m.text for m in app.last_turn.memories)  # type: ignore[union-attr]
         table = plain(app.query_one("#inspect-memories", Static))
         assert "bell cracked" in table and "relev." in table
+        # ... and the lorebook entries noted for that line, and why.
+        assert "lore noted: drowned-chapel (key 'chapel'" in plain(
+            app.query_one("#inspect-stats", Static)
+        )
 
         # /memories with a query lists them ranked, with scores.
         await type_line(pilot, "/memories chapel bell")

@@ -263,6 +263,13 @@ class PlaytestApp(App[None]):
             flags = ", ".join(f"{k}={v}" for k, v in turn.flags.items()) or "none"
             stats.append(f"\ntrust {turn.trust} · flags {flags}")
             stats.append(" · unlocked " + (", ".join(turn.unlocked) or "nothing"))
+        if turn.lore:
+            stats.append("\nlore noted: ")
+            stats.append(
+                "; ".join(
+                    f"{item['id']} ({item['why']}, {item['similarity']:.2f})" for item in turn.lore
+                )
+            )
         if turn.guard:
             stats.append(
                 f"\nguard cut the reply: {turn.guard} ({turn.guard_entry}: {turn.guard_reason})",

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from npc_engine.config import EngineConfig
 from npc_engine.dialogue import TurnResult
 from npc_engine.errors import NpcEngineError
+from npc_engine.lore import lore_summary
 from npc_engine.persona.loader import load_personas
 from npc_engine.runtime import EngineRuntime, open_engine
 
@@ -71,6 +72,7 @@ class TurnView:
     guard_entry: str | None = None
     guard_reason: str | None = None
     game_action: dict[str, Any] | None = None  # {"name", "args"}: what the NPC does
+    lore: list[dict[str, Any]] = field(default_factory=list)  # {id, why, similarity, tokens}
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -160,6 +162,7 @@ def turn_view(result: TurnResult, player_text: str) -> TurnView:
         trust=result.standing.trust if result.standing is not None else None,
         flags=dict(result.standing.flags) if result.standing is not None else {},
         unlocked=list(result.unlocked),
+        lore=[dict(item) for item in lore_summary(result.lore)],
         guard=result.guard.kind if result.guard is not None else None,
         guard_entry=result.guard.entry if result.guard is not None else None,
         guard_reason=result.guard.reason if result.guard is not None else None,
@@ -389,6 +392,7 @@ class RemoteSession:
             trust=inspect.get("trust"),
             flags=inspect.get("flags") or {},
             unlocked=inspect.get("unlocked") or [],
+            lore=list(inspect.get("lore") or []),
             guard=end.get("guard"),
             guard_entry=inspect.get("guard_entry"),
             guard_reason=inspect.get("guard_reason"),
