@@ -39,6 +39,7 @@ def test_bench_quick_mode_reports_every_target(tmp_path: Path) -> None:
         "11 npc.warm",
         "12 saves",
         "13 game actions",
+        "14 lorebook",
     } <= targets
     assert report["machine"]["model"] and report["machine"]["build"]
     measured = [row for row in report["rows"] if "not implemented" not in row["note"]]

@@ -18,11 +18,11 @@ from npc_engine.conditions import GameFacts
 from npc_engine.config import load_config
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.generation.scripted import ScriptedGenerator
-from npc_engine.lore import KeyMatcher, Lorebook, LoreSettings
+from npc_engine.lore import ChosenLore, KeyMatcher, Lorebook, LoreSettings
 from npc_engine.memory.in_memory import BagOfWordsLoreIndex, InMemoryStore
 from npc_engine.persona.authoring import skeleton
 from npc_engine.persona.loader import load_personas
-from npc_engine.persona.model import World, WorldLore
+from npc_engine.persona.model import Persona, World, WorldLore
 from npc_engine.prompt import render_world
 
 from .conftest import FAKE_STORE_RETRIEVAL, REPO, SAMPLE_PERSONAS, run_cli
@@ -143,6 +143,26 @@ def lorebook_of(items: list[WorldLore]) -> Lorebook:
     )
 
 
+def choose(
+    book: Lorebook,
+    persona: Persona,
+    query: str,
+    *,
+    settings: LoreSettings,
+    facts: GameFacts | None = None,
+    recent: str = "",
+    shown: set[str] | None = None,
+) -> list[ChosenLore]:
+    return book.choose(
+        persona,
+        facts or GameFacts(),
+        query=query,
+        recent=recent,
+        shown=shown or set(),
+        settings=settings,
+    )
+
+
 def test_choice_keys_first_then_meaning_within_budget_and_gates(sample_personas: Path) -> None:
     mara = load_personas(sample_personas).personas["mara"].persona
     book = lorebook_of(
@@ -155,28 +175,19 @@ def test_choice_keys_first_then_meaning_within_budget_and_gates(sample_personas:
         )
     )
     settings = LoreSettings(budget_tokens=60, max_entries=4, min_similarity=0.2)
-    chosen = book.choose(
-        mara,
-        GameFacts(),
-        query="Who was the lighthouse keeper?",
-        recent="",
-        shown=set(),
-        settings=settings,
-    )
+    chosen = choose(book, mara, "Who was the lighthouse keeper?", settings=settings)
     assert [c.entry_id for c in chosen] == ["e0", "e1"]
     assert chosen[0].why == "key 'keeper', similar" and chosen[1].why == "similar"
-    opened = book.choose(
+    opened = choose(
+        book,
         mara,
-        GameFacts(flags={"relit": True}),
-        query="Who was the lighthouse keeper?",
-        recent="",
+        "Who was the lighthouse keeper?",
+        facts=GameFacts(flags={"relit": True}),
         shown={"lore:e0"},  # already in the window: not repeated
         settings=settings,
     )
     assert [c.entry_id for c in opened] == ["e1", "e3"]
-    nothing = book.choose(
-        mara, GameFacts(), query="Good evening!", recent="", shown=set(), settings=settings
-    )
+    nothing = choose(book, mara, "Good evening!", settings=settings)
     assert nothing == []
 
 
@@ -184,13 +195,8 @@ def test_keys_in_the_recent_talk_count_too(sample_personas: Path) -> None:
     mara = load_personas(sample_personas).personas["mara"].persona
     book = lorebook_of(entries({"text": "Brindle market sells rope.", "keys": ["Brindle"]}))
     settings = LoreSettings(min_similarity=0.9)
-    asked = book.choose(
-        mara,
-        GameFacts(),
-        query="And is it far?",
-        recent="Have you been to Brindle?",
-        shown=set(),
-        settings=settings,
+    asked = choose(
+        book, mara, "And is it far?", recent="Have you been to Brindle?", settings=settings
     )
     assert [c.entry_id for c in asked] == ["e0"]
 
@@ -301,6 +307,12 @@ def test_probe_recall_on_the_generated_2000_entry_world(tmp_path: Path) -> None:
         result = lore_probe.ask(runtime.engine, spec["probes"], lore_probe.settings_of(config))
         assert result.recall >= 0.9, result.misses
         assert result.chosen_per_line <= config.lore.max_entries
+        # and it serves: a real turn of the model with the answering entry in its notes
+        probe = spec["probes"][0]
+        turn = runtime.engine.say("mara", probe["question"], player_id="probe", max_tokens=16)
+        assert turn.reason in ("stop", "length") and turn.text.strip()
+        assert probe["entry"] in [chosen.entry_id for chosen in turn.lore]
+        assert probe["text"] in turn.prompt
     finally:
         runtime.close()
     again, reopened = lore_probe.open_world(config)

@@ -8,7 +8,6 @@ import os
 import re
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,13 @@ from typing import Any
 import yaml
 
 from npc_engine.errors import NpcEngineError
-from npc_engine.persona.loader import LORE_FOLDER, WORLD_FILE, LoadedPersona, PersonaRegistry
+from npc_engine.persona.loader import (
+    LORE_FOLDER,
+    WORLD_FILE,
+    LoadedPersona,
+    PersonaProblem,
+    PersonaRegistry,
+)
 from npc_engine.persona.model import NPC_ID_PATTERN, Persona
 from npc_engine.persona.yaml_source import parse_yaml_file
 
@@ -92,17 +97,6 @@ def skeleton(npc_id: str, schema_path: str) -> str:
 # -- validate: warnings ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AuthoringWarning:
-    file: Path
-    line: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: warning: {self.message}"
-
-
 def _public_texts(persona: Persona) -> list[tuple[str, str]]:
     """What the NPC may say freely, by field: where a secret's words must not be."""
     texts = [("greeting", persona.greeting), ("scenario", persona.scenario)]
@@ -118,7 +112,7 @@ def _public_texts(persona: Persona) -> list[tuple[str, str]]:
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
 
 
-def secret_leaks(loaded: LoadedPersona) -> list[AuthoringWarning]:
+def secret_leaks(loaded: LoadedPersona) -> list[PersonaProblem]:
     """A secret the persona's own greeting, knowledge or examples already tell: one of its
     declared keys, or two or more of its rare words, in one of those texts."""
     from wordfreq import zipf_frequency
@@ -143,12 +137,13 @@ def secret_leaks(loaded: LoadedPersona) -> list[AuthoringWarning]:
             if keys or len(shared) >= LEAK_MIN_WORDS:
                 told = ", ".join(repr(w) for w in (keys or shared))
                 warnings.append(
-                    AuthoringWarning(
+                    PersonaProblem(
                         loaded.path,
                         parsed.line_of(tuple(_location(where))),
                         f"secrets.{index}",
                         f"{where} says {told}, words of this secret: the NPC may tell it, "
                         "and the guard cannot tell the secret's words from its own",
+                        warning=True,
                     )
                 )
     return warnings
@@ -208,19 +203,20 @@ def prefix_sizes(
 
 def prefix_warnings(
     registry: PersonaRegistry, sizes: dict[str, int], n_ctx: int
-) -> list[AuthoringWarning]:
+) -> list[PersonaProblem]:
     warnings = []
     for npc_id, size in sizes.items():
         if size > n_ctx * (1 - MIN_CONVERSATION_SHARE):
             loaded = registry.personas[npc_id]
             warnings.append(
-                AuthoringWarning(
+                PersonaProblem(
                     loaded.path,
                     1,
                     "(persona)",
                     f"its stable prompt prefix is {size} tokens, leaving the conversation, "
                     f"memories and lore less than {MIN_CONVERSATION_SHARE:.0%} of n_ctx={n_ctx}: "
                     "shorten it, move world lore into lorebook entries, or raise n_ctx",
+                    warning=True,
                 )
             )
     return warnings

@@ -26,9 +26,11 @@ class PersonaProblem:
     line: int
     field: str
     message: str
+    warning: bool = False  # the file loads; the writer should still look (validate)
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+        kind = "warning: " if self.warning else ""
+        return f"{self.file}:{self.line}: {self.field}: {kind}{self.message}"
 
 
 @dataclass
