@@ -79,6 +79,58 @@ class ReplyStream:
     async def result(self) -> dict[str, Any]:
         return await self._end
 
+    def finished_by(self, message: dict[str, Any]) -> bool:
+        return message.get("type") in ("reply.end", "error")
+
+
+class SceneStream:
+    """The lines of one scene, each once its ``reply.end`` came (a dict: ``npc_id``,
+    ``text``, ``start``, ``end``), then the ``scene.end`` (``result()``)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._start: dict[str, Any] | None = None
+        self._end: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    def _feed(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "reply.start":
+            self._start = message
+        elif kind == "reply.end":
+            start = self._start or {}
+            line = {"npc_id": start.get("npc_id"), "text": message.get("text", "")}
+            self._lines.put_nowait({**line, "start": start, "end": message})
+        elif kind in ("scene.end", "error") and not self._end.done():
+            if kind == "error":
+                self._end.set_exception(ProtocolError(message))
+                self._end.exception()  # delivered by iteration or result()
+            else:
+                self._end.set_result(message)
+            self._lines.put_nowait(None)
+
+    def _fail(self, error: Exception) -> None:
+        if not self._end.done():
+            self._end.set_exception(error)
+            self._end.exception()
+            self._lines.put_nowait(None)
+
+    def finished_by(self, message: dict[str, Any]) -> bool:
+        return message.get("type") in ("scene.end", "error")
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            line = await self._lines.get()
+            if line is None:
+                if self._end.exception() is not None:
+                    raise self._end.exception()  # type: ignore[misc]
+                return
+            yield line
+
+    async def result(self) -> dict[str, Any]:
+        """The ``scene.end`` message (reason, turns)."""
+        return await self._end
+
 
 class NpcClient:
     def __init__(self, websocket: ClientConnection, encoding: str) -> None:
@@ -86,7 +138,7 @@ class NpcClient:
         self._encoding = encoding
         self._ids = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._streams: dict[str, ReplyStream] = {}
+        self._streams: dict[str, ReplyStream | SceneStream] = {}
         self._gone: ConnectionError | None = None  # set when the connection closes
         self._reader = asyncio.create_task(self._read())
         self.welcome: dict[str, Any] = {}
@@ -169,7 +221,10 @@ class NpcClient:
         priority: str | None = None,
         deadline_ms: int | None = None,
         game_time: float | None = None,
+        scene_id: str | None = None,
     ) -> ReplyStream:
+        """With ``scene_id``: the player speaks in that running scene; the reply is the
+        scene's next line (``reply.start`` names the NPC)."""
         return await self._stream(
             "say",
             npc_id=npc_id,
@@ -181,7 +236,45 @@ class NpcClient:
             priority=priority,
             deadline_ms=deadline_ms,
             game_time=game_time,
+            scene_id=scene_id,
         )
+
+    async def scene(
+        self,
+        scene_id: str,
+        npc_ids: list[str],
+        *,
+        player_id: str | None = None,
+        topic: str | None = None,
+        max_turns: int | None = None,
+        max_tokens: int | None = None,
+        game_time: float | None = None,
+        inspect: bool | None = None,
+    ) -> SceneStream:
+        """``scene.start``: the NPCs talk among themselves; iterate for their lines.
+        ``cancel(stream.request_id)`` ends it."""
+        request_id = self._next_id()
+        stream = SceneStream(request_id)
+        self._streams[request_id] = stream
+        await self.send_raw(
+            _request(
+                "scene.start",
+                id=request_id,
+                scene_id=scene_id,
+                npc_ids=npc_ids,
+                player_id=player_id,
+                topic=topic,
+                max_turns=max_turns,
+                max_tokens=max_tokens,
+                game_time=game_time,
+                inspect=inspect,
+            )
+        )
+        return stream
+
+    async def world_tick(self, game_time: float | None = None) -> int:
+        """``world.tick``: rumours spread; returns how many were passed on."""
+        return int((await self.request(_request("world.tick", game_time=game_time)))["spread"])
 
     async def greet(
         self,
@@ -333,7 +426,7 @@ class NpcClient:
             stream = self._streams.get(request_id) if request_id else None
             if stream is not None:
                 stream._feed(message)
-                if message.get("type") in ("reply.end", "error"):
+                if stream.finished_by(message):
                     self._streams.pop(request_id, None)
                 continue
             waiter = self._waiting.pop(request_id, None) if request_id else None

@@ -138,6 +138,20 @@ class LoreConfig(BaseModel):
     )
 
 
+class RumourConfig(BaseModel):
+    """What a world tick passes on (``npc_engine/rumours.py`` has the design)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    min_importance: int = Field(6, ge=1, le=10, description="A memory worth telling, at least.")
+    max_hops: int = Field(2, ge=1, le=10, description="Tellers a rumour passes through at most.")
+    per_npc: int = Field(3, ge=0, le=50, description="Rumours an NPC passes on per tick.")
+    fade_minutes: float = Field(
+        4320, gt=0, description="A rumour older than this (game minutes) is forgotten."
+    )
+
+
 class GenerationConfig(BaseModel):
     """Which generator writes the replies (``npc_engine.backends``)."""
 
@@ -320,6 +334,7 @@ class EngineConfig(BaseSettings):
     guard: GuardConfig = Field(default_factory=GuardConfig)
     actions: ActionConfig = Field(default_factory=ActionConfig)
     lore: LoreConfig = Field(default_factory=LoreConfig)
+    rumours: RumourConfig = Field(default_factory=RumourConfig)
     parallel: int = Field(
         8,
         ge=1,

@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from npc_engine.actions import (
@@ -33,7 +33,7 @@ from npc_engine.actions import (
 )
 from npc_engine.cleaning import StreamCleaner, strip_special_tokens
 from npc_engine.config import EngineConfig
-from npc_engine.errors import NpcEngineError, UnknownNpcError
+from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError
 from npc_engine.expression import infer_action, infer_emotion
 from npc_engine.game_state import (
     GameState,
@@ -72,6 +72,17 @@ from npc_engine.memory.writer import MemoryWriter, StateWrite
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
 from npc_engine.persona.model import Persona, World
 from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn, render_persona, render_world
+from npc_engine.rumours import confidants, faded, rumour, worth_telling
+from npc_engine.scenes import (
+    MAX_NPCS,
+    MAX_TURNS,
+    MIN_NPCS,
+    Scene,
+    SceneLine,
+    clean_line,
+    line_memories,
+    next_speaker,
+)
 from npc_engine.sentences import SentenceTrim
 
 log = logging.getLogger(__name__)
@@ -132,6 +143,7 @@ class TurnResult:
     game_action: ChosenAction | None = None
     trimmed: str = ""  # what a max_tokens cut left out (an unfinished sentence)
     lore: list[ChosenLore] = field(default_factory=list)  # lorebook entries noted
+    scene_turn: Turn | None = None  # in a scene: the line as a turn of the NPC's part
 
 
 @dataclass(frozen=True)
@@ -214,6 +226,34 @@ def reply_memory(
     )
 
 
+TICK_STATE = "world-tick"  # the state record holding when the last world tick ran
+TICK_WRITE_BATCH = 16  # rumours written at a time (the tick yields to lines between)
+
+
+def origin_of(memory: Memory) -> str:
+    """Where a story began: "NPC/memory id" (so it is never told back to that NPC)."""
+    return memory.origin or f"{memory.npc_id}/{memory.id}"
+
+
+def _yield_to(busy: Callable[[], bool], longest: float = 10.0) -> None:
+    """Background work waits while lines are being generated (at most ``longest`` s)."""
+    waited = 0.0
+    while busy() and waited < longest:
+        time.sleep(0.01)
+        waited += 0.01
+
+
+def scene_key(scene_id: str, npc_id: str) -> str:
+    """The cache key of one NPC's part of a scene (its KV state between its lines)."""
+    return f"scene{KEY_SEPARATOR}{scene_id}{KEY_SEPARATOR}{npc_id}"
+
+
+def scene_stops(scene: Scene, npc_id: str) -> list[str]:
+    """Where a model starts to speak for someone else of the scene: cut the line there."""
+    names = [scene.names[other] for other in scene.npc_ids if other != npc_id]
+    return [stop for name in names for stop in (f"\n{name}:", f"{name} says:")]
+
+
 def first_line_for(persona: Persona, player_id: str) -> str:
     """The written greeting a player meets the NPC with: one of ``greeting`` and the
     ``alternate_greetings``, always the same one for the same player (a stable hash, not
@@ -282,6 +322,7 @@ class DialogueEngine:
         # Per world object (a reload makes new ones): its lorebook, built once.
         self._lorebooks: dict[int, tuple[World, Lorebook]] = {}
         self._lorebooks_lock = threading.Lock()
+        self._tick_lock = threading.Lock()  # one world tick at a time
         if config.guard.enabled:
             preload_guard()
 
@@ -844,14 +885,21 @@ class DialogueEngine:
         cancel: threading.Event | None,
         game_time: float | None,
         greeting: bool = False,
+        scene: Scene | None = None,
     ) -> TurnResult:
+        """One line of an NPC. In a ``scene`` (``scene_line``): its history is its own part
+        of the scene, ``text`` is only what memories and lore are looked up by, the player
+        (if present) is ``scene.player_id``, and the caller stores what was said."""
         loaded = self.persona(npc_id)
-        check_id(player_id, "player_id")
+        # ``player`` is the player this line is said to or before: None in a scene without one.
+        player: str | None = player_id if scene is None else scene.player_id
+        if player is not None:
+            check_id(player, "player_id")
         with self._history_lock:
             forget_serial = self._forget_serial
         started = time.perf_counter()
         now = self.clock()
-        game_now = self._note_game_time(player_id, game_time)
+        game_now = self._note_game_time(player, game_time) if player is not None else game_time
         result = TurnResult(npc_id=npc_id, player_id=player_id, text="", reason="stop")
         emit = on_delta or (lambda _piece: None)
 
@@ -862,31 +910,37 @@ class DialogueEngine:
                 result.text += piece
                 emit(piece)
 
-        history = self.history(npc_id, player_id)
+        history = self.history(npc_id, player_id) if scene is None else scene.turns.get(npc_id, [])
         top_k = self.config.retrieval.top_k
         # Memories already in the history window are not repeated: fetch enough others.
         in_window = sum(len(turn.memory_ids) for turn in history)
+        in_window += len(scene.remembered) if scene is not None else 0
         wanted = top_k + in_window if top_k else 0
         try:
             if greeting:
                 memories = self._remembered_of(npc_id, player_id, wanted)
             else:
-                memories = self.recall(npc_id, player_id, text, wanted, game_now)
+                memories = self.recall(npc_id, player, text, wanted, game_now)
         except Exception as exc:  # memory trouble must not silence the NPC
             log.warning("memory recall failed for %s: %s", npc_id, exc)
             memories = []
         try:
-            known_facts = self.upkeep.known_facts(npc_id, player_id)
+            known_facts = self.upkeep.known_facts(npc_id, player) if player is not None else []
         except Exception as exc:
             log.warning("facts unavailable for %s: %s", npc_id, exc)
             known_facts = []
-        # Facts have their own place in the notes: not repeated among recalled memories.
-        fact_ids = {fact.id for fact in known_facts}
+        # Facts have their own place in the notes: not repeated among recalled memories;
+        # neither are a scene's own lines.
+        fact_ids = {fact.id for fact in known_facts} | (scene.remembered if scene else set())
         memories = [m for m in memories if m.memory.id not in fact_ids]
         result.timings.retrieval_ms = (time.perf_counter() - started) * 1000
 
         try:
-            standing = self.state.standing(npc_id, player_id)
+            standing = (
+                self.state.standing(npc_id, player)
+                if player is not None
+                else Standing(loaded.persona.trust)
+            )
         except Exception as exc:  # state trouble must not silence the NPC either
             log.warning("game state unavailable for %s: %s", npc_id, exc)
             standing = Standing(loaded.persona.trust)
@@ -919,7 +973,11 @@ class DialogueEngine:
             return safe
 
         params = self._params(loaded, max_tokens)
-        params.cache_key = conversation_key(npc_id, player_id)
+        if scene is None:
+            params.cache_key = conversation_key(npc_id, player_id)
+        else:  # its part of the scene is a conversation of its own, kept warm between lines
+            params.cache_key = scene_key(scene.scene_id, npc_id)
+            params.stop += scene_stops(scene, npc_id)
         trim = SentenceTrim(params.max_tokens)
         produced = 0
 
@@ -942,6 +1000,7 @@ class DialogueEngine:
                 player_id=player_id,
                 player_text=text,
                 greeting=greeting,
+                heard=scene.heard_text(npc_id) if scene is not None else "",
                 max_tokens=params.max_tokens,
                 now=now,
                 game_now=game_now,
@@ -982,7 +1041,8 @@ class DialogueEngine:
             deliver(trim.finish(cut_by_length=result.reason == "length"))
             result.trimmed = trim.trimmed
             result.timings.generation_ms = (time.perf_counter() - mark) * 1000
-            if result.reason in ("stop", "length") and result.text.strip() and not greeting:
+            spoken = result.reason in ("stop", "length") and result.text.strip()
+            if spoken and not greeting and scene is None:
                 mark = time.perf_counter()
                 result.game_action = self._choose_action(
                     loaded, built, text, result.text, standing, params.cache_key, cancel
@@ -999,6 +1059,24 @@ class DialogueEngine:
 
         result.emotion = infer_emotion(result.text, loaded.persona.mood)
         result.action = infer_action(result.text)
+        if scene is not None:  # the scene keeps its own turns; scene_line stores the line
+            if built is not None and result.reason != "cancelled":
+                shown = {m.memory.id for m in built.memories} | {c.note_id for c in result.lore}
+                result.scene_turn = Turn(
+                    text,
+                    result.text,
+                    built.notes,
+                    frozenset(shown),
+                    built.scene,
+                    noted=built.noted,
+                    scene_shown=built.scene_shown,
+                    standing_shown=built.standing_shown,
+                    heard=scene.heard_text(npc_id),
+                )
+            if result.memories:
+                self.writer.touch(npc_id, [m.memory.id for m in result.memories], now, game_now)
+            result.timings.total_ms = (time.perf_counter() - started) * 1000
+            return result
         to_write = []
         if not greeting:
             line = player_line_memory(npc_id, player_id, text, now, game_now)
@@ -1096,6 +1174,192 @@ class DialogueEngine:
             for text, vector in zip(missing, self.embed(missing), strict=True):
                 self._action_vector_cache[text] = vector
         return [self._action_vector_cache[t] for t in texts]
+
+    # -- scenes --------------------------------------------------------------------------
+
+    def start_scene(
+        self,
+        scene_id: str,
+        npc_ids: Sequence[str],
+        *,
+        player_id: str | None = None,
+        topic: str = "",
+        max_turns: int = 8,
+    ) -> Scene:
+        """A scene of 2–6 different known NPCs (``scenes.py``); nothing is said yet."""
+        check_id(scene_id, "scene_id")
+        if player_id is not None:
+            check_id(player_id, "player_id")
+        if len(set(npc_ids)) != len(npc_ids) or not MIN_NPCS <= len(npc_ids) <= MAX_NPCS:
+            raise FieldError("npc_ids", f"a scene has {MIN_NPCS} to {MAX_NPCS} different NPCs")
+        names = {npc_id: self.persona(npc_id).persona.name for npc_id in npc_ids}
+        return Scene(
+            scene_id,
+            list(npc_ids),
+            names,
+            player_id=player_id,
+            topic=clean_line(topic)[:200],
+            max_turns=max(1, min(max_turns, MAX_TURNS)),
+        )
+
+    def scene_hears_player(
+        self, scene: Scene, text: str, game_time: float | None = None
+    ) -> Future[list[str]] | None:
+        """The present player says something in the scene: every NPC of it remembers the
+        line (tied to the player, facts taken from it as from one-to-one talk), and the
+        next line answers it."""
+        if scene.player_id is None:
+            raise FieldError("scene_id", "this scene has no player present (player_id)")
+        text = clean_line(text)[:MAX_MEMORY_CHARS]
+        if not text:
+            return None
+        line = SceneLine(scene.player_id, f"the player ({scene.player_id})", text, True)
+        scene.add(line)
+        heard = line_memories(scene, line, when=self.clock(), game_time=game_time)
+        scene.remembered.update(m.id for m in heard)
+        facts = [fact for memory in heard for fact in self.upkeep.facts_in(memory)]
+        return self._submit_memories([*heard, *facts])
+
+    def next_in_scene(self, scene: Scene, facing: str | None = None) -> str:
+        """Who speaks next (``scenes.next_speaker``). ``facing``: the NPC the player spoke
+        to, which answers a player line that names nobody."""
+        return next_speaker(scene, self._scene_relevance(scene), facing=facing)
+
+    def _scene_relevance(self, scene: Scene) -> Callable[[str, str], float] | None:
+        """How near a line is to each NPC of the scene in meaning (its name, role and
+        what it knows), by the embedding model; None without one."""
+        if self.embed is None:
+            return None
+        import numpy as np
+
+        profiles = {}
+        for npc_id in scene.npc_ids:
+            persona = self.persona(npc_id).persona
+            profile = " ".join(
+                [persona.name, persona.role, *persona.goals, *(k.text for k in persona.knowledge)]
+            )
+            profiles[npc_id] = profile[:1000]
+        order = list(profiles)
+        vectors = np.asarray(self.embed([profiles[n] for n in order]), dtype=np.float32)
+        cache: dict[str, Any] = {}
+
+        def relevance(npc_id: str, text: str) -> float:
+            if text not in cache:
+                assert self.embed is not None
+                cache[text] = np.asarray(self.embed([text])[0], dtype=np.float32)
+            return float(vectors[order.index(npc_id)] @ cache[text])
+
+        return relevance
+
+    def scene_line(
+        self,
+        scene: Scene,
+        npc_id: str,
+        *,
+        max_tokens: int | None = None,
+        on_delta: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+        game_time: float | None = None,
+    ) -> TurnResult:
+        """One NPC's line in the scene, streamed; the scene and every participant's memory
+        take it in (``result.memory_write``). A cancelled line is not part of the scene."""
+        result = self._turn(
+            npc_id,
+            scene.query(npc_id),
+            player_id=scene.player_id or DEFAULT_PLAYER,
+            context=scene.context(npc_id),
+            max_tokens=max_tokens,
+            on_delta=on_delta,
+            cancel=cancel,
+            game_time=game_time,
+            scene=scene,
+        )
+        if result.scene_turn is None or not result.text.strip():
+            return result
+        line = SceneLine(npc_id, scene.names[npc_id], clean_line(result.text))
+        scene.add(line)
+        scene.spoke(npc_id, result.scene_turn)
+        memories = line_memories(scene, line, when=self.clock(), game_time=game_time)
+        scene.remembered.update(m.id for m in memories)
+        result.memory_write = self._submit_memories(memories)
+        return result
+
+    # -- world tick: rumours -------------------------------------------------------------
+
+    def world_tick(
+        self, game_time: float | None = None, busy: Callable[[], bool] = lambda: False
+    ) -> int:
+        """Pass on what NPCs heard since the last tick along their relationships
+        (``rumours.py``), and forget rumours that faded. ``busy``: whether lines are being
+        generated; the tick waits between NPCs while they are (background priority).
+        Returns how many rumours were passed on."""
+        settings = self.config.rumours
+        if not settings.enabled:
+            return 0
+        with self._tick_lock:
+            now = self.clock()
+            last = (self.store.load_state(TICK_STATE) or {}).get("last", 0.0)
+            since = datetime.fromtimestamp(float(last), tz=UTC)
+            told: dict[tuple[str, str], Memory] = {}  # (listener, origin) -> its rumour
+            for npc_id, loaded in sorted(self.registry.personas.items()):
+                _yield_to(busy)
+                self._fade_rumours(npc_id, now, game_time)
+                listeners = [n for n in confidants(loaded.persona) if n in self.registry.personas]
+                if not listeners or not settings.per_npc:
+                    continue
+                heard = [
+                    m
+                    for m in self.store.made_between(npc_id, since, now, settings.min_importance)
+                    if worth_telling(m, settings.min_importance, settings.max_hops)
+                ]
+                heard.sort(key=lambda m: (-m.importance, m.created_at))
+                passed = self._not_secret(loaded, heard)[: settings.per_npc]
+                for listener in listeners:
+                    origins = [origin_of(m) for m in passed]
+                    known = self.store.origins_known(listener, origins)
+                    for memory, origin in zip(passed, origins, strict=True):
+                        first_teller = origin.split("/", 1)[0]
+                        if origin in known or listener in (first_teller, memory.source):
+                            continue
+                        told.setdefault(
+                            (listener, origin),
+                            rumour(
+                                memory, loaded.persona.name, listener, when=now, game_time=game_time
+                            ),
+                        )
+            pending = list(told.values())
+            for start in range(0, len(pending), TICK_WRITE_BATCH):
+                _yield_to(busy)
+                self._submit_memories(pending[start : start + TICK_WRITE_BATCH]).result(120)
+            self.store.save_state(TICK_STATE, {"last": now.timestamp()})
+            return len(pending)
+
+    def _fade_rumours(self, npc_id: str, now: datetime, game_now: float | None) -> None:
+        fade = self.config.rumours.fade_minutes
+        old = [m.id for m in self.store.rumours_of(npc_id) if faded(m, now, game_now, fade)]
+        if old:
+            self.forget(npc_id, memory_ids=old)
+
+    def _not_secret(self, loaded: LoadedPersona, memories: list[Memory]) -> list[Memory]:
+        """The memories whose words tell none of the NPC's guarded secrets (key terms, or
+        meaning at the guard's threshold): an NPC does not gossip its own secrets."""
+        keys, vectors = self._secrets_of(loaded)
+        if not memories or not keys:
+            return memories
+        texts = [m.content or m.text for m in memories]
+        by_meaning = None
+        if vectors is not None and self.embed is not None:
+            import numpy as np
+
+            said = np.asarray(self.embed(texts), dtype=np.float32)
+            secret = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+            by_meaning = (said @ secret.T).max(axis=1) >= self.config.guard.threshold
+        return [
+            memory
+            for index, (memory, text) in enumerate(zip(memories, texts, strict=True))
+            if not any(find_term(text, terms) for terms in keys)
+            and not (by_meaning is not None and by_meaning[index])
+        ]
 
     # -- lorebook ------------------------------------------------------------------------
 

@@ -47,6 +47,9 @@ class Turn:
     scene_shown: str = ""
     standing_shown: str = ""  # how the NPC regards the player, if shown with this line
     greeting: bool = False  # the player walked up (greet): no line of the player's
+    # In a scene: the others' lines this line answered, rendered as shown (then the user
+    # message is ``notes + heard`` and ``player_text`` is only the query).
+    heard: str = ""
 
     def to_record(self) -> dict[str, Any]:
         """The turn as JSON data, to keep the conversation across restarts."""
@@ -60,6 +63,7 @@ class Turn:
             "scene_shown": self.scene_shown,
             "standing_shown": self.standing_shown,
             "greeting": self.greeting,
+            "heard": self.heard,
         }
 
     @classmethod
@@ -74,6 +78,7 @@ class Turn:
             scene_shown=str(record.get("scene_shown", "")),
             standing_shown=str(record.get("standing_shown", "")),
             greeting=bool(record.get("greeting", False)),
+            heard=str(record.get("heard", "")),
         )
 
     def without(self, forgotten: frozenset[str]) -> Turn:
@@ -182,8 +187,15 @@ def greeting_message(player_id: str) -> str:
     return f"(The player ({player_id}) walks up to you. Greet them in a sentence or two.)"
 
 
-def _said(speaker: str, text: str, greeting: bool) -> str:
+def _said(speaker: str, text: str, greeting: bool, heard: str = "") -> str:
+    if heard:
+        return heard
     return greeting_message(speaker) if greeting else player_message(speaker, text)
+
+
+def speaker_line(name: str, text: str) -> str:
+    """Another speaker's line in a scene, marked as that speaker's words."""
+    return f'{name} says: "{text}"'
 
 
 def describe_age(moment: datetime, now: datetime) -> str:
@@ -296,6 +308,7 @@ class PromptBuilder:
         standing_is_default: bool = False,
         known_facts: Sequence[Memory] = (),
         lore: Sequence[tuple[str, str]] = (),
+        heard: str = "",
     ) -> BuiltPrompt:
         """``standing``: how the NPC regards this player and what it has unlocked
         (``game_state.standing_notes``); shown when it differs from what the conversation
@@ -303,7 +316,9 @@ class PromptBuilder:
         unless the window shows another: a stranger needs no note, and first turns stay
         short. ``known_facts``: what the NPC knows about the player (oldest first); those
         the window does not show yet are noted, the newest ``MAX_FACTS_SHOWN``. ``lore``:
-        lorebook entries for this line as (note id, text), best first."""
+        lorebook entries for this line as (note id, text), best first. ``heard``: in a
+        scene, the other speakers' lines this line answers (rendered), shown instead of a
+        player's line."""
         budget = self.generator.n_ctx - max_tokens - self.reserve_tokens
         system = render_world(world, persona) + render_persona(persona, names)
         examples = list(persona.example_dialogue)
@@ -327,13 +342,13 @@ class PromptBuilder:
 
         while True:
             messages: list[Message] = [{"role": "system", "content": system}]
-            exchanges = [("", "player", e.player, e.npc, False) for e in examples]
-            exchanges += [
-                (t.notes, player_id, t.player_text, t.reply_text, t.greeting) for t in turns
-            ]
-            for notes, speaker, said, answer, greeted in exchanges:
-                messages.append({"role": "user", "content": notes + _said(speaker, said, greeted)})
-                messages.append({"role": "assistant", "content": answer})
+            for example in examples:
+                messages.append({"role": "user", "content": _said("player", example.player, False)})
+                messages.append({"role": "assistant", "content": example.npc})
+            for t in turns:
+                said = _said(player_id, t.player_text, t.greeting, t.heard)
+                messages.append({"role": "user", "content": t.notes + said})
+                messages.append({"role": "assistant", "content": t.reply_text})
             in_window = set().union(*(t.memory_ids for t in turns))
             fresh = [m for m in kept_memories if m.memory.id not in in_window][:memory_limit]
             scene_line = render_scene(scene)
@@ -354,7 +369,8 @@ class PromptBuilder:
                 [line for _, line in new_facts],
                 [line for _, line in lore_noted],
             )
-            messages.append({"role": "user", "content": block + _said(player_id, text, greeting)})
+            said = _said(player_id, text, greeting, heard)
+            messages.append({"role": "user", "content": block + said})
             # the system message and the examples are the same for every player
             rendered = self.generator.render(messages, shared=1 + 2 * len(examples))
             if rendered.token_count <= budget:

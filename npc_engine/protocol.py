@@ -88,6 +88,12 @@ class Say(_Request):
         "persona's fallback line is sent at once (reason error, code deadline).",
     )
     game_time: GameTime | None = None
+    scene_id: EntityId | None = Field(
+        None,
+        description="The player speaks in this running scene (its player_id must be this "
+        "say's): every NPC of it hears the line, and the scene's next line answers it, "
+        "streamed as this say's reply (reply.start names the NPC).",
+    )
     inspect: bool = Field(
         False,
         description="Extension: reply.end carries `inspect` (the exact prompt and the recalled "
@@ -121,6 +127,30 @@ class StateSet(_Request):
     flags: Annotated[dict[FlagName, FlagValue | None], Field(max_length=MAX_FLAGS_PER_PLAYER)] = (
         Field(default_factory=dict, description="null deletes a flag.")
     )
+    game_time: GameTime | None = None
+
+
+class SceneStart(_Request):
+    """Several NPCs talk among themselves: each line streams as reply.* frames (re: this
+    request's id, with npc_id and scene_id), then one scene.end."""
+
+    type: Literal["scene.start"]
+    scene_id: EntityId
+    npc_ids: Annotated[list[EntityId], Field(min_length=2, max_length=6)]
+    player_id: EntityId | None = Field(
+        None, description="The player is present: may join with say + scene_id."
+    )
+    topic: Annotated[str, Field(max_length=200)] = ""
+    max_turns: int = Field(8, ge=1, le=40, description="NPC lines at most.")
+    max_tokens: int | None = Field(None, ge=1, le=1024, description="Cap on each line.")
+    game_time: GameTime | None = None
+    inspect: bool = False
+
+
+class WorldTick(_Request):
+    """Background work for game time passing: rumours spread along relationships."""
+
+    type: Literal["world.tick"]
     game_time: GameTime | None = None
 
 
@@ -254,7 +284,9 @@ Request = Annotated[
     | SaveList
     | SaveDelete
     | SaveExport
-    | SaveImport,
+    | SaveImport
+    | SceneStart
+    | WorldTick,
     Field(discriminator="type"),
 ]
 REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)
@@ -291,6 +323,7 @@ class ReplyStart(_Message):
     re: str
     npc_id: str
     turn_id: str
+    scene_id: str | None = Field(None, description="Set for a line of a scene.")
 
 
 class ReplyDelta(_Message):
@@ -298,6 +331,15 @@ class ReplyDelta(_Message):
     re: str
     seq: int
     text: str
+    scene_id: str | None = None
+
+
+class SceneEnd(_Message):
+    type: Literal["scene.end"] = "scene.end"
+    re: str
+    scene_id: str
+    reason: Literal["max_turns", "ended", "cancelled", "error"]
+    turns: int = Field(description="NPC lines spoken.")
 
 
 class ErrorInfo(_Message):
@@ -379,6 +421,7 @@ class ReplyEnd(_Message):
     usage: Usage | None = None
     error: ErrorInfo | None = None
     inspect: TurnInspection | None = None
+    scene_id: str | None = None
 
 
 class MemoryItem(_Message):
@@ -418,6 +461,7 @@ class Ok(_Message):
     path: str | None = Field(None, description="save.export: the file written.")
     warmed: list[str] | None = Field(None, description="npc.warm: the NPCs prepared.")
     ms: int | None = Field(None, description="npc.warm: how long it took.")
+    spread: int | None = Field(None, description="world.tick: rumours passed on.")
 
 
 class SaveItem(_Message):
@@ -483,6 +527,7 @@ ServerMessage = (
     | Pong
     | StatsReport
     | State
+    | SceneEnd
     | Error
 )
 

@@ -52,6 +52,7 @@ class ReplyStream:
     request_id: str
     fallback_line: Callable[[], str]
     delta_interval: float = 0.015
+    scene_id: str | None = None  # a line of a scene: every frame names it
     sent: list[str] = field(default_factory=list)  # the text of each delta sent, by seq
     ended: bool = False
     _buffer: str = ""
@@ -107,6 +108,7 @@ class ReplyStream:
             usage=turn.usage,
             error=error,
             inspect=turn.inspect,
+            scene_id=self.scene_id,
         )
         self.ended = True
         return [*out, end]
@@ -142,7 +144,9 @@ class ReplyStream:
     def _send(self, text: str, now: float) -> list[ReplyMessage]:
         if not text:
             return []
-        delta = ReplyDelta(re=self.request_id, seq=len(self.sent), text=text)
+        delta = ReplyDelta(
+            re=self.request_id, seq=len(self.sent), text=text, scene_id=self.scene_id
+        )
         self.sent.append(text)
         self._last_sent = now
         return [delta]
@@ -155,6 +159,7 @@ class ReplyStream:
                 text=self.text_sent,
                 reason=reason,
                 error=error,
+                scene_id=self.scene_id,
             )
         ]
 

@@ -92,6 +92,11 @@ class GenerationScheduler:
             self._condition.notify_all()
         return job.future
 
+    def busy(self) -> bool:
+        """Whether any line is waiting or being generated (background work yields)."""
+        with self._condition:
+            return bool(self._waiting or self._running)
+
     def close(self, wait: bool = True) -> None:
         """Run what is already queued, then stop the workers."""
         with self._condition:

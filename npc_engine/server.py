@@ -21,6 +21,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ from npc_engine.protocol import (
     SaveList,
     SaveLoad,
     Say,
+    SceneEnd,
+    SceneStart,
     State,
     StateGet,
     StateSet,
@@ -83,9 +86,11 @@ from npc_engine.protocol import (
     TurnInspection,
     Usage,
     Welcome,
+    WorldTick,
     encode,
 )
 from npc_engine.reply_stream import FinishedTurn, ReplyMessage, ReplyStream
+from npc_engine.scenes import Scene
 from npc_engine.scheduling import GenerationScheduler
 
 log = logging.getLogger(__name__)
@@ -158,6 +163,17 @@ class _Reply:
     inbox: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
 
 
+@dataclass
+class _SceneRun:
+    """A running scene: its lines share one cancel (the scene's, or any say in it)."""
+
+    scene: Scene
+    request: SceneStart
+    reply: _Reply
+    # Player lines said into the scene and not answered yet, in order.
+    says: deque[Say] = field(default_factory=deque)
+
+
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     """A server TLS context from PEM files (the standard library's defaults, TLS 1.2+)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -222,6 +238,7 @@ class NpcServer:
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="npc-memory")
         self._queued = 0
         self._replies: dict[tuple[int, str], _Reply] = {}
+        self._scenes: dict[tuple[int, str], _SceneRun] = {}  # bounded like _replies
         self._server_bucket = _TokenBucket(
             self.limits.server_rate_per_second, self.limits.server_rate_burst
         )
@@ -344,6 +361,8 @@ class NpcServer:
                         "greet",
                         "warm",
                         "actions",
+                        "scenes",
+                        "rumours",
                     ],
                     npcs=self._npc_infos(),
                 ),
@@ -366,7 +385,7 @@ class NpcServer:
             message = "Too many requests waiting on this connection; retry later."
             await self._fail(conn, request, outcome.encoding, "busy", message)
         else:
-            if isinstance(request, Say | Greet):
+            if isinstance(request, Say | Greet | SceneStart):
                 if request.id in conn.queued_says:
                     message = f"Request id {request.id!r} is still in flight."
                     code: ErrorCode = "invalid_request"
@@ -407,8 +426,18 @@ class NpcServer:
                 await self._fail(conn, request, encoding, "internal", message)
 
     async def _serve(self, conn: _Connection, request: Request, encoding: Encoding) -> None:
-        if isinstance(request, Say | Greet):
+        if isinstance(request, Say) and request.scene_id is not None:
+            await self._scene_say(conn, request, encoding)
+        elif isinstance(request, Say | Greet):
             await self._say(conn, request, encoding)
+        elif isinstance(request, SceneStart):
+            await self._scene_start(conn, request, encoding)
+        elif isinstance(request, WorldTick):
+            spread = await self._in_io(
+                lambda r: self.engine.world_tick(r.game_time, busy=self._generation.busy),
+                request,
+            )
+            await conn.send(Ok(re=request.id, spread=spread))
         elif isinstance(request, NpcWarm):
             await self._warm(conn, request)
         elif isinstance(request, SaveCreate | SaveLoad | SaveList | SaveDelete):
@@ -461,6 +490,179 @@ class NpcServer:
                     facts=[memory_item(f) for f in view.facts] if view.facts is not None else None,
                 )
             )
+
+    # -- scenes --------------------------------------------------------------------------
+
+    async def _admit_line(
+        self, conn: _Connection, request: Say | Greet | SceneStart, encoding: Encoding
+    ) -> bool:
+        """The checks every request that streams lines passes before it is accepted."""
+        conn.queued_says.discard(request.id)
+
+        async def fail(code: ErrorCode, message: str, **details: Any) -> bool:
+            await self._fail(conn, request, encoding, code, message, **details)
+            return False
+
+        if request.inspect and not (self.allow_inspect or conn.authenticated):
+            return await fail(
+                "unauthorized",
+                "inspect shows the whole prompt, secrets included: start the server with "
+                "--allow-inspect, or connect with its token.",
+            )
+        if self.stopping:
+            return await fail("busy", "The server is shutting down.")
+        mine = sum(1 for owner, _ in self._replies if owner == conn.key)
+        if mine >= self.limits.max_in_flight_per_connection:
+            return await fail(
+                "busy", "Too many requests in flight on this connection; retry later."
+            )
+        if self._queued >= self.limits.max_queued_generations:
+            return await fail("busy", "The generation queue is full; retry later.")
+        if request.id in conn.session.in_flight:
+            message = f"Request id {request.id!r} is still in flight."
+            return await fail("invalid_request", message, field="id")
+        return True
+
+    async def _scene_start(
+        self, conn: _Connection, request: SceneStart, encoding: Encoding
+    ) -> None:
+        cancelled = request.id in conn.cancelled_early
+        conn.cancelled_early.discard(request.id)
+        for npc_id in request.npc_ids:
+            self.engine.persona(npc_id)  # unknown_npc before anything is accepted
+        if (conn.key, request.scene_id) in self._scenes:
+            raise FieldError("scene_id", f"scene {request.scene_id!r} is already running")
+        scene = self.engine.start_scene(
+            request.scene_id,
+            request.npc_ids,
+            player_id=request.player_id,
+            topic=request.topic,
+            max_turns=request.max_turns,
+        )
+        if not await self._admit_line(conn, request, encoding):
+            return
+        conn.session.in_flight.add(request.id)
+        run = _SceneRun(scene, request, _Reply())
+        if cancelled:
+            run.reply.cancel.set()
+        self._replies[(conn.key, request.id)] = run.reply
+        self._scenes[(conn.key, request.scene_id)] = run
+        run.reply.task = asyncio.create_task(self._run_scene(conn, run))
+
+    async def _scene_say(self, conn: _Connection, request: Say, encoding: Encoding) -> None:
+        """A player line into a running scene: queued for the scene's next line."""
+        conn.queued_says.discard(request.id)
+        assert request.scene_id is not None
+        run = self._scenes.get((conn.key, request.scene_id))
+        if run is None:
+            raise FieldError("scene_id", f"no scene {request.scene_id!r} is running here")
+        if run.scene.player_id != request.player_id:
+            raise FieldError("player_id", "the player must be the scene's player_id")
+        if request.npc_id not in run.scene.npc_ids:
+            raise FieldError("npc_id", "the say must face one of the scene's NPCs")
+        if request.id in conn.session.in_flight:
+            raise FieldError("id", f"Request id {request.id!r} is still in flight.")
+        if len(run.says) >= self.limits.max_in_flight_per_connection:
+            await self._fail(
+                conn, request, encoding, "busy", "Too many lines waiting in the scene."
+            )
+            return
+        conn.session.in_flight.add(request.id)
+        self._replies[(conn.key, request.id)] = run.reply  # its cancel ends the scene
+        run.says.append(request)
+        run.reply.inbox.put_nowait(("player", None))  # wakes a scene between lines
+
+    async def _run_scene(self, conn: _Connection, run: _SceneRun) -> None:
+        scene, request = run.scene, run.request
+        reason = "error"
+        try:
+            while True:
+                if run.reply.cancel.is_set():
+                    reason = "cancelled"
+                    break
+                say = run.says.popleft() if run.says else None
+                if say is not None:
+                    heard = self.engine.scene_hears_player(scene, say.text, say.game_time)
+                    conn.track(heard)
+                else:
+                    over = scene.over()
+                    if over is not None:
+                        reason = over
+                        break
+                speaker = say.npc_id if say is not None else None
+                ok = await self._scene_line(conn, run, say, speaker)
+                if say is not None:
+                    self._replies.pop((conn.key, say.id), None)
+                    conn.session.in_flight.discard(say.id)
+                if not ok:
+                    reason = "cancelled" if run.reply.cancel.is_set() else "error"
+                    break
+        except Exception:
+            log.exception("scene %s failed", scene.scene_id)
+            reason = "error"
+        finally:
+            for say in run.says:  # lines the scene ended before answering
+                self._replies.pop((conn.key, say.id), None)
+                conn.session.in_flight.discard(say.id)
+                await self._fail(
+                    conn,
+                    say,
+                    conn.encoding,
+                    "invalid_request",
+                    "The scene ended.",
+                    field="scene_id",
+                )
+            self._scenes.pop((conn.key, scene.scene_id), None)
+            self._replies.pop((conn.key, request.id), None)
+            conn.session.in_flight.discard(request.id)
+            await conn.send(
+                SceneEnd(re=request.id, scene_id=scene.scene_id, reason=reason, turns=scene.spoken)
+            )
+
+    async def _scene_line(
+        self, conn: _Connection, run: _SceneRun, say: Say | None, facing: str | None
+    ) -> bool:
+        """The next NPC's line, streamed as the reply to ``say`` (a player line) or to the
+        scene request. False: it did not end normally (cancelled, failed, shutdown)."""
+        scene, request = run.scene, run.request
+        reply_to = say.id if say is not None else request.id
+        speaker = await self._in_io(lambda f: self.engine.next_in_scene(scene, f), facing)
+        while not run.reply.inbox.empty():  # wake-ups for player lines already taken in
+            run.reply.inbox.get_nowait()
+        stream = ReplyStream(
+            reply_to,
+            fallback_line=lambda: self.engine.fallback_line(self.engine.persona(speaker)),
+            delta_interval=self.limits.delta_interval_ms / 1000,
+            scene_id=scene.scene_id,
+        )
+        await conn.send(
+            ReplyStart(
+                re=reply_to, npc_id=speaker, turn_id=uuid.uuid4().hex, scene_id=scene.scene_id
+            )
+        )
+        inspect = request.inspect or (say is not None and say.inspect)
+
+        def work(on_delta: Callable[[str], None]) -> TurnResult | None:
+            if run.reply.cancel.is_set():
+                return None
+            return self.engine.scene_line(
+                scene,
+                speaker,
+                max_tokens=request.max_tokens,
+                on_delta=on_delta,
+                cancel=run.reply.cancel,
+                game_time=(say.game_time if say is not None else None) or request.game_time,
+            )
+
+        player = scene.player_id or ""
+        result = await self._pump(
+            conn,
+            stream,
+            run.reply,
+            lambda: self._submit(run.reply, speaker, player, work),
+            lambda job: self._turn_over(stream, reply_to, inspect, job),
+        )
+        return result is not None and result.reason in ("stop", "length")
 
     async def _warm(self, conn: _Connection, request: NpcWarm) -> None:
         """Warm each NPC as a background generation job (a say waiting goes first)."""
@@ -615,34 +817,10 @@ class NpcServer:
     # -- say -----------------------------------------------------------------------------
 
     async def _say(self, conn: _Connection, request: Say | Greet, encoding: Encoding) -> None:
-        conn.queued_says.discard(request.id)
         cancelled = request.id in conn.cancelled_early
         conn.cancelled_early.discard(request.id)
         self.engine.persona(request.npc_id)  # unknown_npc before anything is accepted
-
-        async def fail(code: ErrorCode, message: str, **details: Any) -> None:
-            await self._fail(conn, request, encoding, code, message, **details)
-
-        if request.inspect and not (self.allow_inspect or conn.authenticated):
-            await fail(
-                "unauthorized",
-                "inspect shows the whole prompt, secrets included: start the server with "
-                "--allow-inspect, or connect with its token.",
-            )
-            return
-        if self.stopping:
-            await fail("busy", "The server is shutting down.")
-            return
-        mine = sum(1 for owner, _ in self._replies if owner == conn.key)
-        if mine >= self.limits.max_in_flight_per_connection:
-            await fail("busy", "Too many requests in flight on this connection; retry later.")
-            return
-        if self._queued >= self.limits.max_queued_generations:
-            await fail("busy", "The generation queue is full; retry later.")
-            return
-        if request.id in conn.session.in_flight:
-            message = f"Request id {request.id!r} is still in flight."
-            await fail("invalid_request", message, field="id")
+        if not await self._admit_line(conn, request, encoding):
             return
         conn.session.in_flight.add(request.id)
         reply = _Reply()
@@ -654,12 +832,7 @@ class NpcServer:
         reply.task = asyncio.create_task(self._run_say(conn, request, reply))
 
     def _submit_turn(self, request: Say | Greet, reply: _Reply) -> Future[TurnResult | None]:
-        loop = asyncio.get_running_loop()
-
-        def on_delta(piece: str) -> None:
-            loop.call_soon_threadsafe(reply.inbox.put_nowait, ("text", piece))
-
-        def work() -> TurnResult | None:
+        def work(on_delta: Callable[[str], None]) -> TurnResult | None:
             if reply.cancel.is_set():
                 # Cancelled (or its client gone) while queued: the NPC heard the line and
                 # never answered, exactly what a cancel during the reply stores.
@@ -680,12 +853,27 @@ class NpcServer:
                 game_time=request.game_time,
             )
 
+        background = request.priority == "background"
+        return self._submit(reply, request.npc_id, request.player_id, work, background)
+
+    def _submit(
+        self,
+        reply: _Reply,
+        npc_id: str,
+        player_id: str,
+        work: Callable[[Callable[[str], None]], TurnResult | None],
+        background: bool = False,
+    ) -> Future[TurnResult | None]:
+        """Queue one NPC line on the generation scheduler; its text and its end arrive in
+        ``reply.inbox``."""
+        loop = asyncio.get_running_loop()
+
+        def on_delta(piece: str) -> None:
+            loop.call_soon_threadsafe(reply.inbox.put_nowait, ("text", piece))
+
         self._queued += 1
         job: Future[TurnResult | None] = self._generation.submit(
-            request.npc_id,
-            work,
-            player_id=request.player_id,
-            background=request.priority == "background",
+            npc_id, partial(work, on_delta), player_id=player_id, background=background
         )
 
         def release(_job: Future[TurnResult | None]) -> None:
@@ -699,21 +887,46 @@ class NpcServer:
         return job
 
     async def _run_say(self, conn: _Connection, request: Say | Greet, reply: _Reply) -> None:
-        loop = asyncio.get_running_loop()
         stream = ReplyStream(
             request.id,
             fallback_line=lambda: self.engine.fallback_line(self.engine.persona(request.npc_id)),
             delta_interval=self.limits.delta_interval_ms / 1000,
         )
+        try:
+            await self._pump(
+                conn,
+                stream,
+                reply,
+                lambda: self._submit_turn(request, reply),
+                lambda job: self._turn_over(stream, request.id, request.inspect, job),
+                request.deadline_ms,
+            )
+        finally:
+            self._replies.pop((conn.key, request.id), None)
+            conn.session.in_flight.discard(request.id)
+
+    async def _pump(
+        self,
+        conn: _Connection,
+        stream: ReplyStream,
+        reply: _Reply,
+        submit: Callable[[], Future[TurnResult | None]],
+        finish: Callable[[Future[TurnResult | None]], list[ReplyMessage]],
+        deadline_ms: int | None = None,
+    ) -> TurnResult | None:
+        """Run one line: submit its work, send its frames as they come, until its
+        ``reply.end``. Returns what the engine reported (None: it did not run)."""
+        loop = asyncio.get_running_loop()
         deadline = None
+        outcome: TurnResult | None = None
         try:
             if self.stopping:
                 await self._send_all(conn, stream.shutdown())
-                return
-            self._submit_turn(request, reply)
-            if request.deadline_ms:
+                return None
+            submit()
+            if deadline_ms:
                 deadline = loop.call_later(
-                    request.deadline_ms / 1000, reply.inbox.put_nowait, ("deadline", None)
+                    deadline_ms / 1000, reply.inbox.put_nowait, ("deadline", None)
                 )
             while not stream.ended:
                 due = stream.due()
@@ -723,42 +936,48 @@ class NpcServer:
                 except TimeoutError:
                     await self._send_all(conn, stream.tick(loop.time()))
                     continue
+                if kind == "player":  # a scene's wake-up for a player line: not this line's
+                    continue
                 if kind == "text":
                     out = stream.text(value, loop.time())
                 elif kind == "deadline":
-                    out = stream.deadline_passed(request.deadline_ms or 0)
+                    out = stream.deadline_passed(deadline_ms or 0)
                 elif kind == "shutdown":
                     out = stream.shutdown()
                 else:
-                    out = self._turn_over(stream, request, value)
+                    out = finish(value)
                     if not value.exception() and value.result() is not None:
-                        conn.track(value.result().memory_write)
-                if stream.ended:
-                    reply.cancel.set()  # ended early (deadline, shutdown): stop the work
+                        outcome = value.result()
+                        conn.track(outcome.memory_write)
+                if stream.ended and kind in ("deadline", "shutdown"):
+                    reply.cancel.set()  # ended early: stop the work (a scene's too)
                 await self._send_all(conn, out)
         finally:
             if deadline is not None:
                 deadline.cancel()
-            self._replies.pop((conn.key, request.id), None)
-            conn.session.in_flight.discard(request.id)
+        return outcome
 
     def _turn_over(
-        self, stream: ReplyStream, request: Say | Greet, job: Future[TurnResult | None]
+        self,
+        stream: ReplyStream,
+        request_id: str,
+        inspect: bool,
+        job: Future[TurnResult | None],
     ) -> list[ReplyMessage]:
         try:
             result = job.result()
         except Exception as exc:
-            log.error("say %s failed", request.id, exc_info=exc)
+            log.error("turn %s failed", request_id, exc_info=exc)
             return stream.failed("internal", f"{type(exc).__name__}: {exc}")
         if result is None:  # dropped while queued
             return stream.finished(FinishedTurn("cancelled"), stopping=self.stopping)
-        return stream.finished(self._finished_turn(request, result), stopping=self.stopping)
+        return stream.finished(self._finished_turn(inspect, result), stopping=self.stopping)
 
     async def _send_all(self, conn: _Connection, messages: list[ReplyMessage]) -> None:
         for message in messages:
             await conn.send(message)
 
-    def _finished_turn(self, request: Say | Greet, result: TurnResult) -> FinishedTurn:
+    def _finished_turn(self, inspect: bool, result: TurnResult) -> FinishedTurn:
         timings = result.timings
         return FinishedTurn(
             reason=result.reason,
@@ -776,7 +995,7 @@ class NpcServer:
                 total_ms=round(timings.total_ms),
             ),
             error=result.error,
-            inspect=self._inspection(result) if request.inspect else None,
+            inspect=self._inspection(result) if inspect else None,
         )
 
     @staticmethod

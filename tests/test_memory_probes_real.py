@@ -23,6 +23,7 @@ from .conftest import REPO
 sys.path.insert(0, str(REPO / "tools"))
 from recall_probe import (
     ACKNOWLEDGED,
+    PROBE_LIMITS,
     load_probes,
     print_server,
     serve_and_probe,
@@ -59,7 +60,9 @@ def test_a_thousand_turns_with_one_player_halve_the_store_and_lose_no_fact(
     runtime = open_engine(config)
 
     async def play() -> list[str]:
-        server = NpcServer(runtime.engine, port=0)
+        # Turns back to back, as fast as the engine answers: more than a game sends, so
+        # the per-connection rate limit (20/s) is raised for this client.
+        server = NpcServer(runtime.engine, port=0, limits=PROBE_LIMITS)
         await server.start()
         lost = []
         try:

@@ -38,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from npc_engine.config import load_config  # noqa: E402
+from npc_engine.config import ServerLimits, load_config  # noqa: E402
 from npc_engine.dialogue import DialogueEngine, player_line_memory, reply_memory  # noqa: E402
 from npc_engine.generation.scripted import ScriptedGenerator  # noqa: E402
 from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM  # noqa: E402
@@ -62,6 +62,9 @@ class Outcome:
     @property
     def recall(self) -> float:
         return self.hits / self.total if self.total else 0.0
+
+
+PROBE_LIMITS = ServerLimits(rate_per_second=1000, rate_burst=1000)
 
 
 def load_probes() -> dict[str, Any]:
@@ -261,7 +264,9 @@ def serve_and_probe(
     runtime = open_engine(config)
 
     async def run_all() -> ServerOutcome:
-        server = NpcServer(runtime.engine, port=0)
+        # Turns back to back, as fast as the engine answers: more than a game sends, so
+        # the per-connection rate limit (20/s) is raised for this client.
+        server = NpcServer(runtime.engine, port=0, limits=PROBE_LIMITS)
         await server.start()
         try:
             return await probe_server(server.url, turns, facts=facts)

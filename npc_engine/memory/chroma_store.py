@@ -168,6 +168,12 @@ def _metadata(memory: Memory) -> dict[str, str | int | float | bool]:
         metadata["subject"] = memory.subject
     if memory.superseded_by is not None:
         metadata["superseded_by"] = memory.superseded_by
+    if memory.source is not None:
+        metadata["source"] = memory.source
+    if memory.origin is not None:
+        metadata["origin"] = memory.origin
+    if memory.hops:
+        metadata["hops"] = memory.hops
     return metadata
 
 
@@ -192,6 +198,9 @@ def _memory(memory_id: str, document: str | None, metadata: Any) -> Memory:
         content=str(meta["content"]) if "content" in meta else None,
         subject=str(meta["subject"]) if "subject" in meta else None,
         superseded_by=str(meta["superseded_by"]) if "superseded_by" in meta else None,
+        source=str(meta["source"]) if "source" in meta else None,
+        origin=str(meta["origin"]) if "origin" in meta else None,
+        hops=int(meta.get("hops", 0)),
     )
 
 
@@ -774,6 +783,41 @@ class ChromaMemoryStore:
             found += _memories(result)
         found.sort(key=lambda m: m.created_at)
         return found[:limit]
+
+    # -- rumours (see npc_engine/rumours.py) ---------------------------------------------
+
+    def made_between(
+        self, npc_id: str, since: datetime, until: datetime, min_importance: int
+    ) -> list[Memory]:
+        """The NPC's memories (its own and every player's) made in [since, until) with at
+        least this importance: what it may pass on at a world tick."""
+        where = {
+            "$and": [
+                {"created_at": {"$gte": _timestamp(since)}},
+                {"created_at": {"$lt": _timestamp(until)}},
+                {"importance": {"$gte": min_importance}},
+            ]
+        }
+        found: list[Memory] = []
+        for collection in self._all_of(npc_id):
+            found += _memories(collection.get(where=where, include=["documents", "metadatas"]))
+        return found
+
+    def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]:
+        """Which of these rumour origins the NPC already has a memory of."""
+        if not origins:
+            return set()
+        own = self._collection(_own_name(npc_id), npc_id, create=False)
+        if own is None:
+            return set()
+        got = own.get(where={"origin": {"$in": list(origins)}}, include=["metadatas"])
+        return {str((m or {}).get("origin")) for m in got.get("metadatas") or []}
+
+    def rumours_of(self, npc_id: str) -> list[Memory]:
+        own = self._collection(_own_name(npc_id), npc_id, create=False)
+        if own is None:
+            return []
+        return _memories(own.get(where={"kind": "rumour"}, include=["documents", "metadatas"]))
 
     def count(self, npc_id: str, player_id: str | None = None) -> int:
         """Memories of an NPC, or (with ``player_id``) those tied to that player."""

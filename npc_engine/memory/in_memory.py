@@ -74,6 +74,31 @@ class InMemoryStore:
         self._lock = threading.Lock()
         self._keywords = KeywordIndex(None)  # the real keyword half, in RAM
 
+    def made_between(
+        self, npc_id: str, since: datetime, until: datetime, min_importance: int
+    ) -> list[Memory]:
+        with self._lock:
+            return [
+                m
+                for m in self._memories.values()
+                if m.npc_id == npc_id
+                and since <= m.created_at < until
+                and m.importance >= min_importance
+            ]
+
+    def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]:
+        wanted = set(origins)
+        with self._lock:
+            return {
+                str(m.origin)
+                for m in self._memories.values()
+                if m.npc_id == npc_id and m.origin in wanted
+            }
+
+    def rumours_of(self, npc_id: str) -> list[Memory]:
+        with self._lock:
+            return [m for m in self._memories.values() if m.npc_id == npc_id and m.kind == "rumour"]
+
     def lore_vectors(self) -> BagOfWordsLoreVectors:
         return BagOfWordsLoreVectors()
 

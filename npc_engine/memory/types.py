@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 # A player's line is stored as 'The player p1 told me: "…"' (``dialogue.player_line_memory``).
 PLAYER_LINE_PREFIX = "The player "
 
-MemoryKind = Literal["dialogue", "event", "fact", "summary"]
-MEMORY_KINDS: tuple[MemoryKind, ...] = ("dialogue", "event", "fact", "summary")
+MemoryKind = Literal["dialogue", "event", "fact", "summary", "rumour"]
+MEMORY_KINDS: tuple[MemoryKind, ...] = ("dialogue", "event", "fact", "summary", "rumour")
 
 
 def utc_now() -> datetime:
@@ -48,6 +48,11 @@ class Memory:
     # as history (saves, memory.list) but never recalled as current.
     subject: str | None = None
     superseded_by: str | None = None
+    # Rumours (kind "rumour", ``rumours.py``): the NPC that told it, the memory it started
+    # from (one NPC hears one story once), and how many tellers it passed through.
+    source: str | None = None
+    origin: str | None = None
+    hops: int = 0
 
     @property
     def said_by_player(self) -> bool:
@@ -172,6 +177,16 @@ class MemoryStore(Protocol):
     ) -> int: ...
 
     def count(self, npc_id: str) -> int: ...
+
+    def made_between(
+        self, npc_id: str, since: datetime, until: datetime, min_importance: int
+    ) -> list[Memory]:
+        """Its memories made in [since, until) of at least this importance (rumours)."""
+        ...
+
+    def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]: ...
+
+    def rumours_of(self, npc_id: str) -> list[Memory]: ...
 
     def load_state(self, key: str) -> dict[str, Any] | None:
         """A game-state record (trust, flags), or None if never saved."""

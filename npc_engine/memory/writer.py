@@ -153,14 +153,16 @@ class MemoryWriter:
             log.warning("batched memory write failed; writing one request at a time")
             stored = [w for w in writes if self._write_alone(w)]
             memories = [memory for write in stored for memory in write.memories]
-        else:
-            for write in writes:
-                write.done.set_result([m.id for m in write.memories])
+            writes = []  # each was answered by _write_alone
         if memories and self._after_write is not None:
             try:
                 self._after_write(memories)
             except Exception:  # upkeep is best effort: the next write tries again
                 log.warning("memory upkeep failed", exc_info=True)
+        # Answered after the upkeep: a reader who waited for its write sees what the write
+        # superseded as superseded (read-your-writes, facts included).
+        for write in writes:
+            write.done.set_result([m.id for m in write.memories])
         for item in batch:
             if isinstance(item, _Touch):
                 try:
