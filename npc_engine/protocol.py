@@ -363,6 +363,7 @@ class RecalledMemory(_Message):
     relevance: float
     recency: float
     importance: float
+    source: str | None = Field(None, description="A rumour: the NPC it was heard from.")
 
 
 class ChosenLoreItem(_Message):
@@ -432,6 +433,9 @@ class MemoryItem(_Message):
     player_id: str | None
     created_at: str
     score: float | None = None
+    source: str | None = Field(
+        None, description="A rumour (kind rumour): the NPC it was heard from."
+    )
 
 
 class State(_Message):

@@ -202,6 +202,7 @@ def memory_item(memory: Memory, score: float | None = None) -> MemoryItem:
         player_id=memory.player_id,
         created_at=memory.created_at.isoformat().replace("+00:00", "Z"),
         score=score,
+        source=memory.source,
     )
 
 

@@ -47,9 +47,15 @@ def test_client_has_the_promised_signals_and_methods() -> None:
         "reply_finished",
         "error_received",
         "disconnected",
+        "scene_line_started",
+        "scene_line_delta",
+        "scene_line_finished",
+        "scene_ended",
+        "rumours_spread",
     } <= signals
     methods = set(re.findall(r"^func (\w+)", CLIENT, re.MULTILINE))
     assert {"say", "cancel", "send_event", "list_npcs", "_process"} <= methods
+    assert {"start_scene", "say_in_scene", "world_tick"} <= methods
     assert "WebSocketPeer" in CLIENT and "_socket.poll()" in CLIENT
 
 
@@ -110,7 +116,8 @@ def test_every_message_type_in_the_gdscript_exists_in_protocol_v1() -> None:
     handled = set(re.findall(r'^\t\t"([\w.]+)":', CLIENT, re.MULTILINE))
     handled |= set(re.findall(r'"(reply\.\w+)"', HELPER))
     assert handled <= server_types
-    assert {"welcome", "error", "reply.start", "reply.delta", "reply.end"} <= handled
+    assert {"welcome", "error", "reply.start", "reply.delta", "reply.end", "scene.end"} <= handled
+    assert {"scene.start", "world.tick"} <= built
 
 
 def test_demo_uses_the_addon_through_its_autoload() -> None:

@@ -90,6 +90,8 @@ def test_csharp_client_streams_a_reply_from_the_live_server(
     tokens, greeting = steps["GREET"].split(" ", 1)
     assert tokens == "0" and json.loads(greeting).startswith("Shut the door, love")
     assert steps["WARM"] == "mara"
+    # A two-line scene from C#: both NPCs speak, one after the other, then scene.end.
+    assert steps["SCENE"] in ("max_turns 2 mara,guard_tom", "ended 2 mara,guard_tom")
     assert steps["SAVES"] == "1 cs-slot True"
     assert steps["SAVEERROR"] == "invalid_request save_id"
     assert steps["ACTION"] in ("null", "give_item", "take_payment", "refuse")

@@ -7,6 +7,8 @@ extends Node2D
 ## declared game actions: when Mara gives you something (`give_item`), it lands in your
 ## pockets (shown at the top). The game clock runs a game minute per real second and goes
 ## with every line (`game_time`), so NPCs know the time of day and how long ago things were.
+## Walk past the first two NPCs and they talk to each other (a scene); every game hour the
+## demo sends `world.tick`, so what you told one of them reaches the people they talk to.
 ## Start the engine first: `tools/dev.sh serve` in the npc-engine repo.
 
 const PLAYER_SPEED := 220.0
@@ -14,6 +16,8 @@ const TALK_DISTANCE := 90.0
 const PLAYER_ID := "demo-player"
 const QUICK_SAVE := "quicksave"
 const GAME_MINUTES_PER_SECOND := 1.0
+const OVERHEAR_DISTANCE := 160.0
+const SCENE_ID := "demo-square"
 const COLOURS: Array[Color] = [
 	Color.CORNFLOWER_BLUE, Color.INDIAN_RED, Color.SEA_GREEN, Color.GOLDENROD, Color.ORCHID
 ]
@@ -26,6 +30,10 @@ var _talking_to: NpcMarker = null
 var _reply_id := ""
 var _game_minutes := 18.0 * 60.0  # evening of day 1
 var _pockets: Array[String] = []
+var _scene_request := ""  # the running scene's request id ("" when none runs)
+var _scene_speaker := ""  # who is saying the scene line streaming now
+var _overheard := false  # the pair talked as the player passed; once per approach
+var _last_tick_hour := -1
 
 
 func _ready() -> void:
@@ -49,6 +57,10 @@ func _ready() -> void:
 	NpcEngine.error_received.connect(_on_error_received)
 	NpcEngine.game_action.connect(_on_game_action)
 	NpcEngine.save_done.connect(_on_save_done)
+	NpcEngine.scene_line_started.connect(_on_scene_line_started)
+	NpcEngine.scene_line_delta.connect(_on_scene_line_delta)
+	NpcEngine.scene_line_finished.connect(_on_scene_line_finished)
+	NpcEngine.scene_ended.connect(_on_scene_ended)
 	_status.text = "Connecting to %s …" % NpcEngine.url
 
 
@@ -60,6 +72,50 @@ func _process(delta: float) -> void:
 	var nearest := _nearest_marker()
 	if nearest != null and not _input.visible:
 		_status.text = "Press Enter to talk to %s" % nearest.display_name
+	_overhear_the_first_two()
+	var hour := int(_game_minutes / 60.0)
+	if NpcEngine.is_ready() and hour != _last_tick_hour:
+		_last_tick_hour = hour
+		NpcEngine.world_tick(_game_minutes)  # gossip spreads once a game hour
+
+
+## The player walks past the first two NPCs: they talk to each other about the evening.
+func _overhear_the_first_two() -> void:
+	var ids := _markers.keys()
+	if ids.size() < 2 or not NpcEngine.is_ready():
+		return
+	var pair: Array = [ids[0], ids[1]]
+	var middle: Vector2 = (_markers[pair[0]].position + _markers[pair[1]].position) / 2.0
+	var near := middle.distance_to(_player.position) < OVERHEAR_DISTANCE
+	if near and not _overheard and _scene_request.is_empty():
+		_overheard = true
+		_scene_request = NpcEngine.start_scene(
+			SCENE_ID, pair, "", "the evening's news", 4, 48, _game_minutes
+		)
+	elif not near:
+		_overheard = false
+
+
+func _on_scene_line_started(_scene_id: String, _request_id: String, npc_id: String) -> void:
+	_scene_speaker = npc_id
+	if _markers.has(npc_id):
+		_markers[npc_id].show_thinking()
+
+
+func _on_scene_line_delta(_scene_id: String, _request_id: String, _seq: int, text: String) -> void:
+	if _markers.has(_scene_speaker):
+		_markers[_scene_speaker].append_reply(text)
+
+
+func _on_scene_line_finished(
+	_scene_id: String, _request_id: String, npc_id: String, reply: Dictionary
+) -> void:
+	if _markers.has(npc_id):
+		_markers[npc_id].finish_reply(reply)
+
+
+func _on_scene_ended(_scene_id: String, _reason: String, _turns: int) -> void:
+	_scene_request = ""
 
 
 func _unhandled_input(event: InputEvent) -> void:

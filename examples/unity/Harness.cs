@@ -97,6 +97,11 @@ public static class Harness
             Console.WriteLine("GREET " + greetUsage["completion_tokens"] + " " + Json.Serialize(greeting.Text));
             var warm = await client.WarmAsync(new List<string> { npcId });
             Console.WriteLine("WARM " + string.Join(",", (List<object>)warm["warmed"]));
+            var speakers = new List<string>();
+            var sceneEnd = await client.StartSceneAsync(
+                "cs-scene", new List<string> { npcId, "guard_tom" }, topic: "the weather",
+                maxTurns: 2, maxTokens: 16, onLine: line => speakers.Add(line.NpcId));
+            Console.WriteLine("SCENE " + sceneEnd["reason"] + " " + sceneEnd["turns"] + " " + string.Join(",", speakers));
             await client.SaveCreateAsync("cs-slot");
             await client.SendEventAsync(new List<string> { npcId }, "A gull stole the harness's bread.", "csharp");
             await client.SaveLoadAsync("cs-slot");

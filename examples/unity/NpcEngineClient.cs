@@ -101,7 +101,22 @@ namespace NpcEngine
         public event Action<Exception> HandlerFailed;
 
         /// <summary>The server's <c>welcome</c> message.</summary>
+        /// <summary>A scene's line is complete: the scene id and the line (NpcId says who).</summary>
+        public event Action<string, NpcReply> SceneLineFinished;
+        /// <summary>A scene ended: its id, the reason (max_turns, ended, cancelled, error),
+        /// and how many lines were spoken.</summary>
+        public event Action<string, string, int> SceneEnded;
+
         public Dictionary<string, object> Welcome { get; private set; }
+
+        private sealed class PendingScene
+        {
+            public string SceneId;
+            public string Speaker;
+            public Action<NpcReply> OnLine;
+            public readonly TaskCompletionSource<Dictionary<string, object>> Done =
+                new TaskCompletionSource<Dictionary<string, object>>(TaskCreationOptions.RunContinuationsAsynchronously);
+        }
 
         private sealed class PendingReply
         {
@@ -119,6 +134,7 @@ namespace NpcEngine
         private readonly Dictionary<string, TaskCompletionSource<Dictionary<string, object>>> _answers =
             new Dictionary<string, TaskCompletionSource<Dictionary<string, object>>>();
         private readonly Dictionary<string, PendingReply> _replies = new Dictionary<string, PendingReply>();
+        private readonly Dictionary<string, PendingScene> _scenes = new Dictionary<string, PendingScene>();
         private readonly CancellationTokenSource _closing = new CancellationTokenSource();
         private long _nextId;
         private Task _reading;
@@ -151,7 +167,8 @@ namespace NpcEngine
         public Task<NpcReply> SayAsync(
             string npcId, string text, string playerId = null,
             Dictionary<string, object> context = null, int? maxTokens = null,
-            Action<string> onDelta = null, string requestId = null, double? gameTime = null)
+            Action<string> onDelta = null, string requestId = null, double? gameTime = null,
+            string sceneId = null)
         {
             var message = Message("say", requestId);
             message["npc_id"] = npcId;
@@ -160,7 +177,52 @@ namespace NpcEngine
             if (context != null) message["context"] = context;
             if (maxTokens.HasValue) message["max_tokens"] = maxTokens.Value;
             if (gameTime.HasValue) message["game_time"] = gameTime.Value;
+            // In a running scene the player is part of: the answer is the scene's next line.
+            if (sceneId != null) message["scene_id"] = sceneId;
             return StreamAsync(message, npcId, onDelta);
+        }
+
+        /// <summary>
+        /// NPCs talk among themselves (2-6 ids): each finished line goes to
+        /// <paramref name="onLine"/> and the SceneLineFinished event; the task completes with
+        /// the <c>scene.end</c> (reason, turns). With <paramref name="playerId"/> the player
+        /// is present and may join with SayAsync(..., sceneId). Cancel it with
+        /// CancelAsync(requestId).
+        /// </summary>
+        public async Task<Dictionary<string, object>> StartSceneAsync(
+            string sceneId, IList<string> npcIds, string playerId = null, string topic = null,
+            int? maxTurns = null, int? maxTokens = null, Action<NpcReply> onLine = null,
+            string requestId = null)
+        {
+            var message = Message("scene.start", requestId);
+            message["scene_id"] = sceneId;
+            message["npc_ids"] = new List<object>(npcIds);
+            if (playerId != null) message["player_id"] = playerId;
+            if (topic != null) message["topic"] = topic;
+            if (maxTurns.HasValue) message["max_turns"] = maxTurns.Value;
+            if (maxTokens.HasValue) message["max_tokens"] = maxTokens.Value;
+            var id = (string)message["id"];
+            var scene = new PendingScene { SceneId = sceneId, OnLine = onLine };
+            lock (_lock) _scenes[id] = scene;
+            try
+            {
+                await SendAsync(message).ConfigureAwait(false);
+            }
+            catch (Exception exc)
+            {
+                lock (_lock) _scenes.Remove(id);
+                throw new NpcEngineException("disconnected", exc.Message, null);
+            }
+            return await scene.Done.Task.ConfigureAwait(false);
+        }
+
+        /// <summary>Game time passed: rumours spread; returns how many were passed on.</summary>
+        public async Task<int> WorldTickAsync(double? gameTime = null)
+        {
+            var message = Message("world.tick");
+            if (gameTime.HasValue) message["game_time"] = gameTime.Value;
+            var answer = await RequestAsync(message).ConfigureAwait(false);
+            return Convert.ToInt32(answer["spread"], CultureInfo.InvariantCulture);
         }
 
         /// <summary>
@@ -447,7 +509,18 @@ namespace NpcEngine
             var type = Str(message, "type");
             var re = Str(message, "re");
             PendingReply reply = null;
+            PendingScene scene = null;
             TaskCompletionSource<Dictionary<string, object>> answer = null;
+            lock (_lock)
+            {
+                if (re != null && _scenes.TryGetValue(re, out scene) && (type == "scene.end" || type == "error"))
+                    _scenes.Remove(re);
+            }
+            if (scene != null)
+            {
+                DispatchScene(scene, type, message);
+                return;
+            }
             lock (_lock)
             {
                 if (re != null && _replies.TryGetValue(re, out reply) && (type == "reply.end" || type == "error"))
@@ -496,6 +569,38 @@ namespace NpcEngine
             if (answer != null) answer.TrySetResult(message);
         }
 
+        private void DispatchScene(PendingScene scene, string type, Dictionary<string, object> message)
+        {
+            if (type == "reply.start")
+            {
+                scene.Speaker = Str(message, "npc_id");
+            }
+            else if (type == "reply.end")
+            {
+                var line = ToReply(message, scene.Speaker);
+                Post(() =>
+                {
+                    if (scene.OnLine != null) scene.OnLine(line);
+                    if (SceneLineFinished != null) SceneLineFinished(scene.SceneId, line);
+                });
+            }
+            else if (type == "scene.end")
+            {
+                var reason = Str(message, "reason");
+                var turns = Convert.ToInt32(message["turns"], CultureInfo.InvariantCulture);
+                Post(() =>
+                {
+                    try { if (SceneEnded != null) SceneEnded(scene.SceneId, reason, turns); }
+                    finally { scene.Done.TrySetResult(message); }
+                });
+            }
+            else if (type == "error")
+            {
+                var details = message.ContainsKey("details") ? message["details"] as Dictionary<string, object> : null;
+                scene.Done.TrySetException(new NpcEngineException(Str(message, "code"), Str(message, "message"), details));
+            }
+        }
+
         private static NpcReply ToReply(Dictionary<string, object> message, string npcId)
         {
             var reply = new NpcReply
@@ -531,16 +636,20 @@ namespace NpcEngine
         private void FailEverything(string why)
         {
             List<PendingReply> replies;
+            List<PendingScene> scenes;
             List<TaskCompletionSource<Dictionary<string, object>>> answers;
             lock (_lock)
             {
                 replies = new List<PendingReply>(_replies.Values);
+                scenes = new List<PendingScene>(_scenes.Values);
                 answers = new List<TaskCompletionSource<Dictionary<string, object>>>(_answers.Values);
                 _replies.Clear();
+                _scenes.Clear();
                 _answers.Clear();
             }
             var error = new NpcEngineException("disconnected", why, null);
             foreach (var reply in replies) reply.Done.TrySetException(error);
+            foreach (var scene in scenes) scene.Done.TrySetException(error);
             foreach (var answer in answers) answer.TrySetException(error);
             Post(() => { if (Disconnected != null) Disconnected(why); });
         }

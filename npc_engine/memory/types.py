@@ -113,6 +113,7 @@ class ScoredMemory:
             "relevance": self.relevance,
             "recency": self.recency,
             "importance": self.importance,
+            "source": self.memory.source,
         }
 
 

@@ -72,7 +72,10 @@ def memory_table(memories: list[MemoryView], title: str) -> Table:
             number(memory.relevance),
             number(memory.recency),
             number(memory.importance),
-            Text(f"[{memory.kind}] {memory.text}"),
+            Text(
+                f"[{memory.kind}] {memory.text}"
+                + (f" (heard from {memory.source})" if memory.source else "")
+            ),
         )
     return table
 

@@ -45,6 +45,7 @@ class MemoryView:
     recency: float | None = None
     importance: float | None = None
     id: str = ""
+    source: str | None = None  # a rumour: the NPC it was heard from
 
 
 @dataclass
@@ -267,7 +268,10 @@ class LocalSession:
             scored = await self._run(self.engine.recall, npc_id, player_id, query, limit)
             return [MemoryView(**s.summary()) for s in scored]
         recent = await self._run(self.engine.recent_memories, npc_id, player_id, limit)
-        return [MemoryView(m.text, m.kind, importance=m.importance, id=m.id) for m in recent]
+        return [
+            MemoryView(m.text, m.kind, importance=m.importance, id=m.id, source=m.source)
+            for m in recent
+        ]
 
     async def forget(self, npc_id: str, player_id: str) -> int:
         return int(await self._run(self.engine.forget, npc_id, player_id=player_id))
@@ -415,7 +419,14 @@ class RemoteSession:
     ) -> list[MemoryView]:
         items = await self.client.memory_list(npc_id, player_id=player_id, query=query, limit=limit)
         return [
-            MemoryView(i["text"], i["kind"], i.get("score"), importance=i["importance"], id=i["id"])
+            MemoryView(
+                i["text"],
+                i["kind"],
+                i.get("score"),
+                importance=i["importance"],
+                id=i["id"],
+                source=i.get("source"),
+            )
             for i in items
         ]
 

@@ -41,6 +41,16 @@ signal warmed(request_id: String, npc_ids: Array, ms: int)
 signal save_done(request_id: String, kind: String, answer: Dictionary)
 ## `save.list`: [{"save_id", "created_at", "memories"}, …], oldest first.
 signal saves_listed(request_id: String, saves: Array)
+## A line of a scene begins (`request_id`: the scene's, or the player's say it answers).
+signal scene_line_started(scene_id: String, request_id: String, npc_id: String)
+## More of that line, as it streams.
+signal scene_line_delta(scene_id: String, request_id: String, seq: int, text: String)
+## The line is complete (`reply` is its reply.end: text, reason, emotion…).
+signal scene_line_finished(scene_id: String, request_id: String, npc_id: String, reply: Dictionary)
+## The scene is over: `reason` max_turns, ended, cancelled or error; `turns` lines spoken.
+signal scene_ended(scene_id: String, reason: String, turns: int)
+## `world.tick` done: `spread` rumours were passed on.
+signal rumours_spread(request_id: String, spread: int)
 
 enum State { IDLE, CONNECTING, HANDSHAKE, READY, WAITING_TO_RETRY }
 
@@ -80,6 +90,7 @@ var _hello_id := ""
 var _outbox: Array[Dictionary] = []
 var _open_replies := {}  # request id -> npc id, for every say sent and not yet ended
 var _open_requests := {}  # request id -> message type, for the other requests
+var _line_speakers := {}  # request id -> npc id of the scene line streaming under it
 var _attempt := 0
 var _retry_at := 0.0
 var _last_sent := 0.0
@@ -162,6 +173,43 @@ func greet(
 	_open_replies[request_id] = npc_id
 	_send(PROTOCOL.greet(request_id, npc_id, player_id, context, game_time))
 	return request_id
+
+
+## NPCs talk among themselves (2-6 ids), e.g. two guards as the player walks by; each
+## line comes through `scene_line_started` / `_delta` / `_finished`, then `scene_ended`.
+## Returns the scene request's id (`cancel()` it to end the scene at once).
+func start_scene(
+	scene_id: String,
+	npc_ids: Array,
+	player_id: String = "",
+	topic: String = "",
+	max_turns := 0,
+	max_tokens := 0,
+	game_time := -1.0
+) -> String:
+	var request_id := _new_id()
+	_send(
+		PROTOCOL.scene_start(
+			request_id, scene_id, npc_ids, player_id, topic, max_turns, max_tokens, game_time
+		)
+	)
+	return request_id
+
+
+## The player speaks in a running scene they are in (`facing`: the NPC they talk to, who
+## answers unless the line names another); the answer comes as this request's line.
+func say_in_scene(
+	scene_id: String, facing: String, text: String, player_id: String = "", game_time := -1.0
+) -> String:
+	var request_id := _new_id()
+	_open_replies[request_id] = facing
+	_send(PROTOCOL.say(request_id, facing, text, player_id, {}, 0, game_time, scene_id))
+	return request_id
+
+
+## Game time passed: rumours spread (answered by `rumours_spread`).
+func world_tick(game_time := -1.0) -> String:
+	return _ask(PROTOCOL.world_tick("", game_time))
 
 
 ## Prepare NPCs' prompts (at level load, for the NPCs nearby); answered by `warmed`.
@@ -314,6 +362,12 @@ func _on_frame(frame: String) -> void:
 		"save.items":
 			_open_requests.erase(request_id)
 			saves_listed.emit(request_id, message.get("saves", []))
+		"scene.end":
+			scene_ended.emit(
+				str(message.get("scene_id", "")),
+				str(message.get("reason", "")),
+				int(message.get("turns", 0))
+			)
 		"ok":
 			var asked: String = _open_requests.get(request_id, "")
 			_open_requests.erase(request_id)
@@ -323,9 +377,14 @@ func _on_frame(frame: String) -> void:
 				warmed.emit(request_id, message.get("warmed", []), int(message.get("ms", 0)))
 			elif asked.begins_with("save."):
 				save_done.emit(request_id, asked.trim_prefix("save."), message)
+			elif asked == "world.tick":
+				rumours_spread.emit(request_id, int(message.get("spread", 0)))
 
 
 func _on_reply_message(request_id: String, message: Dictionary) -> void:
+	var scene_id := str(message.get("scene_id", "")) if message.get("scene_id") != null else ""
+	if not scene_id.is_empty():
+		_on_scene_line(scene_id, request_id, message)
 	match message["type"]:
 		"reply.start":
 			reply_started.emit(request_id, str(message.get("npc_id", "")))
@@ -338,6 +397,20 @@ func _on_reply_message(request_id: String, message: Dictionary) -> void:
 			var action: Variant = message.get("game_action")
 			if typeof(action) == TYPE_DICTIONARY:
 				game_action.emit(request_id, npc_id, action)
+
+
+func _on_scene_line(scene_id: String, request_id: String, message: Dictionary) -> void:
+	match message["type"]:
+		"reply.start":
+			_line_speakers[request_id] = str(message.get("npc_id", ""))
+			scene_line_started.emit(scene_id, request_id, _line_speakers[request_id])
+		"reply.delta":
+			var seq := int(message.get("seq", 0))
+			scene_line_delta.emit(scene_id, request_id, seq, str(message.get("text", "")))
+		"reply.end":
+			var npc_id: String = _line_speakers.get(request_id, "")
+			_line_speakers.erase(request_id)
+			scene_line_finished.emit(scene_id, request_id, npc_id, message)
 
 
 func _on_welcome(message: Dictionary) -> void:

@@ -29,7 +29,8 @@ static func say(
 	player_id: String = "",
 	context: Dictionary = {},
 	max_tokens: int = 0,
-	game_time: float = -1.0
+	game_time: float = -1.0,
+	scene_id: String = ""
 ) -> Dictionary:
 	var message := {"type": "say", "id": request_id, "npc_id": npc_id, "text": text}
 	if not player_id.is_empty():
@@ -38,6 +39,45 @@ static func say(
 		message["context"] = context
 	if max_tokens > 0:
 		message["max_tokens"] = max_tokens
+	if game_time >= 0.0:
+		message["game_time"] = game_time
+	if not scene_id.is_empty():
+		message["scene_id"] = scene_id
+	return message
+
+
+## Several NPCs talk among themselves (2-6 ids); each line streams as reply.* frames with
+## `npc_id` and `scene_id`, then one `scene.end`. With `player_id` the player is present and
+## may join with `say(..., scene_id)`.
+static func scene_start(
+	request_id: String,
+	scene_id: String,
+	npc_ids: Array,
+	player_id: String = "",
+	topic: String = "",
+	max_turns: int = 0,
+	max_tokens: int = 0,
+	game_time: float = -1.0
+) -> Dictionary:
+	var message := {
+		"type": "scene.start", "id": request_id, "scene_id": scene_id, "npc_ids": npc_ids
+	}
+	if not player_id.is_empty():
+		message["player_id"] = player_id
+	if not topic.is_empty():
+		message["topic"] = topic
+	if max_turns > 0:
+		message["max_turns"] = max_turns
+	if max_tokens > 0:
+		message["max_tokens"] = max_tokens
+	if game_time >= 0.0:
+		message["game_time"] = game_time
+	return message
+
+
+## Game time passes (e.g. each game hour): rumours spread along relationships.
+static func world_tick(request_id: String, game_time: float = -1.0) -> Dictionary:
+	var message := {"type": "world.tick", "id": request_id}
 	if game_time >= 0.0:
 		message["game_time"] = game_time
 	return message
