@@ -250,8 +250,12 @@ def scene_key(scene_id: str, npc_id: str) -> str:
 
 def scene_stops(scene: Scene, npc_id: str) -> list[str]:
     """Where a model starts to speak for someone else of the scene: cut the line there."""
-    names = [scene.names[other] for other in scene.npc_ids if other != npc_id]
-    return [stop for name in names for stop in (f"\n{name}:", f"{name} says:")]
+    stops = []
+    for other in scene.npc_ids:
+        if other != npc_id:
+            name = scene.names[other]
+            stops += [f"\n{name}:", f"{name} says:", f"\n{name.split()[0]}:"]
+    return stops
 
 
 def first_line_for(persona: Persona, player_id: str) -> str:

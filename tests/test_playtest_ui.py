@@ -127,6 +127,16 @@ async def test_talk_inspect_event_and_cancel(
         assert app.npc_id == "guard_tom"
         await type_line(pilot, "/nonsense")
         assert "Unknown command /nonsense" in plain(list(app.query(ChatLine))[-1])
+        # A scene: the NPCs talk among themselves; each line's own prompt is inspected.
+        app.max_tokens = 24
+        await type_line(pilot, "/scene mara guard_tom -- the fog")
+        await wait_for(pilot, lambda: "The scene ended" in plain(list(app.query(ChatLine))[-1]))
+        spoken = [line for line in app.query(ChatLine) if line.kind == "npc"][-2:]
+        assert {line.speaker for line in spoken} == {"Mara Saltwhistle", "Tom Hale"}
+        assert app.last_turn is not None
+        assert "Mara Saltwhistle says:" in app.last_turn.prompt or (
+            "Tom Hale says:" in app.last_turn.prompt
+        )
 
 
 async def test_persona_hot_reload_keeps_the_last_good_version(

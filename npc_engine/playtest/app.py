@@ -35,6 +35,8 @@ HELP = """\
 /flag K=V …        set the player's game flags (true/false, numbers, words); K= deletes one
 /state             show trust, flags and the persona entries they unlock
 /memories [QUERY]  the NPC's memories: newest first, or ranked for QUERY with scores
+/scene ID ID … [-- TOPIC]  NPCs talk among themselves (you listen); each line's prompt
+                   and memories go to the inspector; /tick passes rumours on
 /forget            the NPC forgets everything about this player
 /prompt            show the exact prompt of the last turn (inspector)
 /retry             take the last exchange back and ask again
@@ -525,6 +527,45 @@ class PlaytestApp(App[None]):
             return
         await self.session.reset(self.npc_id, self.player_id)
         self.add_line("", "— conversation reset (memories stay) —", "system")
+
+    async def command_scene(self, rest: str) -> None:
+        assert self.session is not None
+        ids_part, _, topic = rest.partition("--")
+        npc_ids = ids_part.split()
+        if len(npc_ids) < 2:
+            self.add_line("", "Usage: /scene ID ID … [-- TOPIC] (2 to 6 NPCs)", "problem")
+            return
+        cards = {card.id: card for card in await self.session.npcs()}
+
+        def show(turn: TurnView) -> None:
+            name = cards[turn.npc_id].name if turn.npc_id in cards else turn.npc_id
+            self.add_line(name, turn.text, "npc")
+            self.transcript.append((name, turn.text))
+            self.last_turn = turn
+            self.show_inspector(turn)
+
+        self.replying = True
+        self.set_status("The scene runs … (Esc ends it)")
+        try:
+            reason = await self.session.scene(
+                npc_ids,
+                player_id=None,
+                topic=topic.strip(),
+                max_turns=6,
+                max_tokens=self.max_tokens,
+                on_line=show,
+            )
+        except NpcEngineError as exc:
+            self.add_line("", f"scene failed: {exc}", "problem")
+            return
+        finally:
+            self.replying = False
+        self.add_line("", f"The scene ended ({reason}).", "system")
+
+    async def command_tick(self, _rest: str) -> None:
+        assert self.session is not None
+        spread = await self.session.world_tick()
+        self.add_line("", f"A world tick: {spread} rumour(s) passed on.", "system")
 
     async def command_save(self, rest: str) -> None:
         path = Path(rest or f"playtest-{datetime.now():%Y%m%d-%H%M%S}.md")

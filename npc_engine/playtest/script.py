@@ -115,6 +115,30 @@ class ScriptState(_Strict):
     )
 
 
+SceneEnding = Literal["max_turns", "ended"]
+SCENE_ENDINGS: tuple[SceneEnding, ...] = ("max_turns", "ended")
+
+
+class LineExpect(Expect):
+    """Checks on one line of a scene, in order; ``npc`` names who must say it."""
+
+    npc: str | None = Field(None, description="The NPC that must say this line.")
+
+
+class ScriptScene(_Strict):
+    """NPCs talk among themselves (the script's player listens, not present)."""
+
+    npcs: list[str] = Field(min_length=2, max_length=6)
+    topic: str = ""
+    max_turns: int = Field(4, ge=1, le=40)
+    ends: list[SceneEnding] = Field(
+        default_factory=lambda: list(SCENE_ENDINGS), description="How it may end."
+    )
+    lines: list[LineExpect] = Field(
+        default_factory=list, description="Checks on the first lines, one per line."
+    )
+
+
 class ScriptTurn(_Strict):
     say: str | None = Field(None, min_length=1, description="The player's line.")
     npc: str | None = Field(None, description="Talk to this NPC (default: the script's).")
@@ -128,12 +152,16 @@ class ScriptTurn(_Strict):
     )
     max_tokens: int | None = Field(None, ge=1, le=1024)
     state: ScriptState | None = Field(None, description="Set before the line, as the game would.")
+    scene: ScriptScene | None = Field(None, description="A scene instead of a player's line.")
     expect: Expect = Field(default_factory=Expect)
 
     @model_validator(mode="after")
     def _does_something(self) -> ScriptTurn:
-        if self.say is None and not self.restart and not self.events and self.state is None:
-            raise ValueError("a turn needs `say`, `events`, `state` or `restart: true`")
+        busy = self.say or self.restart or self.events or self.state or self.scene
+        if not busy:
+            raise ValueError("a turn needs `say`, `scene`, `events`, `state` or `restart: true`")
+        if self.say is not None and self.scene is not None:
+            raise ValueError("a turn has `say` or `scene`, not both")
         if self.say is None and self.expect.count():
             raise ValueError("`expect` needs a `say` in the same turn")
         return self
@@ -292,6 +320,9 @@ async def run_script(
                 targets = event.npc_ids or [npc_id]
                 await session.event(targets, event.text, event.player_id, event.importance)
                 outcome.events.append(event.text)
+            if turn.scene is not None:
+                await _run_scene(session, turn.scene, outcome, turn.max_tokens or script.max_tokens)
+                continue
             if turn.say is None:
                 continue
             progress(f"[{label}] turn {index}: {player_id} → {npc_id}: {turn.say}")
@@ -317,6 +348,39 @@ async def run_script(
     finally:
         await session.close()
     return run
+
+
+async def _run_scene(
+    session: PlaytestSession, scene: ScriptScene, outcome: TurnOutcome, max_tokens: int | None
+) -> None:
+    """A scene turn: each line checked by its ``lines`` entry, the end by ``ends``."""
+    views: list[TurnView] = []
+    reason = await session.scene(
+        scene.npcs,
+        player_id=None,
+        topic=scene.topic,
+        max_turns=scene.max_turns,
+        max_tokens=max_tokens,
+        on_line=views.append,
+    )
+    outcome.action, outcome.npc_id, outcome.reason = "scene", ", ".join(scene.npcs), reason
+    outcome.reply = "\n".join(f"{view.npc_id}: {' '.join(view.text.split())}" for view in views)
+    outcome.recalled = [m.text for view in views for m in view.memories]
+    outcome.ttft_ms = statistics.median([v.ttft_ms for v in views if v.ttft_ms]) if views else None
+    outcome.checks.append(
+        CheckResult("scene_end", "|".join(scene.ends), reason in scene.ends, f"ended: {reason}")
+    )
+    for number, expect in enumerate(scene.lines, start=1):
+        if number > len(views):
+            outcome.checks.append(CheckResult("line", str(number), False, "not spoken"))
+            continue
+        view = views[number - 1]
+        if expect.npc is not None:
+            said_by = f"said by {view.npc_id}"
+            outcome.checks.append(
+                CheckResult("line_npc", expect.npc, view.npc_id == expect.npc, said_by)
+            )
+        outcome.checks += check_turn(expect, view)
 
 
 # -- reports -------------------------------------------------------------------------------
@@ -393,6 +457,12 @@ def transcript_markdown(script: PlaytestScript, runs: list[ModelRun]) -> str:
             if outcome.say:
                 lines.append(f"**{outcome.player_id}:** {outcome.say}  ")
                 lines.append(f"**{outcome.npc_id}:** {outcome.reply} *({outcome.reason})*")
+            if outcome.action == "scene":
+                lines.append(f"*scene: {outcome.npc_id}*  ")
+                for said in outcome.reply.splitlines():
+                    speaker, _, text = said.partition(": ")
+                    lines.append(f"**{speaker}:** {text}  ")
+                lines.append(f"*(scene ended: {outcome.reason})*")
             lines.append("")
         if run.error:
             lines += [f"**Stopped:** {run.error}", ""]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,6 +103,22 @@ class PlaytestSession(Protocol):
 
     async def cancel(self) -> None: ...
 
+    async def scene(
+        self,
+        npc_ids: list[str],
+        *,
+        player_id: str | None,
+        topic: str,
+        max_turns: int,
+        max_tokens: int | None,
+        on_line: Callable[[TurnView], None],
+    ) -> str:
+        """Run a scene; each finished line (with its speaker's prompt and memories) goes to
+        ``on_line``; returns why it ended."""
+        ...
+
+    async def world_tick(self) -> int: ...
+
     async def event(
         self, npc_ids: list[str], text: str, player_id: str | None, importance: int | None
     ) -> list[str]: ...
@@ -183,6 +200,39 @@ def persona_files_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(entries)
 
 
+def turn_from_end(npc_id: str, player_id: str, text: str, end: dict[str, Any]) -> TurnView:
+    """A turn as the server reported it (``reply.end`` with ``inspect``)."""
+    usage = end.get("usage") or {}
+    inspect = end.get("inspect") or {}
+    error = end.get("error") or {}
+    return TurnView(
+        npc_id=npc_id,
+        player_id=player_id,
+        player_text=text,
+        text=end["text"],
+        reason=end["reason"],
+        prompt=inspect.get("prompt", ""),
+        memories=[MemoryView(**m) for m in inspect.get("memories", [])],
+        prompt_tokens=usage.get("prompt_tokens", 0),
+        cached_tokens=usage.get("cached_tokens", 0),
+        completion_tokens=usage.get("completion_tokens", 0),
+        ttft_ms=usage.get("ttft_ms"),
+        total_ms=usage.get("total_ms", 0),
+        emotion=end.get("emotion"),
+        action=end.get("action"),
+        error=error.get("message"),
+        dropped=inspect.get("dropped", {}),
+        trust=inspect.get("trust"),
+        flags=inspect.get("flags") or {},
+        unlocked=inspect.get("unlocked") or [],
+        lore=list(inspect.get("lore") or []),
+        guard=end.get("guard"),
+        guard_entry=inspect.get("guard_entry"),
+        guard_reason=inspect.get("guard_reason"),
+        game_action=end.get("game_action"),
+    )
+
+
 class LocalSession:
     """The engine in this process, on the embedded default model or any GGUF."""
 
@@ -252,6 +302,42 @@ class LocalSession:
     async def cancel(self) -> None:
         if self._cancel is not None:
             self._cancel.set()
+
+    async def scene(
+        self,
+        npc_ids: list[str],
+        *,
+        player_id: str | None,
+        topic: str,
+        max_turns: int,
+        max_tokens: int | None,
+        on_line: Callable[[TurnView], None],
+    ) -> str:
+        engine = self.engine
+        scene = engine.start_scene(
+            f"playtest-{uuid.uuid4().hex[:8]}",
+            npc_ids,
+            player_id=player_id,
+            topic=topic,
+            max_turns=max_turns,
+        )
+        cancel = self._cancel = threading.Event()
+        while (reason := scene.over()) is None:
+            speaker = await self._run(engine.next_in_scene, scene)
+            result: TurnResult = await self._run(
+                engine.scene_line, scene, speaker, max_tokens=max_tokens, cancel=cancel
+            )
+            if result.memory_write is not None:
+                await asyncio.wrap_future(result.memory_write)
+            on_line(turn_view(result, ""))
+            if cancel.is_set():
+                return "cancelled"
+            if result.reason not in ("stop", "length"):
+                return "error"
+        return reason
+
+    async def world_tick(self) -> int:
+        return int(await self._run(self.engine.world_tick))
 
     async def event(
         self, npc_ids: list[str], text: str, player_id: str | None, importance: int | None
@@ -373,39 +459,46 @@ class RemoteSession:
             raise NpcEngineError(str(exc)) from exc
         finally:
             self._current = None
-        usage = end.get("usage") or {}
-        inspect = end.get("inspect") or {}
-        error = end.get("error") or {}
-        return TurnView(
-            npc_id=npc_id,
-            player_id=player_id,
-            player_text=text,
-            text=end["text"],
-            reason=end["reason"],
-            prompt=inspect.get("prompt", ""),
-            memories=[MemoryView(**m) for m in inspect.get("memories", [])],
-            prompt_tokens=usage.get("prompt_tokens", 0),
-            cached_tokens=usage.get("cached_tokens", 0),
-            completion_tokens=usage.get("completion_tokens", 0),
-            ttft_ms=usage.get("ttft_ms"),
-            total_ms=usage.get("total_ms", 0),
-            emotion=end.get("emotion"),
-            action=end.get("action"),
-            error=error.get("message"),
-            dropped=inspect.get("dropped", {}),
-            trust=inspect.get("trust"),
-            flags=inspect.get("flags") or {},
-            unlocked=inspect.get("unlocked") or [],
-            lore=list(inspect.get("lore") or []),
-            guard=end.get("guard"),
-            guard_entry=inspect.get("guard_entry"),
-            guard_reason=inspect.get("guard_reason"),
-            game_action=end.get("game_action"),
-        )
+        return turn_from_end(npc_id, player_id, text, end)
 
     async def cancel(self) -> None:
         if self._current is not None:
             await self.client.cancel(self._current)
+
+    async def scene(
+        self,
+        npc_ids: list[str],
+        *,
+        player_id: str | None,
+        topic: str,
+        max_turns: int,
+        max_tokens: int | None,
+        on_line: Callable[[TurnView], None],
+    ) -> str:
+        from npc_engine.client import ProtocolError
+
+        try:
+            stream = await self.client.scene(
+                f"playtest-{uuid.uuid4().hex[:8]}",
+                npc_ids,
+                player_id=player_id,
+                topic=topic or None,
+                max_turns=max_turns,
+                max_tokens=max_tokens,
+                inspect=True,
+            )
+            self._current = stream.request_id
+            async for line in stream:
+                on_line(turn_from_end(line["npc_id"], player_id or "", "", line["end"]))
+            end = await stream.result()
+        except ProtocolError as exc:
+            raise NpcEngineError(str(exc)) from exc
+        finally:
+            self._current = None
+        return str(end["reason"])
+
+    async def world_tick(self) -> int:
+        return await self.client.world_tick()
 
     async def event(
         self, npc_ids: list[str], text: str, player_id: str | None, importance: int | None
