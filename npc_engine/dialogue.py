@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from npc_engine.actions import (
@@ -228,6 +228,7 @@ def reply_memory(
 
 TICK_STATE = "world-tick"  # the state record holding when the last world tick ran
 TICK_WRITE_BATCH = 16  # rumours written at a time (the tick yields to lines between)
+FIRST_TICK_WINDOW_MINUTES = 1440  # wall-clock minutes of memories the first tick considers
 
 
 def origin_of(memory: Memory) -> str:
@@ -1302,8 +1303,13 @@ class DialogueEngine:
             return 0
         with self._tick_lock:
             now = self.clock()
-            last = (self.store.load_state(TICK_STATE) or {}).get("last", 0.0)
-            since = datetime.fromtimestamp(float(last), tz=UTC)
+            last = (self.store.load_state(TICK_STATE) or {}).get("last")
+            # The first tick ever passes on the last day's news, not a whole history.
+            since = (
+                datetime.fromtimestamp(float(last), tz=UTC)
+                if last is not None
+                else now - timedelta(minutes=FIRST_TICK_WINDOW_MINUTES)
+            )
             told: dict[tuple[str, str], Memory] = {}  # (listener, origin) -> its rumour
             for npc_id, loaded in sorted(self.registry.personas.items()):
                 _yield_to(busy)

@@ -5,7 +5,8 @@ The design, chosen so a designer can predict it (no model call):
 - **Who tells whom.** An NPC talks to the NPCs its persona names under ``relationships``,
   unless its attitude to one is hostile ("does not trust", "afraid of", "hates"...):
   nobody confides in those.
-- **What is worth telling.** A memory made since the last tick with importance at least
+- **What is worth telling.** A memory made since the last tick (the first tick ever: the
+  last day's) with importance at least
   ``rumours.min_importance``: something a player said (not a question), an event, or a
   rumour that has passed through fewer than ``rumours.max_hops`` tellers; never one that
   tells a guarded secret of the teller (its key terms or meaning, as the reply guard

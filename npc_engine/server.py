@@ -130,6 +130,7 @@ class _Connection:
     # Memory writes this connection caused and that are not stored yet: its reads wait for
     # these alone, not for every other connection's writes.
     writes: set[Future[list[str]]] = field(default_factory=set)
+    serving: bool = False  # a request is being served (a long world.tick, a save)
 
     def track(self, write: Future[list[str]] | None) -> None:
         if write is not None and not write.done():
@@ -323,7 +324,8 @@ class NpcServer:
                     try:
                         frame = await asyncio.wait_for(websocket.recv(), idle_timeout)
                     except TimeoutError:  # TimeoutError is not it before 3.11
-                        if not self._has_replies(conn) and conn.pending.empty():
+                        busy = self._has_replies(conn) or conn.serving
+                        if not busy and conn.pending.empty():
                             await websocket.close(IDLE_CLOSE_CODE, "idle timeout")
                             return
                         continue
@@ -410,6 +412,7 @@ class NpcServer:
     async def _serve_in_order(self, conn: _Connection) -> None:
         while True:
             request, encoding = await conn.pending.get()
+            conn.serving = True
             try:
                 await self._serve(conn, request, encoding)
             except UnknownNpcError as exc:
@@ -425,6 +428,8 @@ class NpcServer:
                 log.exception("request %s failed", request.id)
                 message = f"Internal error: {type(exc).__name__}"
                 await self._fail(conn, request, encoding, "internal", message)
+            finally:
+                conn.serving = False
 
     async def _serve(self, conn: _Connection, request: Request, encoding: Encoding) -> None:
         if isinstance(request, Say) and request.scene_id is not None:

@@ -25,6 +25,10 @@ Targets (issue 5):
   saves       (issue 12) save.create / save.load with 10,000 memories vs copying the store
   actions     (issue 12) the labelled game-action set through the model: accuracy,
               false actions, added time per turn
+  scene       (issue 15) a 4-NPC, 8-line scene: each line's first token vs a warm one-to-one
+              turn; the share of each line's prompt served from cache
+  tick        (issue 15) world.tick over 100 NPCs with 1,000 memories each: time per tick;
+              a say sent during a tick vs the same say with no tick (first text, client side)
   lore        (issue 14) a 2,000-entry lorebook: recall of the answering entry on the probe
               set; warm first token vs the same NPC in the small sample world; load and
               restart time (entries embedded)
@@ -45,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -518,6 +523,197 @@ def target_restart(root: Path, report: Report) -> None:
             cold / restored >= 5,
         )
     )
+
+
+def target_scene(runtime: EngineRuntime, report: Report, lines: int) -> None:
+    """Mara's warm one-to-one turns, then a scene of four sample NPCs (each NPC's head is
+    already cached, as in a game where they talked before): first tokens side by side."""
+    engine = runtime.engine
+    warm = []
+    for index in range(4):
+        result = engine.say("mara", PLAYER_LINES[index], player_id="scene-bench", max_tokens=24)
+        engine.writer.flush(60)
+        warm.append((result.timings.ttft_ms or 0) / 1000)
+    for npc in ("guard_tom", "wren", "ysolde"):  # their heads, as a game's earlier talk would
+        engine.say(npc, "Good evening.", player_id="scene-bench", max_tokens=8)
+    scene = engine.start_scene(
+        "bench", ["mara", "guard_tom", "wren", "ysolde"], topic="the burned pier", max_turns=lines
+    )
+    firsts, shares, speakers = [], [], []
+    while scene.over() is None:
+        speaker = engine.next_in_scene(scene)
+        result = engine.scene_line(scene, speaker, max_tokens=24)
+        firsts.append((result.timings.ttft_ms or 0) / 1000)
+        shares.append(result.cached_tokens / max(result.prompt_tokens, 1))
+        speakers.append(speaker)
+    engine.writer.flush(60)
+    warm_turn, line = median(warm[1:]), median(firsts)
+    report.details["scene"] = {
+        "warm_ttft_s": warm,
+        "line_ttft_s": firsts,
+        "cached_share": shares,
+        "speakers": speakers,
+    }
+    report.rows += [
+        Row(
+            "15 scenes",
+            f"median first token of a scene line ({len(firsts)} lines, 4 NPCs: "
+            f"{', '.join(speakers)}) vs a warm one-to-one turn of Mara",
+            "scene line",
+            line,
+            "warm 1:1 turn",
+            warm_turn,
+            line / warm_turn,
+            "≤ 1.5×",
+            line / warm_turn <= 1.5,
+        ),
+        Row(
+            "15 scenes",
+            "share of each line's prompt served from cache (mean; per line in the JSON): "
+            "its NPC's head and its earlier part of the scene",
+            "mean share",
+            statistics.mean(shares),
+            "lowest",
+            min(shares),
+            statistics.mean(shares),
+            "report",
+            None,
+        ),
+    ]
+
+
+def tick_world(folder: Path, npcs: int) -> list[str]:
+    """The sample personas plus ``npcs`` generated ones, each talking to the next three."""
+    import shutil
+
+    shutil.copytree(REPO / "personas", folder)
+    ids = [f"villager{index:03d}" for index in range(npcs)]
+    for index, npc_id in enumerate(ids):
+        friends = {ids[(index + step) % npcs]: "neighbour" for step in (1, 2, 3) if npcs > step}
+        persona = {
+            "name": f"Villager {index}",
+            "role": "Fisher of Saltwhistle",
+            "description": "Mends nets on the quay and hears everything.",
+            "relationships": friends,
+        }
+        (folder / f"{npc_id}.yaml").write_text(yaml.safe_dump(persona))
+    return ids
+
+
+def target_tick(root: Path, report: Report, npcs: int, per_npc: int) -> None:
+    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
+    from npc_engine.memory.types import Memory
+    from npc_engine.model_registry import ModelCache
+    from npc_engine.server import NpcServer
+
+    folder = root / "tick-personas"
+    ids = tick_world(folder, npcs)
+    config = bench_config(root, "tick", personas_dir=folder)
+    # Filling 100 × 1,000 memories through the embedder would take long here: random unit
+    # vectors, what the tick reads is metadata (importance, time, kind) and texts.
+    store = ChromaMemoryStore(
+        config.data_dir / "chroma", OfflineMiniLM(ModelCache(config.cache_dir))
+    )
+    rng = np.random.default_rng(11)
+    now = datetime.now(UTC)
+    for npc_id in ids:
+        texts = [
+            f"I saw boat {i} come in with {rng.integers(2, 90)} crates." for i in range(per_npc)
+        ]
+        vectors = rng.normal(size=(per_npc, 384)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        # A world with history: memories made over the last 30 days (the first tick passes
+        # on the last day's news).
+        memories = [
+            Memory(
+                npc_id=npc_id,
+                text=f'The player p{i % 7} told me: "{text}"',
+                content=text,
+                player_id=f"p{i % 7}",
+                importance=int(rng.integers(1, 11)),
+                created_at=now - timedelta(minutes=float(rng.uniform(1, 30 * 1440))),
+            )
+            for i, text in enumerate(texts)
+        ]
+        store.add_with_embeddings(memories, vectors.tolist())
+    store.close()
+    runtime = open_engine(config)
+    engine = runtime.engine
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = NpcServer(engine, port=0)
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+
+    async def first_text(client: Any, line: str) -> float:
+        started = time.perf_counter()
+        stream = await client.say("mara", line, player_id="tick-bench", max_tokens=16)
+        async for _piece in stream:
+            break
+        seconds = time.perf_counter() - started
+        await stream.result()
+        return seconds
+
+    async def measure() -> dict[str, Any]:
+        from npc_engine.client import NpcClient
+
+        async with (
+            await NpcClient.connect(server.url) as ticker,
+            await NpcClient.connect(server.url) as player,
+        ):
+            await first_text(player, "Good evening.")  # Mara's conversation starts
+            alone, during, ticks, spread = [], [], [], []
+            for round_index in range(2):
+                for index in range(3):
+                    alone.append(await first_text(player, PLAYER_LINES[1 + index]))
+                started = time.perf_counter()
+                tick = asyncio.ensure_future(ticker.world_tick(game_time=60.0 * (round_index + 1)))
+                while not tick.done():
+                    await asyncio.sleep(0.3)
+                    if not tick.done():
+                        during.append(await first_text(player, PLAYER_LINES[4 + len(during) % 5]))
+                spread.append(await tick)
+                ticks.append(time.perf_counter() - started)
+            return {"alone": alone, "during": during, "ticks": ticks, "spread": spread}
+
+    try:
+        out = asyncio.run_coroutine_threadsafe(measure(), loop).result(1800)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        runtime.close()
+    report.details["tick"] = out
+    alone = median(out["alone"])
+    during = median(out["during"]) if out["during"] else float("nan")
+    report.rows += [
+        Row(
+            "15 world tick",
+            f"world.tick over {npcs} NPCs with {per_npc} memories each (3 friends each): "
+            f"first tick (every memory new; {out['spread'][0]} rumours) vs the next "
+            f"({out['spread'][1]} rumours)",
+            "first tick",
+            out["ticks"][0],
+            "next tick",
+            out["ticks"][1],
+            out["ticks"][0] / out["ticks"][1],
+            "report",
+            None,
+        ),
+        Row(
+            "15 world tick",
+            f"a say's first text (client side) while a tick runs ({len(out['during'])} says) "
+            "vs the same NPC with no tick running",
+            "during a tick",
+            during,
+            "no tick",
+            alone,
+            during / alone,
+            "≤ 1.2×",
+            during / alone <= 1.2 if out["during"] else None,
+            "" if out["during"] else "the ticks ended before a say could be sent",
+        ),
+    ]
 
 
 def target_lore(root: Path, report: Report, turns: int, entries: int) -> None:
@@ -1436,6 +1632,8 @@ def main(argv: list[str] | None = None) -> int:
             "saves",
             "actions",
             "lore",
+            "scene",
+            "tick",
         ],
     )
     parser.add_argument("--model", help="known model id or GGUF path (default: the default)")
@@ -1483,6 +1681,9 @@ def main(argv: list[str] | None = None) -> int:
         if wanted("actions"):
             with timed("actions"):
                 target_actions(runtime, report, 3 if quick else None)
+        if wanted("scene"):
+            with timed("scene"):
+                target_scene(runtime, report, 4 if quick else 8)
     finally:
         runtime.close()
         bare.close()
@@ -1500,6 +1701,9 @@ def main(argv: list[str] | None = None) -> int:
     if wanted("saves"):
         with timed("saves"):
             target_saves(root, report, 1_000 if quick else 10_000)
+    if wanted("tick"):
+        with timed("tick"):
+            target_tick(root, report, 10 if quick else 100, 100 if quick else 1000)
     if wanted("lore"):
         with timed("lore"):
             target_lore(root, report, 3 if quick else 20, 200 if quick else 2000)
