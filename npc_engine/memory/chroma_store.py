@@ -791,16 +791,13 @@ class ChromaMemoryStore:
     ) -> list[Memory]:
         """The NPC's memories (its own and every player's) made in [since, until) with at
         least this importance: what it may pass on at a world tick."""
-        where = {
-            "$and": [
-                {"created_at": {"$gte": _timestamp(since)}},
-                {"created_at": {"$lt": _timestamp(until)}},
-                {"importance": {"$gte": min_importance}},
-            ]
-        }
+        # One range condition only: Chroma plans "$and" with importance as a scan of every
+        # collection's metadata (~0.5 s a shard at 100,000 memories, against ~10 ms).
+        where = {"created_at": {"$gte": _timestamp(since)}}
         found: list[Memory] = []
         for collection in self._all_of(npc_id):
-            found += _memories(collection.get(where=where, include=["documents", "metadatas"]))
+            got = _memories(collection.get(where=where, include=["documents", "metadatas"]))
+            found += [m for m in got if m.created_at < until and m.importance >= min_importance]
         return found
 
     def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]:
