@@ -228,7 +228,10 @@ def reply_memory(
 
 TICK_STATE = "world-tick"  # the state record holding when the last world tick ran
 TICK_WRITE_BATCH = 16  # rumours written at a time (the tick yields to lines between)
-FIRST_TICK_WINDOW_MINUTES = 1440  # wall-clock minutes of memories the first tick considers
+FIRST_TICK_WINDOW_MINUTES = 1440
+# Memories noted with one line of a scene: each line's notes are read anew (uncached), and
+# a line answers the others more than it recalls (measured by tools/bench.py --only scene).
+SCENE_MEMORIES = 2  # wall-clock minutes of memories the first tick considers
 
 
 def origin_of(memory: Memory) -> str:
@@ -917,6 +920,8 @@ class DialogueEngine:
 
         history = self.history(npc_id, player_id) if scene is None else scene.turns.get(npc_id, [])
         top_k = self.config.retrieval.top_k
+        if scene is not None:  # a scene line: fewer, so each line's notes stay short
+            top_k = min(top_k, SCENE_MEMORIES)
         # Memories already in the history window are not repeated: fetch enough others.
         in_window = sum(len(turn.memory_ids) for turn in history)
         in_window += len(scene.remembered) if scene is not None else 0
