@@ -247,6 +247,32 @@ def _yield_to(busy: Callable[[], bool], longest: float = 10.0) -> None:
         waited += 0.01
 
 
+def _turn_of(
+    text: str,
+    result: TurnResult,
+    built: BuiltPrompt,
+    made: set[str],
+    *,
+    greeting: bool = False,
+    heard: str = "",
+) -> Turn:
+    """The turn as the conversation window keeps it: shown exactly as it was, with the ids
+    of what it showed (memories, lore) and made (``made``: its own memories)."""
+    shown = {m.memory.id for m in built.memories} | made | {c.note_id for c in result.lore}
+    return Turn(
+        text,
+        result.text,
+        built.notes,
+        frozenset(shown),
+        built.scene,
+        noted=built.noted,
+        scene_shown=built.scene_shown,
+        standing_shown=built.standing_shown,
+        greeting=greeting,
+        heard=heard,
+    )
+
+
 def scene_key(scene_id: str, npc_id: str) -> str:
     """The cache key of one NPC's part of a scene (its KV state between its lines)."""
     return f"scene{KEY_SEPARATOR}{scene_id}{KEY_SEPARATOR}{npc_id}"
@@ -1071,17 +1097,8 @@ class DialogueEngine:
         result.action = infer_action(result.text)
         if scene is not None:  # the scene keeps its own turns; scene_line stores the line
             if built is not None and result.reason != "cancelled":
-                shown = {m.memory.id for m in built.memories} | {c.note_id for c in result.lore}
-                result.scene_turn = Turn(
-                    text,
-                    result.text,
-                    built.notes,
-                    frozenset(shown),
-                    built.scene,
-                    noted=built.noted,
-                    scene_shown=built.scene_shown,
-                    standing_shown=built.standing_shown,
-                    heard=scene.heard_text(npc_id),
+                result.scene_turn = _turn_of(
+                    text, result, built, set(), heard=scene.heard_text(npc_id)
                 )
             if result.memories:
                 self.writer.touch(npc_id, [m.memory.id for m in result.memories], now, game_now)
@@ -1099,19 +1116,7 @@ class DialogueEngine:
             )
         turn: Turn | None = None
         if result.reason in ("stop", "length") and built is not None:
-            shown_ids = {m.memory.id for m in built.memories} | {m.id for m in to_write}
-            shown_ids |= {chosen.note_id for chosen in result.lore}
-            turn = Turn(
-                text,
-                result.text,
-                built.notes,
-                frozenset(shown_ids),
-                built.scene,
-                noted=built.noted,
-                scene_shown=built.scene_shown,
-                standing_shown=built.standing_shown,
-                greeting=greeting,
-            )
+            turn = _turn_of(text, result, built, {m.id for m in to_write}, greeting=greeting)
         with self._history_lock:
             wiped, forgotten = self._forgotten_since(forget_serial, npc_id, player_id)
             if wiped:  # forgotten while this turn ran: it must not write it back
