@@ -238,6 +238,8 @@ class NpcServer:
             warm=(lambda: {npc_of(key) for key in warm_keys()}) if warm_keys else None,
         )
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="npc-memory")
+        # World ticks are long background work: their own thread, never the memory calls'.
+        self._ticks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="npc-world-tick")
         self._queued = 0
         self._replies: dict[tuple[int, str], _Reply] = {}
         self._scenes: dict[tuple[int, str], _SceneRun] = {}  # bounded like _replies
@@ -307,6 +309,7 @@ class NpcServer:
         # Workers finish what they run (each cancelled) in their own time, off the loop.
         self._generation.close(wait=False)
         self._io.shutdown(wait=False)
+        self._ticks.shutdown(wait=False)
 
     # -- connection ----------------------------------------------------------------------
 
@@ -439,9 +442,10 @@ class NpcServer:
         elif isinstance(request, SceneStart):
             await self._scene_start(conn, request, encoding)
         elif isinstance(request, WorldTick):
-            spread = await self._in_io(
-                lambda r: self.engine.world_tick(r.game_time, busy=self._generation.busy),
-                request,
+            loop = asyncio.get_running_loop()
+            spread = await loop.run_in_executor(
+                self._ticks,
+                partial(self.engine.world_tick, request.game_time, busy=self._generation.busy),
             )
             await conn.send(Ok(re=request.id, spread=spread))
         elif isinstance(request, NpcWarm):
