@@ -2,7 +2,7 @@
 
 The scale follows the Generative Agents prompt: 1 is mundane, 10 is life-changing. Rules
 look for the things an NPC should remember about a player: who they are, promises, debts,
-threats, loss, love and quests; and the news a town passes on (wrecks, fires, thefts).
+threats, loss, love and quests.
 """
 
 from __future__ import annotations
@@ -29,10 +29,7 @@ _RULES: tuple[tuple[int, re.Pattern[str]], ...] = (
         7,
         re.compile(
             r"\b(promise[ds]?|owe[sd]?|debt|threat(en(ed)?)?|secret|quest|reward|steal|stole|"
-            r"attack(ed)?|help me|my (sister|brother|mother|father|son|daughter|wife|husband)|"
-            # news of loss and danger: what a town passes on
-            r"sank|sunk|burn(ed|t|ing)|fire|robbed|stolen|vanished|disappeared|missing|"
-            r"plague|war|invaded|escaped|arrested|hanged)\b",
+            r"attack(ed)?|help me|my (sister|brother|mother|father|son|daughter|wife|husband))\b",
             re.I,
         ),
     ),
