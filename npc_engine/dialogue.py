@@ -1266,6 +1266,38 @@ class DialogueEngine:
 
         return relevance
 
+    def likely_next(self, scene: Scene, speaking: str, count: int) -> list[str]:
+        """Who may speak after ``speaking`` (its line not known yet): the NPCs who have
+        waited longest, to prepare while it speaks."""
+        last_spoke = {line.speaker: index for index, line in enumerate(scene.lines)}
+        others = [npc for npc in scene.npc_ids if npc != speaking]
+        others.sort(key=lambda npc: (last_spoke.get(npc, -1), scene.npc_ids.index(npc)))
+        return others[:count]
+
+    def prepare_scene_line(self, scene: Scene, npc_id: str) -> None:
+        """Read this NPC's part of the scene up to the lines it has heard so far, so that
+        its next line reads only what is said after now (and its notes). Run in a spare
+        batch slot while another NPC speaks; a generator without a KV cache gains nothing."""
+        loaded = self.persona(npc_id)
+        heard = scene.heard_text(npc_id)
+        built = self.prompts.build(
+            persona=loaded.persona,
+            world=loaded.world,
+            names=self.npc_names(),
+            history=scene.turns.get(npc_id, []),
+            memories=[],
+            context={},
+            player_id=scene.player_id or DEFAULT_PLAYER,
+            player_text="",
+            heard=heard,
+            max_tokens=self._params(loaded, None).max_tokens,
+            now=self.clock(),
+        )
+        params = GenerationParams(
+            max_tokens=1, temperature=0.0, cache_key=scene_key(scene.scene_id, npc_id)
+        )
+        self.generator.generate(built.rendered, params, lambda _piece: None)
+
     def scene_line(
         self,
         scene: Scene,

@@ -193,6 +193,15 @@ def _said(speaker: str, text: str, greeting: bool, heard: str = "") -> str:
     return greeting_message(speaker) if greeting else player_message(speaker, text)
 
 
+def _user_content(notes: str, said: str, heard: str) -> str:
+    """One-to-one: the notes, then the player's line. In a scene the lines heard come
+    first, then the notes: an NPC's prompt can be prepared up to what it has heard while
+    another NPC speaks, before its notes for its own line are known."""
+    if heard:
+        return said + ("\n" + notes.rstrip("\n") if notes else "")
+    return notes + said
+
+
 def speaker_line(name: str, text: str) -> str:
     """Another speaker's line in a scene, marked as that speaker's words."""
     return f'{name} says: "{text}"'
@@ -347,7 +356,7 @@ class PromptBuilder:
                 messages.append({"role": "assistant", "content": example.npc})
             for t in turns:
                 said = _said(player_id, t.player_text, t.greeting, t.heard)
-                messages.append({"role": "user", "content": t.notes + said})
+                messages.append({"role": "user", "content": _user_content(t.notes, said, t.heard)})
                 messages.append({"role": "assistant", "content": t.reply_text})
             in_window = set().union(*(t.memory_ids for t in turns))
             fresh = [m for m in kept_memories if m.memory.id not in in_window][:memory_limit]
@@ -370,7 +379,7 @@ class PromptBuilder:
                 [line for _, line in lore_noted],
             )
             said = _said(player_id, text, greeting, heard)
-            messages.append({"role": "user", "content": block + said})
+            messages.append({"role": "user", "content": _user_content(block, said, heard)})
             # the system message and the examples are the same for every player
             rendered = self.generator.render(messages, shared=1 + 2 * len(examples))
             if rendered.token_count <= budget:

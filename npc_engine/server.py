@@ -94,6 +94,7 @@ from npc_engine.scenes import Scene
 from npc_engine.scheduling import GenerationScheduler
 
 log = logging.getLogger(__name__)
+PREPARED_SPEAKERS = 2  # NPCs of a scene prepared while another speaks
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Private-use close code (4000-4999), mirroring HTTP 408: the client sent nothing for
 # ``limits.idle_timeout`` seconds and had no reply running.
@@ -652,19 +653,40 @@ class NpcServer:
         )
         inspect = request.inspect or (say is not None and say.inspect)
 
+        player = scene.player_id or ""
+        loop = asyncio.get_running_loop()
+        waiting = self.engine.likely_next(scene, speaker, PREPARED_SPEAKERS)
+
+        def prepare_next() -> None:
+            # The NPCs likely to speak next read what they heard so far, in spare batch
+            # slots, while this line decodes (from its first token: never delaying it).
+            while waiting:
+                npc_id = waiting.pop()
+                self._generation.submit(
+                    npc_id,
+                    partial(self.engine.prepare_scene_line, scene, npc_id),
+                    player_id=f"scene:{scene.scene_id}",
+                    background=True,
+                )
+
         def work(on_delta: Callable[[str], None]) -> TurnResult | None:
             if run.reply.cancel.is_set():
                 return None
+
+            def first_then_prepare(piece: str) -> None:
+                if waiting:
+                    loop.call_soon_threadsafe(prepare_next)
+                on_delta(piece)
+
             return self.engine.scene_line(
                 scene,
                 speaker,
                 max_tokens=request.max_tokens,
-                on_delta=on_delta,
+                on_delta=first_then_prepare,
                 cancel=run.reply.cancel,
                 game_time=(say.game_time if say is not None else None) or request.game_time,
             )
 
-        player = scene.player_id or ""
         result = await self._pump(
             conn,
             stream,

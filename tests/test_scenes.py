@@ -219,3 +219,25 @@ def test_an_npc_does_not_gossip_its_own_secret(tmp_path: Path) -> None:
     )
     eng.writer.flush()
     assert eng.world_tick() == 0  # "brandy" gives Mara's secret away
+
+
+def test_a_prepared_speaker_prompt_is_the_prefix_of_its_next_line() -> None:
+    """prepare_scene_line reads an NPC's part of the scene up to what it heard while
+    another NPC speaks: its next real prompt must start with exactly that text (the heard
+    lines come before the line's own notes), or the prepared KV cells would be wasted."""
+    said = itertools.cycle(["The fog is thick tonight.", "Aye, thick as stew.", "Hm."])
+    generator = ScriptedGenerator(respond=lambda _p: next(said))
+    eng = engine(generator)
+    scene = eng.start_scene("fog", ["mara", "guard_tom", "wren"], player_id="p1", topic="fog")
+    eng.scene_line(scene, "mara")
+    eng.scene_line(scene, "guard_tom")
+    assert eng.likely_next(scene, "mara", 2) == ["wren", "guard_tom"]
+    eng.prepare_scene_line(scene, "wren")  # while Mara would be speaking
+    prepared = generator.prompts[-1]
+    eng.scene_line(scene, "mara")
+    eng.scene_line(scene, "wren")
+    real = generator.prompts[-1]
+    heard_part = prepared[: prepared.rindex("<|im_end|>")]
+    assert 'Tom Hale says: "Aye, thick as stew."' in heard_part
+    assert real.startswith(heard_part)
+    assert "(What is happening in the game: conversation" in real[len(heard_part) :]

@@ -542,7 +542,22 @@ def target_scene(runtime: EngineRuntime, report: Report, lines: int) -> None:
     firsts, shares, speakers = [], [], []
     while scene.over() is None:
         speaker = engine.next_in_scene(scene)
-        result = engine.scene_line(scene, speaker, max_tokens=24)
+        # As the server does: the likely next speakers read what they heard so far in
+        # spare batch slots while this line is generated, from its first token on.
+        preparing = [
+            threading.Thread(target=engine.prepare_scene_line, args=(scene, npc))
+            for npc in engine.likely_next(scene, speaker, 2)
+        ]
+
+        def start_preparing(_piece: str, threads: list[threading.Thread] = preparing) -> None:
+            for thread in threads:
+                if not thread.is_alive() and thread.ident is None:
+                    thread.start()
+
+        result = engine.scene_line(scene, speaker, max_tokens=24, on_delta=start_preparing)
+        for thread in preparing:
+            if thread.ident is not None:
+                thread.join()
         firsts.append((result.timings.ttft_ms or 0) / 1000)
         shares.append(result.cached_tokens / max(result.prompt_tokens, 1))
         speakers.append(speaker)
