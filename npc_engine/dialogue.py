@@ -357,6 +357,7 @@ class DialogueEngine:
         self._lorebooks: dict[int, tuple[World, Lorebook]] = {}
         self._lorebooks_lock = threading.Lock()
         self._tick_lock = threading.Lock()  # one world tick at a time
+        self._profile_vectors: dict[str, tuple[Persona, Any]] = {}  # who speaks next
         if config.guard.enabled:
             preload_guard()
 
@@ -1247,15 +1248,8 @@ class DialogueEngine:
             return None
         import numpy as np
 
-        profiles = {}
-        for npc_id in scene.npc_ids:
-            persona = self.persona(npc_id).persona
-            profile = " ".join(
-                [persona.name, persona.role, *persona.goals, *(k.text for k in persona.knowledge)]
-            )
-            profiles[npc_id] = profile[:1000]
-        order = list(profiles)
-        vectors = np.asarray(self.embed([profiles[n] for n in order]), dtype=np.float32)
+        order = list(scene.npc_ids)
+        vectors = np.stack([self._profile_vector(npc_id) for npc_id in order])
         cache: dict[str, Any] = {}
 
         def relevance(npc_id: str, text: str) -> float:
@@ -1265,6 +1259,23 @@ class DialogueEngine:
             return float(vectors[order.index(npc_id)] @ cache[text])
 
         return relevance
+
+    def _profile_vector(self, npc_id: str) -> Any:
+        """An NPC's name, role, goals and knowledge as one vector, embedded once per
+        persona object (a reload makes new ones), not before every line of a scene."""
+        import numpy as np
+
+        persona = self.persona(npc_id).persona
+        cached = self._profile_vectors.get(npc_id)
+        if cached is not None and cached[0] is persona:
+            return cached[1]
+        profile = " ".join(
+            [persona.name, persona.role, *persona.goals, *(k.text for k in persona.knowledge)]
+        )
+        assert self.embed is not None
+        vector = np.asarray(self.embed([profile[:1000]])[0], dtype=np.float32)
+        self._profile_vectors[npc_id] = (persona, vector)  # bounded by the loaded NPCs
+        return vector
 
     def likely_next(self, scene: Scene, speaking: str, count: int) -> list[str]:
         """Who may speak after ``speaking`` (its line not known yet): the NPCs who have
