@@ -112,6 +112,45 @@ def _llama(config: EngineConfig, progress: Progress) -> Generator:
     return LlamaGenerator(model_path, **options)
 
 
+@generator_backend("openai")
+def _openai(config: EngineConfig, progress: Progress) -> Generator:
+    """An OpenAI-compatible server (``generation.url``); prompts are rendered and counted
+    here with the GGUF's template and vocabulary (``generation.tokenizer``), no weights."""
+    import os
+
+    from npc_engine.generation.llama import ChatModel, load_vocabulary
+    from npc_engine.generation.remote import OpenAIGenerator
+    from npc_engine.runtime import resolve_chat_model
+
+    settings = config.generation
+    if not settings.url:
+        raise ConfigError("generation.url: the openai backend needs the server's base URL")
+    api_key = None
+    if settings.api_key_env:
+        api_key = os.environ.get(settings.api_key_env)
+        if not api_key:
+            raise ConfigError(
+                f"generation.api_key_env: the variable {settings.api_key_env} is not set"
+            )
+    tokenizer = config.model_copy(update={"model": settings.tokenizer or config.model})
+    model_path, chat_format = resolve_chat_model(tokenizer, progress)
+    vocabulary = load_vocabulary(model_path)
+    return OpenAIGenerator(
+        url=settings.url,
+        api_key=api_key,
+        model=settings.model,
+        chat_model=ChatModel(vocabulary, model_path, chat_format),
+        n_ctx=config.n_ctx,
+        api=settings.api,
+        send=settings.send,
+        timeout=settings.timeout,
+        connect_timeout=settings.connect_timeout,
+        retries=settings.retries,
+        slots=settings.slots,
+        parallel=config.parallel,
+    )
+
+
 @generator_backend("scripted")
 def _scripted(config: EngineConfig, progress: Progress) -> Generator:
     """Replies with ``generation.scripted_reply``, word by word: for wiring tests."""

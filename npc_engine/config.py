@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -159,12 +159,71 @@ class GenerationConfig(BaseModel):
 
     backend: str = Field(
         "llama",
-        description="llama: the GGUF in-process (llama.cpp); scripted: a fixed reply, word "
-        "by word, for wiring tests without a model; adversarial: tells the prompt's secrets "
-        "every way it can, for testing the output guards (never for players).",
+        description="llama: the GGUF in-process (llama.cpp); openai: an OpenAI-compatible "
+        "server (url, api_key_env, model); scripted: a fixed reply, word by word, for wiring "
+        "tests without a model; adversarial: tells the prompt's secrets every way it can, "
+        "for testing the output guards (never for players).",
     )
     scripted_reply: str = Field(
         "Aye, I hear you.", description="What the scripted backend answers every time."
+    )
+    # The `openai` backend (docs/deploy.md): any OpenAI-compatible server.
+    url: str | None = Field(
+        None,
+        description="openai: the server's base URL, e.g. http://127.0.0.1:8080/v1 "
+        "(llama-server, vLLM, SGLang, llama_cpp.server, a hosted API).",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="openai: the name of the environment variable holding the API key "
+        "(the key itself never goes in a config file).",
+    )
+    model: str | None = Field(
+        None,
+        description="openai: the model name the server serves (default: the server's "
+        "first model). A persona's `model:` overrides it per NPC.",
+    )
+    api: Literal["completions", "chat"] = Field(
+        "completions",
+        description="openai: completions sends the engine's own rendered prompt (its "
+        "layout keeps the server's prefix cache hitting; llama-server, vLLM, SGLang); chat "
+        "sends the messages, for hosted chat-only APIs.",
+    )
+    send: Literal["tokens", "text"] = Field(
+        "tokens",
+        description="openai, completions: send the prompt as token ids (llama-server, vLLM, "
+        "SGLang: a control token a player types stays text) or as text (servers that take "
+        "only text, like llama_cpp.server: control tokens' texts are taken out of what "
+        "players and games wrote before rendering).",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="openai: the GGUF (known model id or path) whose vocabulary counts "
+        "prompt tokens and whose chat template renders the prompt, loaded vocab-only; "
+        "default: `model`, the engine's own (the same GGUF the server runs, or one with "
+        "its tokenizer, so counts and the prefix cache match).",
+    )
+    timeout: float = Field(
+        60.0, gt=0, le=600, description="openai: seconds for a request (and between tokens)."
+    )
+    connect_timeout: float = Field(
+        3.0, gt=0, le=60, description="openai: seconds to open a connection to the server."
+    )
+    retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="openai: retries (exponential backoff) of a request that failed before "
+        "its first token: connection refused, 429, 5xx. Never after text went out.",
+    )
+    slots: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="openai, llama-server: its -np; each conversation is pinned to one "
+        "slot (id_slot) so its KV cache stays there. 0: the server picks the slot whose "
+        "cache matches best (llama-server's default), right when conversations outnumber "
+        "slots.",
     )
 
 
@@ -211,8 +270,28 @@ class MemoryConfig(BaseModel):
 
     backend: str = Field(
         "chroma",
-        description="chroma: on disk in data_dir (the real store); memory: in RAM, gone at "
-        "exit, for tests.",
+        description="chroma: Chroma on disk in data_dir, or on a Chroma server when `url` "
+        "is set (the real store); memory: in RAM, gone at exit, for tests.",
+    )
+    url: str | None = Field(
+        None,
+        description="A Chroma server (chroma run), e.g. http://127.0.0.1:8000: memories, "
+        "histories and game state live there, shared by every engine replica. None: "
+        "Chroma on disk in data_dir, one process.",
+    )
+    token_env: str | None = Field(
+        None,
+        description="The name of the environment variable holding the Chroma server's "
+        "token (sent as a bearer token).",
+    )
+    tenant: str = Field("default_tenant", description="The Chroma server's tenant.")
+    database: str = Field("default_database", description="The Chroma server's database.")
+    timeout: float = Field(
+        5.0,
+        gt=0,
+        le=120,
+        description="Seconds a call to the Chroma server may take before the request that "
+        "needed it fails with `unavailable`.",
     )
     facts: bool = Field(
         True,

@@ -800,6 +800,8 @@ class DialogueEngine:
             else config.repeat_penalty,
             stop=[*config.stop, *(overrides.stop or []), *ROLE_STOPS],
             seed=config.seed,
+            model=loaded.persona.model,
+            lora=[(a.id, a.scale) for a in loaded.persona.lora] or None,
         )
 
     def fallback_line(self, loaded: LoadedPersona) -> str:

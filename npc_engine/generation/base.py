@@ -29,6 +29,10 @@ class GenerationParams:
     cache_key: str | None = None
     # GBNF the output must match (a game action's choice); None: free text.
     grammar: str | None = None
+    # A remote server's model for this NPC (a persona's `model:`; vLLM serves LoRA
+    # adapters under their own names) and llama-server's per-request adapters (id, scale).
+    model: str | None = None
+    lora: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -41,6 +45,8 @@ class RenderedPrompt:
     # How many leading tokens every conversation with this NPC shares (world, persona,
     # examples): a backend may keep their KV state across processes. 0: unknown.
     head_tokens: int = 0
+    # The messages themselves, for a backend that sends them (a hosted chat API).
+    messages: list[Message] | None = None
 
     @property
     def token_count(self) -> int:

@@ -127,6 +127,19 @@ def load_llama(
         raise ModelUnavailableError(f"{model_path}: cannot load this GGUF ({exc})") from exc
 
 
+def load_vocabulary(model_path: Path) -> Any:
+    """A GGUF's vocabulary and chat template without its weights (``vocab_only``): for
+    rendering and counting prompts that a remote server generates from."""
+    from llama_cpp import Llama
+
+    if not model_path.is_file():
+        raise ModelUnavailableError(f"{model_path}: GGUF file not found")
+    try:
+        return Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelUnavailableError(f"{model_path}: cannot read this GGUF ({exc})") from exc
+
+
 class ChatModel:
     """What both generators share: the GGUF's chat template and tokenizer. Renders chat
     messages into prompt tokens, with special tokens only where the template put them."""
@@ -191,7 +204,7 @@ class ChatModel:
             # This template rewrites contents (trims, capitalises…), so it cannot be split:
             # render the real text with every control token's text taken out of contents.
             defused = [
-                {**m, "content": self._defuse(c)} for m, c in zip(messages, contents, strict=True)
+                {**m, "content": self.defuse(c)} for m, c in zip(messages, contents, strict=True)
             ]
             result = self._formatter(messages=defused)
             tokens = self.tokenize(result.prompt, add_bos=add_bos)
@@ -212,7 +225,8 @@ class ChatModel:
             head_tokens=head,
         )
 
-    def _defuse(self, content: str) -> str:
+    def defuse(self, content: str) -> str:
+        """``content`` without the text of any control token (``<|im_start|>``…)."""
         if self._control_texts is None:
             import llama_cpp
 

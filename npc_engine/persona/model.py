@@ -119,6 +119,13 @@ RelationshipEntry = Annotated[
 ]
 
 
+class LoraAdapter(_Strict):
+    """A LoRA adapter the generation server loaded (llama-server ``--lora``), by its index."""
+
+    id: int = Field(ge=0, le=1023, description="The adapter's index on the server.")
+    scale: float = Field(1.0, ge=-4, le=4, description="How strongly it applies.")
+
+
 class GenerationOverrides(_Strict):
     """Per-NPC overrides of the engine's generation settings."""
 
@@ -187,6 +194,17 @@ class Persona(_Strict):
         description="Said when generation fails or times out.",
     )
     generation: GenerationOverrides = Field(default_factory=GenerationOverrides)
+    model: NonEmptyText | None = Field(
+        None,
+        description="With the openai generation backend: the server's model for this NPC "
+        "(a bigger model for a main character; on vLLM a LoRA adapter is served under its "
+        "own name). The in-process backend has one model and ignores it.",
+    )
+    lora: list[LoraAdapter] = Field(
+        default_factory=list,
+        description="With the openai backend on llama-server: adapters applied to this "
+        "NPC's replies (per request; the server loads them with --lora).",
+    )
     actions: GameActions = Field(
         default_factory=list,
         description="What this NPC can do in the game (besides the world's actions).",
