@@ -177,6 +177,8 @@ def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
 
     cache = ModelCache(config.cache_dir)
     ensure_installed(cache, MODELS[EMBEDDING_MODEL], progress)
+    if config.memory.url:
+        return _chroma_server(config, OfflineMiniLM(cache), progress)
     store = ChromaMemoryStore(config.data_dir / "chroma", OfflineMiniLM(cache))
     if store.embedding_format() is None:
         progress(
@@ -184,6 +186,40 @@ def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
             "recall is better after a one-off `npc-engine memory reindex` (server stopped)"
         )
     store.open_collections_in_background()
+    return store
+
+
+def _chroma_server(config: EngineConfig, embed: Any, progress: Progress) -> MemoryStore:
+    """Chroma on a server (``memory.url``), shared by every engine replica; the engine
+    still embeds (the same MiniLM), so both stores hold the same vectors."""
+    import os
+
+    from npc_engine.errors import is_unavailable
+    from npc_engine.memory.chroma_store import ChromaMemoryStore, connect_server
+
+    settings = config.memory
+    assert settings.url is not None
+    token = None
+    if settings.token_env:
+        token = os.environ.get(settings.token_env)
+        if not token:
+            raise ConfigError(f"memory.token_env: the variable {settings.token_env} is not set")
+    try:
+        client = connect_server(
+            settings.url,
+            token=token,
+            tenant=settings.tenant,
+            database=settings.database,
+            timeout=settings.timeout,
+        )
+        store = ChromaMemoryStore(None, embed, client=client)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise ConfigError(f"memory.url: no Chroma server answers at {settings.url}") from exc
+        raise ConfigError(f"memory.url: the Chroma server at {settings.url}: {exc}") from exc
+    progress(f"memories on the Chroma server at {settings.url}")
     return store
 
 

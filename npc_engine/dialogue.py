@@ -33,7 +33,13 @@ from npc_engine.actions import (
 )
 from npc_engine.cleaning import StreamCleaner, strip_special_tokens
 from npc_engine.config import EngineConfig
-from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError
+from npc_engine.errors import (
+    FieldError,
+    NpcEngineError,
+    StoreUnavailableError,
+    UnknownNpcError,
+    is_unavailable,
+)
 from npc_engine.expression import infer_action, infer_emotion
 from npc_engine.game_state import (
     GameState,
@@ -347,7 +353,13 @@ class DialogueEngine:
         self._forget_serial = 0
         self._fallback_counter = itertools.count()
         self.memory_write_failures = 0
-        self.state = GameState(store, self._start_trust, capacity=config.max_conversations)
+        # A store shared by engine replicas (a Chroma server) is re-read, never cached.
+        self.shared_store = bool(getattr(store, "shared", False))
+        self.state = GameState(
+            store,
+            self._start_trust,
+            capacity=0 if self.shared_store else config.max_conversations,
+        )
         # Per persona object (a reload makes new ones): its secrets' keys and vectors.
         self._secret_cache: dict[int, tuple[Any, list[tuple[str, ...]], Any]] = {}
         self._secret_lock = threading.Lock()
@@ -515,7 +527,9 @@ class DialogueEngine:
         the first time (so a restarted engine continues where the last one stopped)."""
         key = (npc_id, player_id)
         turns = self._history.get(key)
-        if turns is not None:
+        # On a shared store another replica may have served this conversation since:
+        # RAM holds only what this replica has not stored yet, the store the rest.
+        if turns is not None and not (self.shared_store and key not in self._unsaved):
             self._history.move_to_end(key)
             return turns
         try:
@@ -525,6 +539,10 @@ class DialogueEngine:
                 record = self.store.load_state(history_key(npc_id, player_id)) or {}
                 turns = [Turn.from_record(r) for r in record.get("turns", [])]
         except Exception as exc:  # a damaged record must not silence the NPC
+            if is_unavailable(exc):  # a store that is down is not an empty history
+                raise StoreUnavailableError(
+                    "the memory store is unavailable; try again shortly"
+                ) from exc
             log.warning("history of %s with %s unreadable: %s", npc_id, player_id, exc)
             turns = []
         self._history[key] = turns

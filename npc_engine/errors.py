@@ -39,3 +39,22 @@ class UnknownNpcError(NpcEngineError):
 
 class GenerationError(NpcEngineError):
     """The generation backend failed while producing a reply."""
+
+
+class StoreUnavailableError(NpcEngineError):
+    """The memory store (a Chroma server) cannot be reached now; the request may be retried."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) means a server the engine needs is unreachable:
+    refused, reset or timed out (httpx's transport errors), not a refusal of the request."""
+    import httpx
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StoreUnavailableError | httpx.TransportError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

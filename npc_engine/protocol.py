@@ -39,6 +39,7 @@ ErrorCode = Literal[
     "internal",
     "shutdown",
     "deadline",
+    "unavailable",
 ]
 Encoding = Literal["json", "msgpack"]
 

@@ -38,7 +38,7 @@ from websockets.http11 import Response as HttpResponse
 from npc_engine import __version__
 from npc_engine.config import ServerLimits
 from npc_engine.dialogue import DialogueEngine, StateView, TurnResult, npc_of
-from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError
+from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError, is_unavailable
 from npc_engine.lore import lore_summary
 from npc_engine.memory.saves import SaveError
 from npc_engine.memory.types import Memory
@@ -100,6 +100,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # ``limits.idle_timeout`` seconds and had no reply running.
 IDLE_CLOSE_CODE = 4408
 MEMORY_CALL_TIMEOUT = 60.0
+UNAVAILABLE = "The memory store cannot be reached; try again shortly."
 
 
 class _TokenBucket:
@@ -424,14 +425,17 @@ class NpcServer:
             except FieldError as exc:
                 code: ErrorCode = "invalid_request"
                 await self._fail(conn, request, encoding, code, str(exc), field=exc.field)
-            except NpcEngineError as exc:
-                await self._fail(conn, request, encoding, "invalid_request", str(exc))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a bug in one request must not touch the others
-                log.exception("request %s failed", request.id)
-                message = f"Internal error: {type(exc).__name__}"
-                await self._fail(conn, request, encoding, "internal", message)
+            except Exception as exc:
+                if is_unavailable(exc):  # a Chroma server down: retry later, nothing broke
+                    await self._fail(conn, request, encoding, "unavailable", UNAVAILABLE)
+                elif isinstance(exc, NpcEngineError):
+                    await self._fail(conn, request, encoding, "invalid_request", str(exc))
+                else:  # a bug in one request must not touch the others
+                    log.exception("request %s failed", request.id)
+                    message = f"Internal error: {type(exc).__name__}"
+                    await self._fail(conn, request, encoding, "internal", message)
             finally:
                 conn.serving = False
 
@@ -981,6 +985,10 @@ class NpcServer:
                     if not value.exception() and value.result() is not None:
                         outcome = value.result()
                         conn.track(outcome.memory_write)
+                        if self.engine.shared_store and outcome.memory_write is not None:
+                            # Replicas share the store: reply.end promises the turn is
+                            # stored, so the next turn may go to any replica.
+                            await self._own_writes(conn)
                 if stream.ended and kind in ("deadline", "shutdown"):
                     reply.cancel.set()  # ended early: stop the work (a scene's too)
                 await self._send_all(conn, out)
@@ -999,6 +1007,8 @@ class NpcServer:
         try:
             result = job.result()
         except Exception as exc:
+            if is_unavailable(exc):
+                return stream.failed("unavailable", UNAVAILABLE)
             log.error("turn %s failed", request_id, exc_info=exc)
             return stream.failed("internal", f"{type(exc).__name__}: {exc}")
         if result is None:  # dropped while queued

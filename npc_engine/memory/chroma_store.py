@@ -1,4 +1,5 @@
-"""The real memory store: one Chroma collection per NPC in a PersistentClient on disk.
+"""The real memory store: one Chroma collection per NPC, in a PersistentClient on disk or
+on a Chroma server (``HttpClient``) that several engine replicas share.
 
 Collections per NPC and per (NPC, player) keep queries fast without metadata filters and
 make forgetting an NPC or a player cheap. Embeddings are computed
@@ -20,7 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from npc_engine.memory.keywords import KeywordIndex
+from npc_engine.errors import is_unavailable
+from npc_engine.memory.keywords import KeywordIndex, query_terms
 from npc_engine.memory.saves import (
     MAX_SAVES,
     SaveError,
@@ -55,6 +57,7 @@ KEYWORD_INDEX = "npc-engine-keywords.sqlite3"  # beside Chroma's own files
 # by Chroma's HNSW index (consolidation keeps players far below it unless turned off).
 EXACT_SEARCH_LIMIT = 2000
 PLAYER_VECTORS_BYTES = 64 << 20  # ~100 players' memories at the per-player cap
+SERVER_KEYWORD_TERMS = 4  # rarest words of a line looked up by the server's full-text filter
 ONE_VECTOR = [[1.0]]  # Chroma needs a vector per record; state and save records have none
 
 
@@ -392,6 +395,58 @@ def _unit_rows(vectors: Any) -> Any:
     return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
+class _NoKeywordIndex:
+    """The keyword index of a store on a Chroma server: none kept here (a local index would
+    miss what other replicas wrote); keyword matches come from the server's full-text
+    search instead (``ChromaMemoryStore._server_keyword_matches``)."""
+
+    def add(self, memories: Sequence[Memory]) -> None:
+        """Nothing to index locally."""
+
+    def delete(self, memory_ids: Sequence[str]) -> None:
+        """Nothing indexed locally."""
+
+    def rebuild(self, memories: Sequence[Memory]) -> None:
+        """Nothing to rebuild."""
+
+    def ids(self) -> set[str]:
+        return set()
+
+    def close(self) -> None:
+        """Nothing open."""
+
+
+def connect_server(
+    url: str, *, token: str | None, tenant: str, database: str, timeout: float
+) -> Any:
+    """A Chroma ``HttpClient`` for ``url`` (http[s]://host:port). Every call gets ``timeout``
+    seconds (chromadb's own client waits forever), so a hung server fails a request instead
+    of holding a thread."""
+    from urllib.parse import urlsplit
+
+    import chromadb
+    import httpx
+    from chromadb.config import Settings
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"memory.url: {url!r} is not an http(s)://host:port address")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    client = chromadb.HttpClient(
+        host=parts.hostname,
+        port=parts.port or (443 if parts.scheme == "https" else 80),
+        ssl=parts.scheme == "https",
+        headers=headers,
+        settings=Settings(anonymized_telemetry=False),
+        tenant=tenant,
+        database=database,
+    )
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if isinstance(session, httpx.Client):
+        session.timeout = httpx.Timeout(timeout, connect=min(timeout, 2.0))
+    return client
+
+
 class ChromaMemoryStore:
     """Per NPC: one collection of its own memories and ``PLAYER_SHARDS`` of what it knows
     about players (each memory carries its player_id).
@@ -407,32 +462,46 @@ class ChromaMemoryStore:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         embed: Any,
         *,
+        client: Any = None,
         cached_records: int = 100_000,
         cached_handles: int = 512,
     ) -> None:
+        """``path``: Chroma on disk there, this process's alone; or ``client``, a Chroma
+        server's ``HttpClient`` (``connect_server``), shared with other engine replicas."""
         import chromadb
         from chromadb.config import Settings
 
-        path.mkdir(parents=True, exist_ok=True)
-        self._client = chromadb.PersistentClient(
-            path=str(path), settings=Settings(anonymized_telemetry=False)
-        )
+        if client is None:
+            if path is None:
+                raise ValueError("a Chroma store needs a path or a client")
+            path.mkdir(parents=True, exist_ok=True)
+            client = chromadb.PersistentClient(
+                path=str(path), settings=Settings(anonymized_telemetry=False)
+            )
+        self._client = client
+        # On a server other replicas write too: nothing they may change is cached here
+        # (records, player vectors, missing collections, the keyword index); what stays
+        # cached cannot change under us (collection handles: collections are never
+        # dropped; lore vectors: keyed by their text).
+        self.shared = path is None
         self._embed = embed
         # Open handles and known-missing names, both bounded (least recently used out).
         self._collections = _Lru(cached_handles)
         self._absent = _Lru(cached_handles * 8)
         self._lock = threading.Lock()
-        self._records = RecordCache(cached_records)
+        self._records = RecordCache(0 if self.shared else cached_records)
         # Held while a record is read from Chroma into the cache and while touch/forget
         # change one, so a search never caches a copy older than what touch just wrote.
         self._record_writes = threading.Lock()
         self._saves_lock = threading.RLock()
         self._referenced_ids: set[str] | None = None
-        self._keywords = KeywordIndex(path / KEYWORD_INDEX)
-        self._player_vectors = _PlayerVectors(PLAYER_VECTORS_BYTES)
+        self._keywords: KeywordIndex | _NoKeywordIndex = (
+            KeywordIndex(path / KEYWORD_INDEX) if path is not None else _NoKeywordIndex()
+        )
+        self._player_vectors = _PlayerVectors(0 if self.shared else PLAYER_VECTORS_BYTES)
         self._resume_interrupted_load()
         self._mark_if_new()
 
@@ -454,8 +523,11 @@ class ChromaMemoryStore:
             else:
                 try:
                     collection = self._client.get_collection(name, embedding_function=None)
-                except Exception:  # Chroma raises NotFoundError (or ValueError in old ones)
-                    self._absent.remember(name, True)
+                except Exception as exc:  # NotFoundError (or ValueError in old Chromas)
+                    if is_unavailable(exc):
+                        raise
+                    if not self.shared:  # another replica may create it any moment
+                        self._absent.remember(name, True)
                     return None
             self._absent.pop(name, None)
             self._collections.remember(name, collection)
@@ -522,7 +594,10 @@ class ChromaMemoryStore:
         vector = self._embed([query])
         candidates = self._nearest(own, vector, limit, None) if own is not None else []
         if shard is not None and player_id is not None:
-            if self._keywords.count_of(npc_id, player_id) <= EXACT_SEARCH_LIMIT:
+            if (
+                isinstance(self._keywords, KeywordIndex)
+                and self._keywords.count_of(npc_id, player_id) <= EXACT_SEARCH_LIMIT
+            ):
                 # What one player said is a few hundred memories under the consolidation
                 # caps: compared one by one. Chroma's HNSW answers are approximate, and
                 # missed the nearest ones once a shard had deletions and many identical
@@ -533,11 +608,48 @@ class ChromaMemoryStore:
         candidates.sort(key=lambda c: c.relevance, reverse=True)
         candidates = candidates[:limit]
         if keywords:
-            matches = self._keywords.search(npc_id, player_id, query, limit)
+            matches = (
+                self._keywords.search(npc_id, player_id, query, limit)
+                if isinstance(self._keywords, KeywordIndex)
+                else self._server_keyword_matches(own, shard, player_id, query, limit)
+            )
             candidates = self._join_keyword_matches(
                 candidates, [memory_id for memory_id, _ in matches], [own, shard], vector
             )
         return [c for c in candidates if c.memory.superseded_by is None]
+
+    @staticmethod
+    def _server_keyword_matches(
+        own: Any, shard: Any, player_id: str | None, query: str, limit: int
+    ) -> list[tuple[str, float]]:
+        """The keyword half on a Chroma server: its full-text filter finds the memories
+        holding the query's rarest telling words (any case), ranked by how rare the words
+        each holds are (wordfreq's Zipf scale standing in for BM25's IDF). One request per
+        collection; the matches are few, so the documents come along."""
+        from wordfreq import zipf_frequency
+
+        terms = [t.strip('"') for t in query_terms(query) if len(t.strip('"')) >= 3]
+        terms = sorted(terms, key=lambda t: zipf_frequency(t, "en"))[:SERVER_KEYWORD_TERMS]
+        if not terms or limit <= 0:
+            return []
+        spellings = [{"$contains": form} for t in terms for form in {t, t.capitalize()}]
+        contains = spellings[0] if len(spellings) == 1 else {"$or": spellings}
+        weight = {t: max(8.0 - zipf_frequency(t, "en"), 0.5) for t in terms}
+        words = {t: re.compile(rf"\b{re.escape(t)}\b", re.I) for t in terms}
+        scored: dict[str, float] = {}
+        scopes = [(own, None), (shard, {"player_id": player_id} if player_id else None)]
+        for collection, where in scopes:
+            if collection is None:
+                continue
+            found = collection.get(
+                where=where, where_document=contains, limit=limit * 4, include=["documents"]
+            )
+            for memory_id, document in zip(found["ids"], found["documents"] or [], strict=True):
+                score = sum(weight[t] for t in terms if words[t].search(document or ""))
+                if score > 0:
+                    scored[memory_id] = score
+        best = sorted(scored.items(), key=lambda item: item[1], reverse=True)
+        return best[:limit]
 
     def _join_keyword_matches(
         self,
@@ -950,7 +1062,8 @@ class ChromaMemoryStore:
 
         def open_all() -> None:
             try:
-                self.sync_keywords()
+                if not self.shared:  # on a server there is no local index to fill
+                    self.sync_keywords()
             except Exception:  # only a warm-up: the real call reports its own failure
                 log.debug("opening collections ahead failed", exc_info=True)
 

@@ -1,0 +1,403 @@
+"""Scale-out on real servers, on loopback (issue 13): a Chroma server (``chroma run``), an
+OpenAI-compatible generation server on the default model (llama-cpp-python's own
+``llama_cpp.server``), and engine replicas as separate ``npc-engine serve`` processes, all
+configured through the environment as a deployment would be. Every process a test starts,
+it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from npc_engine.client import NpcClient, ProtocolError
+from npc_engine.config import load_config
+from npc_engine.model_registry import DEFAULT_CHAT_MODEL, MODELS, ModelCache
+from tests.conftest import REPO, SAMPLE_PERSONAS
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+READY_SECONDS = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until_answers(url: str, process: subprocess.Popen[bytes], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{process.args!r} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@dataclass
+class ChromaServer:
+    """``chroma run`` on a loopback port, stoppable and restartable on the same data."""
+
+    path: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                str(BIN / "chroma"),
+                "run",
+                "--path",
+                str(self.path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until_answers(f"{self.url}/api/v2/heartbeat", self.process, READY_SECONDS)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaServer]:
+    server = ChromaServer(tmp_path_factory.mktemp("chroma-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def default_model_path() -> Path:
+    return ModelCache(load_config().cache_dir).path_of(MODELS[DEFAULT_CHAT_MODEL])
+
+
+@pytest.fixture(scope="module")
+def generation_server() -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server on the embedded default model."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(default_model_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "4096",
+            "--verbose",
+            "false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until_answers(f"http://127.0.0.1:{port}/v1/models", process, READY_SECONDS)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop(process)
+
+
+@dataclass
+class Engine:
+    process: subprocess.Popen[str]
+    url: str
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+
+def start_engine(data_dir: Path, settings: dict[str, str]) -> Engine:
+    """``npc-engine serve`` configured by environment variables, as a deployment is."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NPC_ENGINE_")}
+    env.update(
+        {
+            "NPC_ENGINE_HEAD_CACHE_DIR": os.environ["NPC_ENGINE_HEAD_CACHE_DIR"],
+            "NPC_ENGINE_SEED": "1234",
+            "NPC_ENGINE_TEMPERATURE": "0",
+            "NPC_ENGINE_N_CTX": "2048",
+            "NPC_ENGINE_MAX_TOKENS": "24",
+            "NPC_ENGINE_ALLOW_INSPECT": "true",
+            "NPC_ENGINE_PARALLEL": "2",
+            **settings,
+        }
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "npc_engine.cli",
+            "serve",
+            "--port",
+            "0",
+            "--personas",
+            str(SAMPLE_PERSONAS),
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("npc-engine serving ws://"):
+        process.kill()
+        raise AssertionError(f"serve did not start: {line!r} {process.communicate()[1][-3000:]}")
+    return Engine(process, line.split()[2])
+
+
+@pytest.fixture
+def engines() -> Iterator[list[Engine]]:
+    started: list[Engine] = []
+    try:
+        yield started
+    finally:
+        for engine in started:
+            stop(engine.process)
+
+
+def remote_settings(
+    generation: str | None = None, chroma: ChromaServer | None = None
+) -> dict[str, str]:
+    settings = {}
+    if generation is not None:
+        settings.update(
+            {
+                "NPC_ENGINE_GENERATION__BACKEND": "openai",
+                "NPC_ENGINE_GENERATION__URL": generation,
+                # llama_cpp.server takes text prompts only.
+                "NPC_ENGINE_GENERATION__SEND": "text",
+            }
+        )
+    if chroma is not None:
+        settings["NPC_ENGINE_MEMORY__URL"] = chroma.url
+    return settings
+
+
+def player() -> str:
+    return "p" + uuid.uuid4().hex[:12]
+
+
+async def protocol_walk(url: str, who: str) -> dict[str, object]:
+    """hello, event, say, memory.list, forget: what every deployment shape must pass."""
+    async with await NpcClient.connect(url) as client:
+        assert client.welcome["type"] == "welcome"
+        stored = await client.event(
+            ["mara"], "A storm flooded the Zephyrine cellar last night.", player_id=who
+        )
+        assert len(stored) == 1
+        stream = await client.say(
+            "mara", "What happened to the Zephyrine cellar?", player_id=who, inspect=True
+        )
+        end = await stream.result()
+        assert end["text"].strip(), end
+        assert "error" not in end or end["error"] is None, end
+        items = await client.memory_list("mara", player_id=who, limit=50)
+        texts = " | ".join(item["text"] for item in items)
+        assert "Zephyrine cellar last night" in texts  # the event
+        assert "What happened to the Zephyrine cellar?" in texts  # the player's line
+        assert stored[0] in {item["id"] for item in items}
+        forgotten = await client.memory_forget("mara", player_id=who)
+        assert forgotten >= 2
+        assert await client.memory_list("mara", player_id=who, limit=50) == []
+        return end
+
+
+SHAPES = ["embedded", "openai", "chroma-server", "openai+chroma-server"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_protocol_walk_passes_on_every_deployment_shape(
+    shape: str,
+    tmp_path: Path,
+    engines: list[Engine],
+    chroma_server: ChromaServer,
+    generation_server: str,
+) -> None:
+    generation = generation_server if "openai" in shape else None
+    chroma = chroma_server if "chroma" in shape else None
+    engines.append(start_engine(tmp_path / "data", remote_settings(generation, chroma)))
+    end = asyncio.run(protocol_walk(engines[0].url, player()))
+    inspect = end["inspect"]
+    assert isinstance(inspect, dict)
+    # The event was recalled into the prompt, whichever store held it.
+    assert "Zephyrine cellar last night" in inspect["prompt"]
+    if chroma is not None:
+        # Nothing of the walk is in the replica's own data dir: it all went to the server.
+        assert not (tmp_path / "data" / "chroma").exists()
+
+
+async def reply_of(client: NpcClient, who: str, text: str) -> dict[str, object]:
+    stream = await client.say("mara", text, player_id=who, inspect=True)
+    return await stream.result()
+
+
+@pytest.mark.timeout(300)
+def test_two_replicas_share_one_conversation_and_survive_a_kill(
+    tmp_path: Path,
+    engines: list[Engine],
+    chroma_server: ChromaServer,
+    generation_server: str,
+) -> None:
+    settings = remote_settings(generation_server, chroma_server)
+    first = start_engine(tmp_path / "a", settings)
+    second = start_engine(tmp_path / "b", settings)
+    engines += [first, second]
+    who = player()
+
+    async def scenario() -> None:
+        async with await NpcClient.connect(first.url) as a:
+            await a.set_state(who, npc_id="mara", trust=55, flags={"paid_rent": True})
+            await a.event(["mara"], "The player returned Mara's lost brass locket.", player_id=who)
+            await reply_of(a, who, "My name is Quillon and I mend sails.")
+        async with await NpcClient.connect(second.url) as b:
+            # B continues A's conversation: its prompt holds A's turn, A's memory, A's state.
+            end = await reply_of(b, who, "Do you remember what I do for a living?")
+            prompt = end["inspect"]["prompt"]  # type: ignore[index]
+            assert "My name is Quillon and I mend sails." in prompt  # A's turn, in history
+            assert "brass locket" in prompt  # A's event, recalled through B
+            state = await b.get_state(who, npc_id="mara")
+            assert state["trust"] == 55 and state["flags"] == {"paid_rent": True}
+        async with await NpcClient.connect(first.url) as a:
+            # Back on A: B's turn is there too (A's RAM copy was not trusted).
+            end = await reply_of(a, who, "And my name?")
+            assert "Do you remember what I do for a living?" in end["inspect"]["prompt"]  # type: ignore[index]
+            acknowledged = await a.event(["mara"], "The player paid for a week.", player_id=who)
+            stream = await a.say(
+                "mara", "Tell me a very long story about the sea.", player_id=who, max_tokens=400
+            )
+            async for _piece in stream:
+                first.kill()  # kill -9 mid-reply, at its first token
+                break
+        assert first.process.returncode == -signal.SIGKILL
+        async with await NpcClient.connect(second.url) as b:
+            items = await b.memory_list("mara", player_id=who, limit=100)
+            ids = {item["id"] for item in items}
+            assert set(acknowledged) <= ids  # nothing acknowledged was lost
+            end = await reply_of(b, who, "Where were we?")
+            assert end["text"]
+            assert "And my name?" in end["inspect"]["prompt"]  # type: ignore[index]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(240)
+def test_the_engine_rides_out_a_chroma_server_restart_under_load(
+    tmp_path: Path, engines: list[Engine]
+) -> None:
+    chroma = ChromaServer(tmp_path / "chroma")
+    chroma.start()
+    try:
+        # Scripted replies: this is about the store; the walks above use real generation.
+        engine = start_engine(
+            tmp_path / "data",
+            {"NPC_ENGINE_GENERATION__BACKEND": "scripted", **remote_settings(chroma=chroma)},
+        )
+        engines.append(engine)
+        asyncio.run(_restart_under_load(engine, chroma))
+    finally:
+        chroma.stop()
+
+
+async def _restart_under_load(engine: Engine, chroma: ChromaServer) -> None:
+    acknowledged: list[str] = []
+    outcomes: dict[str, int] = {"ok": 0, "unavailable": 0}
+    stop_load = asyncio.Event()
+
+    async def load(who: str) -> None:
+        async with await NpcClient.connect(engine.url) as client:
+            for index in range(90):  # bounded (memory.list reads 100 at most)
+                if stop_load.is_set():
+                    return
+                try:
+                    acknowledged.extend(
+                        await client.event(["wren"], f"Crate {index} arrived.", player_id=who)
+                    )
+                    outcomes["ok"] += 1
+                except ProtocolError as exc:
+                    assert exc.message["code"] == "unavailable", exc.message
+                    outcomes["unavailable"] += 1
+                await asyncio.sleep(0.05)
+
+    players = [player(), player()]
+    workers = [asyncio.create_task(load(who)) for who in players]
+    async with await NpcClient.connect(engine.url) as watcher:
+        await asyncio.sleep(1.0)
+        chroma.stop()
+        started = time.monotonic()
+        with pytest.raises(ProtocolError) as failure:
+            await watcher.memory_list("wren", player_id=players[0])
+        assert failure.value.message["code"] == "unavailable"
+        assert time.monotonic() - started < 5.0  # fails fast, not at a long timeout
+        end = await (await watcher.say("wren", "Anything new?", player_id=players[0])).result()
+        assert end["error"]["code"] == "unavailable", end  # the fallback line, flagged
+        assert (await watcher.ping())["type"] == "pong"  # the engine itself is fine
+        chroma.start()
+        # Recovers without a restart: the next calls succeed.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await watcher.memory_list("wren", player_id=players[0])
+                break
+            except ProtocolError:
+                assert time.monotonic() < deadline, "the engine did not recover"
+                await asyncio.sleep(0.2)
+        before = outcomes["ok"]
+        await asyncio.sleep(1.0)
+        stop_load.set()
+        await asyncio.gather(*workers)
+        assert outcomes["ok"] > before  # the load goes on after the restart
+        assert outcomes["unavailable"] >= 1
+        end = await (await watcher.say("wren", "Anything new?", player_id=players[0])).result()
+        assert end.get("error") is None, end
+        stored: set[str] = set()
+        for who in players:
+            stored |= {
+                item["id"] for item in await watcher.memory_list("wren", player_id=who, limit=100)
+            }
+        assert set(acknowledged) <= stored  # every acknowledged memory survived the restart
