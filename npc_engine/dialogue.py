@@ -910,8 +910,7 @@ class DialogueEngine:
         result.emotion = infer_emotion(text, loaded.persona.mood)
         result.action = infer_action(text)
         with self._history_lock:
-            self._remember_turn(npc_id, player_id, turn)
-            turns = self._conversation(npc_id, player_id)
+            turns = self._remember_turn(npc_id, player_id, turn)
             result.memory_write = self._store_history(npc_id, player_id, turns, [memory])
         result.timings.total_ms = (time.perf_counter() - started) * 1000
         return result
@@ -1144,8 +1143,7 @@ class DialogueEngine:
                 self.upkeep.discard(to_write)
                 to_write, turn = [], None
             if turn is not None:
-                self._remember_turn(npc_id, player_id, turn.without(forgotten))
-                turns = self._conversation(npc_id, player_id)
+                turns = self._remember_turn(npc_id, player_id, turn.without(forgotten))
                 result.memory_write = self._store_history(npc_id, player_id, turns, to_write)
             else:
                 result.memory_write = self._submit_memories(to_write)
@@ -1543,8 +1541,8 @@ class DialogueEngine:
         self.generator.generate(prefix, params, lambda _piece: None)
         return True
 
-    def _remember_turn(self, npc_id: str, player_id: str, turn: Turn) -> None:
-        """Append a turn (called with the history lock held)."""
+    def _remember_turn(self, npc_id: str, player_id: str, turn: Turn) -> list[Turn]:
+        """Append a turn (called with the history lock held); returns the turns now."""
         window = self.config.history_turns
         key = (npc_id, player_id)
         turns = self._conversation(npc_id, player_id)
@@ -1557,6 +1555,7 @@ class DialogueEngine:
             del turns[: len(turns) - max(window // 2, 1)]
         while len(self._history) > self.config.max_conversations:
             self._history.popitem(last=False)
+        return turns
 
     def close(self) -> None:
         self.writer.close()

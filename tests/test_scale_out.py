@@ -297,16 +297,16 @@ def test_two_replicas_share_one_conversation_and_survive_a_kill(
             await reply_of(a, who, "My name is Quillon and I mend sails.")
         async with await NpcClient.connect(second.url) as b:
             # B continues A's conversation: its prompt holds A's turn, A's memory, A's state.
-            end = await reply_of(b, who, "Do you remember what I do for a living?")
+            end = await reply_of(b, who, "Do you remember the locket I gave back to you?")
             prompt = end["inspect"]["prompt"]  # type: ignore[index]
             assert "My name is Quillon and I mend sails." in prompt  # A's turn, in history
-            assert "brass locket" in prompt  # A's event, recalled through B
+            assert "brass locket" in prompt  # A's event, recalled through B (not in the line)
             state = await b.get_state(who, npc_id="mara")
             assert state["trust"] == 55 and state["flags"] == {"paid_rent": True}
         async with await NpcClient.connect(first.url) as a:
             # Back on A: B's turn is there too (A's RAM copy was not trusted).
             end = await reply_of(a, who, "And my name?")
-            assert "Do you remember what I do for a living?" in end["inspect"]["prompt"]  # type: ignore[index]
+            assert "Do you remember the locket I gave back to you?" in end["inspect"]["prompt"]  # type: ignore[index]
             acknowledged = await a.event(["mara"], "The player paid for a week.", player_id=who)
             stream = await a.say(
                 "mara", "Tell me a very long story about the sea.", player_id=who, max_tokens=400
