@@ -58,6 +58,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # bench_remote beside this file
 
 from npc_engine.config import EngineConfig, load_config  # noqa: E402
 from npc_engine.runtime import EngineRuntime, open_engine, resolve_chat_model  # noqa: E402
@@ -1657,6 +1658,7 @@ def main(argv: list[str] | None = None) -> int:
             "lore",
             "scene",
             "tick",
+            "remote",
         ],
     )
     parser.add_argument("--model", help="known model id or GGUF path (default: the default)")
@@ -1730,6 +1732,11 @@ def main(argv: list[str] | None = None) -> int:
     if wanted("lore"):
         with timed("lore"):
             target_lore(root, report, 3 if quick else 20, 200 if quick else 2000)
+    if wanted("remote"):
+        with timed("remote"):
+            from bench_remote import target_remote
+
+            target_remote(root, report, Row, config, quick)
     if wanted("memory"):
         with timed("memory"):
             if quick:

@@ -16,6 +16,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -386,6 +387,14 @@ class _PlayerVectors:
                 self._bytes -= self._pairs.pop(key)[1].nbytes
 
 
+def _server_terms(query: str) -> list[str]:
+    """The rarest telling words of a line, for the server's full-text filter."""
+    from wordfreq import zipf_frequency
+
+    terms = [t.strip('"') for t in query_terms(query) if len(t.strip('"')) >= 3]
+    return sorted(terms, key=lambda t: zipf_frequency(t, "en"))[:SERVER_KEYWORD_TERMS]
+
+
 def _unit_rows(vectors: Any) -> Any:
     import numpy as np
 
@@ -411,6 +420,14 @@ class _NoKeywordIndex:
 
     def ids(self) -> set[str]:
         return set()
+
+    def count_of(self, npc_id: str, player_id: str) -> int:
+        return 0
+
+    def search(
+        self, npc_id: str, player_id: str | None, query: str, limit: int
+    ) -> list[tuple[str, float]]:
+        return []
 
     def close(self) -> None:
         """Nothing open."""
@@ -493,6 +510,8 @@ class ChromaMemoryStore:
         self._absent = _Lru(cached_handles * 8)
         self._lock = threading.Lock()
         self._records = RecordCache(0 if self.shared else cached_records)
+        # A search's requests to a server, sent at once (httpx's client is thread-safe).
+        self._requests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="npc-chroma")
         # Held while a record is read from Chroma into the cache and while touch/forget
         # change one, so a search never caches a copy older than what touch just wrote.
         self._record_writes = threading.Lock()
@@ -592,12 +611,11 @@ class ChromaMemoryStore:
         if limit <= 0 or (own is None and shard is None):
             return []
         vector = self._embed([query])
+        if self.shared:
+            return self._search_on_server(own, shard, player_id, query, vector, limit, keywords)
         candidates = self._nearest(own, vector, limit, None) if own is not None else []
         if shard is not None and player_id is not None:
-            if (
-                isinstance(self._keywords, KeywordIndex)
-                and self._keywords.count_of(npc_id, player_id) <= EXACT_SEARCH_LIMIT
-            ):
+            if self._keywords.count_of(npc_id, player_id) <= EXACT_SEARCH_LIMIT:
                 # What one player said is a few hundred memories under the consolidation
                 # caps: compared one by one. Chroma's HNSW answers are approximate, and
                 # missed the nearest ones once a shard had deletions and many identical
@@ -608,48 +626,112 @@ class ChromaMemoryStore:
         candidates.sort(key=lambda c: c.relevance, reverse=True)
         candidates = candidates[:limit]
         if keywords:
-            matches = (
-                self._keywords.search(npc_id, player_id, query, limit)
-                if isinstance(self._keywords, KeywordIndex)
-                else self._server_keyword_matches(own, shard, player_id, query, limit)
-            )
+            matches = self._keywords.search(npc_id, player_id, query, limit)
             candidates = self._join_keyword_matches(
                 candidates, [memory_id for memory_id, _ in matches], [own, shard], vector
             )
         return [c for c in candidates if c.memory.superseded_by is None]
 
+    def _search_on_server(
+        self,
+        own: Any,
+        shard: Any,
+        player_id: str | None,
+        query: str,
+        vector: Any,
+        limit: int,
+        keywords: bool,
+    ) -> list[Candidate]:
+        """``search`` on a Chroma server, where every call is a round trip and nothing may
+        be cached: the nearest of each collection and the keyword matches come with their
+        records in one request each, the requests run at once (a search takes about the
+        longest of them), and a shard's other players are dropped here (a ``where`` on
+        player_id made the server's query 8x slower: it filters before the vector search).
+        """
+        scopes = [(own, None), (shard, player_id)] if player_id is not None else [(own, None)]
+        scopes = [(collection, who) for collection, who in scopes if collection is not None]
+        dense = [
+            self._requests.submit(self._server_nearest, collection, who, vector, limit)
+            for collection, who in scopes
+        ]
+        terms = _server_terms(query) if keywords else []
+        lexical = [
+            self._requests.submit(
+                self._server_keyword_matches, collection, who, terms, vector, limit
+            )
+            for collection, who in scopes
+            if terms
+        ]
+        candidates = sorted(
+            (c for done in dense for c in done.result()), key=lambda c: c.relevance, reverse=True
+        )[:limit]
+        if lexical:
+            scored = sorted(
+                (pair for done in lexical for pair in done.result()),
+                key=lambda pair: pair[0],
+                reverse=True,
+            )[:limit]
+            rank = {c.memory.id: place for place, (_, c) in enumerate(scored)}
+            joined = [replace(c, keyword_rank=rank.get(c.memory.id)) for c in candidates]
+            seen = {c.memory.id for c in candidates}
+            joined += [
+                replace(c, keyword_rank=rank[c.memory.id])
+                for _, c in scored
+                if c.memory.id not in seen
+            ]
+            candidates = joined
+        return [c for c in candidates if c.memory.superseded_by is None]
+
+    def _server_nearest(
+        self, collection: Any, player_id: str | None, vector: Any, limit: int
+    ) -> list[Candidate]:
+        wanted = limit if player_id is None else limit * self.OVERFETCH
+        found = collection.query(
+            query_embeddings=vector,
+            n_results=wanted,
+            include=["documents", "metadatas", "distances"],
+        )
+        records = _memories({key: found[key][0] for key in ("ids", "documents", "metadatas")})
+        hits = [
+            Candidate(memory, 1.0 - float(distance))
+            for memory, distance in zip(records, found["distances"][0], strict=True)
+            if player_id is None or memory.player_id == player_id
+        ]
+        if player_id is None or len(hits) >= limit or len(records) < wanted:
+            return hits[:limit]
+        # A shard shared by many players: this one's memories by a filter after all.
+        return self._exact(collection, vector, limit, where={"player_id": player_id})
+
     @staticmethod
     def _server_keyword_matches(
-        own: Any, shard: Any, player_id: str | None, query: str, limit: int
-    ) -> list[tuple[str, float]]:
+        collection: Any, player_id: str | None, terms: list[str], vector: Any, limit: int
+    ) -> list[tuple[float, Candidate]]:
         """The keyword half on a Chroma server: its full-text filter finds the memories
-        holding the query's rarest telling words (any case), ranked by how rare the words
-        each holds are (wordfreq's Zipf scale standing in for BM25's IDF). One request per
-        collection; the matches are few, so the documents come along."""
+        holding the query's rarest telling words (any case), scored by how rare the words
+        each holds are (wordfreq's Zipf scale standing in for BM25's IDF), each with its
+        cosine to ``vector``."""
         from wordfreq import zipf_frequency
 
-        terms = [t.strip('"') for t in query_terms(query) if len(t.strip('"')) >= 3]
-        terms = sorted(terms, key=lambda t: zipf_frequency(t, "en"))[:SERVER_KEYWORD_TERMS]
-        if not terms or limit <= 0:
-            return []
         spellings = [{"$contains": form} for t in terms for form in {t, t.capitalize()}]
         contains = spellings[0] if len(spellings) == 1 else {"$or": spellings}
         weight = {t: max(8.0 - zipf_frequency(t, "en"), 0.5) for t in terms}
         words = {t: re.compile(rf"\b{re.escape(t)}\b", re.I) for t in terms}
-        scored: dict[str, float] = {}
-        scopes = [(own, None), (shard, {"player_id": player_id} if player_id else None)]
-        for collection, where in scopes:
-            if collection is None:
+        found = collection.get(
+            where_document=contains,
+            limit=limit * 2,
+            include=["documents", "metadatas", "embeddings"],
+        )
+        if not found["ids"]:
+            return []
+        similarity = _unit_rows(found["embeddings"]) @ _unit_rows(vector)[0]
+        scored = []
+        for memory, cosine in zip(_memories(found), similarity, strict=True):
+            if player_id is not None and memory.player_id not in (None, player_id):
                 continue
-            found = collection.get(
-                where=where, where_document=contains, limit=limit * 4, include=["documents"]
-            )
-            for memory_id, document in zip(found["ids"], found["documents"] or [], strict=True):
-                score = sum(weight[t] for t in terms if words[t].search(document or ""))
-                if score > 0:
-                    scored[memory_id] = score
-        best = sorted(scored.items(), key=lambda item: item[1], reverse=True)
-        return best[:limit]
+            score = sum(weight[t] for t in terms if words[t].search(memory.text))
+            if score > 0:
+                scored.append((score, Candidate(memory, float(cosine))))
+        return scored
 
     def _join_keyword_matches(
         self,
@@ -1371,6 +1453,7 @@ class ChromaMemoryStore:
         return SaveInfo(save_id, created, count)
 
     def close(self) -> None:
+        self._requests.shutdown(wait=False)
         self._keywords.close()
         with self._lock:
             self._collections.clear()

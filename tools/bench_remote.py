@@ -1,0 +1,426 @@
+"""Scale-out lines of tools/bench.py (``--only remote``): the engine over remote servers.
+
+Compared side by side in one run, on loopback:
+- prefix-cache hit rate of warm turns through the ``openai`` backend, from llama-server's own
+  usage (cached ÷ prompt tokens);
+- first token through the engine vs the same prompt sent straight to llama-server (two
+  slots of one server, each holding the same earlier turns: greedy replies are the same);
+- two engine replicas vs one, 16 conversations on one llama-server: aggregate tokens/s;
+- memory retrieval through a Chroma server vs Chroma on disk, at 10,000 memories.
+
+llama-server comes from ``tools/build_llama_server.sh`` (or NPC_ENGINE_LLAMA_SERVER); the
+lines that need it say so when it is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CONVERSATIONS = 16
+QUESTIONS = [
+    "Any rooms free tonight?",
+    "What's the news from the harbour?",
+    "Who runs the watchhouse these days?",
+    "Is the fog always this thick?",
+    "Where can I buy salt?",
+    "Tell me about the lighthouse.",
+    "What do you think of the customs men?",
+    "Have you seen a tall stranger in a grey coat?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def llama_server_binary() -> Path | None:
+    explicit = os.environ.get("NPC_ENGINE_LLAMA_SERVER")
+    if explicit:
+        return Path(explicit)
+    import llama_cpp
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    found = cache / "npc-engine" / "llama-server" / llama_cpp.__version__ / "llama-server"
+    return found if found.is_file() else None
+
+
+def _wait(url: str, process: subprocess.Popen[bytes], seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer in {seconds} s")
+
+
+@contextmanager
+def running(command: list[str], ready: str) -> Iterator[None]:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(ready, process)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextmanager
+def llama_server(binary: Path, model: Path, slots: int, n_ctx: int) -> Iterator[str]:
+    port = free_port()
+    command = [
+        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "-np", str(slots), "-c", str(n_ctx * slots), "-t", str(os.cpu_count() or 1),
+        "--no-webui", "--log-disable",
+    ]  # fmt: skip
+    with running(command, f"http://127.0.0.1:{port}/health"):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextmanager
+def chroma_server(path: Path) -> Iterator[str]:
+    port = free_port()
+    command = [
+        str(BIN / "chroma"), "run", "--path", str(path), "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    with running(command, f"http://127.0.0.1:{port}/api/v2/heartbeat"):
+        yield f"http://127.0.0.1:{port}"
+
+
+def target_remote(root: Path, report: Any, row: Any, config: Any, quick: bool) -> None:
+    """Adds the scale-out rows to ``report`` (``row`` builds one)."""
+    from npc_engine.runtime import resolve_chat_model
+
+    model, _format = resolve_chat_model(config, lambda _message: None)
+    binary = llama_server_binary()
+    if binary is None:
+        report.rows.append(
+            row(
+                "13 scale-out",
+                "llama-server not built: run tools/build_llama_server.sh (cached once)",
+                "",
+                float("nan"),
+                "",
+                float("nan"),
+                float("nan"),
+                "",
+                None,
+            )  # fmt: skip
+        )
+    else:
+        turns = 3 if quick else 8
+        with llama_server(binary, model, 2, config.n_ctx) as url:
+            _prefix_and_first_token(root, report, row, config, url, turns)
+        rounds = 1 if quick else 3
+        with chroma_server(root / "chroma-fleet") as memory_url:
+            _replicas(root, report, row, binary, model, memory_url, config, rounds)
+    with chroma_server(root / "chroma-retrieval") as memory_url:
+        _retrieval(root, report, row, memory_url, 1_000 if quick else 10_000)
+
+
+def _prefix_and_first_token(
+    root: Path, report: Any, row: Any, config: Any, url: str, turns: int
+) -> None:
+    import openai
+
+    from npc_engine.config import load_config
+    from npc_engine.generation.remote import slot_of
+    from npc_engine.runtime import open_engine
+
+    remote = load_config(
+        personas_dir=config.personas_dir,
+        data_dir=root / "remote-engine",
+        seed=1234,
+        temperature=0.0,
+        n_ctx=config.n_ctx,
+        max_tokens=32,
+        generation={"backend": "openai", "url": url, "slots": 2},
+    )
+    runtime = open_engine(remote)
+    generator = runtime.engine.generator
+    sent: list[tuple[list[int], int]] = []  # each reply's prompt tokens and slot
+    original = generator.generate
+
+    def recording(prompt: Any, params: Any, on_text: Any, cancel: Any = None) -> Any:
+        if params.grammar is None:
+            sent.append((list(prompt.tokens), slot_of(params.cache_key or "", 2)))
+        return original(prompt, params, on_text, cancel)
+
+    generator.generate = recording  # type: ignore[method-assign]
+    client = openai.OpenAI(base_url=url, api_key="no-key")
+    model_name = client.models.list().data[0].id
+    engine_ttft: list[float] = []
+    direct_ttft: list[float] = []
+    prompt_tokens = cached_tokens = 0
+    try:
+        for turn in range(turns):
+            result = runtime.engine.say("mara", QUESTIONS[turn % len(QUESTIONS)], player_id="bench")
+            tokens, slot = sent[-1]
+            if turn > 0:  # warm turns: the conversation's earlier turns sit in its slot
+                prompt_tokens += result.prompt_tokens
+                cached_tokens += result.cached_tokens
+                engine_ttft.append(float(result.timings.ttft_ms or 0.0))
+            # The same prompt straight to the server, on the other slot, first made to hold
+            # exactly the tokens the engine's slot had cached for it (so both read the same
+            # uncached rest).
+            if turn > 0:
+                client.completions.create(
+                    model=model_name,
+                    prompt=tokens[: max(result.cached_tokens, 1)],  # type: ignore[arg-type]
+                    max_tokens=1,
+                    temperature=0.0,
+                    extra_body={"cache_prompt": True, "id_slot": 1 - slot},
+                )
+            started = time.perf_counter()
+            first: float | None = None
+            stream = client.completions.create(
+                model=model_name,
+                prompt=tokens,  # type: ignore[arg-type]
+                max_tokens=32,
+                temperature=0.0,
+                stream=True,
+                extra_body={"cache_prompt": True, "id_slot": 1 - slot},
+            )
+            for _chunk in stream:
+                if first is None:
+                    first = (time.perf_counter() - started) * 1000
+            if turn > 0 and first is not None:
+                direct_ttft.append(first)
+    finally:
+        runtime.close()
+        client.close()
+    hit = cached_tokens / max(prompt_tokens, 1)
+    report.details["remote_prefix"] = {
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens,
+        "engine_ttft_ms": engine_ttft,
+        "direct_ttft_ms": direct_ttft,
+    }
+    report.rows.append(
+        row(
+            "13 scale-out",
+            f"prefix-cache hit rate of {turns - 1} warm turns through the openai backend "
+            "(llama-server's own usage: cached ÷ prompt tokens)",
+            "cached tokens",
+            float(cached_tokens),
+            "prompt tokens",
+            float(prompt_tokens),
+            hit,
+            "≥ 0.9",
+            hit >= 0.9,
+        )  # fmt: skip
+    )
+    engine_median = statistics.median(engine_ttft)
+    direct_median = statistics.median(direct_ttft)
+    ratio = engine_median / direct_median
+    report.rows.append(
+        row(
+            "13 scale-out",
+            "first token: a warm turn through the engine (recall, prompt, HTTP) vs its prompt "
+            "sent straight to llama-server with the same tokens cached, medians",
+            "engine ms",
+            engine_median,
+            "direct ms",
+            direct_median,
+            ratio,
+            "≤ 1.15×",
+            ratio <= 1.15,
+        )  # fmt: skip
+    )
+
+
+def _engine_process(root: Path, name: str, settings: dict[str, str]) -> tuple[Any, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NPC_ENGINE_")}
+    env.update(settings)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "npc_engine.cli",
+            "serve",
+            "--port",
+            "0",
+            "--personas",
+            str(REPO / "personas"),
+            "--data-dir",
+            str(root / name),
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("npc-engine serving ws://"):
+        process.kill()
+        raise RuntimeError(f"serve did not start: {line!r}")
+    return process, line.split()[2]
+
+
+async def _conversations(urls: list[str], turns: int, tag: str) -> int:
+    """16 conversations spread over ``urls``, ``turns`` says each; tokens generated."""
+    from npc_engine.client import NpcClient
+
+    npcs = ["mara", "guard_tom", "wren", "ysolde"]
+
+    async def one(index: int) -> int:
+        tokens = 0
+        async with await NpcClient.connect(urls[index % len(urls)]) as client:
+            for turn in range(turns):
+                text = QUESTIONS[(index + turn) % len(QUESTIONS)]
+                stream = await client.say(
+                    npcs[index % len(npcs)], text, player_id=f"{tag}{index}", max_tokens=48
+                )
+                end = await stream.result()
+                tokens += int((end.get("usage") or {}).get("completion_tokens", 0))
+        return tokens
+
+    return sum(await asyncio.gather(*(one(i) for i in range(CONVERSATIONS))))
+
+
+def _replicas(
+    root: Path,
+    report: Any,
+    row: Any,
+    binary: Path,
+    model: Path,
+    memory_url: str,
+    config: Any,
+    rounds: int,
+) -> None:
+    one_rates: list[float] = []
+    two_rates: list[float] = []
+    with llama_server(binary, model, CONVERSATIONS, config.n_ctx) as url:
+        settings = {
+            "NPC_ENGINE_GENERATION__BACKEND": "openai",
+            "NPC_ENGINE_GENERATION__URL": url,
+            "NPC_ENGINE_MEMORY__URL": memory_url,
+            "NPC_ENGINE_PARALLEL": str(CONVERSATIONS),
+            "NPC_ENGINE_N_CTX": str(config.n_ctx),
+            "NPC_ENGINE_TEMPERATURE": "0.8",
+            # 16 sockets from one bench process are one client here, not an attack.
+            "NPC_ENGINE_LIMITS__MAX_QUEUED_GENERATIONS": "64",
+        }
+        first = _engine_process(root, "replica-a", settings)
+        second = _engine_process(root, "replica-b", settings)
+        try:
+            asyncio.run(_conversations([first[1]], 1, "warm"))  # heads read, once
+            for round_index in range(rounds):
+                # Alternating which goes first, so both see the same machine load.
+                order = [("one", [first[1]]), ("two", [first[1], second[1]])]
+                for label, urls in order if round_index % 2 == 0 else order[::-1]:
+                    started = time.perf_counter()
+                    tokens = asyncio.run(_conversations(urls, 2, f"{label}{round_index}-"))
+                    rate = tokens / (time.perf_counter() - started)
+                    (one_rates if label == "one" else two_rates).append(rate)
+        finally:
+            for process, _url in (first, second):
+                process.terminate()
+                process.wait(30)
+    one, two = statistics.median(one_rates), statistics.median(two_rates)
+    report.details["remote_replicas"] = {"one_tps": one_rates, "two_tps": two_rates}
+    report.rows.append(
+        row(
+            "13 scale-out",
+            f"{CONVERSATIONS} concurrent conversations on one llama-server (-np "
+            f"{CONVERSATIONS}), memories on a Chroma server: two engine replicas vs one, "
+            "aggregate tokens/s (medians)",
+            "2 replicas tokens/s",
+            two,
+            "1 replica tokens/s",
+            one,
+            two / one,
+            "≥ 0.95×",
+            two / one >= 0.95,
+        )  # fmt: skip
+    )
+
+
+def _retrieval(root: Path, report: Any, row: Any, memory_url: str, count: int) -> None:
+    from npc_engine.config import load_config
+    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM, connect_server
+    from npc_engine.memory.types import Memory
+    from npc_engine.model_registry import ModelCache
+
+    embed = OfflineMiniLM(ModelCache(load_config().cache_dir))
+    client = connect_server(
+        memory_url, token=None, tenant="default_tenant", database="default_database", timeout=10
+    )
+    stores = {
+        "server": ChromaMemoryStore(None, embed, client=client),
+        "disk": ChromaMemoryStore(root / "retrieval-disk", embed),
+    }
+    rng = np.random.default_rng(11)
+    words = ["salt", "fog", "lantern", "herring", "boat", "bell", "chapel", "marsh", "brandy"]
+    # Random unit vectors for the fill (embedding 10,000 lines would take minutes); every
+    # query is embedded for real. A fifth are the NPC's own, the rest one player's.
+    for start in range(0, count, 2000):
+        size = min(2000, count - start)
+        texts = [" ".join(rng.choice(words, size=8)) + f" (note {start + i})" for i in range(size)]
+        vectors = rng.normal(size=(size, 384)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        memories = [
+            Memory(npc_id="keeper", text=t, player_id=None if i % 5 == 0 else "p")
+            for i, t in enumerate(texts)
+        ]
+        for store in stores.values():
+            store.add_with_embeddings(memories, vectors.tolist())
+    queries = [f"Tell me about the {w} and the {v}" for w in words for v in words[:4]]
+    timings: dict[str, list[float]] = {}
+    for query in queries[:3]:  # warm both
+        for store in stores.values():
+            store.search("keeper", "p", query, 40)
+    for query in queries:  # alternating, so both see the same machine load
+        for hybrid in (True, False):
+            for name, store in stores.items():
+                started = time.perf_counter()
+                store.search("keeper", "p", query, 40, keywords=hybrid)
+                key = f"{name} {'hybrid' if hybrid else 'dense'}"
+                timings.setdefault(key, []).append((time.perf_counter() - started) * 1000)
+    for store in stores.values():
+        store.close()
+    report.details["remote_retrieval_ms"] = timings
+    for kind, what in (("dense", "by meaning only"), ("hybrid", "meaning + keywords")):
+        server = statistics.median(timings[f"server {kind}"])
+        disk = statistics.median(timings[f"disk {kind}"])
+        report.rows.append(
+            row(
+                "13 scale-out",
+                f"memory retrieval p50 at {count:,} memories, {what}, 40 candidates: through "
+                "a Chroma server on loopback vs Chroma on disk in-process (the fill's words "
+                "are in most memories: the keyword half's worst case)",
+                "server ms",
+                server,
+                "disk ms",
+                disk,
+                server / disk,
+                "server ≤ 15 ms",
+                server <= 15.0,
+            )  # fmt: skip
+        )
