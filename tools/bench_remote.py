@@ -92,10 +92,22 @@ def running(command: list[str], ready: str) -> Iterator[None]:
 def llama_server(binary: Path, model: Path, slots: int, n_ctx: int) -> Iterator[str]:
     port = free_port()
     command = [
-        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "-np", str(slots), "-c", str(n_ctx * slots), "-t", str(os.cpu_count() or 1),
-        "--no-webui", "--log-disable",
-    ]  # fmt: skip
+        str(binary),
+        "-m",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-np",
+        str(slots),
+        "-c",
+        str(n_ctx * slots),
+        "-t",
+        str(os.cpu_count() or 1),
+        "--no-webui",
+        "--log-disable",
+    ]
     with running(command, f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}/v1"
 
@@ -104,9 +116,15 @@ def llama_server(binary: Path, model: Path, slots: int, n_ctx: int) -> Iterator[
 def chroma_server(path: Path) -> Iterator[str]:
     port = free_port()
     command = [
-        str(BIN / "chroma"), "run", "--path", str(path), "--host", "127.0.0.1",
-        "--port", str(port),
-    ]  # fmt: skip
+        str(BIN / "chroma"),
+        "run",
+        "--path",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with running(command, f"http://127.0.0.1:{port}/api/v2/heartbeat"):
         yield f"http://127.0.0.1:{port}"
 
@@ -129,7 +147,7 @@ def target_remote(root: Path, report: Any, row: Any, config: Any, quick: bool) -
                 float("nan"),
                 "",
                 None,
-            )  # fmt: skip
+            )
         )
     else:
         turns = 3 if quick else 8
@@ -232,7 +250,7 @@ def _prefix_and_first_token(
             hit,
             "≥ 0.9",
             hit >= 0.9,
-        )  # fmt: skip
+        )
     )
     engine_median = statistics.median(engine_ttft)
     direct_median = statistics.median(direct_ttft)
@@ -249,7 +267,7 @@ def _prefix_and_first_token(
             ratio,
             "≤ 1.15×",
             ratio <= 1.15,
-        )  # fmt: skip
+        )
     )
 
 
@@ -268,7 +286,7 @@ def _engine_process(root: Path, name: str, settings: dict[str, str]) -> tuple[An
             str(REPO / "personas"),
             "--data-dir",
             str(root / name),
-        ],  # fmt: skip
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -358,7 +376,7 @@ def _replicas(
             two / one,
             "≥ 0.95×",
             two / one >= 0.95,
-        )  # fmt: skip
+        )
     )
 
 
@@ -422,5 +440,5 @@ def _retrieval(root: Path, report: Any, row: Any, memory_url: str, count: int) -
                 server / disk,
                 "server ≤ 15 ms",
                 server <= 15.0,
-            )  # fmt: skip
+            )
         )

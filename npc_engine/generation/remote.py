@@ -16,8 +16,10 @@ hosted chat-only APIs, whose template the server applies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -212,6 +214,7 @@ class OpenAIGenerator:
         def watch() -> None:
             while not done.is_set():
                 if cancel.wait(CANCEL_POLL_SECONDS):
+                    _shut_socket(stream)
                     stream.close()
                     return
 
@@ -240,6 +243,16 @@ class OpenAIGenerator:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _shut_socket(stream: Any) -> None:
+    """Shut the stream's socket down: closing the response alone does not wake a thread
+    blocked reading it, which would wait for the server's next token."""
+    network = getattr(getattr(stream, "response", None), "extensions", {}).get("network_stream")
+    raw = network.get_extra_info("socket") if network is not None else None
+    if isinstance(raw, socket.socket):
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
 
 
 def _finish(reason: str | None) -> FinishReason:
