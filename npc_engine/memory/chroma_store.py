@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,7 @@ KEYWORD_INDEX = "npc-engine-keywords.sqlite3"  # beside Chroma's own files
 EXACT_SEARCH_LIMIT = 2000
 PLAYER_VECTORS_BYTES = 64 << 20  # ~100 players' memories at the per-player cap
 SERVER_KEYWORD_TERMS = 4  # rarest words of a line looked up by the server's full-text filter
+COMMON_TERM_SECONDS = 600.0  # a word found too common is not searched by for this long
 ONE_VECTOR = [[1.0]]  # Chroma needs a vector per record; state and save records have none
 
 
@@ -510,6 +512,9 @@ class ChromaMemoryStore:
         self._absent = _Lru(cached_handles * 8)
         self._lock = threading.Lock()
         self._records = RecordCache(0 if self.shared else cached_records)
+        # Words found too common to search a collection by, until when (see
+        # _server_keyword_matches); query words are the players': bounded.
+        self._common_terms = _Lru(4096)
         # A search's requests to a server, sent at once (httpx's client is thread-safe).
         self._requests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="npc-chroma")
         # Held while a record is read from Chroma into the cache and while touch/forget
@@ -702,30 +707,51 @@ class ChromaMemoryStore:
         # A shard shared by many players: this one's memories by a filter after all.
         return self._exact(collection, vector, limit, where={"player_id": player_id})
 
-    @staticmethod
     def _server_keyword_matches(
-        collection: Any, player_id: str | None, terms: list[str], vector: Any, limit: int
+        self, collection: Any, player_id: str | None, terms: list[str], vector: Any, limit: int
     ) -> list[tuple[float, Candidate]]:
         """The keyword half on a Chroma server: its full-text filter finds the memories
         holding the query's rarest telling words (any case), scored by how rare the words
         each holds are (wordfreq's Zipf scale standing in for BM25's IDF), each with its
-        cosine to ``vector``."""
+        cosine to ``vector``.
+
+        A word in most of what the filter returned is, like the local index's words in a
+        third of an NPC's memories, no help in telling memories apart, and makes the
+        server scan and send the most: it is left out of this collection's searches for a
+        while (a hint kept here; nothing of the world)."""
         from wordfreq import zipf_frequency
 
+        now = time.monotonic()
+        with self._lock:
+            terms = [
+                t for t in terms if self._common_terms.get(f"{collection.name}\x1f{t}", 0.0) < now
+            ]
+        if not terms:
+            return []
         spellings = [{"$contains": form} for t in terms for form in {t, t.capitalize()}]
         contains = spellings[0] if len(spellings) == 1 else {"$or": spellings}
         weight = {t: max(8.0 - zipf_frequency(t, "en"), 0.5) for t in terms}
         words = {t: re.compile(rf"\b{re.escape(t)}\b", re.I) for t in terms}
+        wanted = limit * 2
         found = collection.get(
             where_document=contains,
-            limit=limit * 2,
+            limit=wanted,
             include=["documents", "metadatas", "embeddings"],
         )
         if not found["ids"]:
             return []
+        memories = _memories(found)
+        if len(memories) >= wanted:  # the filter had more to give: which words are common?
+            for term in terms:
+                holding = sum(1 for m in memories if words[term].search(m.text))
+                if holding * 2 >= len(memories):
+                    with self._lock:
+                        self._common_terms.remember(
+                            f"{collection.name}\x1f{term}", now + COMMON_TERM_SECONDS
+                        )
         similarity = _unit_rows(found["embeddings"]) @ _unit_rows(vector)[0]
         scored = []
-        for memory, cosine in zip(_memories(found), similarity, strict=True):
+        for memory, cosine in zip(memories, similarity, strict=True):
             if player_id is not None and memory.player_id not in (None, player_id):
                 continue
             score = sum(weight[t] for t in terms if words[t].search(memory.text))
