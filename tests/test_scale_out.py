@@ -138,6 +138,21 @@ def generation_server() -> Iterator[str]:
         stop(process)
 
 
+@pytest.fixture(scope="module")
+def llama_server() -> Iterator[str]:
+    """llama.cpp's own llama-server, when tools/build_llama_server.sh has built it (a 25
+    minute build, cached once per machine)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_remote import llama_server as start_llama_server
+    from bench_remote import llama_server_binary
+
+    binary = llama_server_binary()
+    if binary is None:
+        pytest.skip("llama-server not built (tools/build_llama_server.sh)")
+    with start_llama_server(binary, default_model_path(), 2, 2048) as url:
+        yield url
+
+
 @dataclass
 class Engine:
     process: subprocess.Popen[str]
@@ -275,6 +290,33 @@ def test_the_protocol_walk_passes_on_every_deployment_shape(
 async def reply_of(client: NpcClient, who: str, text: str) -> dict[str, object]:
     stream = await client.say("mara", text, player_id=who, inspect=True)
     return await stream.result()
+
+
+@pytest.mark.timeout(240)
+def test_the_protocol_walk_passes_on_llama_server_with_token_prompts_and_slots(
+    tmp_path: Path, engines: list[Engine], llama_server: str
+) -> None:
+    engines.append(
+        start_engine(
+            tmp_path / "data",
+            {
+                "NPC_ENGINE_GENERATION__BACKEND": "openai",
+                "NPC_ENGINE_GENERATION__URL": llama_server,
+                "NPC_ENGINE_GENERATION__SLOTS": "2",
+            },
+        )
+    )
+    first = asyncio.run(protocol_walk(engines[0].url, player()))
+    assert first["usage"]["prompt_tokens"] > 0  # type: ignore[index]
+
+    async def warm_turns() -> list[dict[str, object]]:
+        who = player()
+        async with await NpcClient.connect(engines[0].url) as client:
+            return [await reply_of(client, who, line) for line in ("Hello.", "A room?", "Ale?")]
+
+    usage: list[dict[str, int]] = [end["usage"] for end in asyncio.run(warm_turns())]  # type: ignore[misc]
+    # llama-server's own count: the conversation's earlier turns were read from its slot.
+    assert all(u["cached_tokens"] > 0.5 * u["prompt_tokens"] for u in usage[1:]), usage
 
 
 @pytest.mark.timeout(300)
