@@ -1217,9 +1217,10 @@ class ChromaMemoryStore:
         return unpack(str(metadatas[0]["manifest"]))
 
     def _referenced(self) -> set[str]:
-        """Every memory id some save names (cached until saves change)."""
+        """Every memory id some save names (cached until saves change; on a server,
+        where another replica may save, read each time)."""
         with self._saves_lock:
-            if self._referenced_ids is None:
+            if self._referenced_ids is None or self.shared:
                 ids: set[str] = set()
                 for info in self.list_saves():
                     manifest = self._manifest(info.save_id) or {}
