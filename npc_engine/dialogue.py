@@ -139,6 +139,7 @@ class TurnResult:
     timings: TurnTimings = field(default_factory=TurnTimings)
     error: str | None = None
     used_fallback: bool = False
+    error_code: str = "internal"  # with reason "error": unavailable (a server is down) or internal
     dropped: dict[str, int] = field(default_factory=dict)
     memory_write: Future[list[str]] | None = None
     emotion: str | None = None
@@ -1108,6 +1109,7 @@ class DialogueEngine:
             log.warning("generation failed for %s: %s", npc_id, exc, exc_info=True)
             result.reason = "error"
             result.error = str(exc)
+            result.error_code = "unavailable" if is_unavailable(exc) else "internal"
 
         if result.reason in ("stop", "length", "error") and not result.text.strip():
             result.used_fallback = True

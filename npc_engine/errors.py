@@ -41,7 +41,16 @@ class GenerationError(NpcEngineError):
     """The generation backend failed while producing a reply."""
 
 
-class StoreUnavailableError(NpcEngineError):
+class UnavailableError(NpcEngineError):
+    """A server the engine needs (a Chroma server, a generation server) cannot be reached
+    now; the request may be retried (protocol error code ``unavailable``)."""
+
+
+class GenerationUnavailableError(GenerationError, UnavailableError):
+    """The generation server cannot be reached (after the configured retries)."""
+
+
+class StoreUnavailableError(UnavailableError):
     """The memory store (a Chroma server) cannot be reached now; the request may be retried."""
 
 
@@ -53,7 +62,7 @@ def is_unavailable(exc: BaseException) -> bool:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, StoreUnavailableError | httpx.TransportError):
+        if isinstance(current, UnavailableError | httpx.TransportError):
             return True
         seen.add(id(current))
         current = current.__cause__ or current.__context__

@@ -41,6 +41,7 @@ class FinishedTurn:
     action: dict[str, Any] | None = None
     usage: Usage | None = None
     error: str | None = None
+    error_code: ErrorCode = "internal"
     inspect: TurnInspection | None = None
     game_action: GameAction | None = None
 
@@ -95,7 +96,7 @@ class ReplyStream:
             return out + self._end("cancelled")
         error = None
         if turn.reason == "error":
-            error = ErrorInfo(code="internal", message=turn.error or "generation failed")
+            error = ErrorInfo(code=turn.error_code, message=turn.error or "generation failed")
         reason = turn.reason if turn.reason in ("stop", "length", "error") else "stop"
         end = ReplyEnd(
             re=self.request_id,

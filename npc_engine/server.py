@@ -1037,6 +1037,7 @@ class NpcServer:
                 total_ms=round(timings.total_ms),
             ),
             error=result.error,
+            error_code="unavailable" if result.error_code == "unavailable" else "internal",
             inspect=self._inspection(result) if inspect else None,
         )
 

@@ -42,6 +42,7 @@ def test_bench_quick_mode_reports_every_target(tmp_path: Path) -> None:
         "14 lorebook",
         "15 scenes",
         "15 world tick",
+        "16 scale-out",
     } <= targets
     assert report["machine"]["model"] and report["machine"]["build"]
     measured = [row for row in report["rows"] if "not implemented" not in row["note"]]

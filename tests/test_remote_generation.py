@@ -15,7 +15,12 @@ import pytest
 
 from npc_engine.backends import make_generator
 from npc_engine.config import load_config
-from npc_engine.errors import ConfigError, GenerationError
+from npc_engine.errors import (
+    ConfigError,
+    GenerationError,
+    GenerationUnavailableError,
+    is_unavailable,
+)
 from npc_engine.generation.base import GenerationParams
 from npc_engine.generation.remote import slot_of
 
@@ -246,3 +251,14 @@ def test_slots_are_stable_and_spread() -> None:
     slots = [slot_of(key, 4) for key in keys]
     assert slots == [slot_of(key, 4) for key in keys]  # the same on every replica
     assert set(slots) == {0, 1, 2, 3}
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_is_down_is_unavailable_not_a_bug(server: ScriptedServer) -> None:
+    generator = remote(server.url, retries=0, model="tiny")
+    server.close()
+    started = time.monotonic()
+    with pytest.raises(GenerationUnavailableError) as failure:
+        generator.generate(generator.render(MESSAGES), GenerationParams(), lambda _p: None)
+    assert is_unavailable(failure.value)
+    assert time.monotonic() - started < 5  # refused at once, not a long timeout

@@ -139,7 +139,7 @@ def target_remote(root: Path, report: Any, row: Any, config: Any, quick: bool) -
     if binary is None:
         report.rows.append(
             row(
-                "13 scale-out",
+                "16 scale-out",
                 "llama-server not built: run tools/build_llama_server.sh (cached once)",
                 "",
                 float("nan"),
@@ -244,7 +244,7 @@ def _prefix_and_first_token(
     }
     report.rows.append(
         row(
-            "13 scale-out",
+            "16 scale-out",
             f"prefix-cache hit rate of {turns - 1} warm turns through the openai backend "
             "(llama-server's own usage: cached ÷ prompt tokens)",
             "cached tokens",
@@ -261,7 +261,7 @@ def _prefix_and_first_token(
     ratio = engine_median / direct_median
     report.rows.append(
         row(
-            "13 scale-out",
+            "16 scale-out",
             "first token: a warm turn through the engine (recall, prompt, HTTP; 1 s think time "
             "before it) vs its prompt sent straight to llama-server with the same tokens "
             "cached, medians",
@@ -370,7 +370,7 @@ def _replicas(
     report.details["remote_replicas"] = {"one_tps": one_rates, "two_tps": two_rates}
     report.rows.append(
         row(
-            "13 scale-out",
+            "16 scale-out",
             f"{CONVERSATIONS} concurrent conversations on one llama-server (-np "
             f"{CONVERSATIONS}), memories on a Chroma server: two engine replicas vs one, "
             "aggregate tokens/s (medians)",
@@ -434,7 +434,7 @@ def _retrieval(root: Path, report: Any, row: Any, memory_url: str, count: int) -
         disk = statistics.median(timings[f"disk {kind}"])
         report.rows.append(
             row(
-                "13 scale-out",
+                "16 scale-out",
                 f"memory retrieval p50 at {count:,} memories, {what}, 40 candidates: through "
                 "a Chroma server on loopback vs Chroma on disk in-process (the fill's words "
                 "are in most memories: the keyword half's worst case)",

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from npc_engine.errors import GenerationError
+from npc_engine.errors import GenerationError, GenerationUnavailableError
 from npc_engine.generation.base import (
     FinishReason,
     GenerationParams,
@@ -100,11 +100,15 @@ class OpenAIGenerator:
 
     def _served_model(self) -> str:
         """``generation.model``, or the first model the server lists (asked once)."""
+        import openai
+
         with self._model_lock:
             if self._model_name is None:
                 try:
                     models = self._client.models.list().data
-                except Exception as exc:
+                except openai.APIConnectionError as exc:
+                    raise GenerationUnavailableError(f"{self.url}: no answer ({exc})") from exc
+                except openai.OpenAIError as exc:
                     raise GenerationError(f"{self.url}: cannot list models ({exc})") from exc
                 if not models:
                     raise GenerationError(f"{self.url}: the server lists no model")
@@ -174,6 +178,8 @@ class OpenAIGenerator:
             return stats
         try:
             stream = create(**request)
+        except (openai.APIConnectionError, openai.InternalServerError) as exc:
+            raise GenerationUnavailableError(f"{self.url}: {exc}") from exc
         except openai.OpenAIError as exc:
             raise GenerationError(f"{self.url}: {exc}") from exc
         done = threading.Event()
