@@ -139,7 +139,8 @@ class TurnResult:
     timings: TurnTimings = field(default_factory=TurnTimings)
     error: str | None = None
     used_fallback: bool = False
-    error_code: str = "internal"  # with reason "error": unavailable (a server is down) or internal
+    # With reason "error": "unavailable" when a server the engine needs is down, else a bug.
+    error_code: Literal["internal", "unavailable"] = "internal"
     dropped: dict[str, int] = field(default_factory=dict)
     memory_write: Future[list[str]] | None = None
     emotion: str | None = None

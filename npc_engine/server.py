@@ -1037,7 +1037,7 @@ class NpcServer:
                 total_ms=round(timings.total_ms),
             ),
             error=result.error,
-            error_code="unavailable" if result.error_code == "unavailable" else "internal",
+            error_code=result.error_code,
             inspect=self._inspection(result) if inspect else None,
         )
 
