@@ -15,6 +15,8 @@ from npc_engine.config import EngineConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_PERSONAS = REPO / "personas"
+sys.path.insert(0, str(REPO / "tools"))  # real servers on loopback: tools/servers.py
+import servers  # noqa: E402
 
 # The KV cells of NPC prompt heads (see generation.prefix_store) live in one folder for the
 # whole run, shared by the test processes and every server or CLI they start (inherited
@@ -106,28 +108,5 @@ def run_cli(
 
 def start_server_process(config: EngineConfig, *extra: str) -> tuple[subprocess.Popen[str], str]:
     """Start ``npc-engine serve`` on a free loopback port; returns the process and its URL."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "npc_engine.cli",
-            "serve",
-            "--port",
-            "0",
-            "--personas",
-            str(config.personas_dir),
-            "--data-dir",
-            str(config.data_dir),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith("npc-engine serving ws://"):
-        process.kill()
-        raise AssertionError(f"serve did not start: {line!r} {process.communicate()[1]}")
-    return process, line.split()[2]
+    started = servers.start_engine(config.personas_dir, config.data_dir, *extra)
+    return started.process, started.url

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from servers import ChromaServer, free_port
 
 from npc_engine.config import load_config
 from npc_engine.errors import is_unavailable
 from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM, connect_server
 from npc_engine.memory.types import Memory
 from npc_engine.model_registry import ModelCache
-from tests.test_scale_out import ChromaServer, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

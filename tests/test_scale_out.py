@@ -9,99 +9,27 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import servers
+from servers import ChromaServer, EngineProcess
 
 from npc_engine.client import NpcClient, ProtocolError
 from npc_engine.config import load_config
 from npc_engine.model_registry import DEFAULT_CHAT_MODEL, MODELS, ModelCache
-from tests.conftest import REPO, SAMPLE_PERSONAS
+from tests.conftest import SAMPLE_PERSONAS
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-READY_SECONDS = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_until_answers(url: str, process: subprocess.Popen[bytes], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{process.args!r} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer within {seconds} s")
-
-
-def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
-@dataclass
-class ChromaServer:
-    """``chroma run`` on a loopback port, stoppable and restartable on the same data."""
-
-    path: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                str(BIN / "chroma"),
-                "run",
-                "--path",
-                str(self.path),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until_answers(f"{self.url}/api/v2/heartbeat", self.process, READY_SECONDS)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
 
 
 @pytest.fixture(scope="module")
 def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaServer]:
-    server = ChromaServer(tmp_path_factory.mktemp("chroma-server"))
-    server.start()
-    try:
+    with servers.chroma_server(tmp_path_factory.mktemp("chroma-server")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def default_model_path() -> Path:
@@ -111,63 +39,27 @@ def default_model_path() -> Path:
 @pytest.fixture(scope="module")
 def generation_server() -> Iterator[str]:
     """llama-cpp-python's OpenAI-compatible server on the embedded default model."""
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(default_model_path()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "4096",
-            "--verbose",
-            "false",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_answers(f"http://127.0.0.1:{port}/v1/models", process, READY_SECONDS)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop(process)
+    with servers.llama_cpp_server(default_model_path(), 4096) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def llama_server() -> Iterator[str]:
     """llama.cpp's own llama-server, when tools/build_llama_server.sh has built it (a 25
     minute build, cached once per machine)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    from bench_remote import llama_server as start_llama_server
-    from bench_remote import llama_server_binary
-
-    binary = llama_server_binary()
+    binary = servers.llama_server_binary()
     if binary is None:
         pytest.skip("llama-server not built (tools/build_llama_server.sh)")
-    with start_llama_server(binary, default_model_path(), 2, 2048) as url:
+    with servers.llama_server(binary, default_model_path(), 2, 2048) as url:
         yield url
 
 
-@dataclass
-class Engine:
-    process: subprocess.Popen[str]
-    url: str
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-
-def start_engine(data_dir: Path, settings: dict[str, str]) -> Engine:
+def start_engine(data_dir: Path, settings: dict[str, str]) -> EngineProcess:
     """``npc-engine serve`` configured by environment variables, as a deployment is."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NPC_ENGINE_")}
-    env.update(
-        {
+    return servers.start_engine(
+        SAMPLE_PERSONAS,
+        data_dir,
+        settings={
             "NPC_ENGINE_HEAD_CACHE_DIR": os.environ["NPC_ENGINE_HEAD_CACHE_DIR"],
             "NPC_ENGINE_SEED": "1234",
             "NPC_ENGINE_TEMPERATURE": "0",
@@ -176,43 +68,25 @@ def start_engine(data_dir: Path, settings: dict[str, str]) -> Engine:
             "NPC_ENGINE_ALLOW_INSPECT": "true",
             "NPC_ENGINE_PARALLEL": "2",
             **settings,
-        }
+        },
+        inherit_settings=False,
+        log=data_dir.parent / f"{data_dir.name}.log",
     )
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "npc_engine.cli",
-            "serve",
-            "--port",
-            "0",
-            "--personas",
-            str(SAMPLE_PERSONAS),
-            "--data-dir",
-            str(data_dir),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=env,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith("npc-engine serving ws://"):
-        process.kill()
-        raise AssertionError(f"serve did not start: {line!r} {process.communicate()[1][-3000:]}")
-    return Engine(process, line.split()[2])
+
+
+def kill(engine: EngineProcess) -> None:
+    engine.process.send_signal(signal.SIGKILL)
+    engine.process.wait(10)
 
 
 @pytest.fixture
-def engines() -> Iterator[list[Engine]]:
-    started: list[Engine] = []
+def engines() -> Iterator[list[EngineProcess]]:
+    started: list[EngineProcess] = []
     try:
         yield started
     finally:
         for engine in started:
-            stop(engine.process)
+            servers.stop(engine.process)
 
 
 def remote_settings(
@@ -270,7 +144,7 @@ SHAPES = ["embedded", "openai", "chroma-server", "openai+chroma-server"]
 def test_the_protocol_walk_passes_on_every_deployment_shape(
     shape: str,
     tmp_path: Path,
-    engines: list[Engine],
+    engines: list[EngineProcess],
     chroma_server: ChromaServer,
     generation_server: str,
 ) -> None:
@@ -294,7 +168,7 @@ async def reply_of(client: NpcClient, who: str, text: str) -> dict[str, object]:
 
 @pytest.mark.timeout(240)
 def test_the_protocol_walk_passes_on_llama_server_with_token_prompts_and_slots(
-    tmp_path: Path, engines: list[Engine], llama_server: str
+    tmp_path: Path, engines: list[EngineProcess], llama_server: str
 ) -> None:
     engines.append(
         start_engine(
@@ -322,7 +196,7 @@ def test_the_protocol_walk_passes_on_llama_server_with_token_prompts_and_slots(
 @pytest.mark.timeout(300)
 def test_two_replicas_share_one_conversation_and_survive_a_kill(
     tmp_path: Path,
-    engines: list[Engine],
+    engines: list[EngineProcess],
     chroma_server: ChromaServer,
     generation_server: str,
 ) -> None:
@@ -354,7 +228,7 @@ def test_two_replicas_share_one_conversation_and_survive_a_kill(
                 "mara", "Tell me a very long story about the sea.", player_id=who, max_tokens=400
             )
             async for _piece in stream:
-                first.kill()  # kill -9 mid-reply, at its first token
+                kill(first)  # kill -9 mid-reply, at its first token
                 break
         assert first.process.returncode == -signal.SIGKILL
         async with await NpcClient.connect(second.url) as b:
@@ -370,7 +244,7 @@ def test_two_replicas_share_one_conversation_and_survive_a_kill(
 
 @pytest.mark.timeout(240)
 def test_the_engine_rides_out_a_chroma_server_restart_under_load(
-    tmp_path: Path, engines: list[Engine]
+    tmp_path: Path, engines: list[EngineProcess]
 ) -> None:
     chroma = ChromaServer(tmp_path / "chroma")
     chroma.start()
@@ -386,7 +260,7 @@ def test_the_engine_rides_out_a_chroma_server_restart_under_load(
         chroma.stop()
 
 
-async def _restart_under_load(engine: Engine, chroma: ChromaServer) -> None:
+async def _restart_under_load(engine: EngineProcess, chroma: ChromaServer) -> None:
     acknowledged: list[str] = []
     outcomes: dict[str, int] = {"ok": 0, "unavailable": 0}
     stop_load = asyncio.Event()

@@ -58,7 +58,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))  # bench_remote beside this file
+sys.path.insert(0, str(REPO / "tools"))  # bench_remote and servers, beside this file
 
 from npc_engine.config import EngineConfig, load_config  # noqa: E402
 from npc_engine.runtime import EngineRuntime, open_engine, resolve_chat_model  # noqa: E402
@@ -1441,9 +1441,9 @@ def streams_throughput(generator: Any, prompts: list[Any], tokens: int) -> float
 
 def llama_server_throughput(config: EngineConfig, texts: list[str], tokens: int) -> float | None:
     """The same streams through llama-cpp-python's own OpenAI-compatible server."""
-    import socket
-    import subprocess
     import urllib.request
+
+    from servers import llama_cpp_server
 
     try:
         import fastapi  # noqa: F401
@@ -1451,53 +1451,19 @@ def llama_server_throughput(config: EngineConfig, texts: list[str], tokens: int)
     except ImportError:
         return None
     path, _format = resolve_chat_model(config, lambda _message: None)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    threads_flag = str(config.n_threads or os.cpu_count() or 1)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            str(config.n_ctx),
-            "--n_threads",
-            threads_flag,
-            "--n_threads_batch",
-            threads_flag,
-            "--verbose",
-            "False",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    threads = config.n_threads or os.cpu_count() or 1
+    with llama_cpp_server(path, config.n_ctx, threads) as url:
 
-    def complete(text: str, seed: int) -> int:
-        body = json.dumps(
-            {"prompt": text, "max_tokens": tokens, "temperature": 0.8, "seed": seed, "stop": []}
-        ).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=600) as answer:
-            return int(json.loads(answer.read())["usage"]["completion_tokens"])
+        def complete(text: str, seed: int) -> int:
+            body = json.dumps(
+                {"prompt": text, "max_tokens": tokens, "temperature": 0.8, "seed": seed, "stop": []}
+            ).encode()
+            request = urllib.request.Request(
+                f"{url}/completions", data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=600) as answer:
+                return int(json.loads(answer.read())["usage"]["completion_tokens"])
 
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.2)
         complete(texts[0], 0)  # warm
         counts = [0] * len(texts)
 
@@ -1511,9 +1477,6 @@ def llama_server_throughput(config: EngineConfig, texts: list[str], tokens: int)
         for worker in workers:
             worker.join()
         return sum(counts) / (time.perf_counter() - started)
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def target_batch(runtime: EngineRuntime, config: EngineConfig, report: Report, tokens: int) -> None:
