@@ -177,9 +177,10 @@ def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
 
     cache = ModelCache(config.cache_dir)
     ensure_installed(cache, MODELS[EMBEDDING_MODEL], progress)
+    embed = OfflineMiniLM(cache, threads=config.memory.embed_threads)
     if config.memory.url:
-        return _chroma_server(config, OfflineMiniLM(cache), progress)
-    store = ChromaMemoryStore(config.data_dir / "chroma", OfflineMiniLM(cache))
+        return _chroma_server(config, embed, progress)
+    store = ChromaMemoryStore(config.data_dir / "chroma", embed)
     if store.embedding_format() is None:
         progress(
             "note: this data directory's memories were embedded by an older npc-engine; "

@@ -293,6 +293,13 @@ class MemoryConfig(BaseModel):
         description="Seconds a call to the Chroma server may take before the request that "
         "needed it fails with `unavailable`.",
     )
+    embed_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Threads of the sentence embedder (MiniLM); default: all cores. 1 where "
+        "engine replicas share cores with a generation server.",
+    )
     facts: bool = Field(
         True,
         description="Find durable facts in player lines (my name is…, I used to be…) and "

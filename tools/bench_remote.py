@@ -59,7 +59,7 @@ def target_remote(root: Path, report: Any, row: Any, config: Any, quick: bool) -
             )
         )
     else:
-        turns = 3 if quick else 8
+        turns = 3 if quick else 12
         with llama_server(binary, model, 2, config.n_ctx) as url:
             _prefix_and_first_token(root, report, row, config, url, turns)
         rounds = 1 if quick else 6
@@ -225,6 +225,9 @@ def _replicas(
             "NPC_ENGINE_PARALLEL": str(CONVERSATIONS),
             "NPC_ENGINE_N_CTX": str(config.n_ctx),
             "NPC_ENGINE_TEMPERATURE": "0.8",
+            # Replicas here share 2 cores with llama-server: one embedder thread each (with
+            # all cores, two replicas' embedders at once cost the server 7 %: 0.93x).
+            "NPC_ENGINE_MEMORY__EMBED_THREADS": "1",
             # 16 sockets from one bench process are one client here, not an attack.
             "NPC_ENGINE_LIMITS__MAX_QUEUED_GENERATIONS": "64",
         }

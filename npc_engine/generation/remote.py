@@ -122,8 +122,9 @@ class OpenAIGenerator:
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
-            # OpenAI's API takes at most 4 stop strings; the engine's cleaner cuts the rest.
-            "stop": stop[:4] or None,
+            # OpenAI's own API takes at most 4 stop strings (the engine's cleaner cuts at
+            # the rest); llama.cpp and vLLM take them all.
+            "stop": (stop[:4] if self.api == "chat" else stop) or None,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
