@@ -821,7 +821,7 @@ class DialogueEngine:
             stop=[*config.stop, *(overrides.stop or []), *ROLE_STOPS],
             seed=config.seed,
             model=loaded.persona.model,
-            lora=[(a.id, a.scale) for a in loaded.persona.lora] or None,
+            lora=loaded.persona.adapters(),
         )
 
     def fallback_line(self, loaded: LoadedPersona) -> str:
@@ -1191,6 +1191,8 @@ class DialogueEngine:
             temperature=0.0,
             grammar=action_grammar(offered),
             cache_key=cache_key,
+            model=loaded.persona.model,  # the same server model (or adapter) as the line
+            lora=loaded.persona.adapters(),
         )
         try:
             rendered = self.generator.render(messages)

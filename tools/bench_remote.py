@@ -75,7 +75,6 @@ def _prefix_and_first_token(
     import openai
 
     from npc_engine.config import load_config
-    from npc_engine.generation.remote import slot_of
     from npc_engine.runtime import open_engine
 
     remote = load_config(
@@ -89,18 +88,27 @@ def _prefix_and_first_token(
     )
     runtime = open_engine(remote)
     generator = runtime.engine.generator
-    sent: list[tuple[list[int], int]] = []  # each reply's prompt tokens and slot
+    sent: list[dict[str, Any]] = []  # each reply's request, as the engine sent it
     original = generator.generate
 
+    arrivals: list[float] = []  # when the server's first text of each reply came in
+
     def recording(prompt: Any, params: Any, on_text: Any, cancel: Any = None) -> Any:
-        if params.grammar is None:
-            sent.append((list(prompt.tokens), slot_of(params.cache_key or "", 2)))
-        return original(prompt, params, on_text, cancel)
+        if params.grammar is not None:
+            return original(prompt, params, on_text, cancel)
+        sent.append(generator._request(prompt, params))
+
+        def arrived(piece: str) -> None:
+            if len(arrivals) < len(sent):
+                arrivals.append(time.perf_counter())
+            on_text(piece)
+
+        return original(prompt, params, arrived, cancel)
 
     generator.generate = recording  # type: ignore[method-assign]
     client = openai.OpenAI(base_url=url, api_key="no-key")
-    model_name = client.models.list().data[0].id
-    engine_ttft: list[float] = []
+    engine_ttft: list[float] = []  # the server's first text, arrived in the engine
+    delivered_ttft: list[float] = []  # the first text the game gets (after the cleaner)
     direct_ttft: list[float] = []
     prompt_tokens = cached_tokens = 0
     try:
@@ -108,33 +116,30 @@ def _prefix_and_first_token(
             # A player's think time: the last turn's memory writes (embedded on these same
             # 2 cores) are done, as they are in play; back to back they slow the recall.
             time.sleep(THINK_SECONDS)
-            result = runtime.engine.say("mara", QUESTIONS[turn % len(QUESTIONS)], player_id="bench")
-            tokens, slot = sent[-1]
+            delivered: list[float] = []
+            begun = time.perf_counter()
+            result = runtime.engine.say(
+                "mara",
+                QUESTIONS[turn % len(QUESTIONS)],
+                player_id="bench",
+                on_delta=lambda _text, into=delivered: into.append(time.perf_counter()),
+            )
+            request = sent[-1]
+            other_slot = {**request["extra_body"], "id_slot": 1 - request["extra_body"]["id_slot"]}
             if turn > 0:  # warm turns: the conversation's earlier turns sit in its slot
                 prompt_tokens += result.prompt_tokens
                 cached_tokens += result.cached_tokens
-                engine_ttft.append(float(result.timings.ttft_ms or 0.0))
-            # The same prompt straight to the server, on the other slot, first made to hold
-            # exactly the tokens the engine's slot had cached for it (so both read the same
-            # uncached rest).
-            if turn > 0:
-                client.completions.create(
-                    model=model_name,
-                    prompt=tokens[: max(result.cached_tokens, 1)],  # type: ignore[arg-type]
-                    max_tokens=1,
-                    temperature=0.0,
-                    extra_body={"cache_prompt": True, "id_slot": 1 - slot},
-                )
+                engine_ttft.append((arrivals[-1] - begun) * 1000)
+                delivered_ttft.append((delivered[0] - begun) * 1000)
+                # The other slot first made to hold exactly the tokens the engine's slot had
+                # cached for this prompt, so both read the same uncached rest.
+                priming = {**request, "stream": False, "stream_options": None, "max_tokens": 1}
+                priming["prompt"] = request["prompt"][: max(result.cached_tokens, 1)]
+                client.completions.create(**{**priming, "extra_body": other_slot})
+            # Then the very request the engine sent (sampling, stops and all), straight.
             started = time.perf_counter()
             first: float | None = None
-            stream = client.completions.create(
-                model=model_name,
-                prompt=tokens,  # type: ignore[arg-type]
-                max_tokens=32,
-                temperature=0.0,
-                stream=True,
-                extra_body={"cache_prompt": True, "id_slot": 1 - slot},
-            )
+            stream = client.completions.create(**{**request, "extra_body": other_slot})
             for _chunk in stream:
                 if first is None:
                     first = (time.perf_counter() - started) * 1000
@@ -148,6 +153,7 @@ def _prefix_and_first_token(
         "prompt_tokens": prompt_tokens,
         "cached_tokens": cached_tokens,
         "engine_ttft_ms": engine_ttft,
+        "delivered_ttft_ms": delivered_ttft,
         "direct_ttft_ms": direct_ttft,
     }
     report.rows.append(
@@ -164,24 +170,33 @@ def _prefix_and_first_token(
             hit >= 0.9,
         )
     )
-    engine_median = statistics.median(engine_ttft)
     direct_median = statistics.median(direct_ttft)
-    ratio = engine_median / direct_median
-    report.rows.append(
-        row(
-            "16 scale-out",
-            "first token: a warm turn through the engine (recall, prompt, HTTP; 1 s think time "
-            "before it) vs its prompt sent straight to llama-server with the same tokens "
-            "cached, medians",
-            "engine ms",
-            engine_median,
-            "direct ms",
-            direct_median,
-            ratio,
-            "≤ 1.15×",
-            ratio <= 1.15,
+    # Paired turn by turn (each turn reads a different number of new tokens).
+    for name, times, goal in (
+        ("the server's first text arriving in the engine", engine_ttft, 1.15),
+        (
+            "the first text the game gets (the reply cleaner holds a first word that could "
+            "begin 'Mara:' or 'As an AI' until the next)",
+            delivered_ttft,
+            None,
+        ),
+    ):
+        ratio = statistics.median(e / d for e, d in zip(times, direct_ttft, strict=True))
+        report.rows.append(
+            row(
+                "16 scale-out",
+                f"first token, warm turns (1 s think time before each): {name}, through the "
+                "engine (recall, prompt, HTTP) vs the same prompt sent straight to "
+                "llama-server with the same tokens cached; medians, ratio per turn",
+                "engine ms",
+                statistics.median(times),
+                "direct ms",
+                direct_median,
+                ratio,
+                "≤ 1.15×" if goal else "report",
+                ratio <= goal if goal else None,
+            )
         )
-    )
 
 
 async def _conversations(urls: list[str], turns: int, tag: str) -> int:

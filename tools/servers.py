@@ -109,12 +109,13 @@ def llama_server_binary() -> Path | None:
 
 
 @contextmanager
-def llama_server(binary: Path, model: Path, slots: int, n_ctx: int) -> Iterator[str]:
-    """llama-server with ``slots`` parallel slots of ``n_ctx`` tokens; yields its /v1 URL."""
+def llama_server(binary: Path, model: Path, slots: int, n_ctx: int, *extra: str) -> Iterator[str]:
+    """llama-server with ``slots`` parallel slots of ``n_ctx`` tokens (and ``extra``
+    flags); yields its /v1 URL."""
     port = free_port()
     command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
     command += ["-np", str(slots), "-c", str(n_ctx * slots), "-t", str(os.cpu_count() or 1)]
-    command += ["--no-webui", "--log-disable"]
+    command += ["--no-webui", "--log-disable", *extra]
     with running(command, f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}/v1"
 

@@ -205,6 +205,10 @@ class Persona(_Strict):
         description="With the openai backend on llama-server: adapters applied to this "
         "NPC's replies (per request; the server loads them with --lora).",
     )
+
+    def adapters(self) -> list[tuple[int, float]] | None:
+        """``lora`` as (id, scale) pairs for the generator; None: none."""
+        return [(adapter.id, adapter.scale) for adapter in self.lora] or None
     actions: GameActions = Field(
         default_factory=list,
         description="What this NPC can do in the game (besides the world's actions).",
