@@ -205,10 +205,6 @@ class Persona(_Strict):
         description="With the openai backend on llama-server: adapters applied to this "
         "NPC's replies (per request; the server loads them with --lora).",
     )
-
-    def adapters(self) -> list[tuple[int, float]] | None:
-        """``lora`` as (id, scale) pairs for the generator; None: none."""
-        return [(adapter.id, adapter.scale) for adapter in self.lora] or None
     actions: GameActions = Field(
         default_factory=list,
         description="What this NPC can do in the game (besides the world's actions).",
@@ -220,6 +216,10 @@ class Persona(_Strict):
         description="Data kept for other tools (an imported card's fields that have no "
         "persona equivalent); never shown to the model.",
     )
+
+    def adapters(self) -> list[tuple[int, float]] | None:
+        """``lora`` as (id, scale) pairs for the generator; None: none."""
+        return [(adapter.id, adapter.scale) for adapter in self.lora] or None
 
 
 ACTION_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
