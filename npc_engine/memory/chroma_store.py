@@ -734,6 +734,9 @@ class ChromaMemoryStore:
         words = {t: re.compile(rf"\b{re.escape(t)}\b", re.I) for t in terms}
         wanted = limit * 2
         found = collection.get(
+            # A shard holds several players: without the filter, others' matches could
+            # fill the page and hide this player's.
+            where={"player_id": player_id} if player_id is not None else None,
             where_document=contains,
             limit=wanted,
             include=["documents", "metadatas", "embeddings"],
@@ -752,8 +755,6 @@ class ChromaMemoryStore:
         similarity = _unit_rows(found["embeddings"]) @ _unit_rows(vector)[0]
         scored = []
         for memory, cosine in zip(memories, similarity, strict=True):
-            if player_id is not None and memory.player_id not in (None, player_id):
-                continue
             score = sum(weight[t] for t in terms if words[t].search(memory.text))
             if score > 0:
                 scored.append((score, Candidate(memory, float(cosine))))
