@@ -45,11 +45,11 @@ def generation_server() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def llama_server() -> Iterator[str]:
-    """llama.cpp's own llama-server, when tools/build_llama_server.sh has built it (a 25
-    minute build, cached once per machine)."""
+    """llama.cpp's own llama-server, built once per machine by tools/build_llama_server.sh
+    (``tools/dev.sh test`` runs it before the tests)."""
     binary = servers.llama_server_binary()
     if binary is None:
-        pytest.skip("llama-server not built (tools/build_llama_server.sh)")
+        pytest.fail("llama-server is not built: run tools/build_llama_server.sh")
     with servers.llama_server(binary, default_model_path(), 2, 2048) as url:
         yield url
 

@@ -36,6 +36,9 @@ if [ "${1:-}" = "test" ]; then
             || { $SUDO apt-get update -q >&2 && $SUDO apt-get install -y -q mono-mcs mono-runtime >&2; } \
             || echo "Could not install Mono; the C# client test will fail (apt-get install mono-mcs mono-runtime)." >&2
     fi
+    # llama.cpp's llama-server, for the scale-out tests: built once from the llama.cpp
+    # source in the llama-cpp-python sdist (~15 min on 2 cores), then cached.
+    PYTHON="$VENV/bin/python" "$ROOT/tools/build_llama_server.sh" >/dev/null
     echo "== ruff ==" >&2
     "$VENV/bin/ruff" check npc_engine tests tools
     "$VENV/bin/ruff" format --check npc_engine tests tools
