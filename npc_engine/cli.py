@@ -384,8 +384,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         for spec in MODELS.values():
             state = "installed" if cache.is_installed(spec) else "not installed"
             default = " (default)" if spec.id in (DEFAULT_CHAT_MODEL, EMBEDDING_MODEL) else ""
-            print(f"  {spec.id:<24} {spec.kind:<9} {state:<14} {spec.description}{default}")
-            print(f"  {'':<24} {cache.model_dir(spec)}")
+            size = f"{spec.size / 1e6:,.0f} MB"
+            print(
+                f"  {spec.id:<28} {spec.kind:<9} {size:>8}  {state:<14} {spec.description}", end=""
+            )
+            print(default)
+            print(f"  {'':<28} licence: {spec.license}")
+            if spec.speed:
+                print(f"  {'':<28} speed: {spec.speed}")
+            print(f"  {'':<28} {cache.model_dir(spec)}")
         return 0
     ids = args.ids or [DEFAULT_CHAT_MODEL, EMBEDDING_MODEL]
     if args.action == "install":

