@@ -990,6 +990,7 @@ class DialogueEngine:
         # Facts have their own place in the notes: not repeated among recalled memories;
         # neither are a scene's own lines.
         fact_ids = {fact.id for fact in known_facts} | (scene.remembered if scene else set())
+        relevant_facts = frozenset(m.memory.id for m in memories if m.memory.id in fact_ids)
         memories = [m for m in memories if m.memory.id not in fact_ids]
         result.timings.retrieval_ms = (time.perf_counter() - started) * 1000
 
@@ -1065,6 +1066,7 @@ class DialogueEngine:
                 standing=standing_notes(standing.trust, unlocked),
                 standing_is_default=standing.trust == loaded.persona.trust and not unlocked.ids,
                 known_facts=known_facts,
+                relevant_facts=relevant_facts,
                 lore=[(chosen.note_id, chosen.text) for chosen in result.lore],
             )
             noted_lore = {note_id for note_id, _ in built.noted}

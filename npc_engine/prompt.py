@@ -1,6 +1,7 @@
 """Builds the character prompt, most stable part first so llama.cpp reuses the cached prefix.
 
-Order: world lore (entries marked always) → persona → example dialogue → earlier turns of
+Order: world lore (entries marked always) → persona and its example lines (in the system
+message, as references of its voice) → earlier turns of
 this conversation → this turn's notes (what the NPC knows about the player, lorebook entries
 looked up for this line, recalled memories, game context) together with the player's line.
 An earlier turn is rendered exactly as it was shown, notes included (they are stored with
@@ -28,7 +29,7 @@ from npc_engine.errors import NpcEngineError
 from npc_engine.generation.base import Generator, Message, RenderedPrompt
 from npc_engine.lore import LORE_NOTE_PREFIX
 from npc_engine.memory.types import Memory, ScoredMemory
-from npc_engine.persona.model import Persona, World
+from npc_engine.persona.model import DialogueExample, Persona, World
 
 MAX_PLAYER_CHARS = 2000
 MAX_FACTS_SHOWN = 12  # facts about the player noted in one turn, the newest
@@ -140,7 +141,9 @@ def render_world(world: World | None, persona: Persona | None = None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def render_persona(persona: Persona, names: Mapping[str, str]) -> str:
+def render_persona(
+    persona: Persona, names: Mapping[str, str], examples: Sequence[DialogueExample] = ()
+) -> str:
     lines = [f"# You are {persona.name}, {persona.role}.", persona.description]
     if persona.personality:
         lines.append("Personality: " + ", ".join(persona.personality) + ".")
@@ -168,6 +171,12 @@ def render_persona(persona: Persona, names: Mapping[str, str]) -> str:
             notes = f" {relation.notes}" if relation.notes else ""
             lines.append(f"- {who}: {relation.attitude}.{notes}")
     lines.append(f"Your mood right now: {persona.mood}.")
+    if examples:
+        # In the system message, as references, not as earlier turns of the chat: a small
+        # model takes turns it "said" as lines to say again (the 0.5B default repeated its
+        # example lines in 5 of 24 evaluated replies as turns, in none as references).
+        lines.append("How you talk (examples of your voice; never repeat them word for word):")
+        lines += [f'- Asked "{e.player}", you said: "{e.npc}"' for e in examples]
     lines.append(
         f"Stay in character as {persona.name} at all times. Answer with one to three short "
         "sentences of spoken dialogue, in your own voice. You are a person in this world, "
@@ -316,6 +325,7 @@ class PromptBuilder:
         standing: str = "",
         standing_is_default: bool = False,
         known_facts: Sequence[Memory] = (),
+        relevant_facts: frozenset[str] = frozenset(),
         lore: Sequence[tuple[str, str]] = (),
         heard: str = "",
     ) -> BuiltPrompt:
@@ -324,12 +334,14 @@ class PromptBuilder:
         window last showed. At its default (start trust, nothing unlocked) it is not shown
         unless the window shows another: a stranger needs no note, and first turns stay
         short. ``known_facts``: what the NPC knows about the player (oldest first); those
-        the window does not show yet are noted, the newest ``MAX_FACTS_SHOWN``. ``lore``:
+        the window does not show yet are noted, the newest ``MAX_FACTS_SHOWN``; those of
+        ``relevant_facts`` (the ids this line recalled) are noted even when the window shows
+        them: a small model rarely finds a name told ten turns back, and answers from a
+        note beside the question (measured by tools/eval.py, "uses what it was told"). ``lore``:
         lorebook entries for this line as (note id, text), best first. ``heard``: in a
         scene, the other speakers' lines this line answers (rendered), shown instead of a
         player's line."""
         budget = self.generator.n_ctx - max_tokens - self.reserve_tokens
-        system = render_world(world, persona) + render_persona(persona, names)
         examples = list(persona.example_dialogue)
         turns = list(history)
         kept_memories = list(memories)  # best first
@@ -350,10 +362,8 @@ class PromptBuilder:
         }
 
         while True:
+            system = render_world(world, persona) + render_persona(persona, names, examples)
             messages: list[Message] = [{"role": "system", "content": system}]
-            for example in examples:
-                messages.append({"role": "user", "content": _said("player", example.player, False)})
-                messages.append({"role": "assistant", "content": example.npc})
             for t in turns:
                 said = _said(player_id, t.player_text, t.greeting, t.heard)
                 messages.append({"role": "user", "content": _user_content(t.notes, said, t.heard)})
@@ -367,7 +377,11 @@ class PromptBuilder:
             last_standing = shown_before[-1] if shown_before else ""
             quiet = standing_is_default and not last_standing
             shown_standing = standing if standing != last_standing and not quiet else ""
-            new_facts = [(f.id, f"- {f.text}") for f in facts if f.id not in in_window]
+            new_facts = [
+                (f.id, f"- {f.text}")
+                for f in facts
+                if f.id not in in_window or f.id in relevant_facts
+            ]
             recalled = tuple((m.memory.id, memory_line(m, now, game_now)) for m in fresh)
             lore_noted = tuple((note_id, f"- {text}") for note_id, text in kept_lore)
             noted = (*new_facts, *lore_noted, *recalled)
@@ -380,8 +394,8 @@ class PromptBuilder:
             )
             said = _said(player_id, text, greeting, heard)
             messages.append({"role": "user", "content": _user_content(block, said, heard)})
-            # the system message and the examples are the same for every player
-            rendered = self.generator.render(messages, shared=1 + 2 * len(examples))
+            # the system message (world, persona, examples) is the same for every player
+            rendered = self.generator.render(messages, shared=1)
             if rendered.token_count <= budget:
                 return BuiltPrompt(
                     messages,

@@ -51,7 +51,8 @@ LLAMA_SERVER_BUILD_WAIT = 40 * 60.0
 
 
 def _needs_llama_server(item: pytest.Item) -> bool:
-    return "llama_server" in getattr(item, "fixturenames", ())
+    """A test that uses llama-server asks for a fixture named llama_server…"""
+    return any(name.startswith("llama_server") for name in getattr(item, "fixturenames", ()))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
