@@ -74,6 +74,7 @@ from npc_engine.memory.types import (
     utc_now,
 )
 from npc_engine.memory.upkeep import MemoryUpkeep
+from npc_engine.memory.voice import player_voice
 from npc_engine.memory.writer import MemoryWriter, StateWrite
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
 from npc_engine.persona.model import Persona, World
@@ -628,6 +629,23 @@ class DialogueEngine:
             npc_id, player_id, query, max(retrieval.candidates, limit), keywords=retrieval.hybrid
         )
         return score_candidates(candidates, self.clock(), retrieval, game_now)[:limit]
+
+    def find(
+        self, npc_id: str, player_id: str | None, query: str, limit: int
+    ) -> list[ScoredMemory]:
+        """Memories for a designer's or a tool's query (``memory.list``): one that speaks of
+        "the player" is ranked as the player would ask it ("What is my name?"), since
+        memories are embedded from what was said; matches of the query as written follow."""
+        voiced = player_voice(query)
+        found = self.recall(npc_id, player_id, voiced, limit)
+        if voiced != query:
+            seen = {scored.memory.id for scored in found}
+            found += [
+                scored
+                for scored in self.recall(npc_id, player_id, query, limit)
+                if scored.memory.id not in seen
+            ]
+        return found[:limit]
 
     def _game_time_of(self, player_id: str) -> float | None:
         try:

@@ -841,7 +841,7 @@ class NpcServer:
     def _memory_list(self, request: MemoryList) -> list[MemoryItem]:
         pairs: list[tuple[Memory, float | None]]
         if request.query:
-            scored = self.engine.recall(
+            scored = self.engine.find(
                 request.npc_id, request.player_id, request.query, request.limit
             )
             pairs = [(s.memory, s.score) for s in scored]

@@ -32,7 +32,8 @@ from recall_probe import (
 
 @pytest.mark.timeout(1200)
 def test_recall_updates_and_abstention_probes(tmp_path: Path) -> None:
-    """60 facts told once, recalled after 10 and 50 unrelated turns (recall@3 >= 0.97);
+    """60 facts told once, recalled after 10 and 50 unrelated turns (recall@3 >= 0.97;
+    asked in the third person as designers do, >= 0.95);
     30 never-told questions (at most 1 memory recalled in all); 20 fact updates (the
     newer value wins in >= 95 %)."""
     outcome = serve_and_probe(tmp_path, (10, 50))
@@ -40,6 +41,9 @@ def test_recall_updates_and_abstention_probes(tmp_path: Path) -> None:
     for turns, result in outcome.recall.items():
         assert result.total == 60
         assert result.recall >= 0.97, (turns, result.misses)
+        # The same facts asked as a designer asks them: "Where did the player grow up?"
+        designer = outcome.designer[turns]
+        assert designer.recall >= 0.95, (turns, designer.misses)
         assert outcome.injected_total[turns] <= 1, outcome.injected[turns]
         assert len(outcome.injected[turns]) == 30
     assert outcome.updates.hits >= 0.95 * outcome.updates.total, outcome.updates.misses

@@ -7,7 +7,8 @@
 ``--server`` runs every probe through a real server on loopback (real Chroma, MiniLM, the
 scripted reply backend so only memory is measured): each fact of recall_facts.yaml told
 once by a fresh player, then K unrelated turns, then ``memory.list`` with the question
-(recall@3); the 30 never-told questions of never_told.yaml (memories recalled above the
+(recall@3), asked as the player asks it and as a designer does (third person); the 30
+never-told questions of never_told.yaml (memories recalled above the
 bar: should be none); the 20 update pairs of fact_updates.yaml (what the NPC knows about
 the player, ``state.facts``, holds the newer value; neither it nor the question's recall
 holds the older). tests/test_memory_probes_real.py runs it in the default test run.
@@ -152,6 +153,7 @@ class ServerOutcome:
     recall: dict[int, Outcome]  # by K
     injected: dict[int, list[tuple[str, list[str]]]]  # by K: never-told question, recalled
     updates: Outcome  # hits: the newer value won
+    designer: dict[int, Outcome]  # by K: the same facts asked in the third person
 
     @property
     def injected_total(self) -> dict[int, int]:
@@ -173,6 +175,10 @@ async def probe_server(
     hits = {k: 0 for k in turns}
     firsts = {k: 0 for k in turns}
     misses: dict[int, list[tuple[str, list[str]]]] = {k: [] for k in turns}
+    # The same questions as a designer asks them in a tool (third person).
+    designer_hits = {k: 0 for k in turns}
+    designer_firsts = {k: 0 for k in turns}
+    designer_misses: dict[int, list[tuple[str, list[str]]]] = {k: [] for k in turns}
     injected: dict[int, list[tuple[str, list[str]]]] = {k: [] for k in turns}
     won, lost = 0, []
 
@@ -191,15 +197,19 @@ async def probe_server(
             for turn in range(done, k):
                 await say(client, player, chatter[(index + turn) % len(chatter)])
             done = k
-            items = await recalled(client, player, fact["asked"])
-            # The fact in the player's words (its line, or a summary quoting it), or the
-            # fact memory made from that line (the chatter states no facts).
-            found = [wording in i["text"] or i["kind"] == "fact" for i in items]
-            if any(found):
-                hits[k] += 1
-                firsts[k] += found[0]
-            else:
-                misses[k].append((fact["asked"], [i["text"] for i in items]))
+            for question, found_in, first_in, missed_in in (
+                (fact["asked"], hits, firsts, misses),
+                (fact["designer"], designer_hits, designer_firsts, designer_misses),
+            ):
+                items = await recalled(client, player, question)
+                # The fact in the player's words (its line, or a summary quoting it), or
+                # the fact memory made from that line (the chatter states no facts).
+                found = [wording in i["text"] or i["kind"] == "fact" for i in items]
+                if any(found):
+                    found_in[k] += 1
+                    first_in[k] += found[0]
+                else:
+                    missed_in[k].append((question, [i["text"] for i in items]))
             if index < len(never):
                 items = await recalled(client, player, never[index])
                 injected[k].append((never[index], [i["text"] for i in items]))
@@ -241,6 +251,10 @@ async def probe_server(
         {k: Outcome(hits[k], len(told), misses[k], firsts[k]) for k in turns},
         injected,
         Outcome(won, len(pairs), lost),
+        {
+            k: Outcome(designer_hits[k], len(told), designer_misses[k], designer_firsts[k])
+            for k in turns
+        },
     )
 
 
@@ -281,12 +295,13 @@ def serve_and_probe(
 
 def print_server(outcome: ServerOutcome) -> None:
     for k, result in outcome.recall.items():
-        print(
-            f"server K={k:3d}  recall@3 {result.hits}/{result.total}"
-            f"  recall@1 {result.firsts}/{result.total}"
-        )
-        for question, recalled in result.misses:
-            print(f"    miss: {question!r} -> {recalled}")
+        for voice, found in (("player's", result), ("designer's", outcome.designer[k])):
+            print(
+                f"server K={k:3d}  {voice} questions: recall@3 {found.hits}/{found.total}"
+                f"  recall@1 {found.firsts}/{found.total}"
+            )
+            for question, recalled in found.misses:
+                print(f"    miss: {question!r} -> {recalled}")
         found = [(q, texts) for q, texts in outcome.injected[k] if texts]
         print(
             f"server K={k:3d}  never told: {outcome.injected_total[k]} memories recalled "
