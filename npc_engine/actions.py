@@ -157,3 +157,159 @@ def parse_action(output: str, actions: Sequence[GameActionSpec]) -> ChosenAction
                 return None
             args[param] = inner
     return ChosenAction(action.name, args)
+
+
+# -- choosing by meaning -------------------------------------------------------------------
+# The embedder decides most turns: the player's line is compared with each offered action's
+# example lines (and its description). A line near one action's examples, and clearly nearer
+# than any other action's, is that action, with no model call; a line near none is no action;
+# only lines near several (or near one whose arguments the line does not give) are put to the
+# model under the grammar of those few actions. Thresholds: config ``actions.*``, calibrated
+# by tools/action_probe.py on tests/probes/game_actions.yaml.
+
+_SMALL_NUMBERS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+]
+_NUMBER_WORDS = {word: value for value, word in enumerate(_SMALL_NUMBERS)}
+_NUMBER_WORDS.update(
+    {"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80}
+)
+_NUMBER_WORDS.update({"ninety": 90, "hundred": 100, "a hundred": 100, "dozen": 12, "a dozen": 12})
+_NUMBER = re.compile(
+    r"\b(\d{1,7}|(?:twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)[- ](?:one|two|three|"
+    r"four|five|six|seven|eight|nine)|a hundred|a dozen|" + "|".join(_NUMBER_WORDS) + r")\b",
+    re.IGNORECASE,
+)
+
+
+def numbers_in(text: str) -> list[int]:
+    """Whole numbers a player says, in digits or words ("five bits", "twenty-five", "12")."""
+    found = []
+    for match in _NUMBER.finditer(text):
+        word = match.group(1).lower()
+        if word.isdigit():
+            found.append(int(word))
+        elif word in _NUMBER_WORDS:
+            found.append(_NUMBER_WORDS[word])
+        else:
+            tens, ones = re.split(r"[- ]", word)
+            found.append(_NUMBER_WORDS[tens] + _NUMBER_WORDS[ones])
+    return found
+
+
+def _mentioned(value: str, text: str) -> bool:
+    words = value.replace("_", " ").replace("-", " ").lower()
+    return re.search(rf"\b{re.escape(words)}\b", text.lower()) is not None
+
+
+@dataclass(frozen=True)
+class LabelledLine:
+    """A line that means an action: one of its examples, or its own description."""
+
+    action: GameActionSpec
+    text: str
+    args: dict[str, str] = field(default_factory=dict)
+
+
+def labelled_lines(actions: Sequence[GameActionSpec]) -> list[LabelledLine]:
+    lines = []
+    for action in actions:
+        lines += [LabelledLine(action, e.say, dict(e.args)) for e in action.examples]
+        lines.append(LabelledLine(action, action_text(action)))
+    return lines
+
+
+def fill_args(
+    action: GameActionSpec, text: str, nearest: Sequence[LabelledLine]
+) -> dict[str, str | int] | None:
+    """The action's arguments from the player's line (a list value it names, a number in
+    range it says), else from its nearest examples that give them; None when one cannot be
+    known without the model."""
+    args: dict[str, str | int] = {}
+    for param, spec in action.params.items():
+        if isinstance(spec, list):
+            named = [value for value in spec if _mentioned(value, text)]
+            if len(named) == 1:
+                args[param] = named[0]
+                continue
+            given = [line.args[param] for line in nearest if param in line.args]
+            if not given:
+                return None
+            args[param] = given[0]
+        elif isinstance(spec, IntegerParam):
+            amounts = [n for n in numbers_in(text) if spec.min <= n <= spec.max]
+            if not amounts:
+                return None
+            args[param] = amounts[0]
+        else:
+            return None
+    return args
+
+
+@dataclass(frozen=True)
+class MeaningChoice:
+    """What the player's line means for the offered actions: ``decided`` when the meaning is
+    clear (an action, or None for no action); otherwise ``ask`` lists the close actions to
+    put to the model."""
+
+    decided: bool
+    action: ChosenAction | None = None
+    ask: list[GameActionSpec] = field(default_factory=list)
+    best: float = 0.0  # cosine of the nearest labelled line
+    margin: float = 0.0  # over the nearest line of another action
+
+
+def choose_by_meaning(
+    text: str,
+    line_vector: Sequence[float],
+    lines: Sequence[LabelledLine],
+    line_vectors: Sequence[Sequence[float]],
+    *,
+    near: float,
+    accept: float,
+    margin: float,
+) -> MeaningChoice:
+    import numpy as np
+
+    if not lines:
+        return MeaningChoice(decided=True)
+    scores = np.asarray(line_vectors, dtype=np.float32) @ np.asarray(line_vector)
+    order = [int(i) for i in np.argsort(-scores)]
+    best_of: dict[str, float] = {}
+    for index in order:
+        best_of.setdefault(lines[index].action.name, float(scores[index]))
+    ranked = sorted(best_of.items(), key=lambda item: -item[1])
+    top_name, top = ranked[0]
+    runner_up = ranked[1][1] if len(ranked) > 1 else -1.0
+    if top < near:
+        return MeaningChoice(decided=True, best=top, margin=top - runner_up)
+    close = [lines[i].action for i in order if float(scores[i]) >= near]
+    ask = list({a.name: a for a in close}.values())
+    if top >= accept and top - runner_up >= margin:
+        action = next(line.action for line in lines if line.action.name == top_name)
+        nearest = [lines[i] for i in order if lines[i].action.name == top_name]
+        args = fill_args(action, text, nearest)
+        if args is not None:
+            chosen = ChosenAction(action.name, args)
+            return MeaningChoice(True, chosen, best=top, margin=top - runner_up)
+    return MeaningChoice(decided=False, ask=ask, best=top, margin=top - runner_up)

@@ -355,6 +355,8 @@ def _turn_json(result: Any, ids: list[str]) -> dict[str, Any]:
         "prompt_tokens": result.prompt_tokens,
         "cached_tokens": result.cached_tokens,
         "completion_tokens": result.completion_tokens,
+        "game_action": result.game_action.as_dict() if result.game_action else None,
+        "game_action_by": result.action_by,  # "meaning" (the embedder), "model", or null
         "timings_ms": vars(result.timings),
         "memories": [
             {

@@ -108,12 +108,26 @@ class ActionConfig(BaseModel):
 
     enabled: bool = Field(True, description="Choose game actions after replies.")
     gate: float = Field(
-        0.15,
+        0.35,
         ge=-1,
         le=1,
-        description="Ask the model only about actions whose meaning (MiniLM cosine of the "
-        "action's name, description and words) is at least this near the player's line; "
-        "none near: no action, no model call. -1 asks about every offered action.",
+        description="An action is near the player's line when one of its example lines (or "
+        "its name, description and words) is at least this similar (MiniLM cosine); none "
+        "near: no action, no model call. -1 asks the model about every offered action.",
+    )
+    accept: float = Field(
+        0.5,
+        ge=-1,
+        le=1,
+        description="A line this similar to one action's example, and clearly nearer to it "
+        "than to any other action's (``margin``), is that action: no model call.",
+    )
+    margin: float = Field(
+        0.05,
+        ge=0,
+        le=2,
+        description="How much nearer the best action's example must be than any other "
+        "action's for the engine to decide alone; closer calls go to the model.",
     )
 
 

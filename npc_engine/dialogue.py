@@ -26,10 +26,10 @@ from npc_engine.actions import (
     ChosenAction,
     action_grammar,
     action_question,
-    action_text,
+    choose_by_meaning,
+    labelled_lines,
     offered_actions,
     parse_action,
-    plausible_actions,
 )
 from npc_engine.cleaning import StreamCleaner, strip_special_tokens
 from npc_engine.config import EngineConfig
@@ -150,6 +150,8 @@ class TurnResult:
     standing: Standing | None = None
     unlocked: tuple[str, ...] = ()
     game_action: ChosenAction | None = None
+    # Who chose it (or chose none): the embedder by meaning, or the model on a close call.
+    action_by: Literal["meaning", "model"] | None = None
     trimmed: str = ""  # what a max_tokens cut left out (an unfinished sentence)
     lore: list[ChosenLore] = field(default_factory=list)  # lorebook entries noted
     scene_turn: Turn | None = None  # in a scene: the line as a turn of the NPC's part
@@ -1122,7 +1124,7 @@ class DialogueEngine:
             spoken = result.reason in ("stop", "length") and result.text.strip()
             if spoken and not greeting and scene is None:
                 mark = time.perf_counter()
-                result.game_action = self._choose_action(
+                result.game_action, result.action_by = self._choose_action(
                     loaded, built, text, result.text, standing, params.cache_key, cancel
                 )
                 result.timings.action_ms = (time.perf_counter() - mark) * 1000
@@ -1184,22 +1186,35 @@ class DialogueEngine:
         standing: Standing,
         cache_key: str | None,
         cancel: threading.Event | None,
-    ) -> ChosenAction | None:
-        """After the spoken line: one of the declared actions, or None. Only actions whose
-        meaning is near the player's line are offered (a sentence-vector check, ~10 ms); the
-        model then answers under a grammar of those actions only, continuing the
-        conversation it just had (its KV cache holds it): the question and a few tokens."""
+    ) -> tuple[ChosenAction | None, Literal["meaning", "model"] | None]:
+        """After the spoken line: one of the declared actions, or None, and who chose. The
+        player's line is compared by meaning with the actions' examples
+        (``actions.choose_by_meaning``, ~10 ms): a clear match, or no match, decides. Only
+        on a close call is the model asked, under a grammar of the close actions only,
+        continuing the conversation it just had (its KV cache holds it): the question and
+        a few tokens."""
         if not self.config.actions.enabled:
-            return None
+            return None, None
+        settings = self.config.actions
         offered = offered_actions(loaded.persona, loaded.world, standing.facts())
-        if offered and self.embed is not None and self.config.actions.gate > -1:
-            vectors = self._action_vectors(offered)
+        if offered and self.embed is not None and settings.gate > -1:
             # The player's line alone: what was asked for is the clearest sign of an
             # action (measured on the labelled set; a small model's reply adds noise).
-            exchange = self.embed([player_text])[0]
-            offered = plausible_actions(exchange, vectors, offered, self.config.actions.gate)
+            lines = labelled_lines(offered)
+            choice = choose_by_meaning(
+                player_text,
+                self.embed([player_text])[0],
+                lines,
+                self._vectors_of([line.text for line in lines]),
+                near=settings.gate,
+                accept=settings.accept,
+                margin=settings.margin,
+            )
+            if choice.decided:
+                return choice.action, "meaning"
+            offered = choice.ask
         if not offered:
-            return None
+            return None, None
         messages = [
             *built.messages,
             {"role": "assistant", "content": reply},
@@ -1219,15 +1234,14 @@ class DialogueEngine:
             stats = self.generator.generate(rendered, params, answer.append, cancel)
         except Exception as exc:  # no action is always a safe answer
             log.warning("choosing a game action failed for %s: %s", loaded.persona.name, exc)
-            return None
+            return None, "model"
         if stats.finish_reason != "stop":
-            return None
-        return parse_action("".join(answer), offered)
+            return None, "model"
+        return parse_action("".join(answer), offered), "model"
 
-    def _action_vectors(self, actions: Sequence[Any]) -> list[Any]:
-        """Sentence vectors of actions' meanings, computed once per text."""
+    def _vectors_of(self, texts: Sequence[str]) -> list[Any]:
+        """Sentence vectors of actions' meanings and examples, computed once per text."""
         assert self.embed is not None
-        texts = [action_text(action) for action in actions]
         missing = [t for t in texts if t not in self._action_vector_cache]
         if missing:
             for text, vector in zip(missing, self.embed(missing), strict=True):

@@ -250,6 +250,21 @@ ActionParam = (
 )
 
 
+class ActionExample(_Strict):
+    """A player line after which the NPC does the action. A plain string is short for
+    ``{say: ...}``. ``args`` names the value of each list parameter this line asks for;
+    numbers are read from the player's line ("five bits")."""
+
+    say: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=300)]
+    args: dict[ActionWord, ActionWord] = Field(default_factory=dict, max_length=4)
+
+
+ActionExampleEntry = Annotated[
+    ActionExample,
+    BeforeValidator(_short_form("say"), json_schema_input_type=str | ActionExample),
+]
+
+
 class GameActionSpec(_Strict):
     """Something the NPC can do in the game; ``reply.end.game_action`` names it when the
     NPC does it. Parameters: a list of words (one of them), {min, max} (an integer) or
@@ -263,6 +278,26 @@ class GameActionSpec(_Strict):
     when: ConditionText | None = Field(
         None, description="Offered only while this condition holds (same language as reveal_when)."
     )
+    examples: list[ActionExampleEntry] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Player lines after which the NPC does this (with the list parameters' "
+        "values): the engine decides by their meaning, without asking the model, when a "
+        "line is near one of them.",
+    )
+
+    def model_post_init(self, _context: Any) -> None:
+        for example in self.examples:
+            for param, value in example.args.items():
+                spec = self.params.get(param)
+                if not isinstance(spec, list):
+                    raise ValueError(
+                        f"example {example.say!r}: {param!r} is not a list parameter of {self.name}"
+                    )
+                if value not in spec:
+                    raise ValueError(
+                        f"example {example.say!r}: {value!r} is not one of {param}: {spec}"
+                    )
 
 
 def _unique_actions(actions: list[GameActionSpec]) -> list[GameActionSpec]:
