@@ -277,6 +277,16 @@ class MeaningChoice:
     ask: list[GameActionSpec] = field(default_factory=list)
     best: float = 0.0  # cosine of the nearest labelled line
     margin: float = 0.0  # over the nearest line of another action
+    # On a close call, what the meaning points to: the nearest action, with the arguments
+    # known from the line or its examples. The model's answer counts only if it agrees.
+    guess: ChosenAction | None = None
+
+    def agrees(self, answer: ChosenAction | None) -> bool:
+        """The model's answer on a close call agrees with the meaning: the same action, and
+        the same value for every argument the meaning knows."""
+        if answer is None or self.guess is None or answer.name != self.guess.name:
+            return False
+        return all(answer.args.get(k) == v for k, v in self.guess.args.items())
 
 
 def choose_by_meaning(
@@ -305,11 +315,12 @@ def choose_by_meaning(
         return MeaningChoice(decided=True, best=top, margin=top - runner_up)
     close = [lines[i].action for i in order if float(scores[i]) >= near]
     ask = list({a.name: a for a in close}.values())
-    if top >= accept and top - runner_up >= margin:
-        action = next(line.action for line in lines if line.action.name == top_name)
-        nearest = [lines[i] for i in order if lines[i].action.name == top_name]
-        args = fill_args(action, text, nearest)
-        if args is not None:
-            chosen = ChosenAction(action.name, args)
-            return MeaningChoice(True, chosen, best=top, margin=top - runner_up)
-    return MeaningChoice(decided=False, ask=ask, best=top, margin=top - runner_up)
+    action = next(line.action for line in lines if line.action.name == top_name)
+    nearest = [lines[i] for i in order if lines[i].action.name == top_name]
+    args = fill_args(action, text, nearest)
+    if top >= accept and top - runner_up >= margin and args is not None:
+        chosen = ChosenAction(action.name, args)
+        return MeaningChoice(True, chosen, best=top, margin=top - runner_up)
+    known = {k: v for k, v in (args or {}).items() if isinstance(action.params[k], list)}
+    guess = ChosenAction(action.name, known)
+    return MeaningChoice(False, ask=ask, best=top, margin=top - runner_up, guess=guess)

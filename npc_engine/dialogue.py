@@ -1196,6 +1196,7 @@ class DialogueEngine:
         if not self.config.actions.enabled:
             return None, None
         settings = self.config.actions
+        choice = None
         offered = offered_actions(loaded.persona, loaded.world, standing.facts())
         if offered and self.embed is not None and settings.gate > -1:
             # The player's line alone: what was asked for is the clearest sign of an
@@ -1237,7 +1238,12 @@ class DialogueEngine:
             return None, "model"
         if stats.finish_reason != "stop":
             return None, "model"
-        return parse_action("".join(answer), offered), "model"
+        chosen = parse_action("".join(answer), offered)
+        if choice is not None and not choice.agrees(chosen):
+            # Never act on a guess the meaning does not back: a small model on a close call
+            # picked give_item(room_key) for "Is the stew any good tonight?".
+            return None, "model"
+        return chosen, "model"
 
     def _vectors_of(self, texts: Sequence[str]) -> list[Any]:
         """Sentence vectors of actions' meanings and examples, computed once per text."""

@@ -104,5 +104,5 @@ def test_the_embedder_alone_on_both_labelled_sets(tmp_path: Path) -> None:
     assert labelled.right / labelled.total >= 0.78, labelled.wrong
     assert labelled.false_actions == 0, labelled.wrong
     assert held_out.right / held_out.total >= 0.55, held_out.wrong
-    assert held_out.false_actions / held_out.quiet <= 0.05, held_out.wrong
+    assert held_out.false_actions / held_out.quiet <= 0.1, held_out.wrong
     assert labelled.decided / labelled.total >= 0.75  # most lines need no model call

@@ -376,8 +376,16 @@ def test_no_action_question_when_nothing_declared_is_near(sample_personas: Path)
     )
     engine.say("mara", "Lovely weather today.")
     assert generator.action_prompts == []
-    near = engine.say("mara", "hand something over: give item room key ale")
+    # Bag-of-words vectors are not MiniLM's: a lower bar for "near", and every near line a
+    # close call, so that the model is asked.
+    engine.config.actions.gate, engine.config.actions.accept = 0.15, 1.0
+    near = engine.say("mara", "hand something over: give item ale")
     assert len(generator.action_prompts) == 1 and near.game_action is not None
+    assert near.action_by == "model"
+    # On a close call the model's answer counts only when the meaning backs it: the line
+    # names the room key, the model says ale.
+    crossed = engine.say("mara", "hand something over: give item room key")
+    assert len(generator.action_prompts) == 2 and crossed.game_action is None
 
 
 def test_warm_without_a_kv_cache_reports_nothing_to_do(sample_personas: Path) -> None:
