@@ -44,6 +44,14 @@ _BOILERPLATE = (
     "i'm a language model",
     "i am just an ai",
     "i'm just an ai",
+    # what a small chat model says when it forgets the character (seen in tools/eval.py)
+    "how can i assist you",
+    "how may i assist you",
+    "i'm sorry, but i can't assist",
+    "i'm sorry, but i cannot assist",
+    "i can't assist with that",
+    "i cannot assist with that",
+    "is there anything else i can assist",
 )
 _SENTENCE_END = ".!?"
 

@@ -27,6 +27,10 @@ def test_ai_boilerplate_sentence_is_dropped() -> None:
     text = clean(["Well. As an AI", " language model, I cannot", " say. But the inn is open."])
     assert text == "Well. But the inn is open."
     assert clean(["As an aide to the duke, I know."]) == "As an aide to the duke, I know."
+    # A small model forgetting the character (tools/eval.py saw both from the 0.5B).
+    said = ["Old Wren sells remedies. I'm sorry, but I can't ", "assist with that."]
+    assert clean(said) == "Old Wren sells remedies."
+    assert clean(["Welcome, love! How can I assist", " you today?"]) == "Welcome, love!"
 
 
 def test_trailing_whitespace_is_not_emitted() -> None:

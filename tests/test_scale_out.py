@@ -32,14 +32,14 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaSe
         yield server
 
 
-def test_model_path() -> Path:
+def tiny_model_path() -> Path:
     return ModelCache(load_config().cache_dir).path_of(MODELS[TINY_CHAT_MODEL])
 
 
 @pytest.fixture(scope="module")
 def generation_server() -> Iterator[str]:
     """llama-cpp-python's OpenAI-compatible server on the tiny test model."""
-    with servers.llama_cpp_server(test_model_path(), 4096) as url:
+    with servers.llama_cpp_server(tiny_model_path(), 4096) as url:
         yield url
 
 
@@ -52,7 +52,7 @@ def llama_server(llama_server_build_log: str) -> Iterator[str]:
         pytest.fail(
             f"llama-server is not built: run tools/build_llama_server.sh\n{llama_server_build_log}"
         )
-    with servers.llama_server(binary, test_model_path(), 2, 2048) as url:
+    with servers.llama_server(binary, tiny_model_path(), 2, 2048) as url:
         yield url
 
 

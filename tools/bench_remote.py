@@ -63,10 +63,12 @@ def target_remote(root: Path, report: Any, row: Any, config: Any, quick: bool) -
         with llama_server(binary, model, 2, config.n_ctx) as url:
             _prefix_and_first_token(root, report, row, config, url, turns)
         rounds = 1 if quick else 6
+        # --quick checks that it runs: 4 conversations (one per sample NPC), not 16.
+        conversations = 4 if quick else CONVERSATIONS
         with chroma_server(root / "chroma-fleet") as chroma:
-            _replicas(root, report, row, binary, model, chroma.url, config, rounds)
+            _replicas(root, report, row, binary, model, chroma.url, config, rounds, conversations)
     with chroma_server(root / "chroma-retrieval") as chroma:
-        _retrieval(root, report, row, chroma.url, 1_000 if quick else 10_000)
+        _retrieval(root, report, row, chroma.url, 200 if quick else 10_000)
 
 
 def _prefix_and_first_token(
@@ -199,8 +201,8 @@ def _prefix_and_first_token(
         )
 
 
-async def _conversations(urls: list[str], turns: int, tag: str) -> int:
-    """16 conversations spread over ``urls``, ``turns`` says each; tokens generated."""
+async def _conversations(urls: list[str], turns: int, tag: str, count: int) -> int:
+    """``count`` conversations spread over ``urls``, ``turns`` says each; tokens generated."""
     from npc_engine.client import NpcClient
 
     npcs = ["mara", "guard_tom", "wren", "ysolde"]
@@ -217,7 +219,7 @@ async def _conversations(urls: list[str], turns: int, tag: str) -> int:
                 tokens += int((end.get("usage") or {}).get("completion_tokens", 0))
         return tokens
 
-    return sum(await asyncio.gather(*(one(i) for i in range(CONVERSATIONS))))
+    return sum(await asyncio.gather(*(one(i) for i in range(count))))
 
 
 def _replicas(
@@ -229,16 +231,17 @@ def _replicas(
     memory_url: str,
     config: Any,
     rounds: int,
+    conversations: int = CONVERSATIONS,
 ) -> None:
     one_rates: list[float] = []
     two_rates: list[float] = []
-    with llama_server(binary, model, CONVERSATIONS, config.n_ctx) as url:
+    with llama_server(binary, model, conversations, config.n_ctx) as url:
         settings = {
             "NPC_ENGINE_GENERATION__BACKEND": "openai",
             "NPC_ENGINE_GENERATION__URL": url,
             "NPC_ENGINE_MODEL": str(model),  # rendered and counted with the server's vocabulary
             "NPC_ENGINE_MEMORY__URL": memory_url,
-            "NPC_ENGINE_PARALLEL": str(CONVERSATIONS),
+            "NPC_ENGINE_PARALLEL": str(conversations),
             "NPC_ENGINE_N_CTX": str(config.n_ctx),
             "NPC_ENGINE_TEMPERATURE": "0.8",
             # Replicas here share 2 cores with llama-server: one embedder thread each (with
@@ -258,13 +261,14 @@ def _replicas(
             for name in ("replica-a", "replica-b")
         )
         try:
-            asyncio.run(_conversations([first.url], 1, "warm"))  # heads read, once
+            asyncio.run(_conversations([first.url], 1, "warm", conversations))  # heads read
             for round_index in range(rounds):
                 # Alternating which goes first, so both see the same machine load.
                 order = [("one", [first.url]), ("two", [first.url, second.url])]
                 for label, urls in order if round_index % 2 == 0 else order[::-1]:
                     started = time.perf_counter()
-                    tokens = asyncio.run(_conversations(urls, 2, f"{label}{round_index}-"))
+                    tag = f"{label}{round_index}-"
+                    tokens = asyncio.run(_conversations(urls, 2, tag, conversations))
                     rate = tokens / (time.perf_counter() - started)
                     (one_rates if label == "one" else two_rates).append(rate)
         finally:
@@ -278,8 +282,8 @@ def _replicas(
     report.rows.append(
         row(
             "16 scale-out",
-            f"{CONVERSATIONS} concurrent conversations on one llama-server (-np "
-            f"{CONVERSATIONS}), memories on a Chroma server: two engine replicas vs one, "
+            f"{conversations} concurrent conversations on one llama-server (-np "
+            f"{conversations}), memories on a Chroma server: two engine replicas vs one, "
             f"aggregate tokens/s (medians; ratio: median of {len(one_rates)} paired runs)",
             "2 replicas tokens/s",
             two,
