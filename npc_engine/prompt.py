@@ -187,8 +187,16 @@ def render_persona(
 
 
 def player_message(player_id: str, text: str) -> str:
-    """How a player's line is marked as the player's words (also in earlier turns)."""
+    """A player's line in a scene, where others speak too: marked with who says it."""
     return f'The player ({player_id}) says: "{text}"'
+
+
+def player_line(text: str) -> str:
+    """A player's line one to one: the message's role says who speaks, the quotes that it
+    is speech. Measured with tools/eval.py on the 0.5B default: with "The player (id)
+    says:" before every line it often answered as the player or said the line back (knows
+    itself 6 of 12 on the bounded run); quoted alone, 10 of 12."""
+    return f'"{text}"'
 
 
 def greeting_message(player_id: str) -> str:
@@ -199,7 +207,7 @@ def greeting_message(player_id: str) -> str:
 def _said(speaker: str, text: str, greeting: bool, heard: str = "") -> str:
     if heard:
         return heard
-    return greeting_message(speaker) if greeting else player_message(speaker, text)
+    return greeting_message(speaker) if greeting else player_line(text)
 
 
 def _user_content(notes: str, said: str, heard: str) -> str:

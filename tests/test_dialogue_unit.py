@@ -60,7 +60,7 @@ def test_prompt_order_and_stable_history_prefix(sample_personas: Path) -> None:
     example_at = second.index("Any rooms free tonight?")
     history_at = second.index('"Hello there"<|im_end|>')
     block_at = second.index("(Things you remember")
-    line_at = second.index('says: "Tell me about the fog"')
+    line_at = second.index('"Tell me about the fog"')
     assert world_at < persona_at < example_at < history_at < block_at < line_at
     # Turn one's own exchange is in the history: its memories are not repeated as notes,
     # and the unchanged game context is not repeated either.
@@ -118,8 +118,8 @@ def test_budget_drops_oldest_turns_first(sample_personas: Path) -> None:
     result = engine.say("mara", "Final question", player_id="p1")
     assert result.dropped.get("turns", 0) > 0
     assert result.prompt_tokens <= 1200
-    assert 'says: "Question number 7' in result.prompt
-    assert 'says: "Question number 0' not in result.prompt  # dropped as a turn
+    assert '"Question number 7' in result.prompt
+    assert '"Question number 0' not in result.prompt  # dropped as a turn
 
 
 def test_generation_failure_uses_fallback_line(sample_personas: Path) -> None:

@@ -192,7 +192,9 @@ def test_the_protocol_walk_passes_on_llama_server_with_token_prompts_and_slots(
         async with await NpcClient.connect(engines[0].url) as client:
             return [await reply_of(client, who, line) for line in ("Hello.", "A room?", "Ale?")]
 
-    usage: list[dict[str, int]] = [end["usage"] for end in asyncio.run(warm_turns())]  # type: ignore[misc]
+    ends = asyncio.run(warm_turns())
+    assert all(end.get("error") is None for end in ends), ends
+    usage: list[dict[str, int]] = [end["usage"] for end in ends]  # type: ignore[misc]
     # llama-server's own count: the conversation's earlier turns were read from its slot.
     assert all(u["cached_tokens"] > 0.5 * u["prompt_tokens"] for u in usage[1:]), usage
 

@@ -127,10 +127,11 @@ def test_control_tokens_from_clients_never_become_prompt_structure(
 
     hostile_text, hostile_tokens = build(HOSTILE)
     _benign_text, benign_tokens = build("harmless words")
-    assert hostile_text.count("<|im_start|>system") == 5  # the template's one + four typed
+    # the template's one + three typed (a one-to-one prompt does not show the player id)
+    assert hostile_text.count("<|im_start|>system") == 4
     expected = control_tokens(generator, benign_tokens)
     assert len(expected) >= 4  # system, user, assistant headers and ends
     assert control_tokens(generator, hostile_tokens) == expected
     # Whole-text tokenization (what the engine did before) would have parsed them.
     whole = generator.tokenize(hostile_text, add_bos=False)
-    assert len(control_tokens(generator, whole)) == len(expected) + 8
+    assert len(control_tokens(generator, whole)) == len(expected) + 6

@@ -93,7 +93,9 @@ def spelled(secret: str) -> str:
 
 
 def player_line(prompt: str) -> str:
-    said = re.findall(r'says: "(.*?)"<\|im_end\|>', prompt, re.DOTALL)
+    """The last player line of a ChatML prompt (one to one: ``"…"`` on its own line; in a
+    scene: ``The player (id) says: "…"``)."""
+    said = re.findall(r'^(?:.* says: )?"(.*)"<\|im_end\|>$', prompt, re.MULTILINE)
     return said[-1] if said else ""
 
 
