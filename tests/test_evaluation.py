@@ -151,7 +151,10 @@ def test_the_default_model_stays_in_character_knows_itself_and_uses_what_it_was_
         if not v.passed
     )
     scores = run.scores
+    # Measured on this subset (docs/models.md): in character 24/24, knows itself 10/12,
+    # uses what it was told 2/2, 2 replies with a loop, 23/24 ended by itself.
     assert scores.in_character == 1.0, failed
-    assert scores.share("knows_self") >= 0.75, failed
+    assert scores.share("knows_self") >= 8 / 12, failed
     assert scores.share("uses_told") >= 0.5, failed
-    assert scores.loops <= 2, failed
+    assert scores.loops <= 4, failed
+    assert scores.ends_by_itself >= 0.85, failed
