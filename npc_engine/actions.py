@@ -52,22 +52,6 @@ def action_text(action: GameActionSpec) -> str:
     return " ".join([action.name.replace("_", " ") + ":", action.description, *words])
 
 
-def plausible_actions(
-    exchange_vector: Sequence[float],
-    action_vectors: Sequence[Sequence[float]],
-    actions: Sequence[GameActionSpec],
-    threshold: float,
-) -> list[GameActionSpec]:
-    """The actions whose meaning is near the exchange (cosine of unit vectors): the model is
-    asked only about these, and not at all when none is near (most turns)."""
-    import numpy as np
-
-    if not actions:
-        return []
-    scores = np.asarray(action_vectors, dtype=np.float32) @ np.asarray(exchange_vector)
-    return [a for a, score in zip(actions, scores, strict=True) if float(score) >= threshold]
-
-
 def _literal(text: str) -> str:
     return json.dumps(text)  # a GBNF string literal is a JSON string
 
