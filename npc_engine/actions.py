@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -61,7 +62,9 @@ def _param_rule(spec: list[str] | IntegerParam | TextParam) -> str:
         return " | ".join(_literal(word) for word in spec)
     if isinstance(spec, IntegerParam):
         return '"-"? [0-9]{1,7}'
-    return f'"\\"" [^"\\\\\\n]{{0,{spec.max_length}}} "\\""'
+    # No quote, backslash or control character (GBNF escapes; NUL ends llama.cpp's
+    # strings, so the range starts at 0x01: parse_action strips whatever else comes).
+    return f'"\\"" [^"\\\\\\x01-\\x1f\\x7f]{{0,{spec.max_length}}} "\\""'
 
 
 def action_grammar(actions: Sequence[GameActionSpec]) -> str:
@@ -103,6 +106,19 @@ def action_question(npc_name: str, actions: Sequence[GameActionSpec]) -> str:
     return "\n".join(lines)
 
 
+def plain_text(text: str) -> str:
+    """``text`` as a game may show it: control and format characters (terminal escapes,
+    carriage returns, bidi overrides, zero-width marks) taken out, spaces collapsed."""
+    kept = []
+    for char in text:
+        category = unicodedata.category(char)
+        if category == "Cc":
+            kept.append(" " if char.isspace() else "")
+        elif not category.startswith("C"):  # Cf, Cs, Co, Cn: format, surrogate, unassigned
+            kept.append(char)
+    return " ".join("".join(kept).split())
+
+
 _CALL = re.compile(r"^([a-z][a-z0-9_]*)\((.*)\)$", re.DOTALL)
 _ARG = re.compile(r'\s*([A-Za-z0-9_-]+)=("(?:[^"\\\n])*"|[^,"]+)\s*(?:,|$)')
 
@@ -137,7 +153,10 @@ def parse_action(output: str, actions: Sequence[GameActionSpec]) -> ChosenAction
             if not (value.startswith('"') and value.endswith('"')):
                 return None
             inner = value[1:-1]
-            if len(inner) > spec.max_length or not inner.strip():
+            if len(inner) > spec.max_length:
+                return None
+            inner = plain_text(inner)
+            if not inner:
                 return None
             args[param] = inner
     return ChosenAction(action.name, args)

@@ -135,7 +135,7 @@ def _openai(config: EngineConfig, progress: Progress) -> Generator:
     tokenizer = config.model_copy(update={"model": settings.tokenizer or config.model})
     model_path, chat_format = resolve_chat_model(tokenizer, progress)
     vocabulary = load_vocabulary(model_path)
-    return OpenAIGenerator(
+    generator = OpenAIGenerator(
         url=settings.url,
         api_key=api_key,
         model=settings.model,
@@ -149,6 +149,14 @@ def _openai(config: EngineConfig, progress: Progress) -> Generator:
         slots=settings.slots,
         parallel=config.parallel,
     )
+    try:
+        # send: tokens to a server that takes text only is a configuration error: said
+        # now, naming the setting, not as an outage on every turn.
+        generator.check_server()
+    except BaseException:
+        generator.close()
+        raise
+    return generator
 
 
 @generator_backend("scripted")

@@ -22,16 +22,28 @@ import binascii
 import io
 import itertools
 import json
+import math
+import os
 import re
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from npc_engine.errors import NpcEngineError
-from npc_engine.persona.model import LORE_ID_PATTERN, NPC_ID_PATTERN, Persona, WorldLore
+from npc_engine.persona.model import (
+    LORE_ID_PATTERN,
+    NPC_ID_PATTERN,
+    LoreFile,
+    Persona,
+    WorldLore,
+)
+from npc_engine.persona.yaml_source import MAX_FILE_BYTES as MAX_YAML_BYTES
 
 MAX_CARD_BYTES = 16 << 20  # a card with a big lorebook is a few MB; more is not a card
 PLAYER_WORDS = "the player"
@@ -111,73 +123,204 @@ class CardData(_Loose):
 
 
 # -- reading -----------------------------------------------------------------------------
+# A card comes from outside: every size is bounded after decompression, every failure is a
+# CardError naming the file and the field, never a traceback.
+
+MAX_CARD_FILE_BYTES = MAX_CARD_BYTES * 2  # a PNG carries the card twice (ccv3 and chara)
+MAX_TEXT_BYTES = MAX_CARD_BYTES * 4 // 3 + 4  # a base64 chunk of the largest card
+MAX_JSON_DEPTH = 64  # a card is a few levels deep; its extensions a few more
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CARD_CHUNKS = ("ccv3", "chara")  # in the order readers prefer them
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / (1 << 20):g} MB"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _dotted(parts: list[str | int]) -> str:
+    return ".".join(str(part) for part in parts)
+
+
+def _check_tree(path: Path, where: str, value: Any) -> None:
+    """Nested at most MAX_JSON_DEPTH deep (YAML writing and reading recurse), and no lone
+    surrogate (``"\\ud800"`` is valid JSON and cannot be written as UTF-8)."""
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    while stack:
+        node, at = stack.pop()
+        if len(at) > MAX_JSON_DEPTH:
+            field_name = _dotted(at[:4]) or where
+            raise CardError(path, field_name, f"nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                raise CardError(path, _dotted(at) or where, "text with an invalid character")
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                if _SURROGATE.search(key):
+                    raise CardError(path, _dotted(at) or where, "a name with an invalid character")
+                stack.append((item, [*at, key]))
+        elif isinstance(node, list):
+            stack.extend((item, [*at, index]) for index, item in enumerate(node))
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise CardError(path, _dotted(at) or where, "a number too large")
 
 
 def _json_of(path: Path, raw: bytes, where: str) -> dict[str, Any]:
+    if len(raw) > MAX_CARD_BYTES:
+        raise CardError(path, where, f"larger than {_megabytes(MAX_CARD_BYTES)}")
     try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CardError(path, where, f"not valid JSON ({exc})") from None
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise CardError(path, where, "not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit number
+        reason = str(exc)
+        if "digits" in reason:
+            reason = "a number with too many digits"
+        raise CardError(path, where, f"not valid JSON ({reason})") from None
     if not isinstance(value, dict):
         raise CardError(path, where, "a card is a JSON object")
+    _check_tree(path, where, value)
     return value
 
 
-def _from_png(path: Path) -> dict[str, Any]:
-    from PIL import Image, PngImagePlugin
-
-    # Pillow refuses text chunks over 1 MB (a guard against decompression bombs); a card
-    # with a big lorebook needs more, and MAX_CARD_BYTES still bounds it.
-    PngImagePlugin.MAX_TEXT_CHUNK = MAX_CARD_BYTES
+def _inflate(path: Path, where: str, data: bytes, limit: int) -> bytes:
+    """zlib data, refused past ``limit`` bytes uncompressed (a bomb stops there)."""
+    inflater = zlib.decompressobj()
     try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                raise CardError(path, "(file)", f"not a PNG image ({image.format})")
-            chunks = dict(getattr(image, "text", {}) or {})
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise CardError(path, "(file)", f"not a readable PNG ({exc})") from None
-    for chunk in ("ccv3", "chara"):
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise CardError(path, where, f"damaged compressed text ({exc})") from None
+    if len(out) > limit:
+        raise CardError(path, where, f"more than {_megabytes(limit)} uncompressed")
+    if not inflater.eof:
+        raise CardError(path, where, "damaged compressed text (it ends early)")
+    return out
+
+
+def _png_text(path: Path, kind: bytes, body: bytes) -> tuple[str, str] | None:
+    """(keyword, text) of a tEXt, zTXt or iTXt chunk; None when it is not a card chunk
+    (other chunks are never decompressed)."""
+    keyword, sep, rest = body.partition(b"\0")
+    if not sep or keyword.decode("latin-1") not in CARD_CHUNKS:
+        return None
+    name = keyword.decode("latin-1")
+    where = f"{name} chunk"
+    if kind == b"tEXt":
+        return name, rest.decode("latin-1")
+    if kind == b"zTXt":
+        if rest[:1] != b"\0":
+            raise CardError(path, where, "unknown compression method")
+        return name, _inflate(path, where, rest[1:], MAX_TEXT_BYTES).decode("latin-1")
+    # iTXt: compression flag, method, language tag \0, translated keyword \0, UTF-8 text
+    if len(rest) < 2:
+        raise CardError(path, where, "a damaged iTXt chunk")
+    compressed, method = rest[0], rest[1]
+    _language, sep1, rest = rest[2:].partition(b"\0")
+    _translated, sep2, text = rest.partition(b"\0")
+    if not (sep1 and sep2):
+        raise CardError(path, where, "a damaged iTXt chunk")
+    if compressed:
+        if method != 0:
+            raise CardError(path, where, "unknown compression method")
+        text = _inflate(path, where, text, MAX_TEXT_BYTES)
+    return name, text.decode("utf-8", "replace")
+
+
+def _png_card_chunks(path: Path, raw: bytes) -> dict[str, str]:
+    """The card text chunks of a PNG, read by walking its chunk stream (length, type, data,
+    CRC) without decoding a pixel. Hand-written because Pillow, the PNG library here, gives
+    text chunks only from ``Image.open(...).text``, which decodes the whole image first (a
+    343 KB PNG of 9400×9400 pixels cost 1.6 s and 375 MB, APNG frames more), and its limit
+    on text chunks is a setting for the whole process (``PngImagePlugin.MAX_TEXT_CHUNK``)."""
+    found: dict[str, str] = {}
+    position = len(PNG_SIGNATURE)
+    while position < len(raw):
+        if position + 12 > len(raw):
+            raise CardError(path, "(file)", "not a readable PNG (a chunk is cut short)")
+        length, kind = struct.unpack(">I4s", raw[position : position + 8])
+        start, end = position + 8, position + 8 + length
+        if end + 4 > len(raw):
+            raise CardError(path, "(file)", "not a readable PNG (a chunk is cut short)")
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            body = raw[start:end]
+            (crc,) = struct.unpack(">I", raw[end : end + 4])
+            if zlib.crc32(raw[position + 4 : end]) != crc:
+                raise CardError(path, "(file)", f"not a readable PNG (a damaged {kind.decode()})")
+            text = _png_text(path, kind, body)
+            if text is not None and text[0] not in found:
+                found[text[0]] = text[1]
+        if kind == b"IEND":
+            break
+        position = end + 4
+    return found
+
+
+def _from_png(path: Path, raw: bytes) -> dict[str, Any]:
+    chunks = _png_card_chunks(path, raw)
+    for chunk in CARD_CHUNKS:
         if chunk in chunks:
+            where = f"{chunk} chunk"
             try:
-                raw = base64.b64decode(chunks[chunk], validate=False)
+                decoded = base64.b64decode(chunks[chunk], validate=False)
             except (binascii.Error, ValueError) as exc:
-                raise CardError(path, f"{chunk} chunk", f"not base64 ({exc})") from None
-            return _json_of(path, raw, f"{chunk} chunk")
+                raise CardError(path, where, f"not base64 ({exc})") from None
+            return _json_of(path, decoded, where)
     raise CardError(path, "(file)", "a PNG without a character card (no ccv3 or chara chunk)")
 
 
-def _from_charx(path: Path) -> dict[str, Any]:
+def _from_charx(path: Path, raw: bytes) -> dict[str, Any]:
+    where = "card.json"
     try:
-        with zipfile.ZipFile(path) as archive:
-            try:
-                info = archive.getinfo("card.json")
-            except KeyError:
-                raise CardError(path, "card.json", "the CHARX archive has no card.json") from None
-            if info.file_size > MAX_CARD_BYTES:
-                raise CardError(path, "card.json", f"larger than {MAX_CARD_BYTES >> 20} MB")
-            raw = archive.read(info)
-    except zipfile.BadZipFile as exc:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
         raise CardError(path, "(file)", f"not a CHARX (zip) archive ({exc})") from None
-    return _json_of(path, raw, "card.json")
+    with archive:
+        try:
+            info = archive.getinfo(where)
+        except KeyError:
+            raise CardError(path, where, "the CHARX archive has no card.json") from None
+        if info.file_size > MAX_CARD_BYTES:
+            raise CardError(path, where, f"larger than {_megabytes(MAX_CARD_BYTES)}")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CardError(path, where, "compressed with a method CHARX does not use")
+        try:
+            with archive.open(info) as member:
+                data = member.read(MAX_CARD_BYTES + 1)  # bounded whatever the header says
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, ValueError) as exc:
+            raise CardError(path, where, f"damaged in the archive ({exc})") from None
+        except NotImplementedError as exc:
+            raise CardError(path, where, f"not readable ({exc})") from None
+    return _json_of(path, data, where)
 
 
 def read_card(path: Path) -> dict[str, Any]:
     """The card's JSON object, from any of the three containers (chosen by content)."""
     if not path.is_file():
         raise CardError(path, "(file)", "no such file")
-    if path.stat().st_size > MAX_CARD_BYTES * 2:
-        raise CardError(path, "(file)", f"larger than {MAX_CARD_BYTES >> 19} MB")
-    head = path.read_bytes()[:8]
-    if head.startswith(b"\x89PNG"):
-        return _from_png(path)
-    if head.startswith(b"PK"):
-        return _from_charx(path)
-    return _json_of(path, path.read_bytes(), "(file)")
+    try:
+        with path.open("rb") as stream:
+            size = os.fstat(stream.fileno()).st_size  # read() of a limit allocates it all
+            raw = stream.read(min(size, MAX_CARD_FILE_BYTES) + 1)
+    except OSError as exc:
+        raise CardError(path, "(file)", f"cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CARD_FILE_BYTES:
+        raise CardError(path, "(file)", f"larger than {_megabytes(MAX_CARD_FILE_BYTES)}")
+    if raw.startswith(PNG_SIGNATURE):
+        return _from_png(path, raw)
+    if raw.startswith(b"PK"):
+        return _from_charx(path, raw)
+    return _json_of(path, raw, "(file)")
 
 
 def card_data(path: Path, card: dict[str, Any]) -> tuple[CardData, str]:
     """The card's data and its spec (V1 cards have their fields at the top level)."""
-    spec = str(card.get("spec", "chara_card_v1"))
+    spec = card.get("spec", "chara_card_v1")
+    if not isinstance(spec, str) or len(spec) > 100:
+        raise CardError(path, "spec", "should be a short string ('chara_card_v3')")
     data = card.get("data") if "data" in card else card
     prefix = "data." if "data" in card else ""
     if not isinstance(data, dict):
@@ -189,17 +332,22 @@ def card_data(path: Path, card: dict[str, Any]) -> tuple[CardData, str]:
         where = prefix + ".".join(str(part) for part in error["loc"])
         message = "required field is missing" if error["type"] == "missing" else error["msg"]
         raise CardError(path, where or "data", message) from None
+    except RecursionError:  # _check_tree bounds the depth; this is a second line
+        raise CardError(path, "data", "nested too deeply") from None
 
 
 # -- card → persona ----------------------------------------------------------------------
 
 _CHAR = re.compile(r"\{\{char\}\}|<BOT>", re.IGNORECASE)
 _USER = re.compile(r"\{\{user\}\}|<USER>", re.IGNORECASE)
-_START = re.compile(r"^\s*<START>\s*$", re.IGNORECASE | re.MULTILINE)
+# [^\S\n]: blanks within the line; ``\s*`` would span blank lines and take quadratic time
+# over a card of newlines.
+_START = re.compile(r"^[^\S\n]*<START>[^\S\n]*$", re.IGNORECASE | re.MULTILINE)
 
 
 def resolve_macros(text: str, name: str) -> str:
-    return _USER.sub(PLAYER_WORDS, _CHAR.sub(name, text)).strip()
+    # A function, not a template: a name is text, never an escape (``\\1``).
+    return _USER.sub(PLAYER_WORDS, _CHAR.sub(lambda _match: name, text)).strip()
 
 
 def parse_examples(mes_example: str, name: str) -> tuple[list[dict[str, str]], list[str]]:
@@ -244,6 +392,34 @@ class ImportedCard:
     persona: dict[str, Any]
     lore: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)  # what the writer should know
+    # What the card asked for and was refused (a card is untrusted; docs/lore.md)
+    warnings: list[str] = field(default_factory=list)
+
+
+# A card comes from outside: its extensions.npc_engine describes the character, never how
+# the engine serves it or what other NPCs know (docs/lore.md, "What a card may not do").
+CARD_REFUSED = {
+    "model": "a card may not choose the served model; dropped (the engine's model is used)",
+    "lora": "a card may not choose LoRA adapters; dropped",
+}
+# Ids a persona file of which would be something else: world.yaml, Windows device names.
+RESERVED_IDS = {"world", "con", "prn", "aux", "nul"} | {
+    f"{device}{n}" for device in ("com", "lpt") for n in range(1, 10)
+}
+# Where a persona field came from in the card (for an error naming the card's field).
+CARD_FIELD_OF = {
+    "name": "name",
+    "description": "description",
+    "personality": "personality",
+    "scenario": "scenario",
+    "greeting": "first_mes",
+    "alternate_greetings": "alternate_greetings",
+    "example_dialogue": "mes_example",
+    "creator_notes": "creator_notes",
+    "tags": "tags",
+    "extensions": "extensions",
+}
+ENTRY_FIELD_OF = {"text": "content", "keys": "keys", "always": "constant", "priority": "priority"}
 
 
 def _personality(text: str) -> list[str]:
@@ -252,11 +428,18 @@ def _personality(text: str) -> list[str]:
 
 
 def _lore_entry(
-    entry: BookEntry, index: int, name: str, used: set[str], npc_id: str, exported_as: str
+    entry: BookEntry,
+    index: int,
+    name: str,
+    used: set[str],
+    npc_id: str,
+    exported_as: str,
+    warnings: list[str],
 ) -> dict[str, Any]:
     """One book entry as a lorebook entry. Its id is the NPC's id and the entry's own name
     (ids are unique in a world, and several cards may name an entry "kraken"); an entry
-    this engine exported (``exported_as``: the NPC's id then) keeps its name."""
+    this engine exported (``exported_as``: the NPC's id then) keeps its name. Known by
+    this NPC alone, whatever the card says."""
     keys = [k.strip() for k in entry.keys if k.strip()]
     if entry.use_regex:
         keys = [k if k.startswith("/") else f"/{k}/" for k in keys]
@@ -271,18 +454,23 @@ def _lore_entry(
     restored = str(ours.pop("id", "") or "").removeprefix(f"{exported_as}.")
     local = restored or _slug(entry.name or entry.comment or "", 40)
     wanted = f"{npc_id}.{local}"
-    if local and local != "npc" and wanted not in used and re.match(LORE_ID_PATTERN, wanted):
+    if local and local != "npc" and wanted not in used and re.fullmatch(LORE_ID_PATTERN, wanted):
         out["id"] = wanted
         used.add(wanted)
     if keys:
         out["keys"] = keys[:32]
     if entry.constant:
-        out["always"] = True
+        out["always"] = True  # in this NPC's head only: the entry is known by it alone
     if entry.priority is not None:
         out["priority"] = max(-100, min(100, entry.priority))
-    for key in ("reveal_when", "known_by"):
-        if ours.get(key):
-            out[key] = ours[key]
+    if ours.get("reveal_when"):
+        out["reveal_when"] = ours["reveal_when"]
+    known_by = ours.get("known_by")
+    if known_by not in (None, [], [npc_id]):
+        warnings.append(
+            f"character_book.entries.{index}: known_by {known_by!r} dropped: a card's lore "
+            f"is known by its own character only ({npc_id})"
+        )
     kept = {
         k: v
         for k, v in entry.model_dump(exclude_none=True).items()
@@ -299,18 +487,91 @@ def _lore_entry(
     return out
 
 
+def _guarded(secrets: Any, warnings: list[str]) -> Any:
+    """A card's secrets, every one guarded (``guard: false`` is the studio's call)."""
+    if not isinstance(secrets, list):
+        return secrets  # validation says what is wrong
+    out = []
+    for index, secret in enumerate(secrets):
+        if isinstance(secret, dict) and "guard" in secret:
+            if secret["guard"] is not True:
+                warnings.append(
+                    f"secrets[{index}].guard: a card may not unguard a secret; it stays guarded"
+                )
+            secret = {k: v for k, v in secret.items() if k != "guard"}
+        out.append(secret)
+    return out
+
+
+def _message(error: Any) -> str:
+    if error["type"] == "missing":
+        return "required field is missing"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _validated(
+    path: Path,
+    prefix: str,
+    persona: dict[str, Any],
+    lore: dict[str, Any] | None,
+    origins: list[int],
+) -> None:
+    """What the import would write validates in full, or nothing is written: a CardError
+    naming the card's field."""
+    try:
+        Persona.model_validate(persona)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [str(part) for part in error["loc"]] or ["data"]
+        head = CARD_FIELD_OF.get(loc[0], f"extensions.{ENGINE_KEY}.{loc[0]}")
+        raise CardError(path, prefix + ".".join([head, *loc[1:]]), _message(error)) from None
+    if lore is None:
+        return
+    try:
+        LoreFile.model_validate(lore)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [str(part) for part in error["loc"]]
+        where = "character_book"
+        if len(loc) >= 2 and loc[0] == "entries" and loc[1].isdigit():
+            where += f".entries.{origins[int(loc[1])]}"
+            if len(loc) >= 3:
+                field_name = ENTRY_FIELD_OF.get(loc[2], f"extensions.{ENGINE_KEY}.{loc[2]}")
+                where += "." + ".".join([field_name, *loc[3:]])
+        raise CardError(path, prefix + where, _message(error)) from None
+    for what, data in (("the persona", persona), ("the lorebook", lore)):
+        size = len(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100).encode())
+        if size > MAX_YAML_BYTES - 1024:  # the header and schema comment fit in the rest
+            raise CardError(
+                path,
+                prefix + ("character_book" if what == "the lorebook" else "data"),
+                f"{what} would be a {size >> 10} KB file; a file holds at most "
+                f"{MAX_YAML_BYTES >> 10} KB",
+            )
+
+
 def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
-    """A persona (as YAML-ready data) and its lorebook file from the card at ``path``."""
-    data, spec = card_data(path, read_card(path))
+    """A persona (as YAML-ready data) and its lorebook file from the card at ``path``,
+    validated in full: a card that would not load is a CardError and nothing to write."""
+    card = read_card(path)
+    data, spec = card_data(path, card)
+    prefix = "data." if "data" in card else ""
     name = data.name.strip()
     engine = data.extensions.get(ENGINE_KEY)
     engine = dict(engine) if isinstance(engine, dict) else {}
     notes: list[str] = []
+    warnings: list[str] = []
     persona: dict[str, Any] = {}
-    exported_as = str(engine.pop("id", "") or "")
+    exported_as = engine.pop("id", "")
+    exported_as = exported_as if isinstance(exported_as, str) else ""
+    if exported_as and not re.fullmatch(NPC_ID_PATTERN, exported_as):
+        warnings.append(f"id {exported_as[:70]!r}: not an NPC id; made from the name instead")
+        exported_as = ""
     chosen_id = npc_id or exported_as or _slug(name)
-    if not re.match(NPC_ID_PATTERN, chosen_id):
+    if not re.fullmatch(NPC_ID_PATTERN, chosen_id):  # fullmatch: "brine\n" is no id
         raise CardError(path, "data.name", "cannot make an NPC id of it; pass --id")
+    if chosen_id.lower() in RESERVED_IDS:
+        raise CardError(path, "data.name", f"{chosen_id!r} cannot be an NPC id; pass --id")
     persona["id"] = chosen_id
     persona["name"] = name
     role = engine.pop("role", None)
@@ -340,10 +601,22 @@ def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
     tags = [t.strip() for t in data.tags if t.strip()]
     if tags:
         persona["tags"] = tags
-    # Persona fields carried by an exported card come back as they were.
+    # Persona fields carried by an exported card come back as they were, but for what a
+    # card may not decide (CARD_REFUSED, unguarded secrets).
     for key, value in engine.items():
-        if key in Persona.model_fields and key not in persona:
+        if key in CARD_REFUSED:
+            warnings.append(f"{key}: {CARD_REFUSED[key]}")
+        elif key not in Persona.model_fields or key in CARD_MAPPED or key == "id":
+            warnings.append(f"extensions.{ENGINE_KEY}.{key}: ignored (the card's own wins)")
+        elif key == "secrets":
+            persona[key] = _guarded(value, warnings)
+        elif key not in persona:
             persona[key] = value
+    if engine.get("factions"):
+        notes.append(
+            f"factions {engine['factions']!r} (from the card): this NPC knows the lore "
+            "those factions know; check that is meant"
+        )
 
     card_kept: dict[str, Any] = {"spec": spec}
     for key in ("system_prompt", "post_history_instructions", "creator", "character_version"):
@@ -363,13 +636,19 @@ def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
     extensions = {k: v for k, v in data.extensions.items() if k != ENGINE_KEY}
 
     lore: dict[str, Any] | None = None
+    origins: list[int] = []  # each lore entry's index in the card's book
     book = data.character_book
     if book is not None:
         used: set[str] = set()
-        entries = [
-            _lore_entry(e, index, name, used, chosen_id, exported_as)
-            for index, e in enumerate(e for e in book.entries if e.enabled and e.content.strip())
-        ]
+        entries = []
+        live = [(i, e) for i, e in enumerate(book.entries) if e.enabled and e.content.strip()]
+        for index, (origin, entry) in enumerate(live):
+            made = _lore_entry(entry, index, name, used, chosen_id, exported_as, warnings)
+            if not made["text"]:
+                notes.append(f"character_book.entries.{origin}: no text but decorators; left out")
+                continue
+            entries.append(made)
+            origins.append(origin)
         disabled = [e.model_dump(exclude_none=True) for e in book.entries if not e.enabled]
         settings = book.model_dump(exclude_none=True, exclude={"entries"})
         settings = {k: v for k, v in settings.items() if v not in ({}, [], "")}
@@ -381,7 +660,37 @@ def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
         extensions[CARD_KEY] = card_kept
     if extensions:
         persona["extensions"] = extensions
-    return ImportedCard(persona, lore, notes)
+    _validated(path, prefix, persona, lore, origins)
+    return ImportedCard(persona, lore, notes, warnings)
+
+
+def check_target(card: Path, folder: Path, imported: ImportedCard) -> None:
+    """Refuse, before anything is written, an import that would change what the folder's
+    other NPCs are: an id another persona file declares (both would be dropped), an id that
+    names one of the world's factions (the card's lore would be known by its members), or
+    lore ids the world already uses."""
+    from npc_engine.persona.loader import LORE_FOLDER, load_personas
+
+    if not folder.is_dir():
+        return
+    npc_id = imported.persona["id"]
+    registry = load_personas(folder)
+    own_file = (folder / f"{npc_id}.yaml").resolve()
+    for loaded in registry.personas.values():
+        if loaded.id == npc_id and loaded.path.resolve() != own_file:
+            raise CardError(card, "id", f"{npc_id!r} is the id of {loaded.path}; pass --id")
+    lore_file = folder / LORE_FOLDER / f"{npc_id}.yaml"
+    for world in registry.worlds.values():
+        factions = {faction.name for faction in world.factions}
+        if npc_id in factions:
+            raise CardError(card, "id", f"{npc_id!r} is a faction of this world; pass --id")
+        if imported.lore is None or lore_file.exists():  # replaced (--force) or refused
+            continue
+        taken = {entry.id for entry in world.lore}
+        for index, entry in enumerate(imported.lore["entries"]):
+            entry_id = entry.get("id") or f"{npc_id}.{index}"
+            if entry_id in taken:
+                raise CardError(card, "id", f"lore id {entry_id!r} is taken; pass --id")
 
 
 # -- persona → card ----------------------------------------------------------------------

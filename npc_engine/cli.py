@@ -243,11 +243,14 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from npc_engine.cards import card_to_persona
+    from npc_engine.cards import card_to_persona, check_target
     from npc_engine.persona.authoring import check_written, write_persona_files
 
     folder = args.out or _config(args).personas_dir
     imported = card_to_persona(args.file, args.npc_id)
+    check_target(args.file, folder, imported)
+    for warning in imported.warnings:
+        print(f"warning: {warning}")
     written = write_persona_files(
         folder, imported.persona, imported.lore, args.file.name, force=args.force
     )

@@ -320,7 +320,8 @@ class NpcClient:
         return await self.request(_request("save.delete", save_id=save_id))
 
     async def save_export(self, save_id: str) -> str:
-        """Writes the save as one file in the server's exports folder; returns its path."""
+        """Writes the save as one file in the server's exports folder; returns its name there
+        (what ``save_import`` takes)."""
         return str((await self.request(_request("save.export", save_id=save_id)))["path"])
 
     async def save_import(self, save_id: str, file: str) -> dict[str, Any]:

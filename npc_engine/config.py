@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -164,6 +164,12 @@ class RumourConfig(BaseModel):
     fade_minutes: float = Field(
         4320, gt=0, description="A rumour older than this (game minutes) is forgotten."
     )
+    max_tick_minutes: float = Field(
+        1440,
+        gt=0,
+        description="Game minutes one world tick may move past the last one (a far-future "
+        "game_time is cut to this: one request cannot fade every rumour).",
+    )
 
 
 class GenerationConfig(BaseModel):
@@ -218,7 +224,12 @@ class GenerationConfig(BaseModel):
         "its tokenizer, so counts and the prefix cache match).",
     )
     timeout: float = Field(
-        60.0, gt=0, le=600, description="openai: seconds for a request (and between tokens)."
+        60.0,
+        gt=0,
+        le=600,
+        description="openai: seconds a whole request may take (connecting, the first token "
+        "and the whole reply, retries included); past it the reply ends `unavailable`, "
+        "however the server trickles.",
     )
     connect_timeout: float = Field(
         3.0, gt=0, le=60, description="openai: seconds to open a connection to the server."
@@ -320,6 +331,37 @@ class MemoryConfig(BaseModel):
         "keep them as kind 'fact' memories, shown as what the NPC knows about the player.",
     )
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
+
+    @field_validator("url")
+    @classmethod
+    def _server_address(cls, url: str | None) -> str | None:
+        """Chroma's HttpClient takes a host and a port, nothing else: a path, credentials
+        or a query in the URL would be dropped without a word (a reverse-proxy prefix
+        lost, a password ignored), so they are refused here."""
+        if url is None:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"not an http(s)://host:port address ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s)://host:port address")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "credentials in the URL are not sent to the Chroma server: put the token in "
+                "the environment variable named by memory.token_env"
+            )
+        if parts.path not in ("", "/"):
+            raise ValueError(
+                f"the path {parts.path!r} would be dropped: the Chroma client reaches a "
+                "server at http(s)://host:port only (no path prefix)"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("a query or fragment would be dropped: give http(s)://host:port")
+        return url
 
 
 class ServerLimits(BaseModel):

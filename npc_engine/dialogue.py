@@ -343,7 +343,11 @@ class DialogueEngine:
         self.clock = clock
         # Facts and consolidation, on the writer's thread after each stored batch.
         self.upkeep = MemoryUpkeep(store, config.memory)
-        self.writer = MemoryWriter(store, self.upkeep.after_write)
+        # A save.load rewinds the world: while it applies, no memory, state or forget from
+        # another request writes (they wait, then land after it). Reentrant: a load clears
+        # the game-state cache under it.
+        self._world_lock = threading.RLock()
+        self.writer = MemoryWriter(store, self.upkeep.after_write, pause=self._world_lock)
         self.prompts = PromptBuilder(generator)
         # Recent turns per conversation, least recently used out beyond max_conversations
         # (player ids are the client's choice: RAM must not grow with them).
@@ -364,6 +368,7 @@ class DialogueEngine:
             store,
             self._start_trust,
             capacity=0 if self.shared_store else config.max_conversations,
+            lock=self._world_lock,
         )
         # Per persona object (a reload makes new ones): its secrets' keys and vectors.
         self._secret_cache: dict[int, tuple[Any, list[tuple[str, ...]], Any]] = {}
@@ -584,17 +589,20 @@ class DialogueEngine:
     def load_save(self, save_id: str) -> SaveInfo:
         """Make the world what it was at the save. A turn still running meanwhile stores
         nothing (as if its conversation were forgotten); callers end replies first."""
-        with self._saves_lock:
+        # Lock order: saves, then a running world tick ends, then the world (the tick's
+        # writes go through the writer, which waits for the world lock).
+        with self._saves_lock, self._tick_lock:
             with self._history_lock:
                 self._forget_serial += 1
                 self._forgets.append(_Forget(self._forget_serial, EVERY_NPC, None, None))
             self.writer.flush()
-            info = self.store.load_save(save_id)
-            with self._history_lock:
-                self._history.clear()
-                self._unsaved.clear()
-            self.state.clear()
-            self.upkeep.forgotten()
+            with self._world_lock:
+                info = self.store.load_save(save_id)
+                with self._history_lock:
+                    self._history.clear()
+                    self._unsaved.clear()
+                self.state.clear()
+                self.upkeep.forgotten()
             return info
 
     def list_saves(self) -> list[SaveInfo]:
@@ -733,9 +741,10 @@ class DialogueEngine:
         self.writer.flush()  # writes queued before the forget are stored, then deleted
         self._forget_in_stored_histories(npc_id, player_id, ids, everything)
         try:
-            return self.store.forget(
-                npc_id, player_id=player_id, memory_ids=memory_ids, everything=everything
-            )
+            with self._world_lock:  # never inside a save being loaded (it waits the writer)
+                return self.store.forget(
+                    npc_id, player_id=player_id, memory_ids=memory_ids, everything=everything
+                )
         finally:
             self.upkeep.forgotten(npc_id)
 
@@ -1408,28 +1417,37 @@ class DialogueEngine:
     # -- world tick: rumours -------------------------------------------------------------
 
     def world_tick(
-        self, game_time: float | None = None, busy: Callable[[], bool] = lambda: False
+        self,
+        game_time: float | None = None,
+        busy: Callable[[], bool] = lambda: False,
+        stop: threading.Event | None = None,
     ) -> int:
         """Pass on what NPCs heard since the last tick along their relationships
         (``rumours.py``), and forget rumours that faded. ``busy``: whether lines are being
         generated; the tick waits between NPCs while they are (background priority).
+        ``stop``: set at shutdown; the tick ends between NPCs, writing nothing more.
         Returns how many rumours were passed on."""
         settings = self.config.rumours
         if not settings.enabled:
             return 0
         with self._tick_lock:
             now = self.clock()
-            last = (self.store.load_state(TICK_STATE) or {}).get("last")
+            record = self.store.load_state(TICK_STATE) or {}
+            last = record.get("last")
+            game_now = self._tick_game_time(game_time, record.get("game_time"))
             # The first tick ever passes on the last day's news, not a whole history.
             since = (
                 datetime.fromtimestamp(float(last), tz=UTC)
                 if last is not None
                 else now - timedelta(minutes=FIRST_TICK_WINDOW_MINUTES)
             )
+            secrets = self._world_secrets()
             told: dict[tuple[str, str], Memory] = {}  # (listener, origin) -> its rumour
             for npc_id, loaded in sorted(self.registry.personas.items()):
                 _yield_to(busy)
-                self._fade_rumours(npc_id, now, game_time)
+                if stop is not None and stop.is_set():
+                    return 0
+                self._fade_rumours(npc_id, now, game_now)
                 listeners = [n for n in confidants(loaded.persona) if n in self.registry.personas]
                 if not listeners or not settings.per_npc:
                     continue
@@ -1439,7 +1457,7 @@ class DialogueEngine:
                     if worth_telling(m, settings.min_importance, settings.max_hops)
                 ]
                 heard.sort(key=lambda m: (-m.importance, m.created_at))
-                passed = self._not_secret(loaded, heard)[: settings.per_npc]
+                passed = self._not_secret(secrets, heard)[: settings.per_npc]
                 for listener in listeners:
                     origins = [origin_of(m) for m in passed]
                     known = self.store.origins_known(listener, origins)
@@ -1450,15 +1468,31 @@ class DialogueEngine:
                         told.setdefault(
                             (listener, origin),
                             rumour(
-                                memory, loaded.persona.name, listener, when=now, game_time=game_time
+                                memory, loaded.persona.name, listener, when=now, game_time=game_now
                             ),
                         )
             pending = list(told.values())
             for start in range(0, len(pending), TICK_WRITE_BATCH):
                 _yield_to(busy)
+                if stop is not None and stop.is_set():
+                    return start
                 self._submit_memories(pending[start : start + TICK_WRITE_BATCH]).result(120)
-            self.store.save_state(TICK_STATE, {"last": now.timestamp()})
+            self.store.save_state(TICK_STATE, {"last": now.timestamp(), "game_time": game_now})
             return len(pending)
+
+    def _tick_game_time(self, asked: float | None, last: Any) -> float | None:
+        """The game time a tick runs at. Game time never goes back, and one tick moves it
+        at most ``rumours.max_tick_minutes`` past the last tick's: a client cannot fade
+        every rumour with one far-future tick (a game that skips a season ticks more)."""
+        if asked is None:
+            return None
+        if not isinstance(last, int | float):
+            return asked
+        if asked < last:
+            raise FieldError(
+                "game_time", f"game time goes back: the last world tick was at {last:g}"
+            )
+        return min(asked, float(last) + self.config.rumours.max_tick_minutes)
 
     def _fade_rumours(self, npc_id: str, now: datetime, game_now: float | None) -> None:
         fade = self.config.rumours.fade_minutes
@@ -1466,10 +1500,28 @@ class DialogueEngine:
         if old:
             self.forget(npc_id, memory_ids=old)
 
-    def _not_secret(self, loaded: LoadedPersona, memories: list[Memory]) -> list[Memory]:
-        """The memories whose words tell none of the NPC's guarded secrets (key terms, or
-        meaning at the guard's threshold): an NPC does not gossip its own secrets."""
-        keys, vectors = self._secrets_of(loaded)
+    def _world_secrets(self) -> tuple[list[tuple[str, ...]], Any]:
+        """Every loaded NPC's secrets (key terms, and vectors when embedding): no NPC
+        gossips any NPC's secret, whoever repeated it to it."""
+        keys: list[tuple[str, ...]] = []
+        vectors: list[Any] = []
+        for loaded in self.registry.personas.values():
+            its_keys, its_vectors = self._secrets_of(loaded)
+            keys += its_keys
+            if its_vectors is not None:
+                vectors += list(its_vectors)
+        if not vectors:
+            return keys, None
+        import numpy as np
+
+        return keys, np.asarray(vectors, dtype=np.float32)
+
+    def _not_secret(
+        self, secrets: tuple[list[tuple[str, ...]], Any], memories: list[Memory]
+    ) -> list[Memory]:
+        """The memories whose words tell none of these secrets (key terms, or meaning at
+        the guard's threshold)."""
+        keys, vectors = secrets
         if not memories or not keys:
             return memories
         texts = [m.content or m.text for m in memories]

@@ -64,6 +64,11 @@ def is_unavailable(exc: BaseException) -> bool:
     while current is not None and id(current) not in seen:
         if isinstance(current, UnavailableError | httpx.TransportError):
             return True
+        # The openai client may ship its own copy of httpx (httpx2): same class names.
+        if type(current).__module__.startswith("httpx") and any(
+            base.__name__ == "TransportError" for base in type(current).__mro__
+        ):
+            return True
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False

@@ -112,14 +112,19 @@ class GameState:
     """Trust and flags, read through a bounded cache, written through to the store."""
 
     def __init__(
-        self, store: MemoryStore, start_trust: Callable[[str], int], capacity: int = 4096
+        self,
+        store: MemoryStore,
+        start_trust: Callable[[str], int],
+        capacity: int = 4096,
+        lock: threading.RLock | None = None,
     ) -> None:
+        """``lock``: shared with whatever must exclude state writes (a save being loaded)."""
         self._store = store
         self._start_trust = start_trust
         self._capacity = capacity
         self._trust: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._players: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.RLock()
 
     def _remember(self, cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
         cache[key] = value

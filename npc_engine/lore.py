@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -56,10 +56,48 @@ class LoreVectors(Protocol):
         ...
 
 
-def regex_key(key: str) -> re.Pattern[str] | None:
-    """``/pattern/`` (or ``/pattern/i``... flags are ignored: keys match in any case)."""
-    match = re.fullmatch(r"/(.+)/[a-z]*", key, re.DOTALL)
-    return re.compile(match.group(1), re.IGNORECASE) if match else None
+MAX_REGEX_KEY_CHARS = 300  # a /regex/ key's pattern; a longer one is refused at load
+REGEX_KEY = re.compile(r"/(.+)/[a-z]*", re.DOTALL)  # used with fullmatch only
+
+
+class RegexSearch(Protocol):
+    def search(self, text: str) -> Any: ...
+
+
+def regex_key(key: str) -> RegexSearch | None:
+    """``/pattern/`` (or ``/pattern/i``... flags are ignored: keys match in any case),
+    compiled with RE2; None for a plain key. Raises ValueError naming the key for a pattern
+    that is too long or not RE2 syntax.
+
+    RE2, not ``re``: lorebooks come from outside (Character Cards), and a backtracking
+    engine runs a key such as ``(a+)+$`` for hours on a 30-character line, holding the GIL
+    (every connection stalls). RE2 matches in time linear in the text and has no
+    backreferences or lookaround; ``\\w``, ``\\b`` and ``\\s`` are ASCII in RE2 (``\\pL``
+    is any letter)."""
+    match = REGEX_KEY.fullmatch(key)
+    if match is None:
+        return None
+    import re2  # google-re2
+
+    source = match.group(1)
+    if len(source) > MAX_REGEX_KEY_CHARS:
+        raise ValueError(
+            f"key {key[:40]!r}...: a regular expression of {len(source)} characters; "
+            f"at most {MAX_REGEX_KEY_CHARS}"
+        )
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    try:
+        return cast(RegexSearch, re2.compile(source, options))
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise ValueError(
+            f"key {key!r} is not a valid regular expression ({reason}; RE2 syntax: no "
+            "backreferences, no lookahead or lookbehind)"
+        ) from None
 
 
 class KeyMatcher:
@@ -68,7 +106,7 @@ class KeyMatcher:
 
     def __init__(self, entries: Sequence[WorldLore]) -> None:
         self._plain: dict[str, list[int]] = {}
-        self._regex: list[tuple[re.Pattern[str], str, int]] = []
+        self._regex: list[tuple[RegexSearch, str, int]] = []
         for position, entry in enumerate(entries):
             for key in entry.keys:
                 pattern = regex_key(key)

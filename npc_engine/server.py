@@ -92,6 +92,7 @@ from npc_engine.protocol import (
 from npc_engine.reply_stream import FinishedTurn, ReplyMessage, ReplyStream
 from npc_engine.scenes import Scene
 from npc_engine.scheduling import GenerationScheduler
+from npc_engine.world_ticks import TickQueue
 
 log = logging.getLogger(__name__)
 PREPARED_SPEAKERS = 2  # NPCs of a scene prepared while another speaks
@@ -127,7 +128,8 @@ class _Connection:
     bucket: _TokenBucket
     pending: asyncio.Queue[tuple[Request, Encoding]] = field(default_factory=asyncio.Queue)
     # Says waiting in ``pending`` (a cancel may overtake them), and those cancelled so.
-    queued_says: set[str] = field(default_factory=set)
+    # Each leaves both when it is served, whatever happens to it (``_serve_in_order``).
+    queued_says: dict[str, Request] = field(default_factory=dict)
     cancelled_early: set[str] = field(default_factory=set)
     # Memory writes this connection caused and that are not stored yet: its reads wait for
     # these alone, not for every other connection's writes.
@@ -242,6 +244,8 @@ class NpcServer:
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="npc-memory")
         # World ticks are long background work: their own thread, never the memory calls'.
         self._ticks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="npc-world-tick")
+        self._world_ticks = TickQueue(self._run_world_tick)
+        self._stop_ticks = threading.Event()
         self._queued = 0
         self._replies: dict[tuple[int, str], _Reply] = {}
         self._scenes: dict[tuple[int, str], _SceneRun] = {}  # bounded like _replies
@@ -250,6 +254,18 @@ class NpcServer:
         )
         self._server: Server | None = None
         self.stopping = False
+
+    async def _run_world_tick(self, game_time: float | None) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._ticks,
+            partial(
+                self.engine.world_tick,
+                game_time,
+                busy=self._generation.busy,
+                stop=self._stop_ticks,
+            ),
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -305,6 +321,13 @@ class NpcServer:
             self._server.close()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
+        # A world tick running ends between NPCs, before the last flush (its writes land
+        # in it, none after it).
+        self._stop_ticks.set()
+        running_tick = self._world_ticks.running
+        if running_tick is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait({running_tick}, timeout=self.limits.shutdown_grace + 10)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(Exception):
             await loop.run_in_executor(None, self.engine.writer.flush, 60.0)
@@ -399,7 +422,7 @@ class NpcServer:
                     code: ErrorCode = "invalid_request"
                     await self._fail(conn, request, outcome.encoding, code, message, field="id")
                     return
-                conn.queued_says.add(request.id)
+                conn.queued_says[request.id] = request
             conn.pending.put_nowait((request, outcome.encoding))
 
     async def _fail(
@@ -438,6 +461,11 @@ class NpcServer:
                     await self._fail(conn, request, encoding, "internal", message)
             finally:
                 conn.serving = False
+                # Refused before it was admitted (unknown NPC, bad scene): its id is free
+                # again. Only this request's entry: the same id may be queued anew since.
+                if conn.queued_says.get(request.id) is request:
+                    del conn.queued_says[request.id]
+                    conn.cancelled_early.discard(request.id)
 
     async def _serve(self, conn: _Connection, request: Request, encoding: Encoding) -> None:
         if isinstance(request, Say) and request.scene_id is not None:
@@ -447,11 +475,7 @@ class NpcServer:
         elif isinstance(request, SceneStart):
             await self._scene_start(conn, request, encoding)
         elif isinstance(request, WorldTick):
-            loop = asyncio.get_running_loop()
-            spread = await loop.run_in_executor(
-                self._ticks,
-                partial(self.engine.world_tick, request.game_time, busy=self._generation.busy),
-            )
+            spread = await self._world_ticks.tick(request.game_time)
             await conn.send(Ok(re=request.id, spread=spread))
         elif isinstance(request, NpcWarm):
             await self._warm(conn, request)
@@ -466,12 +490,16 @@ class NpcServer:
         elif isinstance(request, Stats):
             await conn.send(self._stats(request))
         elif isinstance(request, Event):
-            done = self.engine.add_event(
-                request.npc_ids,
-                request.text,
-                player_id=request.player_id,
-                importance=request.importance,
-                game_time=request.game_time,
+            # Off the loop: it reads the player's game time (the store, or a save loading).
+            done = await self._in_io(
+                lambda r: self.engine.add_event(
+                    r.npc_ids,
+                    r.text,
+                    player_id=r.player_id,
+                    importance=r.importance,
+                    game_time=r.game_time,
+                ),
+                request,
             )
             conn.track(done)
             ids = await self._acknowledged(done)
@@ -512,7 +540,7 @@ class NpcServer:
         self, conn: _Connection, request: Say | Greet | SceneStart, encoding: Encoding
     ) -> bool:
         """The checks every request that streams lines passes before it is accepted."""
-        conn.queued_says.discard(request.id)
+        conn.queued_says.pop(request.id, None)
 
         async def fail(code: ErrorCode, message: str, **details: Any) -> bool:
             await self._fail(conn, request, encoding, code, message, **details)
@@ -566,7 +594,7 @@ class NpcServer:
 
     async def _scene_say(self, conn: _Connection, request: Say, encoding: Encoding) -> None:
         """A player line into a running scene: queued for the scene's next line."""
-        conn.queued_says.discard(request.id)
+        conn.queued_says.pop(request.id, None)
         assert request.scene_id is not None
         run = self._scenes.get((conn.key, request.scene_id))
         if run is None:
@@ -661,17 +689,24 @@ class NpcServer:
         loop = asyncio.get_running_loop()
         waiting = self.engine.likely_next(scene, speaker, PREPARED_SPEAKERS)
 
+        def prepare(npc_id: str) -> None:
+            if not run.reply.cancel.is_set():  # the scene ended: nothing to prepare for
+                self.engine.prepare_scene_line(scene, npc_id)
+
         def prepare_next() -> None:
             # The NPCs likely to speak next read what they heard so far, in spare batch
             # slots, while this line decodes (from its first token: never delaying it).
+            # Counted as queued generations, like replies, until they have run.
             while waiting:
                 npc_id = waiting.pop()
-                self._generation.submit(
+                self._queued += 1
+                job = self._generation.submit(
                     npc_id,
-                    partial(self.engine.prepare_scene_line, scene, npc_id),
+                    partial(prepare, npc_id),
                     player_id=f"scene:{scene.scene_id}",
                     background=True,
                 )
+                job.add_done_callback(lambda _job: loop.call_soon_threadsafe(self._one_less))
 
         def work(on_delta: Callable[[str], None]) -> TurnResult | None:
             if run.reply.cancel.is_set():
@@ -785,11 +820,13 @@ class NpcServer:
                 return target
 
             path = await self._in_io(export, request)
-            await conn.send(Ok(re=request.id, save_id=request.save_id, path=str(path)))
+            # The file's name in the exports folder (what save.import takes), never the
+            # data directory's absolute path: the client has no business knowing it.
+            await conn.send(Ok(re=request.id, save_id=request.save_id, path=path.name))
             return
         source = folder / request.file
         if not source.is_file():
-            raise SaveError("file", f"No file {request.file!r} in {folder}.")
+            raise SaveError("file", f"No file {request.file!r} among the exports.")
         info = await self._in_io(
             lambda r: self.engine.import_save(r.save_id, source.read_bytes()), request
         )
@@ -816,6 +853,9 @@ class NpcServer:
         if conn.writes:
             waits = [asyncio.wrap_future(write) for write in list(conn.writes)]
             await asyncio.wait(waits, timeout=MEMORY_CALL_TIMEOUT)
+
+    def _one_less(self) -> None:
+        self._queued -= 1
 
     async def _in_io(self, function: Callable[[Any], Any], request: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -1010,7 +1050,11 @@ class NpcServer:
             if is_unavailable(exc):
                 return stream.failed("unavailable", UNAVAILABLE)
             log.error("turn %s failed", request_id, exc_info=exc)
-            return stream.failed("internal", f"{type(exc).__name__}: {exc}")
+            # The engine's own errors are written for clients; anything else may carry
+            # paths, hosts or prompt text: the log has it, the client gets its kind.
+            if isinstance(exc, NpcEngineError):
+                return stream.failed("internal", str(exc))
+            return stream.failed("internal", f"Internal error: {type(exc).__name__}")
         if result is None:  # dropped while queued
             return stream.finished(FinishedTurn("cancelled"), stopping=self.stopping)
         return stream.finished(self._finished_turn(inspect, result), stopping=self.stopping)

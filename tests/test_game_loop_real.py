@@ -123,7 +123,8 @@ def test_saves_greetings_and_warm_up_over_protocol_across_a_restart(
         "refuse",
         "take_payment",
     }
-    assert Path(first["exported"]).parent == real_config.data_dir / "exports"
+    assert first["exported"] == "slot1.npcsave"  # a name, never the data directory's path
+    assert (real_config.data_dir / "exports" / "slot1.npcsave").is_file()
 
     async def second_server(url: str) -> dict[str, Any]:
         async with await NpcClient.connect(url) as client:

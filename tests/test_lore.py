@@ -9,10 +9,12 @@ from __future__ import annotations
 import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from npc_engine.conditions import GameFacts
 from npc_engine.config import load_config
@@ -134,6 +136,21 @@ def test_keys_match_whole_words_phrases_and_regexes_in_any_case() -> None:
     }
     assert matcher.matches("The shipwright is drunk.") == {2: "/ship(s|wright)?\\b/"}
     assert matcher.matches("Tell me about the innkeeper and the lighthouses.") == {}  # whole words
+
+
+@pytest.mark.timeout(20)
+def test_regex_keys_are_re2_linear_time_and_any_case() -> None:
+    """A backtracking ``(a+)+$`` held the GIL for 7.5 s on 27 characters (issue: ReDoS)."""
+    matcher = KeyMatcher(
+        entries({"text": "a", "keys": ["/(a+)+$/"]}, {"text": "b", "keys": ["/KRAK[e]n/"]})
+    )
+    started = time.perf_counter()
+    assert matcher.matches("a" * 5000 + "!") == {}
+    assert matcher.matches("a" * 5000) == {0: "/(a+)+$/"}
+    assert matcher.matches("the Kraken sleeps") == {1: "/KRAK[e]n/"}  # any case, as before
+    assert time.perf_counter() - started < 1.0
+    with pytest.raises(ValidationError, match="no backreferences"):
+        WorldLore.model_validate({"text": "x", "keys": ["/(a)\\1/"]})
 
 
 def lorebook_of(items: list[WorldLore]) -> Lorebook:

@@ -180,8 +180,9 @@ def test_text_prompts_lose_control_tokens_typed_by_players(server: ScriptedServe
 
 @pytest.mark.timeout(60)
 def test_failures_before_the_first_token_are_retried(server: ScriptedServer) -> None:
-    server.failures = 2
     generator = remote(server.url, retries=2)
+    server.requests.clear()  # the check at start (a one-token completion)
+    server.failures = 2
     pieces: list[str] = []
     generator.generate(generator.render(MESSAGES), GenerationParams(), pieces.append)
     assert "".join(pieces) == "Aye, love."
@@ -194,8 +195,8 @@ def test_failures_before_the_first_token_are_retried(server: ScriptedServer) -> 
 
 @pytest.mark.timeout(60)
 def test_cancel_closes_the_stream_at_once(server: ScriptedServer) -> None:
-    server.delay = 2.0  # the server is "reading the prompt": no token for a while
     generator = remote(server.url)
+    server.delay = 2.0  # the server is "reading the prompt": no token for a while
     cancel = threading.Event()
     threading.Timer(0.3, cancel.set).start()
     started = time.monotonic()
@@ -221,6 +222,18 @@ def test_chat_form_sends_messages_and_no_llama_cpp_fields(server: ScriptedServer
 
 
 @pytest.mark.timeout(60)
+def test_chat_form_sends_the_game_action_grammar(server: ScriptedServer) -> None:
+    generator = remote(server.url, api="chat", model="hosted-model")
+    grammar = 'root ::= "none"\n'
+    generator.generate(
+        generator.render(MESSAGES), GenerationParams(grammar=grammar), lambda _p: None
+    )
+    assert server.requests[-1]["grammar"] == grammar
+    generator.generate(generator.render(MESSAGES), GenerationParams(), lambda _p: None)
+    assert "grammar" not in server.requests[-1]  # a reply: no grammar, no unknown field
+
+
+@pytest.mark.timeout(60)
 def test_a_persona_model_and_lora_reach_the_server(server: ScriptedServer) -> None:
     generator = remote(server.url)
     params = GenerationParams(model="mara-adapter", lora=[(1, 0.5)])
@@ -230,6 +243,7 @@ def test_a_persona_model_and_lora_reach_the_server(server: ScriptedServer) -> No
     assert sent["lora"] == [{"id": 1, "scale": 0.5}]
 
 
+@pytest.mark.timeout(60)
 def test_the_backend_is_chosen_and_configured_from_the_environment(
     server: ScriptedServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -246,6 +260,7 @@ def test_the_backend_is_chosen_and_configured_from_the_environment(
         make_generator(load_config(generation={"backend": "openai"}), lambda _m: None)
 
 
+@pytest.mark.timeout(30)
 def test_slots_are_stable_and_spread() -> None:
     keys = [f"npc{n}\x1fplayer{p}" for n in range(8) for p in range(8)]
     slots = [slot_of(key, 4) for key in keys]

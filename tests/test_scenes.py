@@ -200,15 +200,17 @@ def test_a_tick_spreads_news_along_relationships_once_and_it_fades(tmp_path: Pat
     assert (
         tom.text.startswith("Mara Saltwhistle said the player p1 claims:") and NEWS[:30] in tom.text
     )
-    assert tom.source == "mara" and tom.hops == 1 and tom.player_id is None and tom.importance >= 5
+    # a player's words stay with that player (docs/security.md)
+    assert tom.source == "mara" and tom.hops == 1 and tom.player_id == "p1" and tom.importance >= 5
     assert eng.store.rumours_of("hermit") == [] and eng.store.rumours_of("ysolde") == []
     now[0] += timedelta(minutes=1)
     # second hop: Tom tells Mara? she is where it began; Wren tells Mara and Tom? both know
     assert eng.world_tick(game_time=720) == 0
     assert len(eng.store.rumours_of("mara")) == 0 and len(eng.store.rumours_of("guard_tom")) == 1
-    # three game days later the rumour has faded
-    now[0] += timedelta(minutes=1)
-    eng.world_tick(game_time=660 + 3 * 1440 + 1)
+    # three game days later the rumour has faded (a tick moves game time a day at most)
+    for day in (1, 2, 3):
+        now[0] += timedelta(minutes=1)
+        eng.world_tick(game_time=660 + day * 1440 + 1)
     assert eng.store.rumours_of("guard_tom") == []
 
 

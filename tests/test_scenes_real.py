@@ -130,18 +130,22 @@ def test_news_told_to_mara_reaches_tom_as_a_rumour_not_the_hermit(
         async with await NpcClient.connect(url) as client:
             await (await client.say("mara", news, player_id="p1", max_tokens=24)).result()
             spread = [await client.world_tick(game_time=600), await client.world_tick(660)]
-            asked = await (
-                await client.say(
-                    "guard_tom",
-                    "Any news about the Duke's cutter?",
-                    player_id="p2",
-                    max_tokens=24,
-                    inspect=True,
-                )
-            ).result()
+            asked, stranger = [
+                await (
+                    await client.say(
+                        "guard_tom",
+                        "Any news about the Duke's cutter?",
+                        player_id=player,
+                        max_tokens=24,
+                        inspect=True,
+                    )
+                ).result()
+                for player in ("p1", "p2")
+            ]
             return {
                 "spread": spread,
                 "asked": asked,
+                "stranger": stranger,
                 "tom": await client.memory_list("guard_tom", query="the tax cutter sank"),
                 "hermit": await client.memory_list("hermit", query="the tax cutter sank"),
                 "ysolde": await client.memory_list("ysolde", query="the tax cutter sank"),
@@ -157,9 +161,11 @@ def test_news_told_to_mara_reaches_tom_as_a_rumour_not_the_hermit(
     rumours = [m for m in out["tom"] if m["kind"] == "rumour"]
     assert rumours and rumours[0]["source"] == "mara"
     assert rumours[0]["text"].startswith("Mara Saltwhistle said the player p1 claims:")
-    # Tom recalls it, for another player, as "Mara said…", on the real model's turn
+    # Tom recalls it as "Mara said…" on the real model's turn, with the player whose words
+    # it carries; never in another player's conversation (docs/security.md)
     recalled = out["asked"]["inspect"]["memories"]
     assert any(m["text"].startswith("Mara Saltwhistle said") for m in recalled), recalled
     assert "Mara Saltwhistle said" in out["asked"]["inspect"]["prompt"]
+    assert "Mara Saltwhistle said" not in out["stranger"]["inspect"]["prompt"]
     assert not any("cutter" in m["text"] for m in out["hermit"])  # no path from Mara
     assert not any(m["kind"] == "rumour" for m in out["ysolde"])  # Mara does not trust her

@@ -12,6 +12,14 @@ prompt budget are the model's own. In the ``completions`` form the server gets t
 ids, not the text: a control token typed by a player stays plain text (the server would
 parse special tokens out of a text prompt). The ``chat`` form sends the messages, for
 hosted chat-only APIs, whose template the server applies.
+
+What the server is and says stays here: an error a game client sees says only that the
+model server is unavailable or refused the request (with the HTTP status class); the
+details, with the URL's credentials taken out, go to the engine's log. The server's error
+body can hold the whole prompt (a validation error quoting the input), secrets included.
+
+``timeout`` bounds a whole request (connecting, the first byte, every token), not each
+read: a server that trickles a byte now and then cannot hold a slot past it.
 """
 
 from __future__ import annotations
@@ -21,10 +29,17 @@ import hashlib
 import logging
 import socket
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from npc_engine.errors import GenerationError, GenerationUnavailableError
+from npc_engine.errors import (
+    ConfigError,
+    GenerationError,
+    GenerationUnavailableError,
+    is_unavailable,
+)
 from npc_engine.generation.base import (
     FinishReason,
     GenerationParams,
@@ -35,6 +50,181 @@ from npc_engine.generation.base import (
 
 log = logging.getLogger(__name__)
 CANCEL_POLL_SECONDS = 0.02  # how soon a cancel closes the stream while no token arrives
+UNAVAILABLE = "the model server is unavailable"
+REFUSED = "the model server refused the request"
+LOGGED_DETAIL_CHARS = 400  # of a server's error, in the log (its body may quote the prompt)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its secrets: the userinfo and every query value become ``***``."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = ("***@" if parts.username or parts.password else "") + host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        query = urlencode([(k, "***") for k, _ in parse_qsl(parts.query, keep_blank_values=True)])
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:
+        return "<the configured URL>"
+
+
+def _status_class(exc: BaseException) -> str | None:
+    status = getattr(exc, "status_code", None)
+    return f"HTTP {status // 100}xx" if isinstance(status, int) else None
+
+
+def _http_library() -> Any:
+    """The httpx the openai client runs on (newer releases ship their own fork, httpx2,
+    whose errors are not httpx's)."""
+    import importlib
+
+    import openai
+
+    for base in openai.DefaultHttpxClient.__mro__[1:]:
+        name = base.__module__.split(".")[0]
+        if name.startswith("httpx"):
+            return importlib.import_module(name)
+    import httpx  # pragma: no cover
+
+    return httpx  # pragma: no cover
+
+
+def _public_error(exc: BaseException) -> GenerationError:
+    """What a game client may read about ``exc``: that the server is unavailable (code
+    ``unavailable``) or refused the request, and the HTTP status class at most."""
+    import httpx
+    import openai
+
+    http = _http_library()
+    status = _status_class(exc)
+    if isinstance(exc, openai.APITimeoutError | http.TimeoutException | httpx.TimeoutException):
+        return GenerationUnavailableError(f"{UNAVAILABLE} (timed out)")
+    if isinstance(exc, openai.APIConnectionError | openai.InternalServerError):
+        return GenerationUnavailableError(UNAVAILABLE + (f" ({status})" if status else ""))
+    if isinstance(exc, openai.APIStatusError) and exc.status_code in (408, 429):
+        return GenerationUnavailableError(f"{UNAVAILABLE} ({status})")
+    if isinstance(exc, http.TransportError | OSError) or is_unavailable(exc):
+        return GenerationUnavailableError(UNAVAILABLE)  # refused, reset, timed out
+    if not isinstance(exc, openai.OpenAIError):
+        return GenerationError("the model server's reply could not be read")
+    return GenerationError(REFUSED + (f" ({status})" if status else ""))
+
+
+class _Deadline(threading.local):
+    """The monotonic time by which this thread's request to the server must be done."""
+
+    at: float | None = None
+
+
+_deadline = _Deadline()
+
+
+@contextlib.contextmanager
+def request_deadline(seconds: float) -> Iterator[None]:
+    """Every connect, write and read of this thread's requests ends by ``seconds`` from now
+    (httpx's own timeouts are per read: a trickling server never trips them)."""
+    outer = _deadline.at
+    at = time.monotonic() + seconds
+    _deadline.at = at if outer is None else min(outer, at)
+    try:
+        yield
+    finally:
+        _deadline.at = outer
+
+
+def _bounded(timeout: float | None, what: str, core: Any) -> float | None:
+    """``timeout`` cut to what is left of this thread's deadline; past it, a timeout."""
+    if _deadline.at is None:
+        return timeout
+    left = _deadline.at - time.monotonic()
+    if left <= 0:
+        error = core.ConnectTimeout if what == "connect" else core.ReadTimeout
+        raise error(f"the request's deadline passed ({what})")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream:
+    """An httpcore network stream whose every read and write ends by the deadline."""
+
+    def __init__(self, inner: Any, core: Any) -> None:
+        self.inner = inner
+        self.core = core
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data: bytes = self.inner.read(max_bytes, _bounded(timeout, "read", self.core))
+        return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.inner.write(buffer, _bounded(timeout, "write", self.core))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> _DeadlineStream:
+        bounded = _bounded(timeout, "connect", self.core)
+        return _DeadlineStream(
+            self.inner.start_tls(ssl_context, server_hostname, bounded), self.core
+        )
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.inner.get_extra_info(info)
+
+
+class _DeadlineBackend:
+    """An httpcore network backend whose connections honour ``request_deadline``."""
+
+    def __init__(self, inner: Any, core: Any) -> None:
+        self.inner = inner
+        self.core = core
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> _DeadlineStream:
+        bounded = _bounded(timeout, "connect", self.core)
+        stream = self.inner.connect_tcp(host, port, bounded, local_address, socket_options)
+        return _DeadlineStream(stream, self.core)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> _DeadlineStream:
+        bounded = _bounded(timeout, "connect", self.core)
+        stream = self.inner.connect_unix_socket(path, bounded, socket_options)
+        return _DeadlineStream(stream, self.core)
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
+
+
+def _deadline_client() -> Any:
+    """The openai client's httpx client, its sockets honouring ``request_deadline``: the
+    connection pool's network backend cuts each connect, read and write to the time left
+    (httpx takes no whole-request timeout, and names no public hook for its backend)."""
+    import importlib
+
+    import openai
+
+    http = _http_library()
+    transport = http.HTTPTransport(
+        limits=http.Limits(max_connections=1000, max_keepalive_connections=100)
+    )
+    pool = getattr(transport, "_pool", None)
+    inner = getattr(pool, "_network_backend", None)
+    if inner is None:  # pragma: no cover - an httpx that changed: per-read timeouts only
+        log.warning("the openai backend's whole-request deadline is off (httpx changed)")
+    else:
+        core = importlib.import_module(type(pool).__module__.split(".")[0])
+        pool._network_backend = _DeadlineBackend(inner, core)  # type: ignore[union-attr]
+    return openai.DefaultHttpxClient(transport=transport)
 
 
 def slot_of(cache_key: str, slots: int) -> int:
@@ -72,8 +262,11 @@ class OpenAIGenerator:
             api_key=api_key or "no-key",
             timeout=openai.Timeout(timeout, connect=connect_timeout),
             max_retries=retries,
+            http_client=_deadline_client(),
         )
         self.url = url
+        self.shown_url = redact_url(url)  # for logs: never the URL's credentials
+        self.timeout = timeout
         self.model = chat_model  # ChatModel: template + vocabulary, no weights
         self.api = api
         self.send_tokens = send == "tokens"
@@ -83,7 +276,11 @@ class OpenAIGenerator:
         self.slots = list(range(parallel))
         self._model_name = model
         self._model_lock = threading.Lock()
-        self.name = f"{model or 'server model'} @ {url}"
+        self.name = f"{model or 'server model'} @ {self.shown_url}"
+        # Whether the server takes token-id prompts is unknown until asked (check_server).
+        self._checked = not (api == "completions" and self.send_tokens)
+        self._refuses_tokens = False
+        self._check_lock = threading.Lock()
 
     def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
         if self.api == "completions" and not self.send_tokens:
@@ -105,13 +302,13 @@ class OpenAIGenerator:
         with self._model_lock:
             if self._model_name is None:
                 try:
-                    models = self._client.models.list().data
-                except openai.APIConnectionError as exc:
-                    raise GenerationUnavailableError(f"{self.url}: no answer ({exc})") from exc
+                    with request_deadline(self.timeout):
+                        models = self._client.models.list().data
                 except openai.OpenAIError as exc:
-                    raise GenerationError(f"{self.url}: cannot list models ({exc})") from exc
+                    raise self._failed("listing its models", exc) from None
                 if not models:
-                    raise GenerationError(f"{self.url}: the server lists no model")
+                    log.warning("model server %s lists no model", self.shown_url)
+                    raise GenerationError(f"{REFUSED} (it lists no model)")
                 self._model_name = str(models[0].id)
             return self._model_name
 
@@ -132,6 +329,12 @@ class OpenAIGenerator:
             request["seed"] = params.seed
         if self.api == "chat":
             request["messages"] = prompt.messages
+            if params.grammar is not None:
+                # The game-action question: llama.cpp's servers (llama-server, llama-cpp-
+                # python's) take a GBNF grammar on chat completions too. A hosted API that
+                # refuses the field fails the request, and the engine takes no action:
+                # never one chosen without the grammar.
+                request["extra_body"] = {"grammar": params.grammar}
             return request
         if self.send_tokens:
             tokens = prompt.tokens if prompt.tokens is not None else self.tokenize(prompt.text)
@@ -156,12 +359,90 @@ class OpenAIGenerator:
         request["extra_body"] = extra
         return request
 
+    def _failed(self, during: str, exc: BaseException) -> GenerationError:
+        """Log what went wrong in full (the URL's secrets out, a long body cut), and return
+        the error a game client may see (``_public_error``)."""
+        public = _public_error(exc)
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        if len(detail) > LOGGED_DETAIL_CHARS:
+            detail = detail[:LOGGED_DETAIL_CHARS] + f"… ({len(detail)} characters)"
+        log.warning("model server %s, %s: %s", self.shown_url, during, detail)
+        return public
+
+    def check_server(self) -> None:
+        """At start, with ``send: tokens``: does the server take a token-id prompt? A
+        one-token completion from a token prompt, then (if refused) from a text prompt:
+        refused as tokens but taken as text is a server that takes text only (llama-cpp-
+        python's): a ConfigError naming the setting. A server that does not answer now is
+        asked again before the first reply."""
+        if self._checked:
+            return
+        import openai
+
+        client = self._client.with_options(max_retries=0)
+
+        def probe(prompt: str | list[int]) -> None:
+            with request_deadline(self.timeout):
+                stream = client.completions.create(
+                    model=self._served_model(),
+                    prompt=prompt,
+                    max_tokens=1,
+                    temperature=0.0,
+                    stream=True,
+                )
+                try:
+                    for _chunk in stream:
+                        pass
+                finally:
+                    stream.close()
+
+        try:
+            probe(self.tokenize("Hello"))
+        except GenerationError:  # _served_model: no answer (logged); asked again later
+            return
+        except openai.APIStatusError as refused:
+            try:
+                probe("Hello")
+            except Exception as exc:  # refused either way: not a token mismatch (yet)
+                self._failed("a one-token check from token ids", refused)
+                self._failed("a one-token check from text", exc)
+                return
+            self._checked = self._refuses_tokens = True
+            raise ConfigError(
+                f"generation.send: the server at {self.shown_url} refuses prompts sent as "
+                "token ids and takes text (llama-cpp-python's llama_cpp.server does): set "
+                "generation.send: text"
+            ) from None
+        except openai.OpenAIError as exc:
+            self._failed("a one-token check", exc)
+            return
+        self._checked = True
+
     def generate(
         self,
         prompt: RenderedPrompt,
         params: GenerationParams,
         on_text: Callable[[str], None],
         cancel: threading.Event | None = None,
+    ) -> GenerationStats:
+        if not self._checked:
+            with self._check_lock, contextlib.suppress(ConfigError):
+                self.check_server()  # once, whichever reply comes first
+        if self._refuses_tokens:
+            log.error(
+                "model server %s takes no token-id prompts: set generation.send: text",
+                self.shown_url,
+            )
+            raise GenerationError(f"{REFUSED} (a configuration error: see the engine log)")
+        with request_deadline(self.timeout):
+            return self._generate(prompt, params, on_text, cancel)
+
+    def _generate(
+        self,
+        prompt: RenderedPrompt,
+        params: GenerationParams,
+        on_text: Callable[[str], None],
+        cancel: threading.Event | None,
     ) -> GenerationStats:
         import openai
 
@@ -179,10 +460,8 @@ class OpenAIGenerator:
             return stats
         try:
             stream = create(**request)
-        except (openai.APIConnectionError, openai.InternalServerError) as exc:
-            raise GenerationUnavailableError(f"{self.url}: {exc}") from exc
         except openai.OpenAIError as exc:
-            raise GenerationError(f"{self.url}: {exc}") from exc
+            raise self._failed("a reply", exc) from None
         done = threading.Event()
         watcher = self._watch_cancel(stream, cancel, done) if cancel is not None else None
         try:
@@ -199,7 +478,9 @@ class OpenAIGenerator:
             if cancel is not None and cancel.is_set():
                 stats.finish_reason = "cancelled"
                 return stats
-            raise GenerationError(f"{self.url}: the reply stream broke ({exc})") from exc
+            failed = self._failed("the reply stream", exc)
+            message = f"{failed} (the reply stream broke)"
+            raise type(failed)(message) from None
         finally:
             done.set()
             if watcher is not None:

@@ -9,11 +9,13 @@ that is the acknowledgement a client may rely on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -52,11 +54,14 @@ class MemoryWriter:
         self,
         store: MemoryStore,
         after_write: Callable[[Sequence[Memory]], None] | None = None,
+        pause: AbstractContextManager[Any] | None = None,
     ) -> None:
         """``after_write``: runs on this thread with each batch of memories once they are
-        stored and acknowledged (facts, consolidation: ``npc_engine.memory.upkeep``)."""
+        stored and acknowledged (facts, consolidation: ``npc_engine.memory.upkeep``).
+        ``pause``: held around each batch (a save being loaded holds it: writes wait)."""
         self._store = store
         self._after_write = after_write
+        self._pause = pause if pause is not None else contextlib.nullcontext()
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="npc-memory-writer", daemon=True)
         self._closed = False
@@ -133,7 +138,8 @@ class MemoryWriter:
                     stop_after = True
                     break
                 batch.append(item)
-            self._write_batch(batch)
+            with self._pause:
+                self._write_batch(batch)
             if stop_after:
                 return
 

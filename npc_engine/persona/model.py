@@ -3,7 +3,6 @@ shipped for editors is generated from them (`npc-engine schema persona`)."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -336,14 +335,12 @@ LORE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$"
 
 
 def _checked_keys(keys: list[str]) -> list[str]:
-    """A ``/regex/`` key must compile (the error names it at load, not at a turn)."""
+    """A ``/regex/`` key must compile with RE2, as the turn's key scan compiles it (the error
+    names it at load, not at a turn)."""
+    from npc_engine.lore import regex_key  # lore imports this module
+
     for key in keys:
-        match = re.fullmatch(r"/(.+)/[a-z]*", key, re.DOTALL)
-        if match:
-            try:
-                re.compile(match.group(1))
-            except re.error as exc:
-                raise ValueError(f"key {key!r} is not a valid regular expression: {exc}") from None
+        regex_key(key)  # raises ValueError naming the key
     return keys
 
 
