@@ -510,6 +510,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 def cmd_save(args: argparse.Namespace) -> int:
     from npc_engine.backends import make_store
+    from npc_engine.memory.saves import read_save_file
 
     config = _config(args)
     if args.action != "list" and (args.save_id is None or args.file is None):
@@ -523,7 +524,7 @@ def cmd_save(args: argparse.Namespace) -> int:
             args.file.write_bytes(store.export_save(args.save_id))
             print(f"wrote {args.file}")
         else:
-            info = store.import_save(args.save_id, args.file.read_bytes())
+            info = store.import_save(args.save_id, read_save_file(args.file))
             print(f"imported {info.save_id} ({info.memories} memories)")
     finally:
         store.close()

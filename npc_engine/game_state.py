@@ -98,7 +98,7 @@ def standing_notes(trust: int, unlocked: Unlocked) -> str:
 
 
 def _check_flag(name: str, value: Any) -> None:
-    if not _FLAG_NAME.match(name):
+    if not _FLAG_NAME.fullmatch(name):
         raise StateError(f"flags.{name[:40]}", f"a flag name matches {FLAG_NAME_PATTERN}")
     if value is None or isinstance(value, bool | int):
         return

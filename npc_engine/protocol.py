@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from npc_engine.game_state import (
     FLAG_NAME_PATTERN,
     MAX_FLAG_TEXT,
     MAX_FLAGS_PER_PLAYER,
 )
-from npc_engine.ids import ID_PATTERN
+from npc_engine.ids import ID_PATTERN, SAVE_ID_PATTERN, check_save_name
 
 PROTOCOL_VERSION = "1"
 SUPPORTED_PROTOCOLS = [PROTOCOL_VERSION]
@@ -176,8 +176,18 @@ class NpcWarm(_Request):
     npc_ids: list[EntityId | Literal["*"]] = Field(min_length=1, max_length=256)
 
 
-SaveId = Annotated[str, Field(pattern=ID_PATTERN)]
-SAVE_FILE_PATTERN = r"^[A-Za-z0-9_.:@-]{1,64}\.npcsave$"
+# Save ids and save file names become file names: no ":", no Windows device name, no
+# trailing "." (``ids.check_save_name``, which the stores and the CLI call too).
+SaveId = Annotated[str, Field(pattern=SAVE_ID_PATTERN), AfterValidator(check_save_name)]
+SAVE_FILE_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}\.npcsave$"
+
+
+def _check_save_file(name: str) -> str:
+    check_save_name(name.removesuffix(".npcsave"))
+    return name
+
+
+SaveFile = Annotated[str, Field(pattern=SAVE_FILE_PATTERN), AfterValidator(_check_save_file)]
 
 
 class SaveCreate(_Request):
@@ -213,7 +223,7 @@ class SaveImport(_Request):
 
     type: Literal["save.import"]
     save_id: SaveId
-    file: Annotated[str, Field(pattern=SAVE_FILE_PATTERN)]
+    file: SaveFile
 
 
 class StateGet(_Request):

@@ -40,7 +40,7 @@ from npc_engine.config import ServerLimits
 from npc_engine.dialogue import DialogueEngine, StateView, TurnResult, npc_of
 from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError, is_unavailable
 from npc_engine.lore import lore_summary
-from npc_engine.memory.saves import SaveError
+from npc_engine.memory.saves import SaveError, read_save_file
 from npc_engine.memory.types import Memory
 from npc_engine.protocol import (
     Cancel,
@@ -828,7 +828,7 @@ class NpcServer:
         if not source.is_file():
             raise SaveError("file", f"No file {request.file!r} among the exports.")
         info = await self._in_io(
-            lambda r: self.engine.import_save(r.save_id, source.read_bytes()), request
+            lambda r: self.engine.import_save(r.save_id, read_save_file(source)), request
         )
         await conn.send(Ok(re=request.id, save_id=info.save_id, memories=info.memories))
 

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -26,17 +26,31 @@ from typing import Any, cast
 from npc_engine.errors import is_unavailable
 from npc_engine.memory.keywords import KeywordIndex, query_terms
 from npc_engine.memory.saves import (
+    MAX_MEMORY_TEXT,
     MAX_SAVES,
     SaveError,
     SaveInfo,
+    check_memory,
+    check_memory_id,
+    check_number,
     check_save_id,
+    check_state_record,
+    check_vector,
     decode_export,
     encode_export,
     pack,
+    refuse,
     unknown_save,
     unpack,
 )
-from npc_engine.memory.types import Candidate, Memory, MemoryKind, utc_now
+from npc_engine.memory.types import (
+    MEMORY_KINDS,
+    Candidate,
+    Memory,
+    MemoryKind,
+    new_memory_id,
+    utc_now,
+)
 from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache
 
 log = logging.getLogger(__name__)
@@ -53,7 +67,7 @@ CONTENT_VECTORS = "content-v1"  # vectors of what was said, not of the third-per
 _WRAPPED = re.compile(
     r'^(?:The player \S+ told me|I (?:answered|greeted) the player \S+): "(.*)"$', re.S
 )
-_MEMORY_COLLECTION = re.compile(r"^npc-[0-9a-f]{24}-(own|players-[0-9]+)$")
+_MEMORY_COLLECTION = re.compile(r"npc-[0-9a-f]{24}-(own|players-[0-9]+)")  # fullmatch
 KEYWORD_INDEX = "npc-engine-keywords.sqlite3"  # beside Chroma's own files
 # A player with at most this many memories on an NPC is searched exactly (~3 ms), past it
 # by Chroma's HNSW index (consolidation keeps players far below it unless turned off).
@@ -251,6 +265,10 @@ def _player_shard(npc_id: str, player_id: str) -> str:
     return _shard_name(npc_id, shard)
 
 
+# The collections a save may name: those the engine makes (an NPC's own, its 8 shards).
+_SAVED_COLLECTION = re.compile(rf"npc-[0-9a-f]{{24}}-(?:own|players-[0-{PLAYER_SHARDS - 1}])")
+
+
 def _names_of(npc_id: str) -> list[str]:
     return [_own_name(npc_id), *(_shard_name(npc_id, k) for k in range(PLAYER_SHARDS))]
 
@@ -266,8 +284,188 @@ def _where(labels: dict[str, str]) -> dict[str, Any]:
 
 def _said(document: str) -> str:
     """The words inside an older memory's third-person wrapper (the text if none)."""
-    match = _WRAPPED.match(document)
+    match = _WRAPPED.fullmatch(document)
     return match.group(1) if match else document
+
+
+# -- imported saves ----------------------------------------------------------------------
+#
+# An imported save file came from someone else: it is untrusted. It is read whole and
+# checked whole (``read_import``) before anything is written: every collection is one the
+# engine makes, every record is named by the manifest and lies in the collection its own
+# npc_id/player_id/kind put it in, every vector has the store's dimension, every game-state
+# record keeps the rules of ``state.set``. Then its memories get NEW ids: the archive is
+# shared by every save (keyed by memory id), and ids are visible to clients
+# (``memory.list``), so a file carrying an id that exists here (live, archived for another
+# save, or made later) could otherwise rewrite what another save restores. Renamed, an
+# imported save can only ever reach its own records. References inside the save (a fact's
+# ``superseded_by``, a rumour's ``origin``, the memory ids of its conversation histories)
+# are renamed with it.
+
+_METADATA_TEXTS = (
+    *("npc_id", "player_id", "kind", "content", "subject"),
+    *("superseded_by", "source", "origin"),
+)
+_METADATA_NUMBERS = ("created_at", "last_accessed_at", "game_time", "accessed_game_time")
+_METADATA_INTS = ("importance", "hops")
+_METADATA_REQUIRED = {"npc_id", "player_id", "kind", "importance", "created_at"}
+
+
+@dataclass
+class ImportedSave:
+    """A save file read and checked whole, its memories renamed (see above)."""
+
+    manifest: dict[str, Any]  # as create_save writes it: {"memories": …, "state": …}
+    ids: list[str] = field(default_factory=list)
+    vectors: list[list[float]] = field(default_factory=list)
+    documents: list[str] = field(default_factory=list)
+    metadatas: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _imported_memory(
+    memory_id: str, record: Any, where: str, dimension: int
+) -> tuple[Memory, list[float]]:
+    if not isinstance(record, dict) or set(record) != {"document", "metadata", "vector"}:
+        refuse(f"{where} is not a memory record (document, metadata, vector)")
+    meta = record["metadata"]
+    if not isinstance(meta, dict) or not set(meta) >= _METADATA_REQUIRED:
+        refuse(f"{where}: the metadata lacks {', '.join(sorted(_METADATA_REQUIRED))}")
+    for name, value in meta.items():
+        if name in _METADATA_TEXTS:
+            if not isinstance(value, str) or len(value) > MAX_MEMORY_TEXT:
+                refuse(f"{where}: metadata {name} is not a text")
+        elif name in _METADATA_NUMBERS:
+            check_number(value, f"{where}: metadata {name}", -1e15, 1e15)
+        elif name in _METADATA_INTS:
+            if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 10**6:
+                refuse(f"{where}: metadata {name} is not an integer")
+        else:
+            refuse(f"{where}: unknown metadata {str(name)[:40]!r}")
+    document = record["document"]
+    if not isinstance(document, str):
+        refuse(f"{where}: the document is not a text")
+    if meta["kind"] not in MEMORY_KINDS:
+        refuse(f"{where}: unknown kind")
+    if not 1 <= meta["importance"] <= 10:
+        refuse(f"{where}: importance is not 1-10")
+    for name in ("created_at", "last_accessed_at"):
+        if name in meta:
+            check_number(meta[name], f"{where}: metadata {name}", 0, 1e11)
+    memory = check_memory(_memory(memory_id, document, meta), where)
+    return memory, check_vector(record["vector"], where, dimension)
+
+
+def _renamed(reference: str | None, names: dict[str, str]) -> str | None:
+    """A reference to a memory of the save (a bare id or "npc/id"), renamed with it."""
+    if reference is None:
+        return None
+    if reference in names:
+        return names[reference]
+    head, slash, tail = reference.rpartition("/")
+    return f"{head}/{names[tail]}" if slash and tail in names else reference
+
+
+def _renamed_state(value: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    if "turns" not in value:
+        return value
+    turns = []
+    for turn in value["turns"]:
+        turn = dict(turn)
+        turn["memory_ids"] = sorted(names.get(i, i) for i in turn.get("memory_ids", []))
+        turn["noted"] = [[names.get(i, i), line] for i, line in turn.get("noted", [])]
+        turns.append(turn)
+    return {"turns": turns}
+
+
+def read_import(data: bytes, dimension: int) -> ImportedSave:
+    """An exported save file, checked whole and renamed (see above); SaveError, naming
+    what is wrong, for anything an engine save cannot hold. Writes nothing."""
+    document = decode_export(data)
+    manifest, records = document["manifest"], document["records"]
+    if not set(manifest) <= {"memories", "state"}:
+        refuse("the manifest holds more than memories and state")
+    listed, state = manifest.get("memories", {}), manifest.get("state", {})
+    if not isinstance(listed, dict) or not isinstance(state, dict):
+        refuse("the manifest's memories or state is not an object")
+    home: dict[str, str] = {}  # memory id -> the collection the manifest puts it in
+    for name, ids in listed.items():
+        if not _SAVED_COLLECTION.fullmatch(name):
+            refuse(f"the manifest names an unknown collection {name[:80]!r}")
+        if not isinstance(ids, list):
+            refuse(f"the manifest's {name} is not a list of ids")
+        for memory_id in ids:
+            check_memory_id(memory_id, f"a memory id of {name}")
+            if memory_id in home:
+                refuse(f"the manifest names memory {memory_id!r} twice")
+            home[memory_id] = name
+    unnamed = [memory_id for memory_id in records if memory_id not in home]
+    if unnamed:
+        refuse(f"{len(unnamed)} memory records are not named by the manifest")
+    names = {memory_id: new_memory_id() for memory_id in records}  # uuid4: never collides
+    imported = ImportedSave({"memories": {}, "state": {}})
+    for memory_id, record in records.items():
+        where = f"memory {memory_id!r}"
+        memory, vector = _imported_memory(memory_id, record, where, dimension)
+        wanted = (
+            _own_name(memory.npc_id)
+            if memory.player_id is None
+            else _player_shard(memory.npc_id, memory.player_id)
+        )
+        if wanted != home[memory_id]:
+            refuse(f"{where} is not in the collection of its npc_id and player_id")
+        memory = replace(
+            memory,
+            id=names[memory_id],
+            superseded_by=_renamed(memory.superseded_by, names),
+            origin=_renamed(memory.origin, names),
+        )
+        imported.ids.append(memory.id)
+        imported.vectors.append(vector)
+        imported.documents.append(memory.text)
+        imported.metadatas.append(_metadata(memory))
+    missing = len(home) - len(records)
+    if missing:  # an export of a store that had lost them: nothing to bring back
+        log.warning("the imported save names %d memories it does not hold", missing)
+    kept: dict[str, list[str]] = {}
+    for memory_id, name in home.items():
+        if memory_id in names:
+            kept.setdefault(name, []).append(names[memory_id])
+    imported.manifest["memories"] = {name: sorted(ids) for name, ids in sorted(kept.items())}
+    for key, entry in state.items():
+        if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str):
+            refuse(f"state {str(key)[:80]!r} is not [document, labels]")
+        try:
+            value = json.loads(entry[0])
+        except (ValueError, RecursionError):
+            refuse(f"state {str(key)[:80]!r} is not JSON")
+        value, labels = check_state_record(key, value, entry[1])
+        value = _renamed_state(value, names)
+        imported.manifest["state"][key] = [json.dumps(value, sort_keys=True), labels]
+    return imported
+
+
+def _check_stored_manifest(manifest: dict[str, Any]) -> None:
+    """What a load needs of a stored save to run to its end (a save imported before
+    imports were checked may lack it): raises ValueError before anything changes."""
+    memories, state = manifest.get("memories", {}), manifest.get("state", {})
+    if not isinstance(memories, dict) or not isinstance(state, dict):
+        raise ValueError("memories or state is not an object")
+    for name, ids in memories.items():
+        if not isinstance(name, str) or not _SAVED_COLLECTION.fullmatch(name):
+            raise ValueError(f"unknown collection {str(name)[:80]!r}")
+        if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+            raise ValueError(f"the ids of {name} are not a list of ids")
+    for key, entry in state.items():
+        if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(f"state {str(key)[:80]!r} is not [document, labels]")
+        if not isinstance(json.loads(entry[0]), dict):
+            raise ValueError(f"state {str(key)[:80]!r} is not a JSON object")
+        labels = entry[1]
+        if labels is not None and not (
+            isinstance(labels, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+        ):
+            raise ValueError(f"state {str(key)[:80]!r} has labels that are not texts")
 
 
 class RecordCache:
@@ -450,6 +648,11 @@ def connect_server(
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"memory.url: {url!r} is not an http(s)://host:port address")
+    if parts.username is not None or parts.password is not None:  # never echoed back
+        raise ValueError("memory.url: credentials in the URL are not sent (use memory.token_env)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        # HttpClient takes a host and a port: a path (a proxy's prefix) would be dropped.
+        raise ValueError(f"memory.url: {url!r} has a path or query the client would drop")
     headers = {"Authorization": f"Bearer {token}"} if token else None
     client = chromadb.HttpClient(
         host=parts.hostname,
@@ -1022,20 +1225,22 @@ class ChromaMemoryStore:
         return found
 
     def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]:
-        """Which of these rumour origins the NPC already has a memory of."""
+        """Which of these rumour origins the NPC already has a memory of (rumours of a
+        player's words live with that player's memories: every collection is read)."""
         if not origins:
             return set()
-        own = self._collection(_own_name(npc_id), npc_id, create=False)
-        if own is None:
-            return set()
-        got = own.get(where={"origin": {"$in": list(origins)}}, include=["metadatas"])
-        return {str((m or {}).get("origin")) for m in got.get("metadatas") or []}
+        known: set[str] = set()
+        for collection in self._all_of(npc_id):
+            got = collection.get(where={"origin": {"$in": list(origins)}}, include=["metadatas"])
+            known |= {str((m or {}).get("origin")) for m in got.get("metadatas") or []}
+        return known
 
     def rumours_of(self, npc_id: str) -> list[Memory]:
-        own = self._collection(_own_name(npc_id), npc_id, create=False)
-        if own is None:
-            return []
-        return _memories(own.get(where={"kind": "rumour"}, include=["documents", "metadatas"]))
+        found: list[Memory] = []
+        for collection in self._all_of(npc_id):
+            got = collection.get(where={"kind": "rumour"}, include=["documents", "metadatas"])
+            found += _memories(got)
+        return found
 
     def count(self, npc_id: str, player_id: str | None = None) -> int:
         """Memories of an NPC, or (with ``player_id``) those tied to that player."""
@@ -1096,7 +1301,7 @@ class ChromaMemoryStore:
     def _memory_collections(self) -> dict[str, Any]:
         names = [c.name for c in self._client.list_collections()]
         found = {n: self._collection(n, "", create=False) for n in names}
-        return {n: c for n, c in found.items() if c is not None and _MEMORY_COLLECTION.match(n)}
+        return {n: c for n, c in found.items() if c is not None and _MEMORY_COLLECTION.fullmatch(n)}
 
     # -- embedding format ----------------------------------------------------------------
 
@@ -1113,7 +1318,7 @@ class ChromaMemoryStore:
     def _mark_if_new(self) -> None:
         """A store without memories yet is written the current way from the start."""
         names = [c.name for c in self._client.list_collections()]
-        fresh = not any(_MEMORY_COLLECTION.match(name) for name in names)
+        fresh = not any(_MEMORY_COLLECTION.fullmatch(name) for name in names)
         if fresh and self.embedding_format() is None:
             self._mark_format()
 
@@ -1304,6 +1509,12 @@ class ChromaMemoryStore:
             info = next((i for i in self.list_saves() if i.save_id == save_id), None)
             if manifest is None or info is None:
                 raise unknown_save(save_id)
+            try:  # checked before anything changes: a load that starts runs to its end
+                _check_stored_manifest(manifest)
+            except (ValueError, RecursionError) as exc:
+                raise SaveError(
+                    "save_id", f"save {save_id!r} is damaged and cannot be loaded ({exc})"
+                ) from exc
             self._saves().upsert(
                 ids=[PENDING_LOAD],
                 metadatas=[{"kind": "pending", "save_id": save_id}],
@@ -1323,10 +1534,25 @@ class ChromaMemoryStore:
         if metadatas and metadatas[0]:
             save_id = str(metadatas[0].get("save_id", ""))
             log.warning("finishing the load of save %r that was interrupted", save_id)
-            manifest = self._manifest(save_id)
-            if manifest is not None:
-                self._apply(manifest)
-            self._saves().delete(ids=[PENDING_LOAD])
+            # A load that cannot finish is given up, never retried at every start: the
+            # engine must always be able to open its data directory.
+            try:
+                manifest = self._manifest(save_id)
+                if manifest is not None:
+                    _check_stored_manifest(manifest)
+                    self._apply(manifest)
+            except Exception as exc:
+                if is_unavailable(exc):  # the server is down: retry at the next start
+                    raise
+                log.error(
+                    "could not finish loading save %r (%s): given up; the memories and "
+                    "game state may be partly as they were before the load and partly as "
+                    "the save has them. Load a save again to make them whole.",
+                    save_id,
+                    exc,
+                    exc_info=True,
+                )
+            saves.delete(ids=[PENDING_LOAD])
 
     def _apply(self, manifest: dict[str, Any]) -> None:
         wanted: dict[str, list[str]] = manifest.get("memories", {})
@@ -1442,43 +1668,52 @@ class ChromaMemoryStore:
 
     def import_save(self, save_id: str, data: bytes) -> SaveInfo:
         """Store an exported save under ``save_id``; its memories wait in the archive
-        until the save is loaded."""
+        until the save is loaded. The file is untrusted: read and checked whole first
+        (``read_import``: its memories get new ids, so it reaches nothing but its own
+        records), then written, or nothing is."""
         check_save_id(save_id)
-        document = decode_export(data)
-        manifest, records = document["manifest"], document["records"]
-        for name in manifest.get("memories", {}):
-            if not _MEMORY_COLLECTION.match(str(name)):
-                raise SaveError("file", f"the save file names an unknown collection {name!r}")
-        ids = sorted(records)
-        archive = self._archive()
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
-            archive.upsert(
-                ids=chunk,
-                embeddings=[records[i]["vector"] for i in chunk],
-                documents=[records[i]["document"] for i in chunk],
-                metadatas=[records[i]["metadata"] for i in chunk],
-            )
         with self._saves_lock:
             known = {info.save_id for info in self.list_saves()}
             if save_id not in known and len(known) >= MAX_SAVES:
                 raise SaveError("save_id", f"at most {MAX_SAVES} saves: delete one first")
-            created = utc_now()
-            count = sum(len(v) for v in manifest.get("memories", {}).values())
-            self._saves().upsert(
-                ids=[save_id],
-                metadatas=[
-                    {
-                        "kind": "save",
-                        "created_at": _timestamp(created),
-                        "memories": count,
-                        "manifest": pack(manifest),
-                    }
-                ],
-                embeddings=ONE_VECTOR,
-            )
-            self._referenced_ids = None
+            imported = read_import(data, self._dimension())
+            archive = self._archive()
+            written: list[str] = []
+            try:
+                for start in range(0, len(imported.ids), 1000):
+                    chunk = slice(start, start + 1000)
+                    written += imported.ids[chunk]
+                    archive.add(
+                        ids=imported.ids[chunk],
+                        embeddings=imported.vectors[chunk],
+                        documents=imported.documents[chunk],
+                        metadatas=imported.metadatas[chunk],
+                    )
+                created = utc_now()
+                count = len(imported.ids)
+                self._saves().upsert(
+                    ids=[save_id],
+                    metadatas=[
+                        {
+                            "kind": "save",
+                            "created_at": _timestamp(created),
+                            "memories": count,
+                            "manifest": pack(imported.manifest),
+                        }
+                    ],
+                    embeddings=ONE_VECTOR,
+                )
+            except BaseException:
+                if written:  # new ids: nothing but this import's own records
+                    archive.delete(ids=written)
+                raise
+            finally:
+                self._referenced_ids = None
         return SaveInfo(save_id, created, count)
+
+    def _dimension(self) -> int:
+        """How many numbers this store's embedder puts in a vector."""
+        return len(self._embed(["dimension"])[0])
 
     def close(self) -> None:
         self._requests.shutdown(wait=False)

@@ -17,9 +17,12 @@ from npc_engine.memory.saves import (
     MAX_SAVES,
     SaveError,
     SaveInfo,
+    check_memory,
     check_save_id,
+    check_state_record,
     decode_export,
     encode_export,
+    refuse,
     unknown_save,
 )
 from npc_engine.memory.types import Candidate, Memory, MemoryKind, utc_now
@@ -289,17 +292,15 @@ class InMemoryStore:
             return encode_export(info, manifest, records)
 
     def import_save(self, save_id: str, data: bytes) -> SaveInfo:
+        """As the Chroma store's: the file is untrusted, checked whole before the save is
+        kept (every record named by the manifest and shaped as the engine writes it,
+        game state by the rules of ``state.set``). Saves here are deep copies, not a
+        shared archive, so an imported memory id reaches nothing outside its own save."""
         check_save_id(save_id)
-        document = decode_export(data)
-        try:
-            memories = {
-                memory_id: _memory_from_record(record["memory"])
-                for memory_id, record in document["records"].items()
-            }
-            state = dict(document["manifest"]["state"])
-            labels = dict(document["manifest"].get("labels", {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SaveError("file", f"not a save file of the in-memory store ({exc})") from exc
+        with self._lock:
+            if save_id not in self._saves and len(self._saves) >= MAX_SAVES:
+                raise SaveError("save_id", f"at most {MAX_SAVES} saves: delete one first")
+        memories, state, labels = _read_import(decode_export(data))
         with self._lock:
             if save_id not in self._saves and len(self._saves) >= MAX_SAVES:
                 raise SaveError("save_id", f"at most {MAX_SAVES} saves: delete one first")
@@ -318,8 +319,59 @@ def _memory_record(memory: Memory) -> dict[str, Any]:
     return record
 
 
-def _memory_from_record(record: dict[str, Any]) -> Memory:
+def _memory_from_record(record: Any, where: str = "a memory") -> Memory:
+    if not isinstance(record, dict) or not set(record) <= _MEMORY_FIELDS:
+        refuse(f"{where} is not a memory")
     fields = dict(record)
-    for name in ("created_at", "last_accessed_at"):
-        fields[name] = datetime.fromisoformat(fields[name]) if fields.get(name) else None
-    return Memory(**fields)
+    try:
+        for name in ("created_at", "last_accessed_at"):
+            fields[name] = datetime.fromisoformat(fields[name]) if fields.get(name) else None
+        if fields.get("created_at") is None:
+            refuse(f"{where} has no created_at")
+        for name in ("importance", "hops"):
+            if isinstance(fields.get(name), bool):
+                refuse(f"{where}: {name} is not an integer")
+        return Memory(**fields)
+    except (TypeError, ValueError) as exc:
+        refuse(f"{where} is not a memory ({str(exc)[:200]})")
+
+
+_MEMORY_FIELDS = {f.name for f in dataclasses.fields(Memory)}
+
+
+def _read_import(
+    document: dict[str, Any],
+) -> tuple[dict[str, Memory], dict[str, Any], dict[str, dict[str, str]]]:
+    manifest, records = document["manifest"], document["records"]
+    if not set(manifest) <= {"memories", "state", "labels"}:
+        refuse("the manifest holds more than memories, state and labels")
+    listed = manifest.get("memories", {})
+    state, labels = manifest.get("state", {}), manifest.get("labels", {})
+    if not isinstance(listed, dict) or set(listed) - {"all"}:
+        refuse("not a save file of the in-memory store")
+    if not isinstance(listed.get("all", []), list) or not isinstance(state, dict):
+        refuse("the manifest's memories or state is not a list and an object")
+    if not isinstance(labels, dict) or set(labels) - set(state):
+        refuse("the manifest's labels are not those of its state")
+    named = set()
+    for memory_id in listed.get("all", []):
+        if not isinstance(memory_id, str) or memory_id in named:
+            refuse("the manifest names a memory twice, or not by id")
+        named.add(memory_id)
+    if set(records) - named:
+        refuse(f"{len(set(records) - named)} memory records are not named by the manifest")
+    memories = {}
+    for memory_id, record in records.items():
+        where = f"memory {memory_id!r}"
+        if not isinstance(record, dict) or set(record) != {"memory"}:
+            refuse(f"{where} is not a memory record")
+        memory = _memory_from_record(record["memory"], where)
+        if memory.id != memory_id:
+            refuse(f"{where} carries another id")
+        memories[memory_id] = check_memory(memory, where)
+    checked_state, checked_labels = {}, {}
+    for key, value in state.items():
+        checked_state[key], checked_labels[key] = check_state_record(
+            key, copy.deepcopy(value), labels.get(key)
+        )
+    return memories, checked_state, checked_labels

@@ -78,7 +78,7 @@ def _comment(text: str) -> str:
 def skeleton(npc_id: str, schema_path: str) -> str:
     """A persona file with every field explained in place: the required ones filled with
     placeholders (the file validates as written), the others commented out."""
-    if not re.match(NPC_ID_PATTERN, npc_id):
+    if not re.fullmatch(NPC_ID_PATTERN, npc_id):
         raise NpcEngineError(f"{npc_id!r} is not a valid NPC id (letters, digits, _ and -)")
     out = [SCHEMA_COMMENT.format(schema_path), f"# A persona for {npc_id}; see docs/personas.md.\n"]
     for name, info in Persona.model_fields.items():
