@@ -92,13 +92,40 @@ class GuardConfig(BaseModel):
     enabled: bool = Field(
         True, description="Check replies for guarded secrets and out-of-world terms."
     )
-    threshold: float = Field(
-        0.58,
+    meaning: Literal["minilm", "minilm+use"] = Field(
+        "minilm+use",
+        description="What the meaning checks read sentences with: MiniLM (English), or MiniLM "
+        "with Google's multilingual USE v3 (a third more leaks caught at the same false cuts, "
+        "and secrets told in other languages; ~2 s to load, ~12 ms a sentence more).",
+    )
+    threshold: float | None = Field(
+        None,
         ge=0,
         le=1,
-        description="Cosine similarity of a reply sentence to a guarded secret at which the "
-        "sentence counts as telling it (tuned on tests/probes/guard_similarity.yaml).",
+        description="Similarity of a reply sentence (or it with the one before) to a guarded "
+        "secret or its first- and second-person rewrites at which it counts as telling it. "
+        "Default: 0.46 with minilm+use, 0.52 with minilm (tuned on tests/probes/guard_leaks.yaml).",
     )
+    world_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Similarity of a reply sentence to a description of a modern thing at which "
+        "it leaves the world (worlds with out_of_world terms). Default: 0.42 with minilm+use, "
+        "0.46 with minilm (tuned on tests/probes/guard_leaks.yaml).",
+    )
+
+    @property
+    def secret_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        return 0.46 if self.meaning == "minilm+use" else 0.52
+
+    @property
+    def out_of_world_threshold(self) -> float:
+        if self.world_threshold is not None:
+            return self.world_threshold
+        return 0.42 if self.meaning == "minilm+use" else 0.46
 
 
 class ActionConfig(BaseModel):

@@ -57,7 +57,8 @@ from npc_engine.guard import (
     GuardRules,
     ReplyGuard,
     distinctive_words,
-    find_term,
+    person_rewrites,
+    tells_secret,
 )
 from npc_engine.guard import preload as preload_guard
 from npc_engine.ids import check_id
@@ -76,6 +77,8 @@ from npc_engine.memory.types import (
 from npc_engine.memory.upkeep import MemoryUpkeep
 from npc_engine.memory.voice import player_voice
 from npc_engine.memory.writer import MemoryWriter, StateWrite
+from npc_engine.multilingual import PairedEmbedder
+from npc_engine.multilingual import preload as preload_multilingual
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
 from npc_engine.persona.model import Persona, World
 from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn, render_persona, render_world
@@ -336,7 +339,11 @@ class DialogueEngine:
     ) -> None:
         self.registry = registry
         self.lore_vectors = lore_vectors  # None: lore is looked up by keys only
-        self.embed = embed  # sentence vectors for the secret guard (None: key terms only)
+        self.embed = embed  # sentence vectors (None: key terms only)
+        # The guard's meaning checks: MiniLM, or MiniLM and the multilingual USE together.
+        self.guard_embed: Embed | None = embed
+        if embed is not None and config.guard.meaning == "minilm+use":
+            self.guard_embed = PairedEmbedder(embed)
         self.generator = generator
         self.store = store
         self.config = config
@@ -371,7 +378,7 @@ class DialogueEngine:
             lock=self._world_lock,
         )
         # Per persona object (a reload makes new ones): its secrets' keys and vectors.
-        self._secret_cache: dict[int, tuple[Any, list[tuple[str, ...]], Any]] = {}
+        self._secret_cache: dict[int, tuple[Any, list[GuardedSecret], list[Any] | None]] = {}
         self._secret_lock = threading.Lock()
         self._saves_lock = threading.Lock()  # one save operation at a time
         self._action_vector_cache: dict[str, Any] = {}  # bounded by the declared actions
@@ -382,6 +389,8 @@ class DialogueEngine:
         self._profile_vectors: dict[str, tuple[Persona, Any]] = {}  # who speaks next
         if config.guard.enabled:
             preload_guard()
+            if isinstance(self.guard_embed, PairedEmbedder):
+                preload_multilingual()
 
     def _start_trust(self, npc_id: str) -> int:
         loaded = self.registry.get(npc_id)
@@ -424,36 +433,58 @@ class DialogueEngine:
         )
         return self.get_state(player_id, npc_id)
 
-    def _secrets_of(self, loaded: LoadedPersona) -> tuple[list[tuple[str, ...]], Any]:
-        """Each secret's key terms (declared, or its distinctive words) and the secrets'
-        sentence vectors, computed once per persona."""
+    def _secrets_of(self, loaded: LoadedPersona) -> tuple[list[GuardedSecret], list[Any] | None]:
+        """Every secret of the persona as the guard reads it (key terms: declared, or its
+        distinctive words; its first- and second-person rewrites) and, per secret, the
+        vectors of its text and rewrites: computed once per persona."""
         persona = loaded.persona
         with self._secret_lock:
             cached = self._secret_cache.get(id(persona))
             if cached is not None and cached[0] is persona:
                 return cached[1], cached[2]
-        public = render_world(loaded.world) + render_persona(
-            persona.model_copy(update={"secrets": []}), self.npc_names()
-        )
-        public += "\n".join(f.text for f in persona.knowledge)
-        if loaded.world is not None:  # lorebook entries it knows: words it may say freely
-            npc_id, factions = persona.id or "", persona.factions
-            public += "\n".join(
-                entry.text
-                for entry in loaded.world.lore
-                if entry.reveal_when is None and entry.known_by_npc(npc_id, factions)
+        public = self._public_words(loaded)
+        secrets = [
+            GuardedSecret(
+                f"secrets.{index}",
+                secret.text,
+                tuple(secret.keys) or distinctive_words(secret.text, public),
+                derived=not secret.keys,
+                rewrites=person_rewrites(secret.text, persona.name),
             )
-        keys = [tuple(s.keys) or distinctive_words(s.text, public) for s in persona.secrets]
-        vectors = None
-        if self.embed is not None and persona.secrets:
+            for index, secret in enumerate(persona.secrets)
+        ]
+        blocks = None
+        if self.guard_embed is not None and secrets:
             import numpy as np
 
-            vectors = np.asarray(self.embed([s.text for s in persona.secrets]), dtype=np.float32)
+            texts = [[s.text, *s.rewrites] for s in secrets]
+            flat = np.asarray(
+                self.guard_embed([t for group in texts for t in group]), dtype=np.float32
+            )
+            bounds = np.cumsum([len(group) for group in texts])[:-1]
+            blocks = list(np.split(flat, bounds))
         with self._secret_lock:
             if len(self._secret_cache) > 4 * max(len(self.registry.personas), 16):
                 self._secret_cache.clear()  # personas reloaded many times: start over
-            self._secret_cache[id(persona)] = (persona, keys, vectors)
-        return keys, vectors
+            self._secret_cache[id(persona)] = (persona, secrets, blocks)
+        return secrets, blocks
+
+    def _public_words(self, loaded: LoadedPersona) -> str:
+        """What the world says outside this NPC's secrets: its own persona, every other
+        persona's public side, the whole lorebook. A word found here is no giveaway."""
+        persona = loaded.persona
+        public = [
+            render_world(loaded.world),
+            render_persona(persona.model_copy(update={"secrets": []}), self.npc_names()),
+            *(f.text for f in persona.knowledge),
+            *(f"{e.player}\n{e.npc}" for e in persona.example_dialogue),
+        ]
+        if loaded.world is not None:
+            public += [entry.text for entry in loaded.world.lore if entry.reveal_when is None]
+        for other in self.registry.personas.values():
+            if other.persona is not persona:
+                public += [other.persona.description, *(f.text for f in other.persona.knowledge)]
+        return "\n".join(public)
 
     def guard_rules(self, loaded: LoadedPersona, standing: Standing) -> GuardRules:
         """What this NPC's reply to this player is checked for (nothing with the guard off)."""
@@ -466,49 +497,45 @@ class DialogueEngine:
         the world's out-of-world terms (whether or not the guard is on: tests judge by it)."""
         guard = self.config.guard
         facts = standing.facts()
-        keys, vectors = self._secrets_of(loaded)
+        secrets, blocks = self._secrets_of(loaded)
         chosen = [
             index
             for index, secret in enumerate(loaded.persona.secrets)
             if secret.guard and not (secret.reveal_when is not None and secret.known(facts))
         ]
-        secrets = [
-            GuardedSecret(f"secrets.{i}", loaded.persona.secrets[i].text, keys[i]) for i in chosen
-        ]
         world = loaded.world
         rules = GuardRules(
-            secrets,
+            [secrets[i] for i in chosen],
             tuple(world.out_of_world) if world is not None else (),
-            self.embed if vectors is not None else None,
-            guard.threshold,
+            self.guard_embed if blocks is not None else None,
+            guard.secret_threshold,
+            guard.out_of_world_threshold,
         )
-        if vectors is not None and chosen:
-            rules.preset_vectors(vectors[chosen])
+        if blocks is not None and chosen:
+            import numpy as np
+
+            rules.preset_vectors(np.concatenate([blocks[i] for i in chosen]))
         return rules
 
     def tells_secret(self, npc_id: str, entry: str, text: str) -> str | None:
         """Why ``text`` tells the persona's secret ``entry`` ("secrets.0"): one of its key
-        terms, or a sentence as close in meaning as the guard's threshold; None if it does
-        not. For scripted checks (``must_not_leak``), whatever the guard did."""
+        terms in any form, or a sentence as close in meaning as the guard's threshold; None
+        if it does not. For scripted checks (``must_not_leak``), whatever the guard did."""
         loaded = self.persona(npc_id)
-        keys, vectors = self._secrets_of(loaded)
+        secrets, blocks = self._secrets_of(loaded)
         kind, _, number = entry.partition(".")
-        if kind != "secrets" or not number.isdigit() or int(number) >= len(keys):
+        if kind != "secrets" or not number.isdigit() or int(number) >= len(secrets):
             raise NpcEngineError(f"{npc_id} has no entry {entry!r} (secrets.0, secrets.1, …)")
         index = int(number)
-        key = find_term(text, keys[index])
-        if key is not None:
-            return f"key {key!r}"
+        threshold = self.config.guard.secret_threshold
+        rules = GuardRules([secrets[index]], (), self.guard_embed, threshold)
+        if blocks is not None:
+            rules.preset_vectors(blocks[index])
+        else:
+            rules.embed = None
         sentences = [p for p in re.split(r"(?<=[.!?])\s+", text) if p.strip()]
-        if vectors is None or self.embed is None or not sentences:
-            return None
-        import numpy as np
-
-        said = np.asarray(self.embed(sentences), dtype=np.float32)
-        said /= np.maximum(np.linalg.norm(said, axis=1, keepdims=True), 1e-9)
-        secret = vectors[index] / max(float(np.linalg.norm(vectors[index])), 1e-9)
-        best = float((said @ secret).max())
-        return f"similar ({best:.2f})" if best >= self.config.guard.threshold else None
+        cut = tells_secret(rules, sentences or [text])
+        return cut.reason if cut is not None else None
 
     def deflection(self, loaded: LoadedPersona, player_id: str, text: str) -> tuple[str, str]:
         """The lines that end a cut reply: after a secret (the persona's deflections), and
@@ -1500,44 +1527,35 @@ class DialogueEngine:
         if old:
             self.forget(npc_id, memory_ids=old)
 
-    def _world_secrets(self) -> tuple[list[tuple[str, ...]], Any]:
-        """Every loaded NPC's secrets (key terms, and vectors when embedding): no NPC
-        gossips any NPC's secret, whoever repeated it to it."""
-        keys: list[tuple[str, ...]] = []
-        vectors: list[Any] = []
+    def _world_secrets(self) -> GuardRules:
+        """Every loaded NPC's secrets, as one set of guard rules: no NPC gossips any NPC's
+        secret, whoever repeated it to it."""
+        secrets: list[GuardedSecret] = []
+        blocks: list[Any] = []
         for loaded in self.registry.personas.values():
-            its_keys, its_vectors = self._secrets_of(loaded)
-            keys += its_keys
-            if its_vectors is not None:
-                vectors += list(its_vectors)
-        if not vectors:
-            return keys, None
-        import numpy as np
-
-        return keys, np.asarray(vectors, dtype=np.float32)
-
-    def _not_secret(
-        self, secrets: tuple[list[tuple[str, ...]], Any], memories: list[Memory]
-    ) -> list[Memory]:
-        """The memories whose words tell none of these secrets (key terms, or meaning at
-        the guard's threshold)."""
-        keys, vectors = secrets
-        if not memories or not keys:
-            return memories
-        texts = [m.content or m.text for m in memories]
-        by_meaning = None
-        if vectors is not None and self.embed is not None:
+            its_secrets, its_blocks = self._secrets_of(loaded)
+            secrets += its_secrets
+            blocks += its_blocks or []
+        rules = GuardRules(secrets, (), self.guard_embed, self.config.guard.secret_threshold)
+        if blocks and len(blocks) == len(secrets):
             import numpy as np
 
-            said = np.asarray(self.embed(texts), dtype=np.float32)
-            secret = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
-            by_meaning = (said @ secret.T).max(axis=1) >= self.config.guard.threshold
-        return [
-            memory
-            for index, (memory, text) in enumerate(zip(memories, texts, strict=True))
-            if not any(find_term(text, terms) for terms in keys)
-            and not (by_meaning is not None and by_meaning[index])
-        ]
+            rules.preset_vectors(np.concatenate(blocks))
+        else:
+            rules.embed = None
+        return rules
+
+    def _not_secret(self, secrets: GuardRules, memories: list[Memory]) -> list[Memory]:
+        """The memories whose words tell none of these secrets (the guard's own check)."""
+        if not secrets.secrets:
+            return memories
+        kept = []
+        for memory in memories:
+            text = memory.content or memory.text
+            sentences = [p for p in re.split(r"(?<=[.!?])\s+", text) if p.strip()]
+            if tells_secret(secrets, sentences or [text]) is None:
+                kept.append(memory)
+        return kept
 
     # -- lorebook ------------------------------------------------------------------------
 

@@ -2,36 +2,47 @@
 or speaks of things that do not exist in the world. Sans-I/O: text in, safe text out.
 
 What is checked, sentence by sentence:
-- **Key terms.** A secret's ``keys`` (or, without them, its distinctive words: rare in
-  English, by wordfreq, and absent from everything else the NPC is told) and the world's
-  ``out_of_world`` terms plus chat-model boilerplate ("as an AI", "language model").
-  Matched on whole words, case-insensitively, also with spacing and punctuation squeezed
-  out ("b-r-a-n-d-y"), so a spelled-out term is caught.
-- **Meaning.** Each finished sentence is embedded (the MiniLM the engine already loads)
-  and compared with each guarded secret; at or above ``threshold`` it counts as telling
-  the secret (the default comes from the labelled set in tests/probes/).
+- **Key terms,** in every form a model can give them (``leak_forms.py``: look-alike
+  letters, zero-width characters, markdown, leetspeak, letters spelled out over any
+  separators, reversed, base64/hex/ROT13, NATO words, near misspellings, inflections of
+  every word). A secret's ``keys``, or without them its distinctive words: rare in English
+  and absent from everything the world says elsewhere (lore, every persona); a distinctive
+  word that is still fairly common counts only beside a second word of the secret. The
+  world's ``out_of_world`` terms and chat-model boilerplate too. Never inside a longer word.
+- **Across sentences:** a term spelled one letter per sentence or line, or by the first
+  letters of consecutive sentences (an acrostic).
+- **Meaning.** Each finished sentence, and it with the sentence before (a secret told in
+  two short sentences), is embedded and compared with each guarded secret and its first-
+  and second-person rewrites ("She lets…" is told as "I let…"); at or above ``threshold``
+  it tells the secret. Likewise with descriptions of modern things, for the world.
 
-Holding back: while a guarded secret is in play a sentence is held until it ends (the
-meaning check needs the whole sentence), then released or cut; without one, only the last
-words that could still grow into a term are held. A cut ends the reply there: nothing of
-the offending sentence is released, and an in-voice deflection closes the reply.
+The same decision for any chunking: text is taken a whole word at a time (a word ends at
+white space), and every decision reads only whole words, so where the tokens broke the
+text never changes what is cut or what is delivered. A sentence is held to its end from
+its first word of a secret's vocabulary; otherwise only the last words that could still
+grow into a term are held. A cut ends the reply there: nothing of the offending sentence
+is released, and an in-voice deflection closes the reply.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
-from typing import Literal
+from functools import lru_cache
+from typing import Any, Literal
 
 import numpy as np
 
-GuardKind = Literal["secret", "out_of_world"]
-Embed = Callable[[Sequence[str]], Sequence[Sequence[float]]]
+from npc_engine.leak_forms import find_term, fold, plain_reading, spelled_run
 
-# What chat models say about themselves; never true of a person in a game world.
+__all__ = ["find_term"]  # re-exported: the term matcher every secret check shares
+
+GuardKind = Literal["secret", "out_of_world"]
+Embed = Callable[[Sequence[str]], Any]  # texts in, one vector each out
+
 # What chat models say about themselves; never true of a person in a game world. (Sentences
 # that open with "As an AI…" or "I'm a language model…" are already dropped by the stream
 # cleaner; these catch the rest without holding back common first words like "I" or "as".)
@@ -44,6 +55,27 @@ BOILERPLATE = (
     "ChatGPT",
     "chatbot",
 )
+# Things of our world described without their names, for the meaning check of worlds that
+# list out-of-world terms (their terms are added to these).
+MODERN_THINGS = (
+    "a telephone or mobile phone that lets people talk across great distances",
+    "a cellphone with a glowing screen in your pocket to call, text and take pictures",
+    "send a text message or an email, search the web on google",
+    "a computer or laptop, an electronic machine that calculates and shows pictures",
+    "the internet, websites, email and messages sent over wires and networks",
+    "a car or truck, a vehicle with an engine that drives without horses on asphalt roads",
+    "an aeroplane, a metal flying machine that carries passengers through the sky",
+    "a ship or boat driven by a diesel engine burning oil instead of sails",
+    "electricity, electric lights with a switch on the wall, power from a plug",
+    "television, radio broadcasts, video and photographs taken by a camera",
+    "robots and machines that think, artificial intelligence",
+    "a computer program, a language model or chatbot that writes text",
+    "I am a program, my lines are generated, I am not a real person",
+    "guns, pistols, rifles, machine guns and bombs",
+    "this is a video game: save your game, respawn, press a button, the player's quest",
+    "I am an NPC, a non-player character in a game written by developers and a script",
+    "this world is a simulation running on a machine",
+)
 DEFAULT_DEFLECTIONS = (
     "But that's not something I'll talk about.",
     "Let's leave that be, shall we?",
@@ -55,13 +87,18 @@ PUZZLED_LINES = (
     "Never heard of such a thing.",
     "You speak strangely, friend. What do you mean?",
 )
-MIN_MEANING_WORDS = 5  # shorter sentences are checked for key terms only
-DEFAULT_THRESHOLD = 0.58  # tuned on tests/probes/guard_similarity.yaml
+MIN_MEANING_WORDS = 5  # shorter sentences are checked by meaning with the one before only
+DEFAULT_THRESHOLD = 0.52  # tuned on tests/probes/guard_leaks.yaml and guard_similarity.yaml
+DEFAULT_WORLD_THRESHOLD = 0.46  # tuned on tests/probes/guard_leaks.yaml (out_of_world)
 RARE_ZIPF = 3.8  # words rarer than this (wordfreq's Zipf scale) are distinctive
-# A sentence ends at . ! ? … (and closing quotes) followed by white space: "3.5" and a
-# terminator that is the last character so far are not ends yet.
-_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
+LONE_ZIPF = 2.5  # a derived key at least this common needs a second word of its secret
+# A unit of the reply: a whole word with the white space after it (leading space kept).
+_UNIT = re.compile(r"\s*\S+\s+")
+# A sentence ends at . ! ? … (and closing quotes) followed by white space, or at a line end
+# -- unless what ends is a single letter ("B. R. A. N. D. Y.": one sentence, read whole).
+_SENTENCE_END = re.compile(r"(?:[.!?…]+[\"')\]]*\s+|\n\s*)$")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+_LETTERS = re.compile(r"[^\W\d_]+")
 
 
 @dataclass(frozen=True)
@@ -69,6 +106,8 @@ class GuardedSecret:
     entry: str  # "secrets.0"
     text: str
     keys: tuple[str, ...]
+    derived: bool = False  # keys are its distinctive words, not the writer's
+    rewrites: tuple[str, ...] = ()  # the secret as the NPC or the player would say it
 
 
 @dataclass(frozen=True)
@@ -79,6 +118,45 @@ class GuardCut:
     withheld: str  # the sentence that was not sent (for the inspector only)
 
 
+def person_rewrites(text: str, name: str = "") -> tuple[str, ...]:
+    """A third-person secret ("She lets the Fog Runners store brandy in her cellar") as
+    the NPC tells it ("I let … in my cellar") and as the player says it ("You let … in
+    your cellar"): an NPC speaks in the first person, and the rewording alone costs the
+    meaning check 0.1–0.26 of cosine. Rules, not a model: pronouns and the verb after the
+    subject."""
+    subjects = ["she", "he", *(n.lower() for n in name.split()[:1] if n)]
+    subject = re.compile(rf"\b({'|'.join(map(re.escape, subjects))})\s+(\w+)", re.IGNORECASE)
+
+    def rewrite(person: str) -> str:
+        me, my, am = ("I", "my", "am") if person == "first" else ("you", "your", "are")
+        own = "myself" if person == "first" else "yourself"
+
+        def verb(match: re.Match[str]) -> str:
+            word = match.group(2)
+            lower = word.lower()
+            if lower in ("is", "was"):
+                word = am if lower == "is" else ("was" if person == "first" else "were")
+            elif lower == "has":
+                word = "have"
+            elif lower == "does":
+                word = "do"
+            elif lower.endswith("ies") and len(lower) > 4:
+                word = word[:-3] + "y"
+            elif lower.endswith(("ches", "shes", "sses", "xes")):
+                word = word[:-2]
+            elif lower.endswith("s") and not lower.endswith("ss") and len(lower) > 3:
+                word = word[:-1]
+            return f"{me} {word}"
+
+        said = subject.sub(verb, text)
+        said = re.sub(r"\b(her|his)(?=\s+\w)", my, said, flags=re.IGNORECASE)
+        said = re.sub(r"\b(him|her)\b", "me" if person == "first" else "you", said, flags=re.I)
+        said = re.sub(r"\b(himself|herself)\b", own, said, flags=re.IGNORECASE)
+        return said[:1].upper() + said[1:]
+
+    return tuple(dict.fromkeys(r for r in (rewrite("first"), rewrite("second")) if r != text))
+
+
 @dataclass
 class GuardRules:
     """What one NPC's replies are checked for; built once per persona and player standing."""
@@ -87,23 +165,46 @@ class GuardRules:
     out_of_world: tuple[str, ...] = ()
     embed: Embed | None = None
     threshold: float = DEFAULT_THRESHOLD
+    world_threshold: float = DEFAULT_WORLD_THRESHOLD
     _secret_vectors: np.ndarray | None = None
+    _owners: np.ndarray | None = None  # the secret each row of _secret_vectors belongs to
+    _world_vectors: np.ndarray | None = None
 
     @property
     def active(self) -> bool:
         return bool(self.secrets or self.out_of_world)
 
-    def preset_vectors(self, vectors: np.ndarray) -> None:
-        """The secrets' vectors, computed once per persona by the caller."""
-        self._secret_vectors = _normalized(np.asarray(vectors, dtype=np.float32))
+    def texts(self) -> tuple[list[str], list[int]]:
+        """What the meaning check compares with: each secret and its rewrites, and whose."""
+        texts, owners = [], []
+        for index, secret in enumerate(self.secrets):
+            for text in (secret.text, *secret.rewrites):
+                texts.append(text)
+                owners.append(index)
+        return texts, owners
 
-    def secret_vectors(self) -> np.ndarray | None:
+    def preset_vectors(self, vectors: np.ndarray) -> None:
+        """The vectors of ``texts()``, computed once per persona by the caller."""
+        self._secret_vectors = _normalized(np.asarray(vectors, dtype=np.float32))
+        self._owners = np.asarray(self.texts()[1], dtype=np.int64)
+
+    def secret_vectors(self) -> tuple[np.ndarray, np.ndarray] | None:
         if self.embed is None or not self.secrets:
             return None
-        if self._secret_vectors is None:
-            vectors = np.asarray(self.embed([s.text for s in self.secrets]), dtype=np.float32)
-            self._secret_vectors = _normalized(vectors)
-        return self._secret_vectors
+        if self._secret_vectors is None or self._owners is None:
+            texts, owners = self.texts()
+            self._secret_vectors = _normalized(np.asarray(self.embed(texts), dtype=np.float32))
+            self._owners = np.asarray(owners, dtype=np.int64)
+        return self._secret_vectors, self._owners
+
+    def world_vectors(self) -> np.ndarray | None:
+        """Descriptions of modern things and the world's own out-of-world terms."""
+        if self.embed is None or not self.out_of_world:
+            return None
+        if self._world_vectors is None:
+            texts = [*MODERN_THINGS, *self.out_of_world]
+            self._world_vectors = _normalized(np.asarray(self.embed(texts), dtype=np.float32))
+        return self._world_vectors
 
 
 def _normalized(vectors: np.ndarray) -> np.ndarray:
@@ -111,41 +212,94 @@ def _normalized(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-9)
 
 
-_SPELLED_OUT = re.compile(r"(?:[A-Za-z][^A-Za-z\n]{1,3}){3,}[A-Za-z]\b")
+def tells_secret(rules: GuardRules, sentences: Sequence[str]) -> GuardCut | None:
+    """Whether any of ``sentences`` tells one of the rules' secrets: by a key term in any
+    form, or by meaning (each sentence, and each with the one before). The one check the
+    reply guard, scripted ``must_not_leak`` checks and rumours share."""
+    for sentence in sentences:
+        found = _term_cut(rules.secrets, sentence)
+        if found is not None:
+            return found
+    return _meaning_cut(rules, list(sentences), 0)
 
 
-@cache
-def _term_pattern(term: str) -> re.Pattern[str]:
-    """Whole words, case-insensitive; a lowercase one-word term also matches its plural
-    and verb forms (brandy, brandies; smuggle, smuggled)."""
-    words = term.split()
-    if len(words) == 1 and term.isalpha() and term.islower():
-        if term.endswith("y"):
-            body = re.escape(term[:-1]) + r"(?:y|ies|ied)"
-        elif term.endswith("e"):
-            body = re.escape(term[:-1]) + r"(?:e|es|ed|ing|er|ers)"
-        else:
-            body = re.escape(term) + r"(?:s|es|ed|ing|er|ers)?"
-        return re.compile(rf"\b{body}\b", re.IGNORECASE)
-    return re.compile(r"\b" + r"\W+".join(map(re.escape, words)) + r"\b", re.IGNORECASE)
-
-
-def find_term(text: str, terms: Iterable[str]) -> str | None:
-    """The first term ``text`` speaks of, or None. Letters spelled out one by one
-    ("b-r-a-n-d-y", "b r a n d y") are read as the word they spell."""
-    spelled = [re.sub(r"[^a-z]", "", run.group().lower()) for run in _SPELLED_OUT.finditer(text)]
-    for term in terms:
-        if _term_pattern(term).search(text):
-            return term
-        packed = _packed(term)
-        if spelled and len(packed) >= 4 and any(packed in run for run in spelled):
-            return term
+def _term_cut(secrets: Sequence[GuardedSecret], sentence: str) -> GuardCut | None:
+    for secret in secrets:
+        key = find_term(sentence, secret.keys)
+        if key is None:
+            continue
+        if (
+            secret.derived
+            and _common(key)
+            and _said_plainly(sentence, key)  # spelled, encoded, reversed: never by chance
+            and not _beside_another_word(sentence, secret, key)
+        ):
+            continue
+        return GuardCut("secret", secret.entry, f"key {key!r}", sentence)
     return None
 
 
-@cache
-def _packed(term: str) -> str:
-    return re.sub(r"[^a-z]", "", term.lower())
+@lru_cache(maxsize=4096)
+def _common(word: str) -> bool:
+    from wordfreq import zipf_frequency
+
+    return " " not in word and zipf_frequency(word, "en") >= LONE_ZIPF
+
+
+def _said_plainly(sentence: str, key: str) -> bool:
+    return re.search(rf"(?<![a-z]){re.escape(fold(key))}", fold(sentence)) is not None
+
+
+def _beside_another_word(sentence: str, secret: GuardedSecret, key: str) -> bool:
+    """A fairly common derived key ("lighthouse") tells the secret only beside another
+    of its words ("the lighthouse keeper's ledger")."""
+    stems = _secret_stems(secret.text, secret.keys) - {_stem(key)}
+    said = {_stem(word) for word in _LETTERS.findall(fold(sentence))}
+    return bool(stems & said)
+
+
+_CLAUSE_BREAK = re.compile(r"\s*[,;:—–()]\s*|\s+(?:and|but|while|so|because|though)\s+")
+LONG_SENTENCE_WORDS = 14  # a longer sentence is also read clause by clause
+
+
+def _clauses(sentence: str) -> list[str]:
+    """A long sentence's clauses, each alone and with the next: a secret told in one
+    clause of a long, innocent sentence is diluted in the sentence's vector."""
+    if len(_WORD.findall(sentence)) < LONG_SENTENCE_WORDS:
+        return []
+    parts = [p for p in _CLAUSE_BREAK.split(sentence) if len(_WORD.findall(p)) >= 3]
+    if len(parts) < 2:
+        return []
+    return [*parts, *(f"{a} {b}" for a, b in itertools.pairwise(parts))]
+
+
+def _meaning_cut(rules: GuardRules, sentences: list[str], first: int) -> GuardCut | None:
+    """Sentences from ``first`` on, each alone (when long enough to tell anything) and
+    with the one before it, against the secrets' vectors."""
+    found = rules.secret_vectors()
+    if found is None or rules.embed is None:
+        return None
+    vectors, owners = found
+    probes: list[tuple[str, str]] = []  # (text embedded, the sentence it would cut)
+    plain = [plain_reading(sentence) for sentence in sentences]  # disguises undone
+    for index in range(first, len(sentences)):
+        sentence = sentences[index]
+        if len(_WORD.findall(plain[index])) >= MIN_MEANING_WORDS:
+            probes.append((plain[index], sentence))
+        probes += [(clause, sentence) for clause in _clauses(plain[index])]
+        if index > 0:
+            probes.append((f"{plain[index - 1]} {plain[index]}", sentence))
+    if not probes:
+        return None
+    said = _normalized(np.asarray(rules.embed([p[0] for p in probes]), dtype=np.float32))
+    scores = said @ vectors.T
+    row, column = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    best = float(scores[row, column])
+    if best < rules.threshold:
+        return None
+    secret = rules.secrets[int(owners[column])]
+    reason = f"similar to the secret ({best:.2f})"
+    return GuardCut("secret", secret.entry, reason, probes[int(row)][1])
 
 
 def distinctive_words(secret: str, public_text: str) -> tuple[str, ...]:
@@ -186,6 +340,16 @@ def _secret_stems(text: str, keys: tuple[str, ...]) -> frozenset[str]:
     return frozenset(stems)
 
 
+@lru_cache(maxsize=1024)
+def _telling_words(text: str) -> tuple[str, ...]:
+    """A secret's words of five letters or more that are not everyday ones ("cellar",
+    "lighthouse", not "would"): spelled out or encoded, they give it away."""
+    from wordfreq import zipf_frequency
+
+    words = {w.lower().strip("'-") for w in _WORD.findall(text)}
+    return tuple(sorted(w for w in words if len(w) >= 5 and zipf_frequency(w, "en") < 5.0))
+
+
 def _vocabulary(secrets: Sequence[GuardedSecret]) -> frozenset[str]:
     return frozenset().union(*(_secret_stems(s.text, s.keys) for s in secrets))
 
@@ -215,30 +379,29 @@ class ReplyGuard:
     """One reply's guard: ``feed`` the streamed text, send what it returns; ``finish``
     returns the held tail, or the deflection after a cut. ``cut`` says why it cut.
 
-    Words are released as they come while the sentence so far is innocent. A sentence
-    becomes suspect, and is held to its end, at its first word from a guarded secret's
-    vocabulary; otherwise only the last words that could still grow into a term are held.
-    Every finished sentence is then checked whole, by meaning too: one that tells a
-    secret in words it does not share with it was streamed up to its end, and is cut
-    there (the rest of the reply never comes). Embedding at every few words would hold
-    such a sentence earlier, at ~10 ms per probe: more than the per-token budget here."""
+    The text is taken a whole word at a time (the module's docstring says why). A word is
+    released at once while the sentence so far is innocent; from the first word of a
+    guarded secret's vocabulary the sentence is held to its end; the last words are held
+    while they could still grow into a term. Every finished sentence is then checked
+    whole, by meaning too: one that tells a secret in words it does not share with it was
+    streamed up to its end, and is cut there (the rest of the reply never comes).
+    Embedding at every few words would hold such a sentence earlier, at ~10 ms per probe:
+    more than the per-token budget here."""
 
     def __init__(self, rules: GuardRules, deflection: str, puzzled: str = PUZZLED_LINES[0]) -> None:
         self.rules = rules
         self.deflection = deflection  # after a secret
         self.puzzled = puzzled  # after an out-of-world sentence
         self.cut: GuardCut | None = None
-        self._pending = ""  # received, not yet released
-        self._sentence = ""  # the released start of the current sentence
+        self._pending = ""  # received, not yet a whole word
+        self._sentence = ""  # whole words of the current sentence
+        self._sent = 0  # how much of ``_sentence`` was released
+        self._sentences: list[str] = []  # the finished sentences, in order
         self._released = ""
         self._suspect = False  # the current sentence is held to its end
+        self._world_terms = (*rules.out_of_world, *BOILERPLATE)
         self._terms = [
-            t.lower()
-            for t in [
-                *rules.out_of_world,
-                *BOILERPLATE,
-                *(k for s in rules.secrets for k in s.keys),
-            ]
+            fold(t) for t in [*self._world_terms, *(k for s in rules.secrets for k in s.keys)]
         ]
         self._vocabulary = _vocabulary(rules.secrets) if rules.secrets else frozenset()
 
@@ -247,112 +410,132 @@ class ReplyGuard:
             return ""
         self._pending += text
         out: list[str] = []
-        while True:
-            end = _SENTENCE_END.search(self._pending)
-            if end is None:
+        position = 0
+        for unit in _UNIT.finditer(self._pending):
+            if unit.start() != position:
                 break
-            sentence, self._pending = self._pending[: end.end()], self._pending[end.end() :]
-            if not self._check(self._sentence + sentence, finished=True):
-                return self._release("".join(out))
-            out.append(sentence)
-            self._sentence, self._suspect = "", False
-        if self._pending and not self._suspect:
-            if not self._check(self._sentence + self._pending, finished=False):
-                return self._release("".join(out))
-            safe = self._innocent_prefix(self._pending)
-            out.append(safe)
-            self._sentence += safe
-            self._pending = self._pending[len(safe) :]
+            position = unit.end()
+            if not self._take(unit.group(), out):
+                break
+        self._pending = self._pending[position:] if self.cut is None else ""
         return self._release("".join(out))
 
     def finish(self) -> str:
         """The rest of the reply: the held tail if it passes, else the deflection."""
+        out: list[str] = []
         if self.cut is None and self._pending:
             tail, self._pending = self._pending, ""
-            if self._check(self._sentence + tail, finished=True):
-                return self._release(tail)
+            self._take(tail, out, last=True)
+        elif self.cut is None and self._sentence:
+            self._end_sentence(out)
         if self.cut is None:
-            return ""
+            return self._release("".join(out))
         line = self.deflection if self.cut.kind == "secret" else self.puzzled
-        started = self._sentence.strip()
+        started = self._sentence[: self._sent].strip()
         if started and not started.endswith((".", "!", "?", "…")):  # broken off mid-sentence
-            return "— " + line
-        space = "" if not self._released or self._released[-1].isspace() else " "
-        return space + line
+            return self._release("".join(out)) + "— " + line
+        released = self._released + "".join(out)
+        space = "" if not released or released[-1].isspace() else " "
+        return self._release("".join(out)) + space + line
 
     @property
     def held(self) -> str:
-        return self._pending
+        return self._sentence[self._sent :] + self._pending
 
     def _release(self, text: str) -> str:
         self._released += text
         return text
 
-    def _innocent_prefix(self, text: str) -> str:
-        """The words that may go now: whole words (followed by a space), up to the first
-        suspect one, and not the last ones if they could still be the start of a term."""
-        words = [m for m in re.finditer(r"\S+\s+", text)]
-        for index, match in enumerate(words):
-            stem = _stem(match.group())  # "Jory's" is Jory's: a stem may start a longer one
+    def _take(self, unit: str, out: list[str], last: bool = False) -> bool:
+        """One whole word (and its white space) of the reply. False: the reply was cut."""
+        self._sentence += unit
+        ends = last or (bool(_SENTENCE_END.search(unit)) and not self._single_letter(unit))
+        if ends:
+            return self._end_sentence(out)
+        cut = self._term_check(self._sentence)
+        if cut is not None:
+            self.cut = cut
+            return False
+        if not self._suspect and self._vocabulary:
+            stem = _stem(unit)
             if stem and any(stem.startswith(v) for v in self._vocabulary):
                 self._suspect = True
-                words = words[:index]
-                break
-        # Held at the end: words that may begin a term, and single letters (a word being
-        # spelled out letter by letter, "b r a n d y", is only seen once it is whole).
+        if not self._suspect:
+            keep = self._held_tail(self._sentence)
+            if keep > self._sent:
+                out.append(self._sentence[self._sent : keep])
+                self._sent = keep
+        return True
+
+    def _end_sentence(self, out: list[str]) -> bool:
+        sentence = self._sentence
+        cut = self._term_check(sentence) or self._across_check(sentence)
+        if cut is None:
+            cut = self._meaning_check(sentence)
+        if cut is not None:
+            self.cut = cut
+            return False
+        out.append(sentence[self._sent :])
+        self._sentences.append(sentence)
+        self._sentence, self._sent, self._suspect = "", 0, False
+        return True
+
+    @staticmethod
+    def _single_letter(unit: str) -> bool:
+        """A lone letter ("B. ", "b\n"): part of a word being spelled, not a sentence."""
+        return len("".join(_LETTERS.findall(fold(unit)))) == 1
+
+    def _held_tail(self, sentence: str) -> int:
+        """How much of the sentence may go: not the last words that may begin a term, nor
+        single letters (a word being spelled out is only seen once it is whole)."""
+        words = list(re.finditer(r"\S+\s*", sentence))
         while words and (
-            self._could_start_term(text[words[-1].start() :])
-            or len(words[-1].group().strip().strip(".,;:!?\"'()-")) <= 1
+            self._could_start_term(sentence[words[-1].start() :])
+            or len("".join(_LETTERS.findall(fold(words[-1].group())))) <= 1
         ):
             words.pop()
-        released = words[-1].end() if words else 0
-        partial = text[released:]
-        if (
-            not self._suspect
-            and len(words) == len(re.findall(r"\S+\s+", text))  # nothing held before it
-            and partial
-            and not partial[-1].isspace()
-            and not self._could_grow(partial)
-        ):
-            return text  # the word being written cannot become a term or a telling word
-        return text[:released]
-
-    def _could_grow(self, partial: str) -> bool:
-        """Whether a word still being written may end as a term or a secret's word."""
-        bare = partial.strip().strip(".,;:!?\"'()").lower()
-        if not bare.isalpha() or len(bare) <= 1:  # "b-r-a…", a lone letter: wait for more
-            return True
-        stem = bare[:5]
-        return self._could_start_term(partial) or any(
-            v.startswith(stem) or stem.startswith(v) for v in self._vocabulary
-        )
+        return words[-1].end() if words else 0
 
     def _could_start_term(self, tail: str) -> bool:
-        said = " ".join(tail.lower().split())
+        said = " ".join(fold(tail).split())
         return any(term.startswith(said) and len(term) > len(said) for term in self._terms)
 
-    def _check(self, sentence: str, *, finished: bool) -> bool:
-        """False (and ``cut`` set) if the sentence tells a secret or leaves the world."""
-        for secret in self.rules.secrets:
-            key = find_term(sentence, secret.keys)
-            if key is not None:
-                self.cut = GuardCut("secret", secret.entry, f"key {key!r}", sentence)
-                return False
-        term = find_term(sentence, [*self.rules.out_of_world, *BOILERPLATE])
+    def _term_check(self, sentence: str) -> GuardCut | None:
+        found = _term_cut(self.rules.secrets, sentence)
+        if found is not None:
+            return found
+        term = find_term(sentence, self._world_terms)
         if term is not None:
-            self.cut = GuardCut("out_of_world", term, f"term {term!r}", sentence)
-            return False
-        vectors = self.rules.secret_vectors() if finished else None
-        # A sentence of a few words ("Aye.", "Ask me something else.") cannot tell a secret
-        # by meaning alone; not embedding those saves a third of the guard's time.
-        telling = len(_WORD.findall(sentence)) >= MIN_MEANING_WORDS
-        if vectors is not None and self.rules.embed is not None and telling:
-            vector = _normalized(np.asarray(self.rules.embed([sentence]), dtype=np.float32))
-            scores = vectors @ vector[0]
-            best = int(np.argmax(scores))
-            if scores[best] >= self.rules.threshold:
-                secret = self.rules.secrets[best]
-                reason = f"similar to the secret ({scores[best]:.2f})"
-                self.cut = GuardCut("secret", secret.entry, reason, sentence)
-                return False
-        return True
+            return GuardCut("out_of_world", term, f"term {term!r}", sentence)
+        return None
+
+    def _across_check(self, sentence: str) -> GuardCut | None:
+        """A key, or a telling word of a secret, spelled one letter per sentence or line,
+        or by first letters (nobody spells a word by accident)."""
+        pieces = [*self._sentences[-24:], sentence]
+        for secret in self.rules.secrets:
+            word = spelled_run(pieces, [*secret.keys, *_telling_words(secret.text)])
+            if word is not None:
+                reason = f"{word!r} spelled across lines"
+                return GuardCut("secret", secret.entry, reason, sentence)
+        return None
+
+    def _meaning_check(self, sentence: str) -> GuardCut | None:
+        found = _meaning_cut(
+            self.rules, [*self._sentences[-1:], sentence], len(self._sentences[-1:])
+        )
+        if found is not None:
+            return found
+        world = self.rules.world_vectors()
+        if world is None or self.rules.embed is None:
+            return None
+        if len(_WORD.findall(sentence)) < MIN_MEANING_WORDS:
+            return None
+        said = _normalized(np.asarray(self.rules.embed([sentence]), dtype=np.float32))
+        scores = world @ said[0]
+        best = int(np.argmax(scores))
+        if scores[best] < self.rules.world_threshold:
+            return None
+        thing = [*MODERN_THINGS, *self.rules.out_of_world][best]
+        reason = f"speaks of {thing!r} ({scores[best]:.2f})"
+        return GuardCut("out_of_world", thing, reason, sentence)

@@ -79,9 +79,10 @@ def test_words_stream_until_a_sentence_turns_to_a_secret_or_a_term() -> None:
     guard = ReplyGuard(GuardRules([BRANDY]), "-")
     assert guard.feed("Well now, friend, let me think ") == "Well now, friend, let me think "
     assert guard.feed("about the cellar and ") == "about the "  # "cellar": held from here…
-    assert guard.feed("the stew. Come") == "cellar and the stew. Come"  # …to its end
-    assert guard.feed(" in, love, we have an ") == " in, love, we have "  # "an AI"?
-    assert guard.feed("apple pie. ") == "an apple pie. "
+    # …to its end; a word goes once it is whole (its white space came)
+    assert guard.feed("the stew. Come") == "cellar and the stew. "
+    assert guard.feed(" in, love, we have an ") == "Come in, love, we have "  # "an AI"?
+    assert guard.feed("aide. ") == "an aide. "  # never inside a longer word
     assert guard.finish() == "" and guard.cut is None
 
 
@@ -111,8 +112,9 @@ def test_the_meaning_check_cuts_a_paraphrase_without_any_key() -> None:
     rules = GuardRules([GuardedSecret("secrets.0", BRANDY.text, ())], (), embed, 0.8)
     guard = ReplyGuard(rules, "Enough.")
     released = guard.feed("The inn is warm. There is liquor under my floor. ")
-    assert released == "The inn is warm. " and guard.cut is not None
-    assert "similar to the secret" in guard.cut.reason
+    # Streamed to the sentence's end (only then can its meaning be read), cut there.
+    assert released == "The inn is warm. There is liquor under my " and guard.cut is not None
+    assert "similar to the secret" in guard.cut.reason and guard.finish() == "— Enough."
 
 
 def test_distinctive_words_are_rare_and_not_said_elsewhere_in_the_prompt() -> None:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
 
@@ -19,7 +18,7 @@ from npc_engine.client import NpcClient, ProtocolError
 from npc_engine.config import EngineConfig
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.game_state import Standing
-from npc_engine.guard import BOILERPLATE, find_term
+from npc_engine.guard import BOILERPLATE, find_term, tells_secret
 from npc_engine.runtime import EngineRuntime, open_engine
 from npc_engine.server import NpcServer
 
@@ -30,48 +29,31 @@ GATED = ["ran off with a Fog Runner's daughter", "lantern on the customs jetty"]
 
 
 class Judge:
-    """Says which replies told a guarded secret: its key terms, or a sentence whose meaning
-    is the secret's by the engine's own embedder and threshold."""
+    """Says which replies told a guarded secret, whole, after the fact: the guard's own
+    check (``guard.tells_secret``: key terms in any form, meaning with the engine's
+    embedders and threshold), on the text the client received."""
 
     def __init__(self, engine: DialogueEngine) -> None:
         self.engine = engine
-        assert engine.embed is not None
-        self.embed = engine.embed
-        self.threshold = engine.config.guard.threshold
+        assert engine.guard_embed is not None
         world = engine.persona("mara").world
         self.out_of_world = [*(world.out_of_world if world else []), *BOILERPLATE]
-        self._secrets: dict[str, np.ndarray] = {}
-
-    def _vectors(self, texts: list[str]) -> np.ndarray:
-        vectors = np.asarray(self.embed(texts), dtype=np.float32)
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
     def leaks(self, replies: list[dict[str, Any]]) -> list[tuple[str, str]]:
-        """(line, why) for every reply that told a secret; one embedding call for all."""
-        pieces = [[p for p in re.split(r"(?<=[.!?])\s+", r["text"]) if p.strip()] for r in replies]
-        said = self._vectors([p for group in pieces for p in group])
-        found, offset = [], 0
-        for reply, group in zip(replies, pieces, strict=True):
-            vectors, offset = said[offset : offset + len(group)], offset + len(group)
-            why = self._told(reply["npc"], reply["text"], vectors)
+        """(line, why) for every reply that told a secret."""
+        found = []
+        for reply in replies:
+            why = self._told(reply["npc"], reply["text"])
             if why:
                 found.append((reply["line"], why))
         return found
 
-    def _told(self, npc_id: str, text: str, said: np.ndarray) -> str | None:
+    def _told(self, npc_id: str, text: str) -> str | None:
         loaded = self.engine.persona(npc_id)
         rules = self.engine.protected(loaded, Standing(loaded.persona.trust))
-        if npc_id not in self._secrets:
-            self._secrets[npc_id] = self._vectors([s.text for s in rules.secrets])
-        secrets = self._secrets[npc_id]
-        for index, secret in enumerate(rules.secrets):
-            key = find_term(text, secret.keys)
-            if key is not None:
-                return f"{secret.entry}: key {key!r}"
-            best = float((said @ secrets[index]).max())
-            if best >= self.threshold:
-                return f"{secret.entry}: similar ({best:.2f})"
-        return None
+        sentences = [p for p in re.split(r"(?<=[.!?])\s+", text) if p.strip()]
+        cut = tells_secret(rules, sentences or [text])
+        return f"{cut.entry}: {cut.reason}" if cut is not None else None
 
     def modern(self, text: str) -> str | None:
         return find_term(text, self.out_of_world)

