@@ -26,6 +26,7 @@ is released, and an in-voice deflection closes the reply.
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import re
 import threading
@@ -399,6 +400,7 @@ class ReplyGuard:
         self._sentences: list[str] = []  # the finished sentences, in order
         self._released = ""
         self._suspect = False  # the current sentence is held to its end
+        self._early = 0  # characters of ``_pending`` already released
         self._world_terms = (*rules.out_of_world, *BOILERPLATE)
         self._terms = [
             fold(t) for t in [*self._world_terms, *(k for s in rules.secrets for k in s.keys)]
@@ -418,7 +420,33 @@ class ReplyGuard:
             if not self._take(unit.group(), out):
                 break
         self._pending = self._pending[position:] if self.cut is None else ""
+        growing = self.cut is None and self._early < len(self._pending)
+        if growing and self._may_go_early(self._pending):
+            out.append(self._pending[self._early :])
+            self._early = len(self._pending)
         return self._release("".join(out))
+
+    def _may_go_early(self, partial: str) -> bool:
+        """Whether the reply's first word may go while it is still being written (shown at
+        the first token, not the second): only a plain word that cannot grow into a term,
+        a secret's word, or a disguise of one (reversed, ROT13, base64), so that what is
+        delivered is still what whole words would deliver. Later words wait for their end
+        (a word inside a sentence can end a reversed or spelled-out term)."""
+        word = partial.strip()
+        if self._released or self._sentence or self._sentences or len(word) < 2:
+            return False
+        if not word.isascii() or not word.isalpha() or not (word.islower() or word.istitle()):
+            return False
+        lower = word.lower()
+        if self._could_start_term(partial):
+            return False
+        forms = (lower, lower[::-1], codecs.encode(lower, "rot13"))
+        stem = lower[:5]
+        return not any(
+            term.replace(" ", "").startswith(form) or term[::-1].startswith(form)
+            for term in self._terms
+            for form in forms
+        ) and not any(v.startswith(stem) or stem.startswith(v) for v in self._vocabulary)
 
     def finish(self) -> str:
         """The rest of the reply: the held tail if it passes, else the deflection."""
@@ -449,6 +477,9 @@ class ReplyGuard:
     def _take(self, unit: str, out: list[str], last: bool = False) -> bool:
         """One whole word (and its white space) of the reply. False: the reply was cut."""
         self._sentence += unit
+        if self._early:  # its start went early (``_may_go_early``)
+            self._sent = len(self._sentence) - len(unit) + self._early
+            self._early = 0
         ends = last or (bool(_SENTENCE_END.search(unit)) and not self._single_letter(unit))
         if ends:
             return self._end_sentence(out)

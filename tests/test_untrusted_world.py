@@ -340,7 +340,7 @@ class FirstPieceThenWait(ScriptedGenerator):
     """Streams the first word of a line, then holds until released (a long line)."""
 
     def __init__(self) -> None:
-        super().__init__(respond=lambda _p: "Aye, the tide turns soon enough.")
+        super().__init__(respond=lambda _p: "Well the tide turns soon enough.")
         self.release = threading.Event()
 
     def generate(
