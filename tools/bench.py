@@ -1351,16 +1351,17 @@ def target_guard(runtime: EngineRuntime, report: Report, turns: int) -> None:
     report.rows += [
         Row(
             "10 output guard",
-            f"guard time per reply token (key terms, out-of-world terms, one meaning check "
-            f"per sentence of 5 words or more) vs the model's decode time per token, "
+            f"guard time per reply token (key terms in all their forms, out-of-world terms, "
+            f"meaning of sentences, clauses and pairs with guard.meaning="
+            f"{engine.config.guard.meaning}) vs the model's decode time per token, "
             f"{turns} replies of Mara's",
             "guard",
             per_token_guard / 1000,
             "model",
             per_token_model / 1000,
             per_token_guard / per_token_model,
-            "≤ 0.05×",
-            per_token_guard / per_token_model <= 0.05,
+            "≤ 0.10×",
+            per_token_guard / per_token_model <= 0.10,
         ),
         Row(
             "10 output guard",
@@ -1370,8 +1371,8 @@ def target_guard(runtime: EngineRuntime, report: Report, turns: int) -> None:
             "model first token",
             median(model_first) / 1000,
             median(shown_first) / median(model_first),
-            "(context)",
-            None,
+            "≤ 1.15×",
+            median(shown_first) / median(model_first) <= 1.15,
         ),
     ]
 
