@@ -342,8 +342,9 @@ class DialogueEngine:
         self.embed = embed  # sentence vectors (None: key terms only)
         # The guard's meaning checks: MiniLM, or MiniLM and the multilingual USE together.
         self.guard_embed: Embed | None = embed
+        self._paired: PairedEmbedder | None = None
         if embed is not None and config.guard.meaning == "minilm+use":
-            self.guard_embed = PairedEmbedder(embed)
+            self.guard_embed = self._paired = PairedEmbedder(embed)
         self.generator = generator
         self.store = store
         self.config = config
@@ -389,7 +390,7 @@ class DialogueEngine:
         self._profile_vectors: dict[str, tuple[Persona, Any]] = {}  # who speaks next
         if config.guard.enabled:
             preload_guard()
-            if isinstance(self.guard_embed, PairedEmbedder):
+            if self._paired is not None:
                 preload_multilingual()
 
     def _start_trust(self, npc_id: str) -> int:
@@ -515,6 +516,13 @@ class DialogueEngine:
             import numpy as np
 
             rules.preset_vectors(np.concatenate([blocks[i] for i in chosen]))
+        return self._read_in_any_language(rules)
+
+    def _read_in_any_language(self, rules: GuardRules) -> GuardRules:
+        """With the paired embedder, a sentence in another language is judged by its
+        multilingual half alone (``guard.py``)."""
+        if self._paired is not None:
+            rules.multilingual_from = self._paired.second_from
         return rules
 
     def tells_secret(self, npc_id: str, entry: str, text: str) -> str | None:
@@ -534,7 +542,7 @@ class DialogueEngine:
         else:
             rules.embed = None
         sentences = [p for p in re.split(r"(?<=[.!?])\s+", text) if p.strip()]
-        cut = tells_secret(rules, sentences or [text])
+        cut = tells_secret(self._read_in_any_language(rules), sentences or [text])
         return cut.reason if cut is not None else None
 
     def deflection(self, loaded: LoadedPersona, player_id: str, text: str) -> tuple[str, str]:
@@ -1543,7 +1551,7 @@ class DialogueEngine:
             rules.preset_vectors(np.concatenate(blocks))
         else:
             rules.embed = None
-        return rules
+        return self._read_in_any_language(rules)
 
     def _not_secret(self, secrets: GuardRules, memories: list[Memory]) -> list[Memory]:
         """The memories whose words tell none of these secrets (the guard's own check)."""

@@ -90,6 +90,8 @@ PUZZLED_LINES = (
 )
 MIN_MEANING_WORDS = 5  # shorter sentences are checked by meaning with the one before only
 DEFAULT_THRESHOLD = 0.52  # tuned on tests/probes/guard_leaks.yaml and guard_similarity.yaml
+DEFAULT_FOREIGN_THRESHOLD = 0.44  # USE alone, another language (guard_leaks.yaml)
+UNREAD_BELOW = 0.25  # MiniLM's cosine under which it did not understand the sentence
 DEFAULT_WORLD_THRESHOLD = 0.46  # tuned on tests/probes/guard_leaks.yaml (out_of_world)
 RARE_ZIPF = 3.8  # words rarer than this (wordfreq's Zipf scale) are distinctive
 LONE_ZIPF = 2.5  # a derived key at least this common needs a second word of its secret
@@ -167,6 +169,10 @@ class GuardRules:
     embed: Embed | None = None
     threshold: float = DEFAULT_THRESHOLD
     world_threshold: float = DEFAULT_WORLD_THRESHOLD
+    # With a paired embedder (npc_engine/multilingual.py): where its multilingual half
+    # starts, and the threshold that half alone uses for sentences not in English.
+    multilingual_from: int | None = None
+    foreign_threshold: float = DEFAULT_FOREIGN_THRESHOLD
     _secret_vectors: np.ndarray | None = None
     _owners: np.ndarray | None = None  # the secret each row of _secret_vectors belongs to
     _world_vectors: np.ndarray | None = None
@@ -259,6 +265,14 @@ def _beside_another_word(sentence: str, secret: GuardedSecret, key: str) -> bool
     return bool(stems & said)
 
 
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+
+
+def _word_count(text: str) -> int:
+    """Words, counting two characters of Chinese, Japanese or Korean as one."""
+    return len(_WORD.findall(text)) + len(_CJK.findall(text)) // 2
+
+
 _CLAUSE_BREAK = re.compile(r"\s*[,;:—–()]\s*|\s+(?:and|but|while|so|because|though)\s+")
 LONG_SENTENCE_WORDS = 14  # a longer sentence is also read clause by clause
 
@@ -285,7 +299,7 @@ def _meaning_cut(rules: GuardRules, sentences: list[str], first: int) -> GuardCu
     plain = [plain_reading(sentence) for sentence in sentences]  # disguises undone
     for index in range(first, len(sentences)):
         sentence = sentences[index]
-        if len(_WORD.findall(plain[index])) >= MIN_MEANING_WORDS:
+        if _word_count(plain[index]) >= MIN_MEANING_WORDS:
             probes.append((plain[index], sentence))
         probes += [(clause, sentence) for clause in _clauses(plain[index])]
         if index > 0:
@@ -294,6 +308,16 @@ def _meaning_cut(rules: GuardRules, sentences: list[str], first: int) -> GuardCu
         return None
     said = _normalized(np.asarray(rules.embed([p[0] for p in probes]), dtype=np.float32))
     scores = said @ vectors.T
+    if rules.multilingual_from is not None:
+        # A sentence the English embedder cannot read (another language: its cosine stays
+        # near 0 where the multilingual one is high) is judged by the multilingual half
+        # alone, at its own threshold.
+        start = rules.multilingual_from
+        english_alone = 2.0 * (said[:, :start] @ vectors[:, :start].T)
+        multilingual_alone = 2.0 * (said[:, start:] @ vectors[:, start:].T)
+        unread = english_alone < UNREAD_BELOW
+        scale = rules.threshold / rules.foreign_threshold
+        scores = np.where(unread, np.maximum(scores, multilingual_alone * scale), scores)
     row, column = np.unravel_index(int(np.argmax(scores)), scores.shape)
     best = float(scores[row, column])
     if best < rules.threshold:

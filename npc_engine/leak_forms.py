@@ -261,6 +261,11 @@ def _english(word: str) -> bool:
     return zipf_frequency(word, "en") >= 3.0
 
 
+def english(text: str) -> bool:
+    """Whether most of a text's words are English ones (a sentence to read in English)."""
+    return _englishness(fold(text)) >= 0.5
+
+
 def _englishness(text: str) -> float:
     words = _LETTERS.findall(text)
     return sum(_english(w) for w in words) / max(len(words), 1)

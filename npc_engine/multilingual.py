@@ -78,6 +78,7 @@ class PairedEmbedder:
     def __init__(self, first: Embed, second: Callable[[], Embed] = multilingual_use) -> None:
         self.first = first
         self._second = second
+        self.second_from: int | None = None  # where the second embedder's half starts
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -86,4 +87,5 @@ class PairedEmbedder:
         b = np.asarray(self._second()(list(texts)), dtype=np.float32)
         a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-9)
         b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-9)
+        self.second_from = a.shape[1]
         return np.concatenate([a, b], axis=1) / np.sqrt(2.0)

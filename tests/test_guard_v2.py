@@ -160,15 +160,16 @@ def test_the_same_cut_and_the_same_text_for_any_chunking(data: Any) -> None:
 
 @pytest.mark.timeout(600)
 def test_the_labelled_set_is_held_to_what_was_measured() -> None:
-    """Measured here (docs/security.md): 28 % of 308 leaks pass (was 46 % before guard
-    v2, 0 cut late), 2 of 73 harmless lines cut, none of 32 in-world lines, 42 % of the
-    out-of-world lines caught. The goal of issue 27 (≤ 10 % pass) is not reached: the
-    paraphrase, riddle, emote and translation classes need more than sentence vectors."""
+    """Measured here (docs/security.md): 25 % of 308 leaks pass (75 % before guard v2),
+    none cut late, 2 of 73 harmless lines cut, none of 32 in-world lines, 42 % of the
+    out-of-world lines caught; before v2, 40 chunkings changed the outcome. The goal of
+    issue 27 (≤ 10 % pass) is not reached: paraphrases, riddles, stage directions and
+    translations need more than sentence vectors."""
     report = guard_probe.measure(guard_probe.build_engine(), LABELLED)
     print("\n" + guard_probe.table(report))
     assert report["chunking_differs"] == 0
     assert report["late"] == 0
-    assert report["passed_rate"] <= 0.32
+    assert report["passed_rate"] <= 0.28
     assert report["false_cut_rate"] <= 0.03
     assert report["in_world_cut_rate"] <= 0.03
     assert report["out_of_world_caught"] >= 0.35

@@ -99,7 +99,9 @@ def build_engine() -> Any:
     cached: dict[str, Any] = {}
     personas = load_personas(ROOT / "personas")
     engine = DialogueEngine(personas, ScriptedGenerator([]), InMemoryStore(), config, embed=embed)
-    guard_embed = engine.guard_embed
+    # (an engine from before guard v2 has no guard_embed: its guard used ``embed``)
+    attribute = "guard_embed" if hasattr(engine, "guard_embed") else "embed"
+    guard_embed = getattr(engine, attribute)
     assert guard_embed is not None
 
     def remembered(texts: Any) -> Any:  # each sentence embedded once over the chunkings
@@ -109,7 +111,7 @@ def build_engine() -> Any:
                 cached[text] = vector
         return [cached[t] for t in texts]
 
-    engine.guard_embed = remembered
+    setattr(engine, attribute, remembered)
     return engine
 
 
