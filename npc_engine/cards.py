@@ -550,10 +550,13 @@ def _validated(
             )
 
 
-def card_to_persona(path: Path, npc_id: str | None = None) -> ImportedCard:
-    """A persona (as YAML-ready data) and its lorebook file from the card at ``path``,
-    validated in full: a card that would not load is a CardError and nothing to write."""
-    card = read_card(path)
+def card_to_persona(
+    path: Path, npc_id: str | None = None, card: dict[str, Any] | None = None
+) -> ImportedCard:
+    """A persona (as YAML-ready data) and its lorebook file from the card at ``path``
+    (``card``: its JSON, when already read), validated in full: a card that would not load
+    is a CardError and nothing to write."""
+    card = read_card(path) if card is None else card
     data, spec = card_data(path, card)
     prefix = "data." if "data" in card else ""
     name = data.name.strip()

@@ -73,19 +73,44 @@ def build_parser() -> argparse.ArgumentParser:
     _personas_flag(new)
 
     importer = commands.add_parser(
-        "import", help="a Character Card (V1/V2/V3 .json, .png, .charx) as a persona"
+        "import",
+        help="a Character Card (V1/V2/V3 .json, .png, .charx) as a persona, or a lorebook "
+        "(SillyTavern World Info, a character_book on its own) as lore/NAME.yaml",
     )
-    importer.add_argument("file", type=Path, help="the card")
+    importer.add_argument("file", type=Path, help="the card or lorebook")
     importer.add_argument("--out", type=Path, help="folder (default: the personas folder)")
-    importer.add_argument("--id", dest="npc_id", help="NPC id (default: from the name)")
+    importer.add_argument(
+        "--id", dest="npc_id", help="NPC id, or lorebook name (default: from the name)"
+    )
+    importer.add_argument(
+        "--known-by",
+        action="append",
+        default=[],
+        metavar="NAMES",
+        help="a lorebook: NPC ids or factions that know it, comma-separated (default: all)",
+    )
     importer.add_argument("--force", action="store_true", help="overwrite existing files")
     _personas_flag(importer)
 
-    exporter = commands.add_parser("export", help="a persona as a Character Card V3")
-    exporter.add_argument("npc_id", help="the NPC to export")
-    exporter.add_argument("--format", default="card-v3", choices=["card-v3"])
+    exporter = commands.add_parser(
+        "export", help="a persona as a Character Card V3, or a lorebook file (--lore)"
+    )
+    exporter.add_argument("npc_id", nargs="?", help="the NPC to export")
+    exporter.add_argument(
+        "--lore",
+        metavar="FILE",
+        help="a lorebook file (lore/NAME.yaml, or NAME) as a lorebook JSON instead",
+    )
+    exporter.add_argument(
+        "--format",
+        choices=["card-v3", "world-info", "lorebook-v3", "character-book"],
+        help="card-v3 for an NPC; for --lore, the shape it was imported in (default: "
+        "SillyTavern world-info)",
+    )
     exporter.add_argument("--png", type=Path, metavar="AVATAR", help="write a PNG card on it")
-    exporter.add_argument("--out", type=Path, help="file (default: NPC_ID.json / NPC_ID.png)")
+    exporter.add_argument(
+        "--out", type=Path, help="file (default: NPC_ID.json / NPC_ID.png / NAME.json)"
+    )
     _personas_flag(exporter)
 
     say = commands.add_parser("say", help="one reply from an NPC, streamed; memory is written")
@@ -164,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print a JSON Schema")
     schema.add_argument("name", choices=SCHEMA_NAMES)
+
+    demo_web = commands.add_parser(
+        "demo-web", help="serve the browser demo (examples/web/) on loopback"
+    )
+    demo_web.add_argument("--port", type=int, default=8080, help="port (0 picks a free one)")
+    demo_web.add_argument("--server", default="ws://127.0.0.1:8765/", help="engine URL")
     return parser
 
 
@@ -243,11 +274,17 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from npc_engine.cards import card_to_persona, check_target
+    from npc_engine.cards import card_to_persona, check_target, read_card
+    from npc_engine.lorebooks import lorebook_format
     from npc_engine.persona.authoring import check_written, write_persona_files
 
     folder = args.out or _config(args).personas_dir
-    imported = card_to_persona(args.file, args.npc_id)
+    card = read_card(args.file)
+    if lorebook_format(card) is not None:
+        return _import_lorebook(args, folder, card)
+    if args.known_by:
+        raise NpcEngineError("--known-by is for a lorebook; a card's lore is its own NPC's")
+    imported = card_to_persona(args.file, args.npc_id, card)
     check_target(args.file, folder, imported)
     for warning in imported.warnings:
         print(f"warning: {warning}")
@@ -264,12 +301,56 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _import_lorebook(args: argparse.Namespace, folder: Path, book: dict[str, Any]) -> int:
+    """``lore/<name>.yaml`` from a standalone lorebook (docs/lore.md, "Lorebooks")."""
+    from npc_engine.lorebooks import check_lore_target, lorebook_to_lore, write_lorebook
+    from npc_engine.persona.loader import load_personas
+
+    known_by = [n.strip() for names in args.known_by for n in names.split(",") if n.strip()]
+    imported = lorebook_to_lore(args.file, book, args.npc_id, known_by or None)
+    warnings = check_lore_target(args.file, folder, imported, force=args.force)
+    for warning in [*imported.warnings, *warnings]:
+        print(f"warning: {warning}")
+    written = write_lorebook(folder, imported, args.file.name, force=args.force)
+    for path in written:
+        print(f"wrote {path}")
+    for note in imported.notes:
+        print(f"note: {note}")
+    problems = [str(p) for p in load_personas(folder).problems if any(p.file == w for w in written)]
+    for problem in problems:
+        print(problem)
+    return 1 if problems else 0
+
+
+def _export_lorebook(args: argparse.Namespace) -> int:
+    from npc_engine.lorebooks import lore_to_lorebook, read_lore_file, write_lorebook_json
+    from npc_engine.persona.loader import LORE_FOLDER
+
+    path = Path(args.lore)
+    if not path.suffix and not path.exists():
+        path = _config(args).personas_dir / LORE_FOLDER / f"{args.lore}.yaml"
+    if args.png is not None or args.format == "card-v3":
+        raise NpcEngineError("--lore writes a lorebook JSON; --png and card-v3 are for an NPC")
+    lore = read_lore_file(path)
+    parts = path.with_suffix("").parts
+    inside = [i for i, part in enumerate(parts) if part == LORE_FOLDER]
+    name = ".".join(parts[inside[-1] + 1 :]) if inside else path.stem  # the loader's ids
+    out = args.out or Path(f"{path.stem}.json")
+    write_lorebook_json(lore_to_lorebook(lore, name, args.format), out)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from npc_engine.cards import persona_to_card, write_card_json, write_card_png
     from npc_engine.errors import UnknownNpcError
     from npc_engine.persona.authoring import own_lore
     from npc_engine.runtime import load_registry
 
+    if args.lore is not None:
+        return _export_lorebook(args)
+    if args.npc_id is None or args.format not in (None, "card-v3"):
+        raise NpcEngineError("export: name an NPC, or a lorebook file with --lore")
     registry = load_registry(_config(args))
     loaded = registry.get(args.npc_id)
     if loaded is None:
@@ -423,6 +504,41 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+WEB_DEMO = Path(__file__).resolve().parent.parent / "examples" / "web"
+
+
+def cmd_demo_web(args: argparse.Namespace) -> int:
+    """A static file server for examples/web/ (a source checkout's: the demo is not part of
+    the installed package), on 127.0.0.1 only."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import quote
+
+    if not (WEB_DEMO / "index.html").is_file():
+        raise NpcEngineError(
+            f"demo-web serves {WEB_DEMO}, which is missing: run it from a source checkout "
+            "of npc-engine (or serve examples/web/ with any static file server)."
+        )
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def end_headers(self) -> None:
+            self.send_header("Cache-Control", "no-store")
+            super().end_headers()
+
+    handler = functools.partial(Quiet, directory=str(WEB_DEMO))
+    with ThreadingHTTPServer(("127.0.0.1", args.port), handler) as httpd:
+        origin = f"http://127.0.0.1:{httpd.server_address[1]}"
+        print(
+            f"npc-engine web demo at {origin}/?server={quote(args.server, safe=':/')}", flush=True
+        )
+        print(f"the engine must allow this page: npc-engine serve --origin {origin}", flush=True)
+        httpd.serve_forever()  # until Ctrl+C
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import signal
@@ -547,6 +663,7 @@ COMMANDS = {
     "say": cmd_say,
     "models": cmd_models,
     "schema": cmd_schema,
+    "demo-web": cmd_demo_web,
     "serve": cmd_serve,
     "save": cmd_save,
     "memory": cmd_memory,

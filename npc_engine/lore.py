@@ -100,20 +100,37 @@ def regex_key(key: str) -> RegexSearch | None:
         ) from None
 
 
+def _plain_key(key: str) -> str:
+    return " ".join(key.lower().split())
+
+
 class KeyMatcher:
     """Every plain key of a lorebook in one compiled alternation (a per-entry search over
-    thousands of entries would be thousands of scans), plus the few regex keys."""
+    thousands of entries would be thousands of scans), plus the few regex keys. Secondary
+    keys are in the same scan; an entry with some matches only when a key matched and its
+    ``secondary_logic`` holds over them (SillyTavern's selective entries)."""
 
     def __init__(self, entries: Sequence[WorldLore]) -> None:
-        self._plain: dict[str, list[int]] = {}
-        self._regex: list[tuple[RegexSearch, str, int]] = []
+        # key -> (entry position, secondary?) for every entry that has it
+        self._plain: dict[str, list[tuple[int, bool]]] = {}
+        self._regex: list[tuple[RegexSearch, str, int, bool]] = []
+        self._secondary: dict[int, tuple[int, str]] = {}  # position -> (distinct keys, logic)
         for position, entry in enumerate(entries):
-            for key in entry.keys:
-                pattern = regex_key(key)
-                if pattern is not None:
-                    self._regex.append((pattern, key, position))
-                else:
-                    self._plain.setdefault(" ".join(key.lower().split()), []).append(position)
+            for secondary, keys in ((False, entry.keys), (True, entry.secondary_keys)):
+                distinct: set[str] = set()
+                for key in keys:
+                    pattern = regex_key(key)
+                    if pattern is not None:
+                        if key not in distinct:
+                            self._regex.append((pattern, key, position, secondary))
+                        distinct.add(key)
+                    else:
+                        plain = _plain_key(key)
+                        if plain not in distinct:
+                            self._plain.setdefault(plain, []).append((position, secondary))
+                        distinct.add(plain)
+                if secondary and distinct and entry.keys:
+                    self._secondary[position] = (len(distinct), entry.secondary_logic)
         words = sorted(self._plain, key=len, reverse=True)  # longest key wins at a spot
         spaced = (r"\s+".join(re.escape(part) for part in word.split()) for word in words)
         self._pattern = (
@@ -126,15 +143,35 @@ class KeyMatcher:
         """Entry position → the key that matched in ``text``."""
         text = text[-MAX_SCAN_CHARS:]
         found: dict[int, str] = {}
+        said: dict[int, set[str]] = {}  # position -> its secondary keys said
         if self._pattern is not None:
             for match in self._pattern.finditer(text):
-                key = " ".join(match.group(0).lower().split())
-                for position in self._plain.get(key, ()):
-                    found.setdefault(position, key)
-        for pattern, key, position in self._regex:
-            if position not in found and pattern.search(text):
+                key = _plain_key(match.group(0))
+                for position, secondary in self._plain.get(key, ()):
+                    if secondary:
+                        said.setdefault(position, set()).add(key)
+                    else:
+                        found.setdefault(position, key)
+        for pattern, key, position, secondary in self._regex:
+            if secondary:
+                if position in self._secondary and pattern.search(text):
+                    said.setdefault(position, set()).add(key)
+            elif position not in found and pattern.search(text):
                 found[position] = key
+        for position in [p for p in found if p in self._secondary]:
+            if not _secondary_holds(*self._secondary[position], len(said.get(position, ()))):
+                del found[position]
         return found
+
+
+def _secondary_holds(total: int, logic: str, said: int) -> bool:
+    if logic == "and_all":
+        return said == total
+    if logic == "not_any":
+        return said == 0
+    if logic == "not_all":
+        return said < total
+    return said > 0  # and_any
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ shipped for editors is generated from them (`npc-engine schema persona`)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -344,6 +344,9 @@ def _checked_keys(keys: list[str]) -> list[str]:
     return keys
 
 
+SecondaryLogic = Literal["and_any", "not_all", "not_any", "and_all"]
+
+
 class WorldLore(GatedFact):
     """A piece of lore (a lorebook entry), known to everyone or only to some. Entries marked
     ``always`` are in every prompt of the NPCs that know them; the others are looked up per
@@ -359,6 +362,17 @@ class WorldLore(GatedFact):
         max_length=32,
         description="Words or phrases that bring the entry into the talk when said in the "
         "recent conversation (whole words, any case); '/regex/' for a regular expression.",
+    )
+    secondary_keys: Annotated[list[NonEmptyText], AfterValidator(_checked_keys)] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Optional keys that narrow a key match (SillyTavern's secondary keys), "
+        "checked in the same talk as `keys`, per `secondary_logic`.",
+    )
+    secondary_logic: SecondaryLogic = Field(
+        "and_any",
+        description="With `secondary_keys`, once a key matched: and_any needs one of them "
+        "said too, and_all all of them, not_any none, not_all not all.",
     )
     always: bool | None = Field(
         None,
@@ -407,8 +421,13 @@ class LoreFile(_Strict):
         "names none itself (empty: everyone).",
     )
     entries: list[WorldFact] = Field(
-        description="Lore entries: a string, or {text, keys, always, priority, known_by, "
-        "reveal_when, id}."
+        description="Lore entries: a string, or {text, keys, secondary_keys, always, "
+        "priority, known_by, reveal_when, id}."
+    )
+    extensions: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Data kept for other tools (an imported lorebook's own settings and "
+        "disabled entries); never shown to the model.",
     )
 
     def resolved(self, stem: str) -> list[WorldLore]:
