@@ -24,7 +24,6 @@ from npc_engine.client import NpcClient, ProtocolError
 from npc_engine.config import ServerLimits, load_config
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.errors import FieldError
-from npc_engine.generation.base import GenerationParams, GenerationStats, RenderedPrompt
 from npc_engine.generation.scripted import ScriptedGenerator
 from npc_engine.memory.in_memory import InMemoryStore
 from npc_engine.persona.loader import load_personas
@@ -33,6 +32,7 @@ from npc_engine.server import NpcServer
 from npc_engine.world_ticks import TickQueue
 
 from .conftest import FAKE_STORE_RETRIEVAL, SAMPLE_PERSONAS
+from .test_server_faults import FaultyGenerator
 
 pytestmark = pytest.mark.timeout(60)
 NEWS = "The Duke's tax cutter sank off Gull Point last night and every soul drowned!"
@@ -336,29 +336,9 @@ async def test_stop_waits_for_a_running_tick_before_the_last_flush() -> None:
     await client.close()
 
 
-class FirstPieceThenWait(ScriptedGenerator):
-    """Streams the first word of a line, then holds until released (a long line)."""
-
-    def __init__(self) -> None:
-        super().__init__(respond=lambda _p: "Well the tide turns soon enough.")
-        self.release = threading.Event()
-
-    def generate(
-        self,
-        prompt: RenderedPrompt,
-        params: GenerationParams,
-        on_text: Callable[[str], None],
-        cancel: threading.Event | None = None,
-    ) -> GenerationStats:
-        def held(piece: str) -> None:
-            on_text(piece)
-            self.release.wait(10)
-
-        return super().generate(prompt, params, held, cancel)
-
-
 async def test_scene_preparation_is_counted_and_dropped_with_its_scene() -> None:
-    generator = FirstPieceThenWait()
+    generator = FaultyGenerator(ScriptedGenerator(["Well then."]))
+    generator.hold = threading.Event()  # streams "Well", then holds the line
     eng = DialogueEngine(
         load_personas(SAMPLE_PERSONAS),
         generator,
@@ -378,7 +358,7 @@ async def test_scene_preparation_is_counted_and_dropped_with_its_scene() -> None
             stats = await client.request({"type": "stats"})
             assert stats["queued_generations"] >= 3  # the line and two preparations
             await client.cancel(scene.request_id)
-            generator.release.set()
+            generator.hold.set()
             ended = await asyncio.wait_for(scene.result(), 30)
             assert ended["reason"] == "cancelled"
             for _ in range(50):
@@ -387,7 +367,7 @@ async def test_scene_preparation_is_counted_and_dropped_with_its_scene() -> None
                 await asyncio.sleep(0.05)
             assert server._queued == 0 and prepared == []  # nothing prepared for a dead scene
     finally:
-        generator.release.set()
+        generator.hold.set()
         await server.stop()
 
 
