@@ -52,6 +52,17 @@ if [ "${1:-}" = "test" ]; then
             || { $SUDO apt-get update -q >&2 && $SUDO apt-get install -y -q mono-mcs mono-runtime >&2; } \
             || echo "Could not install Mono; the C# client test will fail (apt-get install mono-mcs mono-runtime)." >&2
     fi
+    # The browser client (examples/web/) is tested in headless Chromium, driven over the
+    # DevTools protocol.
+    if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+        echo "Installing Chromium from Debian for the browser client test …" >&2
+        SUDO=""
+        [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        export DEBIAN_FRONTEND=noninteractive
+        $SUDO apt-get install -y -q chromium >&2 \
+            || { $SUDO apt-get update -q >&2 && $SUDO apt-get install -y -q chromium >&2; } \
+            || echo "Could not install Chromium; the browser client test will fail (apt-get install chromium)." >&2
+    fi
     echo "== ruff ==" >&2
     "$VENV/bin/ruff" check npc_engine tests tools
     "$VENV/bin/ruff" format --check npc_engine tests tools
