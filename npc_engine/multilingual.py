@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,17 +76,35 @@ class PairedEmbedder:
     """Two embedders as one: [a/|a|, b/|b|] / √2, whose dot products are the mean of the
     two cosines. The second is loaded on first use."""
 
-    def __init__(self, first: Embed, second: Callable[[], Embed] = multilingual_use) -> None:
+    def __init__(
+        self, first: Embed, second: Callable[[], Embed] = multilingual_use, remember: int = 2048
+    ) -> None:
         self.first = first
         self._second = second
         self.second_from: int | None = None  # where the second embedder's half starts
+        # Lines an NPC says often (greetings, deflections, fallbacks) are read once.
+        self._remembered: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._remember = remember
+        self._lock = threading.Lock()
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        with self._lock:
+            known = {t: self._remembered[t] for t in texts if t in self._remembered}
+        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        if missing:
+            a = np.asarray(self.first(missing), dtype=np.float32)
+            b = np.asarray(self._second()(missing), dtype=np.float32)
+            a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-9)
+            b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-9)
+            self.second_from = a.shape[1]
+            both = np.concatenate([a, b], axis=1) / np.sqrt(2.0)
+            known.update(zip(missing, both, strict=True))
+            with self._lock:
+                for text, vector in zip(missing, both, strict=True):
+                    self._remembered[text] = vector
+                while len(self._remembered) > self._remember:
+                    self._remembered.popitem(last=False)
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        a = np.asarray(self.first(list(texts)), dtype=np.float32)
-        b = np.asarray(self._second()(list(texts)), dtype=np.float32)
-        a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-9)
-        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-9)
-        self.second_from = a.shape[1]
-        return np.concatenate([a, b], axis=1) / np.sqrt(2.0)
+        return np.stack([known[t] for t in texts])

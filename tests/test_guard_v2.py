@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -176,3 +177,23 @@ def test_the_labelled_set_is_held_to_what_was_measured() -> None:
     for name in ("plain", "zero_width", "leetspeak", "markdown", "encoded", "reversed", "glued"):
         tally = report["classes"][name]
         assert tally["cut"] >= tally["tried"] - 1, (name, tally)
+
+
+@pytest.mark.timeout(30)
+def test_paired_vectors_give_the_mean_of_both_cosines_and_remember_lines() -> None:
+    from npc_engine.multilingual import PairedEmbedder
+
+    calls: list[list[str]] = []
+
+    def second(texts: list[str]) -> list[list[float]]:
+        calls.append(list(texts))
+        return [[1.0, float(len(t))] for t in texts]
+
+    paired = PairedEmbedder(hashed_embed, lambda: second)
+    a, b = paired(["the tide turns", "a fine day"])
+    first_a, first_b = (np.asarray(v) for v in hashed_embed(["the tide turns", "a fine day"]))
+    second_a, second_b = (np.asarray(v) / np.linalg.norm(v) for v in ([1.0, 14.0], [1.0, 10.0]))
+    assert float(a @ b) == pytest.approx((first_a @ first_b + second_a @ second_b) / 2, abs=1e-5)
+    again = paired(["a fine day", "the tide turns"])
+    assert np.allclose(again[0], b) and len(calls) == 1  # read once
+    assert paired.second_from == len(first_a)
