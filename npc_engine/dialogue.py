@@ -381,6 +381,7 @@ class DialogueEngine:
         # Per persona object (a reload makes new ones): its secrets' keys and vectors.
         self._secret_cache: dict[int, tuple[Any, list[GuardedSecret], list[Any] | None]] = {}
         self._secret_lock = threading.Lock()
+        self._world_vector_cache: dict[int, tuple[World, Any]] = {}  # per world object
         self._saves_lock = threading.Lock()  # one save operation at a time
         self._action_vector_cache: dict[str, Any] = {}  # bounded by the declared actions
         # Per world object (a reload makes new ones): its lorebook, built once.
@@ -516,7 +517,23 @@ class DialogueEngine:
             import numpy as np
 
             rules.preset_vectors(np.concatenate([blocks[i] for i in chosen]))
+        if world is not None and rules.embed is not None and rules.out_of_world:
+            rules.preset_world_vectors(self._world_vectors(world, rules))
         return self._read_in_any_language(rules)
+
+    def _world_vectors(self, world: World, rules: GuardRules) -> Any:
+        """The out-of-world meaning check's vectors, once per world object."""
+        with self._secret_lock:
+            cached = self._world_vector_cache.get(id(world))
+            if cached is not None and cached[0] is world:
+                return cached[1]
+        assert rules.embed is not None
+        vectors = rules.embed(rules.world_texts())
+        with self._secret_lock:
+            if len(self._world_vector_cache) > 16:
+                self._world_vector_cache.clear()  # worlds reloaded many times: start over
+            self._world_vector_cache[id(world)] = (world, vectors)
+        return vectors
 
     def _read_in_any_language(self, rules: GuardRules) -> GuardRules:
         """With the paired embedder, a sentence in another language is judged by its

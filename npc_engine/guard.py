@@ -204,13 +204,20 @@ class GuardRules:
             self._owners = np.asarray(owners, dtype=np.int64)
         return self._secret_vectors, self._owners
 
+    def world_texts(self) -> list[str]:
+        return [*MODERN_THINGS, *self.out_of_world]
+
+    def preset_world_vectors(self, vectors: np.ndarray) -> None:
+        """The vectors of ``world_texts()``, computed once per world by the caller."""
+        self._world_vectors = _normalized(np.asarray(vectors, dtype=np.float32))
+
     def world_vectors(self) -> np.ndarray | None:
         """Descriptions of modern things and the world's own out-of-world terms."""
         if self.embed is None or not self.out_of_world:
             return None
         if self._world_vectors is None:
-            texts = [*MODERN_THINGS, *self.out_of_world]
-            self._world_vectors = _normalized(np.asarray(self.embed(texts), dtype=np.float32))
+            vectors = np.asarray(self.embed(self.world_texts()), dtype=np.float32)
+            self._world_vectors = _normalized(vectors)
         return self._world_vectors
 
 
