@@ -146,9 +146,18 @@ def test_news_told_to_mara_reaches_tom_as_a_rumour_not_the_hermit(
                 "spread": spread,
                 "asked": asked,
                 "stranger": stranger,
-                "tom": await client.memory_list("guard_tom", query="the tax cutter sank"),
-                "hermit": await client.memory_list("hermit", query="the tax cutter sank"),
-                "ysolde": await client.memory_list("ysolde", query="the tax cutter sank"),
+                # a rumour of p1's words is among what each NPC remembers with p1
+                **{
+                    name: await client.memory_list(
+                        npc, player_id=player, query="the tax cutter sank"
+                    )
+                    for name, npc, player in (
+                        ("tom", "guard_tom", "p1"),
+                        ("tom_with_p2", "guard_tom", "p2"),
+                        ("hermit", "hermit", "p1"),
+                        ("ysolde", "ysolde", "p1"),
+                    )
+                },
             }
 
     process, url = start_server_process(config, "--allow-inspect")
@@ -167,5 +176,6 @@ def test_news_told_to_mara_reaches_tom_as_a_rumour_not_the_hermit(
     assert any(m["text"].startswith("Mara Saltwhistle said") for m in recalled), recalled
     assert "Mara Saltwhistle said" in out["asked"]["inspect"]["prompt"]
     assert "Mara Saltwhistle said" not in out["stranger"]["inspect"]["prompt"]
+    assert not any(m["kind"] == "rumour" for m in out["tom_with_p2"])  # p1's words only
     assert not any("cutter" in m["text"] for m in out["hermit"])  # no path from Mara
     assert not any(m["kind"] == "rumour" for m in out["ysolde"])  # Mara does not trust her
