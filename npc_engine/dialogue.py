@@ -44,6 +44,7 @@ from npc_engine.expression import infer_action, infer_emotion
 from npc_engine.game_state import (
     GameState,
     Standing,
+    WorldGate,
     standing_notes,
     unlocked_entries,
 )
@@ -352,10 +353,9 @@ class DialogueEngine:
         # Facts and consolidation, on the writer's thread after each stored batch.
         self.upkeep = MemoryUpkeep(store, config.memory)
         # A save.load rewinds the world: while it applies, no memory, state or forget from
-        # another request writes (they wait, then land after it). Reentrant: a load clears
-        # the game-state cache under it.
-        self._world_lock = threading.RLock()
-        self.writer = MemoryWriter(store, self.upkeep.after_write, pause=self._world_lock)
+        # another request writes (they wait, then land after it); reads never wait.
+        self._world = WorldGate()
+        self.writer = MemoryWriter(store, self.upkeep.after_write, pause=self._world.writing)
         self.prompts = PromptBuilder(generator)
         # Recent turns per conversation, least recently used out beyond max_conversations
         # (player ids are the client's choice: RAM must not grow with them).
@@ -376,7 +376,7 @@ class DialogueEngine:
             store,
             self._start_trust,
             capacity=0 if self.shared_store else config.max_conversations,
-            lock=self._world_lock,
+            writing=self._world.writing,
         )
         # Per persona object (a reload makes new ones): its secrets' keys and vectors.
         self._secret_cache: dict[int, tuple[Any, list[GuardedSecret], list[Any] | None]] = {}
@@ -648,7 +648,7 @@ class DialogueEngine:
                 self._forget_serial += 1
                 self._forgets.append(_Forget(self._forget_serial, EVERY_NPC, None, None))
             self.writer.flush()
-            with self._world_lock:
+            with self._world.loading():
                 info = self.store.load_save(save_id)
                 with self._history_lock:
                     self._history.clear()
@@ -793,7 +793,7 @@ class DialogueEngine:
         self.writer.flush()  # writes queued before the forget are stored, then deleted
         self._forget_in_stored_histories(npc_id, player_id, ids, everything)
         try:
-            with self._world_lock:  # never inside a save being loaded (it waits the writer)
+            with self._world.writing():  # never inside a save being loaded
                 return self.store.forget(
                     npc_id, player_id=player_id, memory_ids=memory_ids, everything=everything
                 )

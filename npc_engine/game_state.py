@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,15 +117,17 @@ class GameState:
         store: MemoryStore,
         start_trust: Callable[[str], int],
         capacity: int = 4096,
-        lock: threading.RLock | None = None,
+        writing: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> None:
-        """``lock``: shared with whatever must exclude state writes (a save being loaded)."""
+        """``writing``: held around each state write (``WorldGate.writing``: a save being
+        loaded waits for it, and it waits for the load)."""
         self._store = store
         self._start_trust = start_trust
         self._capacity = capacity
         self._trust: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._players: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._lock = lock if lock is not None else threading.RLock()
+        self._lock = threading.RLock()
+        self._writing = writing
 
     def _remember(self, cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
         cache[key] = value
@@ -191,7 +194,7 @@ class GameState:
             raise StateError("trust", "give trust or trust_delta, not both")
         for name, value in (flags or {}).items():
             _check_flag(name, value)
-        with self._lock:
+        with self._writing(), self._lock:
             player = self._player(player_id)
             new_flags = dict(player["flags"])
             for name, value in (flags or {}).items():
@@ -213,3 +216,44 @@ class GameState:
                 clamped = max(TRUST_MIN, min(TRUST_MAX, wanted))
                 self._store.save_state(f"trust:{npc_id}:{player_id}", {"trust": clamped})
                 self._remember(self._trust, (npc_id, player_id), clamped)
+
+
+class WorldGate:
+    """Writers of the world (memory batches, state changes, forgets) run together; a save
+    being loaded runs alone: it waits for the writes under way, and new ones wait for it.
+    (A shared/exclusive lock: the standard library has none, and one class is all it takes.)
+    Reads never wait here, only writes."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._writers = 0
+        self._loader: int | None = None  # the thread loading a save
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._condition:
+            while self._loader is not None and self._loader != me:
+                self._condition.wait()
+            self._writers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writers -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        with self._condition:
+            while self._loader is not None:
+                self._condition.wait()
+            self._loader = threading.get_ident()
+            while self._writers:
+                self._condition.wait()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._loader = None
+                self._condition.notify_all()

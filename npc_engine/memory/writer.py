@@ -54,14 +54,14 @@ class MemoryWriter:
         self,
         store: MemoryStore,
         after_write: Callable[[Sequence[Memory]], None] | None = None,
-        pause: AbstractContextManager[Any] | None = None,
+        pause: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         """``after_write``: runs on this thread with each batch of memories once they are
         stored and acknowledged (facts, consolidation: ``npc_engine.memory.upkeep``).
         ``pause``: held around each batch (a save being loaded holds it: writes wait)."""
         self._store = store
         self._after_write = after_write
-        self._pause = pause if pause is not None else contextlib.nullcontext()
+        self._pause = pause
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="npc-memory-writer", daemon=True)
         self._closed = False
@@ -138,7 +138,7 @@ class MemoryWriter:
                     stop_after = True
                     break
                 batch.append(item)
-            with self._pause:
+            with self._pause():
                 self._write_batch(batch)
             if stop_after:
                 return
