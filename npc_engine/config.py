@@ -492,6 +492,17 @@ class EngineConfig(BaseSettings):
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
     repeat_penalty: float = Field(1.1, ge=0)
+    dry_multiplier: float | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="DRY repetition penalty: stops a reply from copying a long run of "
+        "its prompt (its last reply, an example line, the player's words). 0 turns it "
+        "off; unset: the model's own default (`npc-engine models`, docs/models.md).",
+    )
+    dry_allowed_length: int = Field(
+        2, ge=1, le=32, description="Tokens a reply may repeat before DRY penalises."
+    )
     max_tokens: int = Field(80, ge=1, le=2048, description="Default cap on a reply.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
     history_turns: int = Field(

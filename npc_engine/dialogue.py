@@ -62,8 +62,10 @@ from npc_engine.guard import (
     tells_secret,
 )
 from npc_engine.guard import preload as preload_guard
+from npc_engine.identity import SelfQuestions, identity_note
 from npc_engine.ids import check_id
 from npc_engine.lore import ChosenLore, Lorebook, LoreSettings, LoreVectors, recent_talk
+from npc_engine.memory.facts import extract_facts
 from npc_engine.memory.importance import rate_importance, rate_player_line
 from npc_engine.memory.saves import SaveInfo
 from npc_engine.memory.scoring import score_candidates
@@ -78,12 +80,13 @@ from npc_engine.memory.types import (
 from npc_engine.memory.upkeep import MemoryUpkeep
 from npc_engine.memory.voice import player_voice
 from npc_engine.memory.writer import MemoryWriter, StateWrite
+from npc_engine.model_registry import MODELS
 from npc_engine.multilingual import PairedEmbedder
 from npc_engine.multilingual import preload as preload_multilingual
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
 from npc_engine.persona.model import Persona, World
 from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn, render_persona, render_world
-from npc_engine.rumours import confidants, faded, rumour, worth_telling
+from npc_engine.rumours import confidants, rumour, worth_telling
 from npc_engine.scenes import (
     MAX_NPCS,
     MAX_TURNS,
@@ -243,10 +246,10 @@ def reply_memory(
 
 TICK_STATE = "world-tick"  # the state record holding when the last world tick ran
 TICK_WRITE_BATCH = 16  # rumours written at a time (the tick yields to lines between)
-FIRST_TICK_WINDOW_MINUTES = 1440
+FIRST_TICK_WINDOW_MINUTES = 1440  # wall-clock minutes of memories the first tick considers
 # Memories noted with one line of a scene: each line's notes are read anew (uncached), and
 # a line answers the others more than it recalls (measured by tools/bench.py --only scene).
-SCENE_MEMORIES = 2  # wall-clock minutes of memories the first tick considers
+SCENE_MEMORIES = 2
 
 
 def origin_of(memory: Memory) -> str:
@@ -350,6 +353,13 @@ class DialogueEngine:
         self.store = store
         self.config = config
         self.clock = clock
+        self._self_questions = SelfQuestions(embed) if embed is not None else None
+        known = MODELS.get(config.model)
+        self._dry_multiplier = (
+            config.dry_multiplier
+            if config.dry_multiplier is not None
+            else (known.dry_multiplier if known is not None else 0.0)
+        )
         # Facts and consolidation, on the writer's thread after each stored batch.
         self.upkeep = MemoryUpkeep(store, config.memory)
         # A save.load rewinds the world: while it applies, no memory, state or forget from
@@ -899,6 +909,8 @@ class DialogueEngine:
             repeat_penalty=overrides.repeat_penalty
             if overrides.repeat_penalty is not None
             else config.repeat_penalty,
+            dry_multiplier=self._dry_multiplier,
+            dry_allowed_length=config.dry_allowed_length,
             stop=[*config.stop, *(overrides.stop or []), *ROLE_STOPS],
             seed=config.seed,
             model=loaded.persona.model,
@@ -1072,6 +1084,17 @@ class DialogueEngine:
         # neither are a scene's own lines.
         fact_ids = {fact.id for fact in known_facts} | (scene.remembered if scene else set())
         relevant_facts = frozenset(m.memory.id for m in memories if m.memory.id in fact_ids)
+        # A line asking about the player's own name or home recalls what the player told,
+        # and one telling it states a fact: then it is not about the NPC, however alike
+        # the words ("My name is Aria" is near "What's your name?" by meaning).
+        may_ask_about_self = not (
+            greeting or scene is not None or relevant_facts or extract_facts(text)
+        )
+        self_note = (
+            identity_note(loaded.persona, loaded.world)
+            if may_ask_about_self and self._asks_about_self(text)
+            else ""
+        )
         memories = [m for m in memories if m.memory.id not in fact_ids]
         result.timings.retrieval_ms = (time.perf_counter() - started) * 1000
 
@@ -1149,6 +1172,7 @@ class DialogueEngine:
                 known_facts=known_facts,
                 relevant_facts=relevant_facts,
                 lore=[(chosen.note_id, chosen.text) for chosen in result.lore],
+                self_note=self_note,
             )
             noted_lore = {note_id for note_id, _ in built.noted}
             result.lore = [chosen for chosen in result.lore if chosen.note_id in noted_lore]
@@ -1503,13 +1527,7 @@ class DialogueEngine:
                 listeners = [n for n in confidants(loaded.persona) if n in self.registry.personas]
                 if not listeners or not settings.per_npc:
                     continue
-                heard = [
-                    m
-                    for m in self.store.made_between(npc_id, since, now, settings.min_importance)
-                    if worth_telling(m, settings.min_importance, settings.max_hops)
-                ]
-                heard.sort(key=lambda m: (-m.importance, m.created_at))
-                passed = self._not_secret(secrets, heard)[: settings.per_npc]
+                passed = self._news_to_pass(npc_id, since, now, secrets)
                 for listener in listeners:
                     origins = [origin_of(m) for m in passed]
                     known = self.store.origins_known(listener, origins)
@@ -1546,9 +1564,25 @@ class DialogueEngine:
             )
         return min(asked, float(last) + self.config.rumours.max_tick_minutes)
 
+    def _news_to_pass(
+        self, npc_id: str, since: datetime, now: datetime, secrets: GuardRules
+    ) -> list[Memory]:
+        """What the NPC passes on at this tick: its most important news since the last one
+        that tells no secret. The store hands them over most important first, so only as
+        many are read and checked as are passed on (the first tick of a 100-NPC town
+        checked every memory of the day for secrets: 3,300 sentences embedded)."""
+        settings = self.config.rumours
+        chosen: list[Memory] = []
+        for memory in self.store.made_between(npc_id, since, now, settings.min_importance):
+            if len(chosen) >= settings.per_npc:
+                break
+            if worth_telling(memory, settings.min_importance, settings.max_hops):
+                chosen += self._not_secret(secrets, [memory])
+        return chosen
+
     def _fade_rumours(self, npc_id: str, now: datetime, game_now: float | None) -> None:
         fade = self.config.rumours.fade_minutes
-        old = [m.id for m in self.store.rumours_of(npc_id) if faded(m, now, game_now, fade)]
+        old = self.store.faded_rumours(npc_id, now, game_now, fade)
         if old:
             self.forget(npc_id, memory_ids=old)
 
@@ -1621,6 +1655,15 @@ class DialogueEngine:
         if self.lore_vectors is not None:
             self.lore_vectors.prune(texts)
         return {"entries": entries, "embedded": embedded}
+
+    def _asks_about_self(self, text: str) -> bool:
+        if self._self_questions is None:  # no embedder: no way to tell
+            return False
+        try:
+            return self._self_questions.asked(text)
+        except Exception as exc:  # a note the NPC may do without
+            log.warning("could not tell whether a line asks about the NPC: %s", exc)
+            return False
 
     def _choose_lore(
         self,

@@ -79,6 +79,9 @@ class ModelSpec:
     subdir: str = ""  # folder inside the model's cache folder that holds the files
     license: str = ""  # what the packages declare, and the upstream licence
     speed: str = ""  # measured on the reference machine (docs/models.md)
+    # Sampling that suits the model, chosen by measurement (docs/models.md); a config
+    # setting overrides it.
+    dry_multiplier: float = 0.0
 
     @property
     def main_file(self) -> ModelFile:

@@ -130,9 +130,3 @@ def rumour(
         origin=memory.origin or memory.id,
         hops=memory.hops + 1,
     )
-
-
-def faded(memory: Memory, now: datetime, game_now: float | None, fade_minutes: float) -> bool:
-    if game_now is not None and memory.game_time is not None:
-        return game_now - memory.game_time > fade_minutes
-    return (now - memory.created_at).total_seconds() / 60 > fade_minutes

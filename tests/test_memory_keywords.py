@@ -4,6 +4,7 @@ keywords add shows."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,113 @@ def test_a_players_vectors_kept_in_ram_follow_adds_and_forgets(store: ChromaMemo
     after = store.search("mara", "p1", "the barrel", 5, keywords=False)
     assert barrel.id not in {c.memory.id for c in after}
     store.close()
+
+
+def tick_world() -> list[Memory]:
+    """Mara's memories over three days: her own, two players', rumours she heard."""
+    day = datetime(2026, 12, 1, tzinfo=UTC)
+    memories = []
+    for index in range(30):
+        memories.append(
+            Memory(
+                "mara",
+                f"News {index} from the harbour.",
+                player_id=(None, "p1", "p2")[index % 3],
+                importance=1 + index % 10,
+                created_at=day + timedelta(hours=2 * index),
+                game_time=float(60 * index) if index % 2 else None,
+            )
+        )
+    for index in range(6):
+        memories.append(
+            Memory(
+                "mara",
+                f"Tom said the bell rang {index} times.",
+                kind="rumour",
+                importance=4,
+                created_at=day + timedelta(hours=5 * index),
+                game_time=float(100 * index),
+                source="guard_tom",
+                origin=f"wren/origin-{index}",
+                hops=1,
+            )
+        )
+    memories.append(Memory("tom", "Not Mara's.", origin="wren/origin-9", kind="rumour"))
+    return memories
+
+
+def test_a_tick_reads_the_index_as_it_would_read_chroma(tmp_path: Path) -> None:
+    """The local index answers what a world tick asks (news in a window, most important
+    first; rumours to fade; origins known) exactly as scanning Chroma does, after a schema
+    change too (the index is remade from Chroma before it answers)."""
+    import sqlite3
+
+    import chromadb
+    from chromadb.config import Settings
+
+    store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
+    world = tick_world()
+    store.add(world)
+    store.close()
+    with sqlite3.connect(tmp_path / "chroma" / KEYWORD_INDEX) as db:  # an older layout
+        db.execute("PRAGMA user_version=2")
+    local = ChromaMemoryStore(tmp_path / "chroma", same_vector)  # no background fill
+    scanning = ChromaMemoryStore(
+        None,
+        same_vector,
+        client=chromadb.PersistentClient(
+            path=str(tmp_path / "chroma"), settings=Settings(anonymized_telemetry=False)
+        ),
+    )
+    assert scanning.shared and not local.shared
+    since, until = world[3].created_at, world[25].created_at
+
+    def news(store: ChromaMemoryStore) -> list[tuple[str, int]]:
+        return [(m.id, m.importance) for m in store.made_between("mara", since, until, 4)]
+
+    expected = sorted(
+        (m for m in world[:36] if since <= m.created_at < until and m.importance >= 4),
+        key=lambda m: (-m.importance, m.created_at),
+    )
+    assert news(local) == news(scanning) == [(m.id, m.importance) for m in expected]
+    read_back = next(iter(local.made_between("mara", since, until, 4)))
+    assert read_back.text == expected[0].text and read_back.player_id == expected[0].player_id
+    now = world[29].created_at
+    for game_now, fade in ((None, 40 * 60.0), (1000.0, 600.0)):  # real time, game time
+        fading = local.faded_rumours("mara", now, game_now, fade)
+        assert sorted(fading) == sorted(scanning.faded_rumours("mara", now, game_now, fade))
+        assert len(fading) == 4  # some faded, some not: the rule is exercised both ways
+    asked = ["wren/origin-1", "wren/origin-5", "wren/origin-9", "nobody/else"]
+    assert local.origins_known("mara", asked) == scanning.origins_known("mara", asked)
+    assert local.origins_known("mara", asked) == {"wren/origin-1", "wren/origin-5"}
+    local.forget("mara", memory_ids=[world[30].id])
+    assert "wren/origin-0" not in local.origins_known("mara", ["wren/origin-0"])
+    local.close()
+    scanning.close()
+
+
+def test_the_index_is_trusted_after_a_clean_close_and_compared_after_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart after a clean close answers ticks from the index at once (comparing it
+    with Chroma read every collection: minutes in a big town); after a crash between the
+    two writes, the index is compared first and the memory Chroma kept is found."""
+    world = tick_world()[:30]
+    store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
+    store.add(world)
+    store.close()
+    reopened = ChromaMemoryStore(tmp_path / "chroma", same_vector)
+    assert reopened._index_synced.is_set()  # clean close: no comparison needed
+    late = Memory(
+        "mara", "The bell rang at midnight.", importance=9, created_at=world[-1].created_at
+    )
+    # The process dies after Chroma stored the memory, before the index did.
+    monkeypatch.setattr(reopened._keywords, "add", lambda memories: None)
+    reopened.add([late])
+    reopened._keywords._db.close()  # the process dies: no clean close
+    again = ChromaMemoryStore(tmp_path / "chroma", same_vector)
+    assert not again._index_synced.is_set()
+    since = world[0].created_at
+    news = list(again.made_between("mara", since, late.created_at + timedelta(seconds=1), 9))
+    assert late.id in [m.id for m in news]
+    again.close()

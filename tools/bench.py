@@ -674,31 +674,35 @@ def target_tick(root: Path, report: Report, npcs: int, per_npc: int) -> None:
     async def measure() -> dict[str, Any]:
         from npc_engine.client import NpcClient
 
-        async with (
-            await NpcClient.connect(server.url) as ticker,
-            await NpcClient.connect(server.url) as player,
-        ):
-            await first_text(player, "Good evening.")  # Mara's conversation starts
+        async with await NpcClient.connect(server.url) as ticker:
             ticks, spread = [], []
             for round_index in range(2):  # the first tick, then the next, nothing else running
                 started = time.perf_counter()
                 spread.append(await ticker.world_tick(game_time=60.0 * (round_index + 1)))
                 ticks.append(time.perf_counter() - started)
                 print(f"bench: tick {round_index + 1}: {ticks[-1]:.1f} s", file=sys.stderr)
-            # Fresh news for every villager, so the third tick has work to do while a player
-            # talks to Mara: a say every 1.5 s, at most 6, against the same says alone.
-            for start in range(0, len(ids), 64):  # an event names 64 NPCs at most
-                chunk = ids[start : start + 64]
-                await ticker.event(chunk, "A whale was seen in the bay at dawn!", importance=8)
-            alone = [await first_text(player, PLAYER_LINES[1 + index]) for index in range(3)]
-            during = []
-            tick = asyncio.ensure_future(ticker.world_tick(game_time=180.0))
-            while not tick.done() and len(during) < 6:
-                await asyncio.sleep(1.5 if during else 0.2)
-                if not tick.done():
-                    during.append(await first_text(player, PLAYER_LINES[4 + len(during) % 5]))
-            spread.append(await tick)
-            return {"alone": alone, "during": during, "ticks": ticks, "spread": spread}
+            # The player connects now: a connection idle through slow ticks would time out.
+            async with await NpcClient.connect(server.url) as player:
+                return await says_during_a_tick(ticker, player, ticks, spread)
+
+    async def says_during_a_tick(
+        ticker: Any, player: Any, ticks: list[float], spread: list[int]
+    ) -> dict[str, Any]:
+        await first_text(player, "Good evening.")  # Mara's conversation starts
+        # Fresh news for every villager, so the third tick has work to do while a player
+        # talks to Mara: a say every 1.5 s, at most 6, against the same says alone.
+        for start in range(0, len(ids), 64):  # an event names 64 NPCs at most
+            chunk = ids[start : start + 64]
+            await ticker.event(chunk, "A whale was seen in the bay at dawn!", importance=8)
+        alone = [await first_text(player, PLAYER_LINES[1 + index]) for index in range(3)]
+        during = []
+        tick = asyncio.ensure_future(ticker.world_tick(game_time=180.0))
+        while not tick.done() and len(during) < 6:
+            await asyncio.sleep(1.5 if during else 0.2)
+            if not tick.done():
+                during.append(await first_text(player, PLAYER_LINES[4 + len(during) % 5]))
+        spread.append(await tick)
+        return {"alone": alone, "during": during, "ticks": ticks, "spread": spread}
 
     try:
         out = asyncio.run_coroutine_threadsafe(measure(), loop).result(1800)
@@ -721,8 +725,20 @@ def target_tick(root: Path, report: Report, npcs: int, per_npc: int) -> None:
             "next tick",
             out["ticks"][1],
             out["ticks"][0] / out["ticks"][1],
-            "report",
-            None,
+            "≤ 2×",
+            out["ticks"][0] / out["ticks"][1] <= 2,
+        ),
+        Row(
+            "15 world tick",
+            f"the slower of those two ticks vs the 5 s a town ticking every in-game hour may "
+            f"spend ({npcs} NPCs)",
+            "slower tick",
+            max(out["ticks"][:2]),
+            "budget",
+            5.0,
+            max(out["ticks"][:2]) / 5.0,
+            "≤ 1×",
+            max(out["ticks"][:2]) <= 5.0,
         ),
         Row(
             "15 world tick",

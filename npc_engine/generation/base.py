@@ -23,6 +23,13 @@ class GenerationParams:
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.1
+    # DRY ("don't repeat yourself"): a token that would continue a sequence already in the
+    # prompt or the reply, longer than ``dry_allowed_length`` tokens, is penalised by
+    # multiplier x base^(extra length). Long copies (the NPC's last reply, an example line,
+    # the player's own words) are stopped; a name said again is not. 0: off.
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
     stop: list[str] = field(default_factory=list)
     seed: int = -1
     # Names the conversation, so a backend can keep (and later restore) its KV cache.

@@ -50,6 +50,8 @@ from npc_engine.generation.llama import (
 from npc_engine.generation.prefix_store import PrefixStore
 from npc_engine.generation.snapshots import SnapshotCache, common_prefix_length
 
+DRY_BREAKERS = (b"\n", b":", b'"', b"*")
+
 log = logging.getLogger(__name__)
 
 
@@ -300,7 +302,10 @@ class BatchedLlamaGenerator:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.matcher = StopMatcher(request.stop)
         self._free_sampler(slot)
-        slot.sampler = self._make_sampler(request.params, request.tokens[-64:])
+        # The repetition penalty sees the prompt's tail, as usual; DRY the whole prompt (what
+        # the reply must not copy: earlier replies, example lines, the player's words).
+        seen = request.tokens if request.params.dry_multiplier > 0 else request.tokens[-64:]
+        slot.sampler = self._make_sampler(request.params, seen)
 
     def _make_sampler(self, params: GenerationParams, recent: list[int]) -> object:
         low = self._low
@@ -323,6 +328,8 @@ class BatchedLlamaGenerator:
                 self._llama.n_vocab(), 64, params.repeat_penalty, 0.0, 0.0
             ),
         )
+        if params.dry_multiplier > 0:
+            low.llama_sampler_chain_add(chain, self._dry_sampler(params))
         if params.temperature <= 0:
             low.llama_sampler_chain_add(chain, low.llama_sampler_init_greedy())
         else:  # the order of llama-cpp-python's own chain, so both paths sample alike
@@ -333,9 +340,23 @@ class BatchedLlamaGenerator:
             self._seed_counter += 1
             seed = params.seed + self._seed_counter if params.seed >= 0 else 0xFFFFFFFF
             low.llama_sampler_chain_add(chain, low.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        for token in recent:  # the repetition penalty sees the prompt's tail, as usual
+        for token in recent:
             low.llama_sampler_accept(chain, token)
         return chain
+
+    def _dry_sampler(self, params: GenerationParams) -> object:
+        # llama.cpp's default breakers: a match never runs across a line, a quote or a
+        # "Name:" label, so a quoted name or a new line starts afresh.
+        breakers = (ctypes.c_char_p * len(DRY_BREAKERS))(*DRY_BREAKERS)
+        return self._low.llama_sampler_init_dry(
+            self._vocab,
+            params.dry_multiplier,
+            params.dry_base,
+            params.dry_allowed_length,
+            self.n_ctx,  # the whole conversation
+            breakers,
+            len(DRY_BREAKERS),
+        )
 
     def _free_sampler(self, slot: _Slot) -> None:
         if slot.sampler is not None:

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -48,6 +48,7 @@ from npc_engine.memory.types import (
     Candidate,
     Memory,
     MemoryKind,
+    faded_at,
     new_memory_id,
     utc_now,
 )
@@ -69,6 +70,7 @@ _WRAPPED = re.compile(
 )
 _MEMORY_COLLECTION = re.compile(r"npc-[0-9a-f]{24}-(own|players-[0-9]+)")  # fullmatch
 KEYWORD_INDEX = "npc-engine-keywords.sqlite3"  # beside Chroma's own files
+TICK_READ_BATCH = 8  # a tick's candidate memories read from Chroma at a time
 # A player with at most this many memories on an NPC is searched exactly (~3 ms), past it
 # by Chroma's HNSW index (consolidation keeps players far below it unless turned off).
 EXACT_SEARCH_LIMIT = 2000
@@ -133,17 +135,20 @@ class OfflineMiniLM:
         return self._vectors(texts)
 
     def _vectors(self, texts: Sequence[str]) -> list[list[float]]:
-        # Similar lengths share a batch, so little is padded; results go back in order.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        vectors: list[Any] = [None] * len(texts)
+        # Each distinct text once (a world tick writes one rumour to three listeners), and
+        # similar lengths share a batch, so little is padded; results go back in order.
+        distinct = list(dict.fromkeys(texts))
+        order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
+        vectors: list[Any] = [None] * len(distinct)
         with self._lock:  # one ONNX session; keep its use serial
             for start in range(0, len(order), self.BATCH):
                 chunk = order[start : start + self.BATCH]
                 for index, vector in zip(
-                    chunk, self._embed([texts[i] for i in chunk]), strict=True
+                    chunk, self._embed([distinct[i] for i in chunk]), strict=True
                 ):
                     vectors[index] = vector.tolist()
-        return vectors
+        by_text = dict(zip(distinct, vectors, strict=True))
+        return [by_text[text] for text in texts]
 
     def _embed(self, texts: list[str]) -> Any:
         import numpy as np
@@ -729,8 +734,15 @@ class ChromaMemoryStore:
             KeywordIndex(path / KEYWORD_INDEX) if path is not None else _NoKeywordIndex()
         )
         self._player_vectors = _PlayerVectors(0 if self.shared else PLAYER_VECTORS_BYTES)
+        # Whether the local index holds every live memory (see _synced_index).
+        self._index_synced = threading.Event()
+        self._sync_lock = threading.RLock()
         self._resume_interrupted_load()
-        self._mark_if_new()
+        fresh = self._mark_if_new()
+        if isinstance(self._keywords, KeywordIndex) and (
+            self._keywords.opened_clean or (fresh and not self._keywords.count())
+        ):
+            self._index_synced.set()
 
     def _collection(self, name: str, npc_id: str, *, create: bool = True) -> Any | None:
         with self._lock:
@@ -770,6 +782,13 @@ class ChromaMemoryStore:
 
     def add_with_embeddings(self, memories: Sequence[Memory], vectors: Sequence[Any]) -> None:
         """Store memories whose vectors are already computed (imports, benchmarks)."""
+        try:
+            self._add_with_embeddings(memories, vectors)
+        except BaseException:
+            self._index_synced.clear()  # Chroma may hold some the index lacks
+            raise
+
+    def _add_with_embeddings(self, memories: Sequence[Memory], vectors: Sequence[Any]) -> None:
         by_collection: dict[tuple[str, str], list[int]] = {}
         for index, memory in enumerate(memories):
             name = (
@@ -1166,9 +1185,13 @@ class ChromaMemoryStore:
             if doomed:
                 with self._record_writes:
                     self._archive_before_forget(collection, list(doomed))
-                    collection.delete(ids=list(doomed))
+                    try:
+                        collection.delete(ids=list(doomed))
+                        self._keywords.delete(doomed)
+                    except BaseException:
+                        self._index_synced.clear()  # the index may hold what Chroma lost
+                        raise
                     self._records.discard(doomed)
-                    self._keywords.delete(doomed)
                     self._player_vectors.drop(npc_id)
                 count += len(doomed)
         return count
@@ -1212,9 +1235,34 @@ class ChromaMemoryStore:
 
     def made_between(
         self, npc_id: str, since: datetime, until: datetime, min_importance: int
-    ) -> list[Memory]:
+    ) -> Iterator[Memory]:
         """The NPC's memories (its own and every player's) made in [since, until) with at
-        least this importance: what it may pass on at a world tick."""
+        least this importance, most important first, then oldest: what it may pass on at
+        a world tick. Read lazily, a few at a time: a tick stops once it has chosen."""
+        index = self._synced_index()
+        if index is None:  # no local index on a shared server: scan its collections
+            yield from sorted(
+                self._scan_made_between(npc_id, since, until, min_importance),
+                key=lambda m: (-m.importance, m.created_at),
+            )
+            return
+        rows = index.made_between(npc_id, _timestamp(since), _timestamp(until), min_importance)
+        for start in range(0, len(rows), TICK_READ_BATCH):
+            chunk = rows[start : start + TICK_READ_BATCH]
+            wanted: dict[str, list[str]] = {}
+            for memory_id, player_id in chunk:
+                name = _own_name(npc_id) if player_id is None else _player_shard(npc_id, player_id)
+                wanted.setdefault(name, []).append(memory_id)
+            found: dict[str, Memory] = {}
+            for name, ids in wanted.items():
+                collection = self._collection(name, npc_id, create=False)
+                if collection is not None:
+                    found.update(self._cached_records(collection, ids))
+            yield from (found[i] for i, _player in chunk if i in found)
+
+    def _scan_made_between(
+        self, npc_id: str, since: datetime, until: datetime, min_importance: int
+    ) -> list[Memory]:
         # One range condition only: Chroma plans "$and" with importance as a scan of every
         # collection's metadata (~0.5 s a shard at 100,000 memories, against ~10 ms).
         where = {"created_at": {"$gte": _timestamp(since)}}
@@ -1229,11 +1277,32 @@ class ChromaMemoryStore:
         player's words live with that player's memories: every collection is read)."""
         if not origins:
             return set()
+        index = self._synced_index()
+        if index is not None:
+            return index.origins_known(npc_id, origins)
         known: set[str] = set()
         for collection in self._all_of(npc_id):
             got = collection.get(where={"origin": {"$in": list(origins)}}, include=["metadatas"])
             known |= {str((m or {}).get("origin")) for m in got.get("metadatas") or []}
         return known
+
+    def faded_rumours(
+        self, npc_id: str, now: datetime, game_now: float | None, fade_minutes: float
+    ) -> list[str]:
+        """The ids of the NPC's rumours older than ``fade_minutes`` (in game time where
+        both the rumour and the tick have one, else in real time)."""
+        index = self._synced_index()
+        if index is None:
+            return [
+                m.id
+                for m in self.rumours_of(npc_id)
+                if faded_at(m.created_at, m.game_time, now, game_now, fade_minutes)
+            ]
+        return [
+            memory_id
+            for memory_id, created, game_time in index.rumours_of(npc_id)
+            if faded_at(_from_timestamp(created), game_time, now, game_now, fade_minutes)
+        ]
 
     def rumours_of(self, npc_id: str) -> list[Memory]:
         found: list[Memory] = []
@@ -1241,6 +1310,18 @@ class ChromaMemoryStore:
             got = collection.get(where={"kind": "rumour"}, include=["documents", "metadatas"])
             found += _memories(got)
         return found
+
+    def _synced_index(self) -> KeywordIndex | None:
+        """The local index, once it holds every live memory (None on a shared server): it
+        is filled from Chroma in the background when the store opens (and remade after a
+        schema change), and a tick must not pass on a rumour twice meanwhile."""
+        if not isinstance(self._keywords, KeywordIndex):
+            return None
+        if not self._index_synced.is_set():
+            with self._sync_lock:  # the background fill may be at it: wait for that one
+                if not self._index_synced.is_set():
+                    self.sync_keywords()
+        return self._keywords
 
     def count(self, npc_id: str, player_id: str | None = None) -> int:
         """Memories of an NPC, or (with ``player_id``) those tied to that player."""
@@ -1315,12 +1396,14 @@ class ChromaMemoryStore:
                 return str((found["metadatas"][0] or {}).get("embedding"))
         return None
 
-    def _mark_if_new(self) -> None:
-        """A store without memories yet is written the current way from the start."""
+    def _mark_if_new(self) -> bool:
+        """A store without memories yet is written the current way from the start.
+        Returns whether it has no memories."""
         names = [c.name for c in self._client.list_collections()]
         fresh = not any(_MEMORY_COLLECTION.fullmatch(name) for name in names)
         if fresh and self.embedding_format() is None:
             self._mark_format()
+        return fresh
 
     def _mark_format(self) -> None:
         self._saves().upsert(
@@ -1376,7 +1459,12 @@ class ChromaMemoryStore:
 
         def open_all() -> None:
             try:
-                if not self.shared:  # on a server there is no local index to fill
+                if self.shared:  # on a server there is no local index to fill
+                    return
+                if self._index_synced.is_set():  # in step since the last clean close
+                    for collection in self._memory_collections().values():
+                        collection.count()
+                else:
                     self.sync_keywords()
             except Exception:  # only a warm-up: the real call reports its own failure
                 log.debug("opening collections ahead failed", exc_info=True)
@@ -1389,6 +1477,10 @@ class ChromaMemoryStore:
         """Make the keyword index hold exactly the live memories (Chroma is the record):
         adds what is missing, drops what is gone, or with ``rewrite`` remakes it all.
         Returns how many memories were indexed anew."""
+        with self._sync_lock:
+            return self._sync_keywords(rewrite)
+
+    def _sync_keywords(self, rewrite: bool) -> int:
         live = self._live_ids()
         indexed = set() if rewrite else self._keywords.ids()
         wanted = {i for ids in live.values() for i in ids}
@@ -1409,6 +1501,7 @@ class ChromaMemoryStore:
                 added += len(found["ids"])
         if added:
             log.info("keyword index: %d memories indexed anew", added)
+        self._index_synced.set()
         return added
 
     def _live_ids(self) -> dict[str, list[str]]:
@@ -1555,6 +1648,7 @@ class ChromaMemoryStore:
             saves.delete(ids=[PENDING_LOAD])
 
     def _apply(self, manifest: dict[str, Any]) -> None:
+        self._index_synced.clear()  # until sync_keywords below: Chroma changes under it
         wanted: dict[str, list[str]] = manifest.get("memories", {})
         live = self._live_ids()
         referenced = self._referenced()
@@ -1717,6 +1811,9 @@ class ChromaMemoryStore:
 
     def close(self) -> None:
         self._requests.shutdown(wait=False)
-        self._keywords.close()
+        if isinstance(self._keywords, KeywordIndex):
+            self._keywords.close(in_step=self._index_synced.is_set())
+        else:
+            self._keywords.close()
         with self._lock:
             self._collections.clear()

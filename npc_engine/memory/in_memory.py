@@ -25,7 +25,7 @@ from npc_engine.memory.saves import (
     refuse,
     unknown_save,
 )
-from npc_engine.memory.types import Candidate, Memory, MemoryKind, utc_now
+from npc_engine.memory.types import Candidate, Memory, MemoryKind, faded_at, utc_now
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -81,13 +81,14 @@ class InMemoryStore:
         self, npc_id: str, since: datetime, until: datetime, min_importance: int
     ) -> list[Memory]:
         with self._lock:
-            return [
+            found = [
                 m
                 for m in self._memories.values()
                 if m.npc_id == npc_id
                 and since <= m.created_at < until
                 and m.importance >= min_importance
             ]
+        return sorted(found, key=lambda m: (-m.importance, m.created_at))
 
     def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]:
         wanted = set(origins)
@@ -101,6 +102,15 @@ class InMemoryStore:
     def rumours_of(self, npc_id: str) -> list[Memory]:
         with self._lock:
             return [m for m in self._memories.values() if m.npc_id == npc_id and m.kind == "rumour"]
+
+    def faded_rumours(
+        self, npc_id: str, now: datetime, game_now: float | None, fade_minutes: float
+    ) -> list[str]:
+        return [
+            m.id
+            for m in self.rumours_of(npc_id)
+            if faded_at(m.created_at, m.game_time, now, game_now, fade_minutes)
+        ]
 
     def lore_vectors(self) -> BagOfWordsLoreVectors:
         return BagOfWordsLoreVectors()

@@ -5,6 +5,11 @@ a time, and keeps its index on disk; in-memory BM25 libraries (bm25s, rank_bm25)
 rebuild their index to add a document, which a store written every turn cannot afford.
 The index is derived data: Chroma stays the store of record, and ``rebuild`` remakes this
 from it whenever the two disagree (a crash between the writes, a save load, a reindex).
+
+Each row also keeps the few fields a world tick reads (when, how important, what kind, the
+rumour's origin): Chroma cannot sort or index metadata, so asking it per NPC read 9
+collections 5 times (about 0.3 s an NPC, most of a 100-NPC tick); here it is one indexed
+query (see ``rumours.py``).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def query_terms(text: str) -> list[str]:
 class KeywordIndex:
     """What each memory said, indexed for BM25 per NPC, by player scope."""
 
-    SCHEMA = 2  # 1: one table for every NPC (never released)
+    SCHEMA = 3  # 1: one table for every NPC (never released); 2: no tick fields
 
     def __init__(self, path: Path | None) -> None:
         # check_same_thread: the writer thread adds, request threads search; one lock.
@@ -71,6 +76,7 @@ class KeywordIndex:
             str(path) if path is not None else ":memory:", check_same_thread=False
         )
         self._lock = threading.Lock()
+        self._closed = False
         self._tables: set[str] = set()
         self._sizes: dict[str, int] = {}  # memories per word table, counted once then kept
         # Per table: (its size when counted, how many of its memories hold each term). Shares
@@ -83,11 +89,36 @@ class KeywordIndex:
             if self._db.execute("PRAGMA user_version").fetchone()[0] != self.SCHEMA:
                 self._drop_all()  # an older layout: empty, refilled from Chroma on open
                 self._db.execute(f"PRAGMA user_version={self.SCHEMA}")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS memory_rows "
-                "(row INTEGER PRIMARY KEY, memory_id TEXT UNIQUE NOT NULL, word_table TEXT)"
-            )
+            self._create_rows()
             self._tables = self._word_tables()
+            # Whether the last process to use the index closed it (``close``): then it
+            # holds what Chroma holds, and a restart need not compare the two (reading
+            # every collection's ids: minutes at 100 NPCs x 1,000 memories). Cleared at
+            # once, so a process that dies leaves it unset.
+            self.opened_clean = (
+                self._db.execute("SELECT 1 FROM index_state WHERE key = 'closed'").fetchone()
+                is not None
+            )
+            self._db.execute("DELETE FROM index_state WHERE key = 'closed'")
+
+    def _create_rows(self) -> None:
+        self._db.execute("CREATE TABLE IF NOT EXISTS index_state (key TEXT PRIMARY KEY)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS memory_rows (row INTEGER PRIMARY KEY, "
+            "memory_id TEXT UNIQUE NOT NULL, word_table TEXT, player_id TEXT, "
+            "created REAL, importance INTEGER, kind TEXT, origin TEXT, game_time REAL, "
+            "hops INTEGER)"
+        )
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS rows_by_time ON memory_rows (word_table, created)"
+        )
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS rows_by_origin ON memory_rows (word_table, origin) "
+            "WHERE origin IS NOT NULL"
+        )
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS rows_by_kind ON memory_rows (word_table, kind)"
+        )
 
     def _word_tables(self) -> set[str]:
         found = self._db.execute(
@@ -107,6 +138,7 @@ class KeywordIndex:
         for name in names:
             self._db.execute(f"DROP TABLE IF EXISTS {name}")
         self._db.execute("DROP TABLE IF EXISTS memory_rows")
+        self._db.execute("DROP TABLE IF EXISTS index_state")
         self._tables = set()
         self._sizes = {}
         self._shares = {}
@@ -131,8 +163,19 @@ class KeywordIndex:
             table = _table(memory.npc_id)
             self._ensure_table(table)
             cursor = self._db.execute(
-                "INSERT INTO memory_rows (memory_id, word_table) VALUES (?, ?)",
-                (memory.id, table),
+                "INSERT INTO memory_rows (memory_id, word_table, player_id, created, "
+                "importance, kind, origin, game_time, hops) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    memory.id,
+                    table,
+                    memory.player_id,
+                    memory.created_at.timestamp(),
+                    memory.importance,
+                    memory.kind,
+                    memory.origin,
+                    memory.game_time,
+                    memory.hops,
+                ),
             )
             self._db.execute(
                 f"INSERT INTO {table} (rowid, words, scope) VALUES (?, ?, ?)",
@@ -166,10 +209,7 @@ class KeywordIndex:
         """Replace the whole index with these memories."""
         with self._lock, self._db:
             self._drop_all()
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS memory_rows "
-                "(row INTEGER PRIMARY KEY, memory_id TEXT UNIQUE NOT NULL, word_table TEXT)"
-            )
+            self._create_rows()
             self._insert(memories)
 
     def ids(self) -> set[str]:
@@ -223,6 +263,49 @@ class KeywordIndex:
         # FTS5's bm25() is negative, more negative is better.
         return [(str(memory_id), -float(score)) for memory_id, score in found]
 
+    # -- what a world tick reads ---------------------------------------------------------
+
+    def made_between(
+        self, npc_id: str, since: float, until: float, min_importance: int
+    ) -> list[tuple[str, str | None]]:
+        """(memory id, player id) of the NPC's memories made in [since, until) (timestamps)
+        with at least this importance: most important first, then oldest."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT memory_id, player_id FROM memory_rows WHERE word_table = ? "
+                "AND created >= ? AND created < ? AND importance >= ? "
+                "ORDER BY importance DESC, created",
+                (_table(npc_id), since, until, min_importance),
+            ).fetchall()
+        return [(str(memory_id), player_id) for memory_id, player_id in found]
+
+    def rumours_of(self, npc_id: str) -> list[tuple[str, float, float | None]]:
+        """(memory id, created timestamp, game time) of the NPC's rumours."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT memory_id, created, game_time FROM memory_rows "
+                "WHERE word_table = ? AND kind = 'rumour'",
+                (_table(npc_id),),
+            ).fetchall()
+        return [(str(i), float(created), game_time) for i, created, game_time in found]
+
+    def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]:
+        """Which of these rumour origins the NPC has a memory of."""
+        known: set[str] = set()
+        with self._lock:
+            for start in range(0, len(origins), 500):
+                chunk = list(origins[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                known |= {
+                    str(origin)
+                    for (origin,) in self._db.execute(
+                        f"SELECT DISTINCT origin FROM memory_rows WHERE word_table = ? "
+                        f"AND origin IN ({marks})",
+                        (_table(npc_id), *chunk),
+                    )
+                }
+        return known
+
     def _share(self, table: str, term: str) -> int:
         """In how many memories of the table ``term`` occurs (the table's own stemming)."""
         size = self._sizes[table]
@@ -240,6 +323,14 @@ class KeywordIndex:
         self._shares[table] = (counted_at, shares)
         return shares[term]
 
-    def close(self) -> None:
+    def close(self, *, in_step: bool = False) -> None:
+        """``in_step``: every memory the store holds is indexed (the store closes after its
+        last write), so the next process may trust the index without comparing."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if in_step:
+                with self._db:
+                    self._db.execute("INSERT OR IGNORE INTO index_state (key) VALUES ('closed')")
             self._db.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -24,6 +24,20 @@ def utc_now() -> datetime:
 
 def new_memory_id() -> str:
     return uuid.uuid4().hex
+
+
+def faded_at(
+    created_at: datetime,
+    game_time: float | None,
+    now: datetime,
+    game_now: float | None,
+    fade_minutes: float,
+) -> bool:
+    """Whether a rumour made then is older than ``fade_minutes``: in game time where both it
+    and the tick have one, else in real time."""
+    if game_now is not None and game_time is not None:
+        return game_now - game_time > fade_minutes
+    return (now - created_at).total_seconds() / 60 > fade_minutes
 
 
 @dataclass
@@ -181,13 +195,20 @@ class MemoryStore(Protocol):
 
     def made_between(
         self, npc_id: str, since: datetime, until: datetime, min_importance: int
-    ) -> list[Memory]:
-        """Its memories made in [since, until) of at least this importance (rumours)."""
+    ) -> Iterable[Memory]:
+        """Its memories made in [since, until) of at least this importance (rumours), most
+        important first, then oldest; a store may read them lazily."""
         ...
 
     def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]: ...
 
     def rumours_of(self, npc_id: str) -> list[Memory]: ...
+
+    def faded_rumours(
+        self, npc_id: str, now: datetime, game_now: float | None, fade_minutes: float
+    ) -> list[str]:
+        """The ids of its rumours that faded (see ``faded_at``)."""
+        ...
 
     def load_state(self, key: str) -> dict[str, Any] | None:
         """A game-state record (trust, flags), or None if never saved."""
