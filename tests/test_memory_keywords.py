@@ -220,3 +220,41 @@ def test_the_index_is_trusted_after_a_clean_close_and_compared_after_a_crash(
     news = list(again.made_between("mara", since, late.created_at + timedelta(seconds=1), 9))
     assert late.id in [m.id for m in news]
     again.close()
+
+
+@pytest.mark.filterwarnings("ignore:legacy embedding function config:DeprecationWarning")
+def test_chromas_write_log_stays_short_as_a_collection_is_written(tmp_path: Path) -> None:
+    """Chroma keeps each write in its log until the collection's vectors are saved, at its
+    sync threshold (1,000 by default): an NPC's collections rarely reach it, so the log
+    held every memory and each write got slower (145 ms at 100 NPCs x 1,000 memories).
+    Memory collections save every 64 writes; one made by an older version is lowered."""
+    import sqlite3
+
+    import chromadb
+    from chromadb.config import Settings
+
+    from npc_engine.memory.chroma_store import MEMORY_COLLECTION_CONFIG, _own_name
+
+    def log_rows() -> int:
+        with sqlite3.connect(tmp_path / "chroma" / "chroma.sqlite3") as db:
+            return int(db.execute("SELECT count(*) FROM embeddings_queue").fetchone()[0])
+
+    store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
+    for index in range(200):  # one write per turn, as a game writes
+        store.add([Memory("mara", f"Line {index} of the evening.")])
+    assert store.count("mara") == 200
+    assert log_rows() < 100  # saved at 64, 128, 192: the older writes left the log
+    store.close()
+    # A collection made the old way (Chroma's default threshold) is lowered when opened.
+    client = chromadb.PersistentClient(
+        path=str(tmp_path / "chroma"), settings=Settings(anonymized_telemetry=False)
+    )
+    old = client.get_or_create_collection(
+        _own_name("tom"), embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+    )
+    assert old.configuration["hnsw"]["sync_threshold"] == 1000
+    store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
+    store.add([Memory("tom", "The gate closed early.")])
+    wanted = MEMORY_COLLECTION_CONFIG["hnsw"]["sync_threshold"]
+    assert client.get_collection(_own_name("tom")).configuration["hnsw"]["sync_threshold"] == wanted
+    store.close()

@@ -15,6 +15,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,14 @@ _WRAPPED = re.compile(
 _MEMORY_COLLECTION = re.compile(r"npc-[0-9a-f]{24}-(own|players-[0-9]+)")  # fullmatch
 KEYWORD_INDEX = "npc-engine-keywords.sqlite3"  # beside Chroma's own files
 TICK_READ_BATCH = 8  # a tick's candidate memories read from Chroma at a time
+# Chroma keeps every write in its write-ahead log (a SQLite table, read without an index
+# on each write) until the collection's vector index is saved to disk, at ``sync_threshold``
+# writes (default 1,000). A collection of one NPC and a few players rarely reaches that:
+# at 100 NPCs x 1,000 memories the log held all 100,000 and each write took ~145 ms
+# (chroma-core/chroma#7659). Saved every 64 writes, the log stays short.
+MEMORY_COLLECTION_CONFIG: dict[str, Any] = {
+    "hnsw": {"space": "cosine", "sync_threshold": 64, "batch_size": 64}
+}
 # A player with at most this many memories on an NPC is searched exactly (~3 ms), past it
 # by Chroma's HNSW index (consolidation keeps players far below it unless turned off).
 EXACT_SEARCH_LIMIT = 2000
@@ -243,6 +252,29 @@ def _memories(result: Any) -> list[Memory]:
 
 
 PLAYER_SHARDS = 8  # collections per NPC holding what it knows about players
+
+
+def _save_vectors_often(collection: Any) -> None:
+    """A collection made before MEMORY_COLLECTION_CONFIG gets its sync threshold lowered;
+    Chroma applies it from the next start (measured: its log then shrinks as written)."""
+    wanted = MEMORY_COLLECTION_CONFIG["hnsw"]
+    try:
+        with warnings.catch_warnings():  # "legacy embedding function config": we set none
+            warnings.simplefilter("ignore", DeprecationWarning)
+            hnsw = (collection.configuration or {}).get("hnsw") or {}
+        if int(hnsw.get("sync_threshold", wanted["sync_threshold"])) > wanted["sync_threshold"]:
+            collection.modify(
+                configuration={
+                    "hnsw": {
+                        "sync_threshold": wanted["sync_threshold"],
+                        "batch_size": wanted["batch_size"],
+                    }
+                }
+            )
+    except Exception as exc:  # only speed is at stake: never fail an open over it
+        if is_unavailable(exc):
+            raise
+        log.debug("could not lower the sync threshold of %s: %s", collection.name, exc)
 
 
 def _digest(text: str) -> str:
@@ -756,7 +788,7 @@ class ChromaMemoryStore:
                 collection = self._client.get_or_create_collection(
                     name=name,
                     embedding_function=None,
-                    configuration={"hnsw": {"space": "cosine"}},
+                    configuration=MEMORY_COLLECTION_CONFIG,
                     metadata={"npc_id": npc_id},
                 )
             else:
@@ -769,6 +801,7 @@ class ChromaMemoryStore:
                         self._absent.remember(name, True)
                     return None
             self._absent.pop(name, None)
+            _save_vectors_often(collection)
             self._collections.remember(name, collection)
             return collection
 
