@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 from npc_engine.actions import (
@@ -86,7 +86,7 @@ from npc_engine.multilingual import preload as preload_multilingual
 from npc_engine.persona.loader import LoadedPersona, PersonaRegistry
 from npc_engine.persona.model import Persona, World
 from npc_engine.prompt import BuiltPrompt, PromptBuilder, Turn, render_persona, render_world
-from npc_engine.rumours import confidants, rumour, worth_telling
+from npc_engine.rumours import WorldTicker
 from npc_engine.scenes import (
     MAX_NPCS,
     MAX_TURNS,
@@ -244,25 +244,9 @@ def reply_memory(
     )
 
 
-TICK_STATE = "world-tick"  # the state record holding when the last world tick ran
-TICK_WRITE_BATCH = 16  # rumours written at a time (the tick yields to lines between)
-FIRST_TICK_WINDOW_MINUTES = 1440  # wall-clock minutes of memories the first tick considers
 # Memories noted with one line of a scene: each line's notes are read anew (uncached), and
 # a line answers the others more than it recalls (measured by tools/bench.py --only scene).
 SCENE_MEMORIES = 2
-
-
-def origin_of(memory: Memory) -> str:
-    """Where a story began: "NPC/memory id" (so it is never told back to that NPC)."""
-    return memory.origin or f"{memory.npc_id}/{memory.id}"
-
-
-def _yield_to(busy: Callable[[], bool], longest: float = 10.0) -> None:
-    """Background work waits while lines are being generated (at most ``longest`` s)."""
-    waited = 0.0
-    while busy() and waited < longest:
-        time.sleep(0.01)
-        waited += 0.01
 
 
 def _turn_of(
@@ -397,7 +381,15 @@ class DialogueEngine:
         # Per world object (a reload makes new ones): its lorebook, built once.
         self._lorebooks: dict[int, tuple[World, Lorebook]] = {}
         self._lorebooks_lock = threading.Lock()
-        self._tick_lock = threading.Lock()  # one world tick at a time
+        self.ticker = WorldTicker(
+            personas=lambda: self.registry.personas,
+            store=store,
+            settings=config.rumours,
+            clock=lambda: self.clock(),
+            world_secrets=self._world_secrets,
+            forget=lambda npc_id, ids: self.forget(npc_id, memory_ids=ids),
+            write=self._submit_memories,
+        )
         self._profile_vectors: dict[str, tuple[Persona, Any]] = {}  # who speaks next
         if config.guard.enabled:
             preload_guard()
@@ -653,7 +645,7 @@ class DialogueEngine:
         nothing (as if its conversation were forgotten); callers end replies first."""
         # Lock order: saves, then a running world tick ends, then the world (the tick's
         # writes go through the writer, which waits for the world lock).
-        with self._saves_lock, self._tick_lock:
+        with self._saves_lock, self.ticker.lock:
             with self._history_lock:
                 self._forget_serial += 1
                 self._forgets.append(_Forget(self._forget_serial, EVERY_NPC, None, None))
@@ -1498,93 +1490,8 @@ class DialogueEngine:
         busy: Callable[[], bool] = lambda: False,
         stop: threading.Event | None = None,
     ) -> int:
-        """Pass on what NPCs heard since the last tick along their relationships
-        (``rumours.py``), and forget rumours that faded. ``busy``: whether lines are being
-        generated; the tick waits between NPCs while they are (background priority).
-        ``stop``: set at shutdown; the tick ends between NPCs, writing nothing more.
-        Returns how many rumours were passed on."""
-        settings = self.config.rumours
-        if not settings.enabled:
-            return 0
-        with self._tick_lock:
-            now = self.clock()
-            record = self.store.load_state(TICK_STATE) or {}
-            last = record.get("last")
-            game_now = self._tick_game_time(game_time, record.get("game_time"))
-            # The first tick ever passes on the last day's news, not a whole history.
-            since = (
-                datetime.fromtimestamp(float(last), tz=UTC)
-                if last is not None
-                else now - timedelta(minutes=FIRST_TICK_WINDOW_MINUTES)
-            )
-            secrets = self._world_secrets()
-            told: dict[tuple[str, str], Memory] = {}  # (listener, origin) -> its rumour
-            for npc_id, loaded in sorted(self.registry.personas.items()):
-                _yield_to(busy)
-                if stop is not None and stop.is_set():
-                    return 0
-                self._fade_rumours(npc_id, now, game_now)
-                listeners = [n for n in confidants(loaded.persona) if n in self.registry.personas]
-                if not listeners or not settings.per_npc:
-                    continue
-                passed = self._news_to_pass(npc_id, since, now, secrets)
-                for listener in listeners:
-                    origins = [origin_of(m) for m in passed]
-                    known = self.store.origins_known(listener, origins)
-                    for memory, origin in zip(passed, origins, strict=True):
-                        first_teller = origin.split("/", 1)[0]
-                        if origin in known or listener in (first_teller, memory.source):
-                            continue
-                        told.setdefault(
-                            (listener, origin),
-                            rumour(
-                                memory, loaded.persona.name, listener, when=now, game_time=game_now
-                            ),
-                        )
-            pending = list(told.values())
-            for start in range(0, len(pending), TICK_WRITE_BATCH):
-                _yield_to(busy)
-                if stop is not None and stop.is_set():
-                    return start
-                self._submit_memories(pending[start : start + TICK_WRITE_BATCH]).result(120)
-            self.store.save_state(TICK_STATE, {"last": now.timestamp(), "game_time": game_now})
-            return len(pending)
-
-    def _tick_game_time(self, asked: float | None, last: Any) -> float | None:
-        """The game time a tick runs at. Game time never goes back, and one tick moves it
-        at most ``rumours.max_tick_minutes`` past the last tick's: a client cannot fade
-        every rumour with one far-future tick (a game that skips a season ticks more)."""
-        if asked is None:
-            return None
-        if not isinstance(last, int | float):
-            return asked
-        if asked < last:
-            raise FieldError(
-                "game_time", f"game time goes back: the last world tick was at {last:g}"
-            )
-        return min(asked, float(last) + self.config.rumours.max_tick_minutes)
-
-    def _news_to_pass(
-        self, npc_id: str, since: datetime, now: datetime, secrets: GuardRules
-    ) -> list[Memory]:
-        """What the NPC passes on at this tick: its most important news since the last one
-        that tells no secret. The store hands them over most important first, so only as
-        many are read and checked as are passed on (the first tick of a 100-NPC town
-        checked every memory of the day for secrets: 3,300 sentences embedded)."""
-        settings = self.config.rumours
-        chosen: list[Memory] = []
-        for memory in self.store.made_between(npc_id, since, now, settings.min_importance):
-            if len(chosen) >= settings.per_npc:
-                break
-            if worth_telling(memory, settings.min_importance, settings.max_hops):
-                chosen += self._not_secret(secrets, [memory])
-        return chosen
-
-    def _fade_rumours(self, npc_id: str, now: datetime, game_now: float | None) -> None:
-        fade = self.config.rumours.fade_minutes
-        old = self.store.faded_rumours(npc_id, now, game_now, fade)
-        if old:
-            self.forget(npc_id, memory_ids=old)
+        """Pass on what NPCs heard since the last tick (``rumours.WorldTicker``)."""
+        return self.ticker.tick(game_time, busy, stop)
 
     def _world_secrets(self) -> GuardRules:
         """Every loaded NPC's secrets, as one set of guard rules: no NPC gossips any NPC's
@@ -1603,18 +1510,6 @@ class DialogueEngine:
         else:
             rules.embed = None
         return self._read_in_any_language(rules)
-
-    def _not_secret(self, secrets: GuardRules, memories: list[Memory]) -> list[Memory]:
-        """The memories whose words tell none of these secrets (the guard's own check)."""
-        if not secrets.secrets:
-            return memories
-        kept = []
-        for memory in memories:
-            text = memory.content or memory.text
-            sentences = [p for p in re.split(r"(?<=[.!?])\s+", text) if p.strip()]
-            if tells_secret(secrets, sentences or [text]) is None:
-                kept.append(memory)
-        return kept
 
     # -- lorebook ------------------------------------------------------------------------
 

@@ -32,10 +32,30 @@ The design, chosen so a designer can predict it (no model call):
 from __future__ import annotations
 
 import re
-from datetime import datetime
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from datetime import UTC, datetime, timedelta
+from itertools import chain, islice
+from typing import TYPE_CHECKING, Any
 
-from npc_engine.memory.types import Memory
+from npc_engine.errors import FieldError
+from npc_engine.guard import GuardRules, tells_secret
+from npc_engine.memory.types import Memory, MemoryStore
 from npc_engine.persona.model import Persona
+
+if TYPE_CHECKING:
+    from npc_engine.config import RumourConfig
+    from npc_engine.persona.loader import LoadedPersona
+
+TICK_STATE = "world-tick"  # the state record holding when the last world tick ran
+TICK_WRITE_BATCH = 16  # rumours written at a time (the tick yields to lines between)
+FIRST_TICK_WINDOW_MINUTES = 1440  # wall-clock minutes of memories the first tick considers
+# Candidates per NPC whose words are read for secrets in one batch before any is chosen:
+# the meaning check embeds with two models, and one call per memory cost ~150 ms on 2
+# cores against a few ms each in a batch.
+CHECKED_AHEAD = 2
 
 _HOSTILE = re.compile(
     r"\b(hates?|hated|despises?|distrusts?|(does not|doesn't|do not|never) trusts?|"
@@ -130,3 +150,155 @@ def rumour(
         origin=memory.origin or memory.id,
         hops=memory.hops + 1,
     )
+
+
+def origin_of(memory: Memory) -> str:
+    """Where a story began: "NPC/memory id" (so it is never told back to that NPC)."""
+    return memory.origin or f"{memory.npc_id}/{memory.id}"
+
+
+def _sentences(memory: Memory) -> list[str]:
+    text = memory.content or memory.text
+    return [p for p in re.split(r"(?<=[.!?])\s+", text) if p.strip()] or [text]
+
+
+def tells_no_secret(secrets: GuardRules, memory: Memory) -> bool:
+    """Whether the memory's words tell none of these secrets (the guard's own check)."""
+    return not secrets.secrets or tells_secret(secrets, _sentences(memory)) is None
+
+
+def _yield_to(busy: Callable[[], bool], longest: float = 10.0) -> None:
+    """Background work waits while lines are being generated (at most ``longest`` s)."""
+    waited = 0.0
+    while busy() and waited < longest:
+        time.sleep(0.01)
+        waited += 0.01
+
+
+class WorldTicker:
+    """One world tick: what each NPC heard since the last, passed on to its confidants,
+    and faded rumours forgotten. The engine's ports come in as callables (``forget`` and
+    ``write`` are the engine's, so forgets and writes keep its ordering with turns)."""
+
+    def __init__(
+        self,
+        *,
+        personas: Callable[[], Mapping[str, LoadedPersona]],
+        store: MemoryStore,
+        settings: RumourConfig,
+        clock: Callable[[], datetime],
+        world_secrets: Callable[[], GuardRules],
+        forget: Callable[[str, list[str]], Any],
+        write: Callable[[list[Memory]], Future[list[str]]],
+    ) -> None:
+        self._personas = personas
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+        self._world_secrets = world_secrets
+        self._forget = forget
+        self._write = write
+        self.lock = threading.Lock()  # one tick at a time; a save load holds it too
+
+    def tick(
+        self,
+        game_time: float | None = None,
+        busy: Callable[[], bool] = lambda: False,
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Pass on what NPCs heard since the last tick and forget rumours that faded.
+        ``busy``: whether lines are being generated; the tick waits between NPCs while
+        they are (background priority). ``stop``: set at shutdown; the tick ends between
+        NPCs, writing nothing more. Returns how many rumours were passed on."""
+        settings = self._settings
+        if not settings.enabled:
+            return 0
+        with self.lock:
+            now = self._clock()
+            record = self._store.load_state(TICK_STATE) or {}
+            last = record.get("last")
+            game_now = self._game_time(game_time, record.get("game_time"))
+            # The first tick ever passes on the last day's news, not a whole history.
+            since = (
+                datetime.fromtimestamp(float(last), tz=UTC)
+                if last is not None
+                else now - timedelta(minutes=FIRST_TICK_WINDOW_MINUTES)
+            )
+            secrets = self._world_secrets()
+            personas = dict(sorted(self._personas().items()))
+            tellers: dict[str, tuple[LoadedPersona, list[str]]] = {}
+            for npc_id, loaded in personas.items():
+                _yield_to(busy)
+                if stop is not None and stop.is_set():
+                    return 0
+                self._fade(npc_id, now, game_now)
+                listeners = [n for n in confidants(loaded.persona) if n in personas]
+                if listeners and settings.per_npc:
+                    tellers[npc_id] = (loaded, listeners)
+            news = {npc_id: self._news(npc_id, since, now) for npc_id in tellers}
+            # The first few candidates of every NPC read for secrets in one batch.
+            heads = {
+                npc_id: list(islice(found, settings.per_npc + CHECKED_AHEAD))
+                for npc_id, found in news.items()
+            }
+            if secrets.secrets and secrets.embed is not None:
+                secrets.embed([s for head in heads.values() for m in head for s in _sentences(m)])
+            told: dict[tuple[str, str], Memory] = {}  # (listener, origin) -> its rumour
+            for npc_id, (loaded, listeners) in tellers.items():
+                _yield_to(busy)
+                if stop is not None and stop.is_set():
+                    return 0
+                candidates = chain(heads[npc_id], news[npc_id])
+                passed = list(
+                    islice((m for m in candidates if tells_no_secret(secrets, m)), settings.per_npc)
+                )
+                for listener in listeners:
+                    origins = [origin_of(m) for m in passed]
+                    known = self._store.origins_known(listener, origins)
+                    for memory, origin in zip(passed, origins, strict=True):
+                        first_teller = origin.split("/", 1)[0]
+                        if origin in known or listener in (first_teller, memory.source):
+                            continue
+                        told.setdefault(
+                            (listener, origin),
+                            rumour(
+                                memory, loaded.persona.name, listener, when=now, game_time=game_now
+                            ),
+                        )
+            # Grouped by listener and player: a batch writes to few collections.
+            pending = sorted(told.values(), key=lambda m: (m.npc_id, m.player_id or ""))
+            for start in range(0, len(pending), TICK_WRITE_BATCH):
+                _yield_to(busy)
+                if stop is not None and stop.is_set():
+                    return start
+                self._write(pending[start : start + TICK_WRITE_BATCH]).result(120)
+            self._store.save_state(TICK_STATE, {"last": now.timestamp(), "game_time": game_now})
+            return len(pending)
+
+    def _news(self, npc_id: str, since: datetime, now: datetime) -> Iterator[Memory]:
+        """What the NPC may pass on, most important first (the store reads them lazily, so
+        only as many are read as are checked: the first tick of a 100-NPC town read every
+        memory of the day, 3,300 of them)."""
+        settings = self._settings
+        for memory in self._store.made_between(npc_id, since, now, settings.min_importance):
+            if worth_telling(memory, settings.min_importance, settings.max_hops):
+                yield memory
+
+    def _game_time(self, asked: float | None, last: Any) -> float | None:
+        """The game time a tick runs at. Game time never goes back, and one tick moves it
+        at most ``rumours.max_tick_minutes`` past the last tick's: a client cannot fade
+        every rumour with one far-future tick (a game that skips a season ticks more)."""
+        if asked is None:
+            return None
+        if not isinstance(last, int | float):
+            return asked
+        if asked < last:
+            raise FieldError(
+                "game_time", f"game time goes back: the last world tick was at {last:g}"
+            )
+        return min(asked, float(last) + self._settings.max_tick_minutes)
+
+    def _fade(self, npc_id: str, now: datetime, game_now: float | None) -> None:
+        old = self._store.faded_rumours(npc_id, now, game_now, self._settings.fade_minutes)
+        if old:
+            self._forget(npc_id, old)

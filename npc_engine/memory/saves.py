@@ -57,7 +57,7 @@ _ID_CHARS = r"[A-Za-z0-9_.:@-]{1,64}"
 _TRUST_KEY = re.compile(rf"trust:{_ID_CHARS}:{_ID_CHARS}")
 _PLAYER_KEY = re.compile(rf"player:{_ID_CHARS}")
 _HISTORY_KEY = re.compile(rf"history:({_ID_CHARS})\x1f({_ID_CHARS})")
-TICK_STATE_KEY = "world-tick"  # dialogue.TICK_STATE
+TICK_STATE_KEY = "world-tick"  # rumours.TICK_STATE
 _FLAG_NAME = re.compile(FLAG_NAME_PATTERN)  # always fullmatch: "$" passes a final newline
 _TURN_TEXTS = ("player_text", "reply_text", "notes", "scene", "scene_shown", "standing_shown")
 
