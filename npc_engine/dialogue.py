@@ -62,10 +62,8 @@ from npc_engine.guard import (
     tells_secret,
 )
 from npc_engine.guard import preload as preload_guard
-from npc_engine.identity import SelfQuestions, identity_note
 from npc_engine.ids import check_id
 from npc_engine.lore import ChosenLore, Lorebook, LoreSettings, LoreVectors, recent_talk
-from npc_engine.memory.facts import extract_facts
 from npc_engine.memory.importance import rate_importance, rate_player_line
 from npc_engine.memory.saves import SaveInfo
 from npc_engine.memory.scoring import score_candidates
@@ -337,7 +335,6 @@ class DialogueEngine:
         self.store = store
         self.config = config
         self.clock = clock
-        self._self_questions = SelfQuestions(embed) if embed is not None else None
         known = MODELS.get(config.model)
         self._dry_multiplier = (
             config.dry_multiplier
@@ -1076,17 +1073,6 @@ class DialogueEngine:
         # neither are a scene's own lines.
         fact_ids = {fact.id for fact in known_facts} | (scene.remembered if scene else set())
         relevant_facts = frozenset(m.memory.id for m in memories if m.memory.id in fact_ids)
-        # A line asking about the player's own name or home recalls what the player told,
-        # and one telling it states a fact: then it is not about the NPC, however alike
-        # the words ("My name is Aria" is near "What's your name?" by meaning).
-        may_ask_about_self = not (
-            greeting or scene is not None or relevant_facts or extract_facts(text)
-        )
-        self_note = (
-            identity_note(loaded.persona, loaded.world)
-            if may_ask_about_self and self._asks_about_self(text)
-            else ""
-        )
         memories = [m for m in memories if m.memory.id not in fact_ids]
         result.timings.retrieval_ms = (time.perf_counter() - started) * 1000
 
@@ -1164,7 +1150,6 @@ class DialogueEngine:
                 known_facts=known_facts,
                 relevant_facts=relevant_facts,
                 lore=[(chosen.note_id, chosen.text) for chosen in result.lore],
-                self_note=self_note,
             )
             noted_lore = {note_id for note_id, _ in built.noted}
             result.lore = [chosen for chosen in result.lore if chosen.note_id in noted_lore]
@@ -1550,15 +1535,6 @@ class DialogueEngine:
         if self.lore_vectors is not None:
             self.lore_vectors.prune(texts)
         return {"entries": entries, "embedded": embedded}
-
-    def _asks_about_self(self, text: str) -> bool:
-        if self._self_questions is None:  # no embedder: no way to tell
-            return False
-        try:
-            return self._self_questions.asked(text)
-        except Exception as exc:  # a note the NPC may do without
-            log.warning("could not tell whether a line asks about the NPC: %s", exc)
-            return False
 
     def _choose_lore(
         self,

@@ -291,7 +291,6 @@ def render_notes(
     standing: str = "",
     fact_lines: Sequence[str] = (),
     lore_lines: Sequence[str] = (),
-    self_note: str = "",
 ) -> str:
     lines: list[str] = [standing.rstrip("\n")] if standing else []
     if fact_lines:
@@ -307,8 +306,6 @@ def render_notes(
         lines += memory_lines
     if scene_line:
         lines.append(scene_line)
-    if self_note:  # last: beside the question it answers
-        lines.append(self_note)
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -339,7 +336,6 @@ class PromptBuilder:
         relevant_facts: frozenset[str] = frozenset(),
         lore: Sequence[tuple[str, str]] = (),
         heard: str = "",
-        self_note: str = "",
     ) -> BuiltPrompt:
         """``standing``: how the NPC regards this player and what it has unlocked
         (``game_state.standing_notes``); shown when it differs from what the conversation
@@ -352,8 +348,7 @@ class PromptBuilder:
         note beside the question (measured by tools/eval.py, "uses what it was told"). ``lore``:
         lorebook entries for this line as (note id, text), best first. ``heard``: in a
         scene, the other speakers' lines this line answers (rendered), shown instead of a
-        player's line. ``self_note``: who the NPC is, when the line asks
-        (``identity.py``)."""
+        player's line."""
         budget = self.generator.n_ctx - max_tokens - self.reserve_tokens
         examples = list(persona.example_dialogue)
         turns = list(history)
@@ -404,7 +399,6 @@ class PromptBuilder:
                 shown_standing,
                 [line for _, line in new_facts],
                 [line for _, line in lore_noted],
-                self_note,
             )
             said = _said(player_id, text, greeting, heard)
             messages.append({"role": "user", "content": _user_content(block, said, heard)})
