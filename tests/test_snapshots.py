@@ -264,3 +264,40 @@ def test_a_failing_decode_ends_only_its_own_reply(
         assert again
     finally:
         generator.close()
+
+
+def longest_copied_run(reply: str, source: str) -> int:
+    """The most consecutive words of ``reply`` found in a row in ``source``."""
+    words = reply.lower().split()
+    text = " " + " ".join(source.lower().split()) + " "
+    best = 0
+    for start in range(len(words)):
+        end = start + best + 1
+        while end <= len(words) and " " + " ".join(words[start:end]) + " " in text:
+            best, end = end - start, end + 1
+    return best
+
+
+@pytest.mark.slow
+def test_dry_stops_the_reply_copying_a_long_run_of_its_prompt(real_config: EngineConfig) -> None:
+    """The tiny model asked to repeat a sentence copies it word for word; with DRY it
+    cannot continue a run of the prompt past a few tokens (the batched generator's own
+    sampler chain; docs/models.md, "Repetition")."""
+    path, chat_format = resolve_chat_model(real_config, lambda _m: None)
+    generator = BatchedLlamaGenerator(Path(path), n_ctx=1024, chat_format=chat_format, slots=1)
+    said = "The old lighthouse keeper counted seven grey ships sailing past the broken pier."
+    prompt = generator.render(
+        [{"role": "user", "content": f'Repeat exactly what I say: "{said}"\nSay it again.'}]
+    )
+    try:
+        replies = {}
+        for multiplier in (0.0, 3.0):
+            params = greedy(f"dry-{multiplier}", 64)
+            params.dry_multiplier = multiplier
+            pieces: list[str] = []
+            generator.generate(prompt, params, pieces.append)
+            replies[multiplier] = "".join(pieces)
+    finally:
+        generator.close()
+    assert longest_copied_run(replies[0.0], said) >= 6, replies  # copies without DRY
+    assert longest_copied_run(replies[3.0], said) <= 4, replies

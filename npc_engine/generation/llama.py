@@ -274,6 +274,7 @@ class LlamaGenerator:
         self.snapshots = snapshots
         self.heads = heads
         self._context_key: str | None = None  # whose conversation the context holds now
+        self._said_no_dry = False
 
     def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
         return self.model.render(messages, shared)
@@ -383,6 +384,11 @@ class LlamaGenerator:
         on_text: Callable[[str], None],
         cancel: threading.Event | None,
     ) -> FinishReason:
+        if params.dry_multiplier > 0 and not self._said_no_dry:
+            # llama-cpp-python's own sampling chain has no DRY stage: only the batched
+            # generator (parallel > 1) builds its chain itself.
+            log.warning("dry_multiplier is set but not applied with parallel: 1")
+            self._said_no_dry = True
         grammar = None
         if params.grammar is not None:
             from llama_cpp import LlamaGrammar
