@@ -27,7 +27,8 @@ import codecs
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from functools import cache
+from dataclasses import dataclass
+from functools import cache, lru_cache
 
 MAX_SEPARATOR = 4  # characters that may stand between two letters of a term
 MIN_FUZZY_LENGTH = 6  # one-word terms at least this long also match near misspellings
@@ -106,9 +107,9 @@ _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
 
 
 def _folded_letters(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    if not text.isascii():
+    if not text.isascii():  # NFKC, format characters and look-alikes: none in ASCII
+        text = unicodedata.normalize("NFKC", text)
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
         text = text.translate(_homoglyphs())
     return _MARKDOWN.sub("", text)
 
@@ -116,6 +117,12 @@ def _folded_letters(text: str) -> str:
 def fold(text: str) -> str:
     """The text as the matcher reads it (lowercase; see the module's docstring)."""
     return _CAMEL.sub(" ", _folded_letters(text)).lower()
+
+
+@lru_cache(maxsize=4096)
+def _folded_term(term: str) -> str:
+    """A key term folded: terms repeat at every word the guard checks."""
+    return fold(term)
 
 
 def _letter(char: str) -> str:
@@ -149,6 +156,13 @@ def term_pattern(term: str) -> re.Pattern[str]:
     between = r"[^a-z0-9]+(?:[a-z]{1,4}[^a-z0-9]+){0,2}"  # "half (of) the customs"
     body = between.join(_word_pattern(w) for w in words)
     return re.compile(rf"(?<![a-z]){body}(?![a-z])")
+
+
+@lru_cache(maxsize=256)
+def _any_term_pattern(terms: tuple[str, ...]) -> re.Pattern[str]:
+    """All the terms in one pattern: one search per reading finds that none is there (the
+    usual case), instead of one per term."""
+    return re.compile("|".join(f"(?:{term_pattern(term).pattern})" for term in terms))
 
 
 def _packed(text: str) -> str:
@@ -205,32 +219,50 @@ def _near_misspelling(folded: str, terms: Sequence[str]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """The forms of one text that terms are looked for in."""
+
+    folded: str
+    readings: tuple[str, ...]  # folded, reversed, decoded
+    spelled: tuple[str, ...]  # runs of NATO words, as letters
+
+
+@lru_cache(maxsize=64)
+def _reading(text: str) -> _Reading:
+    """Read once per text: the guard checks the same sentence for every secret's keys and
+    for the world's terms, and the sentence grows a word at a time."""
+    folded = fold(text)
+    readings = (folded, folded[::-1], *(fold(d) for d in _decoded(text)))
+    return _Reading(folded, readings, tuple(_nato_letters(text)))
+
+
 def find_term(text: str, terms: Iterable[str]) -> str | None:
     """The first of ``terms`` that ``text`` speaks of in any of its forms, or None."""
     wanted = [t for t in terms if t.strip()]
     if not wanted:
         return None
-    folded = fold(text)
-    readings = [folded, folded[::-1], *(fold(d) for d in _decoded(text))]
+    reading = _reading(text)
+    if any(_any_term_pattern(tuple(wanted)).search(form) for form in reading.readings):
+        for term in wanted:  # which one, in the order given
+            pattern = term_pattern(term)
+            if any(pattern.search(form) for form in reading.readings):
+                return term
     for term in wanted:
-        pattern = term_pattern(term)
-        if any(pattern.search(reading) for reading in readings):
+        packed = _packed(_folded_term(term))
+        if len(packed) >= 4 and any(packed in run for run in reading.spelled):
             return term
-    spelled = _nato_letters(text)
-    for term in wanted:
-        packed = _packed(fold(term))
-        if len(packed) >= 4 and any(packed in run for run in spelled):
-            return term
-    return _near_misspelling(folded, [fold(t) for t in wanted])
+    return _near_misspelling(reading.folded, [_folded_term(t) for t in wanted])
 
 
 def spelled_run(pieces: Sequence[str], terms: Iterable[str]) -> str | None:
     """A term spelled across pieces (sentences or lines): one letter each, or as their
     first letters (an acrostic). ``pieces``: the reply's sentences so far, in order."""
-    letters_each = "".join(_packed(fold(p))[:1] for p in pieces)
-    singles = "".join(_packed(fold(p)) if len(_packed(fold(p))) == 1 else "|" for p in pieces)
+    packed_pieces = [_packed(fold(p)) for p in pieces]
+    letters_each = "".join(p[:1] for p in packed_pieces)
+    singles = "".join(p if len(p) == 1 else "|" for p in packed_pieces)
     for term in terms:
-        packed = _packed(fold(term))
+        packed = _packed(_folded_term(term))
         if len(packed) >= 4 and (packed in letters_each or packed in singles):
             return term
     return None
