@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,35 @@ def test_a_failing_write_fails_only_its_own_request() -> None:
         bad.result(10)
     assert store.adds[1] == 3  # they were one batch, and it failed as a whole
     assert {m.text for m in store.recent("mara", None, 10)} == {"wait", "fine one", "fine two"}
+    writer.close()
+
+
+def test_touches_queued_together_are_one_store_call_per_npc() -> None:
+    """Each touch is a Chroma read and write: the writer merges those queued together."""
+    store = FlakyStore()
+    calls: list[tuple[str, list[str], datetime]] = []
+    touch = store.touch
+    store.touch = lambda npc, ids, when, game_time=None: (  # type: ignore[method-assign]
+        calls.append((npc, list(ids), when)) or touch(npc, ids, when, game_time)
+    )
+    writer = MemoryWriter(store)
+    [first, second] = [Memory(npc_id="mara", text=t) for t in ("a", "b")]
+    store.add([first, second, Memory(npc_id="tom", text="c")])
+    held = writer.submit([Memory(npc_id="mara", text="wait")])
+    assert store.waiting.wait(10)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    writer.touch("mara", [first.id], start)
+    writer.touch("tom", ["t1"], start)
+    writer.touch("mara", [second.id, first.id], start + timedelta(minutes=1))
+    store.gate.set()
+    held.result(10)
+    writer.flush(10)
+    assert sorted(calls) == [
+        ("mara", [first.id, second.id], start + timedelta(minutes=1)),
+        ("tom", ["t1"], start),
+    ]
+    touched = {m.text: m.last_accessed_at for m in store.recent("mara", None, 10)}
+    assert touched["a"] == touched["b"] == start + timedelta(minutes=1)
     writer.close()
 
 

@@ -123,25 +123,28 @@ class OfflineMiniLM:
             str(model_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self._lock = threading.Lock()
-        # A turn embeds the player's line twice (memory recall, then the lorebook): the
-        # second is answered from here.
+        # A turn embeds the player's line three times (memory recall, the lorebook, then
+        # the memory written): the later ones, and repeated lines, are answered from here.
         self._recent: OrderedDict[str, list[float]] = OrderedDict()
+
+    RECENT = 64  # texts remembered
+    RECENT_BATCH = 8  # batches up to this size are remembered (a turn's); bulk loads not
 
     def __call__(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        if len(texts) == 1:
-            with self._lock:
-                hit = self._recent.get(texts[0])
-            if hit is not None:
-                return [hit]
-            vector = self._vectors(texts)[0]
-            with self._lock:
-                self._recent[texts[0]] = vector
-                if len(self._recent) > 64:
-                    self._recent.popitem(last=False)
-            return [vector]
-        return self._vectors(texts)
+        with self._lock:
+            known = {text: self._recent[text] for text in texts if text in self._recent}
+        missing = [text for text in dict.fromkeys(texts) if text not in known]
+        if missing:
+            fresh = dict(zip(missing, self._vectors(missing), strict=True))
+            if len(missing) <= self.RECENT_BATCH:
+                with self._lock:
+                    self._recent.update(fresh)
+                    while len(self._recent) > self.RECENT:
+                        self._recent.popitem(last=False)
+            known |= fresh
+        return [known[text] for text in texts]
 
     def _vectors(self, texts: Sequence[str]) -> list[list[float]]:
         # Each distinct text once (a world tick writes one rumour to three listeners), and
@@ -302,6 +305,13 @@ def _player_shard(npc_id: str, player_id: str) -> str:
     return _shard_name(npc_id, shard)
 
 
+def _home_name(memory: Memory) -> str:
+    """The collection a memory is stored in."""
+    if memory.player_id is None:
+        return _own_name(memory.npc_id)
+    return _player_shard(memory.npc_id, memory.player_id)
+
+
 # The collections a save may name: those the engine makes (an NPC's own, its 8 shards).
 _SAVED_COLLECTION = re.compile(rf"npc-[0-9a-f]{{24}}-(?:own|players-[0-{PLAYER_SHARDS - 1}])")
 
@@ -443,12 +453,7 @@ def read_import(data: bytes, dimension: int) -> ImportedSave:
     for memory_id, record in records.items():
         where = f"memory {memory_id!r}"
         memory, vector = _imported_memory(memory_id, record, where, dimension)
-        wanted = (
-            _own_name(memory.npc_id)
-            if memory.player_id is None
-            else _player_shard(memory.npc_id, memory.player_id)
-        )
-        if wanted != home[memory_id]:
+        if _home_name(memory) != home[memory_id]:
             refuse(f"{where} is not in the collection of its npc_id and player_id")
         memory = replace(
             memory,
@@ -824,12 +829,7 @@ class ChromaMemoryStore:
     def _add_with_embeddings(self, memories: Sequence[Memory], vectors: Sequence[Any]) -> None:
         by_collection: dict[tuple[str, str], list[int]] = {}
         for index, memory in enumerate(memories):
-            name = (
-                _own_name(memory.npc_id)
-                if memory.player_id is None
-                else _player_shard(memory.npc_id, memory.player_id)
-            )
-            by_collection.setdefault((name, memory.npc_id), []).append(index)
+            by_collection.setdefault((_home_name(memory), memory.npc_id), []).append(index)
         for (name, npc_id), indexes in by_collection.items():
             collection = self._collection(name, npc_id)
             assert collection is not None
@@ -1184,12 +1184,25 @@ class ChromaMemoryStore:
         if game_time is not None:
             refreshed["accessed_game_time"] = game_time
         with self._lock:  # recalled memories came from collections opened by search()
-            opened = [self._collections[n] for n in _names_of(npc_id) if n in self._collections]
+            opened = {n: self._collections[n] for n in _names_of(npc_id) if n in self._collections}
         with self._record_writes:
-            for collection in opened:
-                present = collection.get(ids=list(memory_ids), include=[])["ids"]
+            # A recalled memory is usually cached with its player: only its collection is
+            # read (a Chroma read costs ~2 ms; an NPC has up to 9 collections open).
+            homes: dict[str, list[str]] = {}
+            for memory_id in memory_ids:
+                cached = self._records.get(memory_id)
+                if cached is not None and cached.npc_id == npc_id:
+                    names = [_home_name(cached)]
+                else:
+                    names = list(opened)
+                for name in names:
+                    homes.setdefault(name, []).append(memory_id)
+            for name, ids in homes.items():
+                if name not in opened:
+                    continue
+                present = opened[name].get(ids=ids, include=[])["ids"]
                 if present:
-                    collection.update(ids=present, metadatas=[refreshed for _ in present])
+                    opened[name].update(ids=present, metadatas=[refreshed for _ in present])
             self._records.touch(memory_ids, _from_timestamp(stamp), game_time)
 
     def forget(

@@ -169,9 +169,25 @@ class MemoryWriter:
         # superseded as superseded (read-your-writes, facts included).
         for write in writes:
             write.done.set_result([m.id for m in write.memories])
-        for item in batch:
-            if isinstance(item, _Touch):
-                try:
-                    self._store.touch(item.npc_id, item.memory_ids, item.when, item.game_time)
-                except Exception:  # recency refresh is best effort
-                    log.warning("memory touch failed", exc_info=True)
+        for touch in _merged_touches(batch):
+            try:
+                self._store.touch(touch.npc_id, touch.memory_ids, touch.when, touch.game_time)
+            except Exception:  # recency refresh is best effort
+                log.warning("memory touch failed", exc_info=True)
+
+
+def _merged_touches(batch: Sequence[object]) -> list[_Touch]:
+    """One touch per NPC for a batch (each costs a Chroma read and write): its memories
+    all take the latest access, as a later turn's recall would give them."""
+    merged: dict[str, _Touch] = {}
+    for item in batch:
+        if not isinstance(item, _Touch):
+            continue
+        earlier = merged.get(item.npc_id)
+        if earlier is None:
+            merged[item.npc_id] = item
+            continue
+        ids = list(dict.fromkeys([*earlier.memory_ids, *item.memory_ids]))
+        game_time = item.game_time if item.game_time is not None else earlier.game_time
+        merged[item.npc_id] = _Touch(item.npc_id, ids, max(earlier.when, item.when), game_time)
+    return list(merged.values())
