@@ -258,3 +258,18 @@ def test_chromas_write_log_stays_short_as_a_collection_is_written(tmp_path: Path
     wanted = MEMORY_COLLECTION_CONFIG["hnsw"]["sync_threshold"]
     assert client.get_collection(_own_name("tom")).configuration["hnsw"]["sync_threshold"] == wanted
     store.close()
+
+
+def test_a_players_memories_are_counted_per_npc_through_writes_and_deletes(
+    tmp_path: Path,
+) -> None:
+    """count_of picks exact search or the vector index for a player's recall."""
+    index = KeywordIndex(tmp_path / KEYWORD_INDEX)
+    mine = filler(5, "p1")
+    index.add([*mine, *filler(3, "p2"), Memory("mara", "The mill burned.")])
+    index.add([Memory("tomas", "Aria paid.", player_id="p1")])
+    assert [index.count_of("mara", p) for p in ("p1", "p2", "p3")] == [5, 3, 0]
+    assert index.count_of("tomas", "p1") == 1 and index.count_of("nobody", "p1") == 0
+    index.delete([m.id for m in mine[:2]])
+    index.add(mine[2:3])  # written again: replaced, not counted twice
+    assert index.count_of("mara", "p1") == 3

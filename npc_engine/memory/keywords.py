@@ -119,6 +119,11 @@ class KeywordIndex:
         self._db.execute(
             "CREATE INDEX IF NOT EXISTS rows_by_kind ON memory_rows (word_table, kind)"
         )
+        # count_of on every recall with a player: counting the word table's scope matches
+        # took ~4 ms a turn, this index answers in microseconds.
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS rows_by_player ON memory_rows (word_table, player_id)"
+        )
 
     def _word_tables(self) -> set[str]:
         found = self._db.execute(
@@ -222,13 +227,10 @@ class KeywordIndex:
 
     def count_of(self, npc_id: str, player_id: str) -> int:
         """How many memories of this NPC are tied to this player."""
-        table = _table(npc_id)
         with self._lock:
-            if table not in self._tables:
-                return 0
             found = self._db.execute(
-                f"SELECT count(*) FROM {table} WHERE {table} MATCH ?",
-                (f'scope : "{_scope_word("p", player_id)}"',),
+                "SELECT count(*) FROM memory_rows WHERE word_table = ? AND player_id = ?",
+                (_table(npc_id), player_id),
             ).fetchone()
         return int(found[0])
 
