@@ -1186,23 +1186,24 @@ class ChromaMemoryStore:
         with self._lock:  # recalled memories came from collections opened by search()
             opened = {n: self._collections[n] for n in _names_of(npc_id) if n in self._collections}
         with self._record_writes:
-            # A recalled memory is usually cached with its player: only its collection is
-            # read (a Chroma read costs ~2 ms; an NPC has up to 9 collections open).
-            homes: dict[str, list[str]] = {}
+            # A recalled memory is usually cached, so its collection is known and it is
+            # there (forget drops it from the cache first): updated at once. Chroma ignores
+            # an update of an id it lacks, but each costs a write, so others are looked up
+            # in the NPC's open collections (up to 9) first.
+            known: dict[str, list[str]] = {}
+            unknown: list[str] = []
             for memory_id in memory_ids:
                 cached = self._records.get(memory_id)
                 if cached is not None and cached.npc_id == npc_id:
-                    names = [_home_name(cached)]
+                    known.setdefault(_home_name(cached), []).append(memory_id)
                 else:
-                    names = list(opened)
-                for name in names:
-                    homes.setdefault(name, []).append(memory_id)
-            for name, ids in homes.items():
-                if name not in opened:
-                    continue
-                present = opened[name].get(ids=ids, include=[])["ids"]
-                if present:
-                    opened[name].update(ids=present, metadatas=[refreshed for _ in present])
+                    unknown.append(memory_id)
+            for name, collection in opened.items():
+                ids = known.get(name, [])
+                if unknown:
+                    ids += collection.get(ids=unknown, include=[])["ids"]
+                if ids:
+                    collection.update(ids=ids, metadatas=[refreshed for _ in ids])
             self._records.touch(memory_ids, _from_timestamp(stamp), game_time)
 
     def forget(
