@@ -70,13 +70,13 @@ def run_bench(tmp_path: Path, only: dict[str, list[str]], limit: float) -> dict[
 
 # One bench process for every target on this machine's engine: each group in its own
 # process read the model, Chroma and MiniLM again and warmed Mara's head again (~30 s).
-# Typically ~140 s on 2 cores alone (2026-12-07): the limit leaves 4x.
+# Typically ~116 s on 2 cores alone (2026-12-07): the limit leaves 5x.
 @pytest.mark.timeout(600)
 def test_bench_quick_engine_targets(tmp_path: Path) -> None:
     run_bench(tmp_path, IN_PROCESS | RESTARTS | WORLD | MEMORY, 580)
 
 
-@pytest.mark.timeout(600)  # 104-133 s; runs last, with llama-server built
+@pytest.mark.timeout(600)  # ~63 s (2026-12-07); runs last, with llama-server built
 def test_bench_quick_server_targets(tmp_path: Path, llama_server_build_log: str) -> None:
     if servers.llama_server_binary() is None:
         pytest.fail(

@@ -59,14 +59,26 @@ def target_remote(root: Path, report: Any, row: Any, config: Any, quick: bool) -
             )
         )
     else:
-        turns = 3 if quick else 12
+        # --quick checks that each part runs: one warm turn; two conversations (one per
+        # replica) of one turn each, not 16 of two (~60 s less on 2 cores).
+        turns = 2 if quick else 12
         with llama_server(binary, model, 2, config.n_ctx) as url:
             _prefix_and_first_token(root, report, row, config, url, turns)
         rounds = 1 if quick else 6
-        # --quick checks that it runs: 4 conversations (one per sample NPC), not 16.
-        conversations = 4 if quick else CONVERSATIONS
+        conversations = 2 if quick else CONVERSATIONS
         with chroma_server(root / "chroma-fleet") as chroma:
-            _replicas(root, report, row, binary, model, chroma.url, config, rounds, conversations)
+            _replicas(
+                root,
+                report,
+                row,
+                binary,
+                model,
+                chroma.url,
+                config,
+                rounds,
+                conversations,
+                1 if quick else 2,
+            )
     with chroma_server(root / "chroma-retrieval") as chroma:
         _retrieval(root, report, row, chroma.url, 200 if quick else 10_000)
 
@@ -232,7 +244,10 @@ def _replicas(
     config: Any,
     rounds: int,
     conversations: int = CONVERSATIONS,
+    turns: int = 2,
 ) -> None:
+    """Aggregate tokens/s of ``conversations`` conversations of ``turns`` says each, on one
+    replica and on two, ``rounds`` times."""
     one_rates: list[float] = []
     two_rates: list[float] = []
     with llama_server(binary, model, conversations, config.n_ctx) as url:
@@ -268,7 +283,7 @@ def _replicas(
                 for label, urls in order if round_index % 2 == 0 else order[::-1]:
                     started = time.perf_counter()
                     tag = f"{label}{round_index}-"
-                    tokens = asyncio.run(_conversations(urls, 2, tag, conversations))
+                    tokens = asyncio.run(_conversations(urls, turns, tag, conversations))
                     rate = tokens / (time.perf_counter() - started)
                     (one_rates if label == "one" else two_rates).append(rate)
         finally:
