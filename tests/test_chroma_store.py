@@ -69,7 +69,7 @@ def test_touch_and_forget_reach_cached_records(tmp_path: Path, embed: OfflineMin
     store.add(written)
     by_text(store, "aria", "herring")  # both records now cached
     later = utc_now() + timedelta(hours=5)
-    store.touch("mara", [written[1].id], later)
+    store.touch("mara", [written[1].id, written[1].id], later)  # cached: no read first
     touched = by_text(store, "aria", "herring")[written[1].text]
     assert touched.last_accessed_at is not None
     assert abs((touched.last_accessed_at - later).total_seconds()) < 1e-3

@@ -1192,7 +1192,7 @@ class ChromaMemoryStore:
             # in the NPC's open collections (up to 9) first.
             known: dict[str, list[str]] = {}
             unknown: list[str] = []
-            for memory_id in memory_ids:
+            for memory_id in dict.fromkeys(memory_ids):  # Chroma refuses repeated ids
                 cached = self._records.get(memory_id)
                 if cached is not None and cached.npc_id == npc_id:
                     known.setdefault(_home_name(cached), []).append(memory_id)
