@@ -188,7 +188,9 @@ def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
     embed = OfflineMiniLM(cache, threads=config.memory.embed_threads)
     if config.memory.url:
         return _chroma_server(config, embed, progress)
-    store = ChromaMemoryStore(config.data_dir / "chroma", embed)
+    store = ChromaMemoryStore(
+        config.data_dir / "chroma", embed, lore_cache=config.lore_vector_cache
+    )
     if store.embedding_format() is None:
         progress(
             "note: this data directory's memories were embedded by an older npc-engine; "

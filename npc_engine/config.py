@@ -545,6 +545,12 @@ class EngineConfig(BaseSettings):
         description="Where head_cache_mb lives: a cache shared by every data_dir, keyed by "
         "the GGUF file and the llama.cpp version; deleting it loses nothing.",
     )
+    lore_vector_cache: Path | None = Field(
+        Path(platformdirs.user_cache_dir("npc-engine")) / "lore-vectors.sqlite3",
+        description="The lorebook's vectors, shared by every data_dir on this machine, so a "
+        "new one does not embed the same entries again; keyed by the embedding model and "
+        "the text; deleting it loses nothing. null: none.",
+    )
 
     # Server settings (used by `npc-engine serve`).
     host: str = "127.0.0.1"

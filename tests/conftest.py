@@ -27,6 +27,12 @@ HEAD_CACHE_ENV = "NPC_ENGINE_HEAD_CACHE_DIR"
 HEAD_CACHE = Path(tempfile.mkdtemp(prefix="npc-engine-test-kv-heads-"))
 os.environ[HEAD_CACHE_ENV] = str(HEAD_CACHE)
 atexit.register(shutil.rmtree, HEAD_CACHE, ignore_errors=True)
+# The lorebook's vectors likewise: one file for the run (each engine would otherwise embed
+# the sample world's 29 entries again, ~0.9 s of 2 cores, in every fresh data_dir).
+LORE_VECTORS_ENV = "NPC_ENGINE_LORE_VECTOR_CACHE"
+LORE_VECTORS = Path(tempfile.mkdtemp(prefix="npc-engine-test-lore-vectors-"))
+os.environ[LORE_VECTORS_ENV] = str(LORE_VECTORS / "lore-vectors.sqlite3")
+atexit.register(shutil.rmtree, LORE_VECTORS, ignore_errors=True)
 
 # Tests pick their model. Wiring tests (the protocol, memory, saves, servers, clients) run on
 # the tiny SmolLM2-135M: what they check does not depend on reply quality, and the default
@@ -36,7 +42,7 @@ atexit.register(shutil.rmtree, HEAD_CACHE, ignore_errors=True)
 # the default model themselves.
 TEST_MODEL_ENV = "NPC_ENGINE_MODEL"
 os.environ[TEST_MODEL_ENV] = TINY_CHAT_MODEL
-KEPT_ENV = {HEAD_CACHE_ENV, TEST_MODEL_ENV}
+KEPT_ENV = {HEAD_CACHE_ENV, LORE_VECTORS_ENV, TEST_MODEL_ENV}
 
 
 # The in-memory store ranks by bag-of-words cosine, not MiniLM's: the relevance bars are

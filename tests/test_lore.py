@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -300,6 +301,45 @@ def test_chroma_lore_vectors_embed_only_what_changed(tmp_path: Path, minilm: obj
     assert vectors.prune([texts[0], "Herring runs failed twice.", texts[2]]) == 1
 
 
+def test_a_new_data_directory_reads_lore_vectors_from_the_shared_file(
+    tmp_path: Path, minilm: object
+) -> None:
+    import sqlite3
+
+    import chromadb
+    import numpy as np
+
+    from npc_engine.memory.lore_vectors import ChromaLoreVectors, SharedLoreVectors
+
+    calls: list[str] = []
+
+    def counting(texts: list[str]) -> list[list[float]]:
+        calls.extend(texts)
+        return minilm(texts)  # type: ignore[operator,no-any-return]
+
+    texts = ["The lighthouse went dark.", "Herring runs failed.", "The inn has four rooms."]
+    path = tmp_path / "cache" / "lore-vectors.sqlite3"
+
+    def index(folder: str, shared: SharedLoreVectors | None) -> Any:
+        client = chromadb.PersistentClient(path=str(tmp_path / folder))
+        return ChromaLoreVectors(client, counting, "minilm", shared).index(texts)
+
+    first = index("slot1", SharedLoreVectors(path, 384))
+    assert first.embedded == 3 and calls == texts
+    calls.clear()
+    second = index("slot2", SharedLoreVectors(path, 384))  # another data directory
+    assert second.embedded == 0 and calls == []
+    assert np.allclose(second.scores("lighthouse"), first.scores("lighthouse"), atol=1e-6)
+    # A damaged row is embedded again, never read as a vector.
+    calls.clear()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE vectors SET vector = ? WHERE rowid = 1", (b"\x00" * 12,))
+    assert index("slot3", SharedLoreVectors(path, 384)).embedded == 1 and len(calls) == 1
+    # A file that cannot be opened is done without.
+    calls.clear()
+    assert index("slot4", SharedLoreVectors(tmp_path / "slot1", 384)).embedded == 3
+
+
 @pytest.mark.timeout(600)
 def test_probe_recall_on_the_generated_2000_entry_world(tmp_path: Path) -> None:
     """The committed probe set against the generated world, the engine opened as the
@@ -317,7 +357,10 @@ def test_probe_recall_on_the_generated_2000_entry_world(tmp_path: Path) -> None:
     by_id = {entry.id: entry.text for entry in generated}
     for probe in spec["probes"]:  # the committed set still matches the generator
         assert by_id[probe["entry"]] == probe["text"]
-    config = lore_probe.world_config(world, tmp_path / "data", generation={"backend": "llama"})
+    shared = tmp_path / "lore-vectors.sqlite3"  # this test's own: the first open embeds all
+    config = lore_probe.world_config(
+        world, tmp_path / "data", generation={"backend": "llama"}, lore_vector_cache=shared
+    )
     runtime, opened = lore_probe.open_world(config)
     try:
         assert opened.entries >= 2000 and opened.embedded == opened.entries

@@ -63,6 +63,7 @@ def start_engine(data_dir: Path, settings: dict[str, str]) -> EngineProcess:
         data_dir,
         settings={
             "NPC_ENGINE_HEAD_CACHE_DIR": os.environ["NPC_ENGINE_HEAD_CACHE_DIR"],
+            "NPC_ENGINE_LORE_VECTOR_CACHE": os.environ["NPC_ENGINE_LORE_VECTOR_CACHE"],
             # The servers' model: the prompt is rendered and counted with its vocabulary.
             TEST_MODEL_ENV: os.environ[TEST_MODEL_ENV],
             "NPC_ENGINE_SEED": "1234",

@@ -732,9 +732,12 @@ class ChromaMemoryStore:
         client: Any = None,
         cached_records: int = 100_000,
         cached_handles: int = 512,
+        lore_cache: Path | None = None,
     ) -> None:
         """``path``: Chroma on disk there, this process's alone; or ``client``, a Chroma
-        server's ``HttpClient`` (``connect_server``), shared with other engine replicas."""
+        server's ``HttpClient`` (``connect_server``), shared with other engine replicas.
+        ``lore_cache``: a lore vector file shared with other data directories (see
+        ``SharedLoreVectors``)."""
         import chromadb
         from chromadb.config import Settings
 
@@ -752,6 +755,8 @@ class ChromaMemoryStore:
         # dropped; lore vectors: keyed by their text).
         self.shared = path is None
         self._embed = embed
+        self._lore_cache = lore_cache
+        self._shared_lore: Any = None
         # Open handles and known-missing names, both bounded (least recently used out).
         self._collections = _Lru(cached_handles)
         self._absent = _Lru(cached_handles * 8)
@@ -1381,9 +1386,11 @@ class ChromaMemoryStore:
 
     def lore_vectors(self) -> Any:
         """The lorebook's vectors, in this store's Chroma (see ``lore_vectors.py``)."""
-        from npc_engine.memory.lore_vectors import ChromaLoreVectors
+        from npc_engine.memory.lore_vectors import ChromaLoreVectors, SharedLoreVectors
 
-        return ChromaLoreVectors(self._client, self._embed, EMBEDDING_MODEL)
+        if self._lore_cache is not None and self._shared_lore is None:
+            self._shared_lore = SharedLoreVectors(self._lore_cache, self._dimension())
+        return ChromaLoreVectors(self._client, self._embed, EMBEDDING_MODEL, self._shared_lore)
 
     @property
     def embedder(self) -> Any:
@@ -1864,3 +1871,5 @@ class ChromaMemoryStore:
             self._keywords.close()
         with self._lock:
             self._collections.clear()
+        if self._shared_lore is not None:
+            self._shared_lore.close()
