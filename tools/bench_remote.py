@@ -77,7 +77,7 @@ def target_remote(root: Path, report: Any, row: Any, config: Any, quick: bool) -
                 config,
                 rounds,
                 conversations,
-                1 if quick else 2,
+                turns=1 if quick else 2,
             )
     with chroma_server(root / "chroma-retrieval") as chroma:
         _retrieval(root, report, row, chroma.url, 200 if quick else 10_000)

@@ -135,8 +135,9 @@ class ChromaLoreVectors:
         missing = [key for key in unique if key not in stored]
         if missing and self._shared is not None:
             known = self._shared.get(missing)
-            for start in range(0, len(known), BATCH):
-                chunk = list(known)[start : start + BATCH]
+            found = list(known)
+            for start in range(0, len(found), BATCH):
+                chunk = found[start : start + BATCH]
                 self._collection.upsert(ids=chunk, embeddings=[known[key] for key in chunk])
             stored.update(known)
             missing = [key for key in missing if key not in known]
