@@ -352,7 +352,7 @@ async def test_scene_preparation_is_counted_and_dropped_with_its_scene() -> None
         async with await NpcClient.connect(server.url) as client:
             scene = await client.scene("market", ["mara", "guard_tom", "wren"], max_turns=4)
             for _ in range(100):  # the first line streams; the next speakers are queued
-                if server._queued >= 3:
+                if server.router.queued >= 3:
                     break
                 await asyncio.sleep(0.05)
             stats = await client.request({"type": "stats"})
@@ -362,10 +362,10 @@ async def test_scene_preparation_is_counted_and_dropped_with_its_scene() -> None
             ended = await asyncio.wait_for(scene.result(), 30)
             assert ended["reason"] == "cancelled"
             for _ in range(50):
-                if server._queued == 0:
+                if server.router.queued == 0:
                     break
                 await asyncio.sleep(0.05)
-            assert server._queued == 0 and prepared == []  # nothing prepared for a dead scene
+            assert server.router.queued == 0 and prepared == []  # nothing prepared for a dead scene
     finally:
         generator.hold.set()
         await server.stop()
