@@ -179,7 +179,8 @@ def _adversarial(config: EngineConfig, progress: Progress) -> Generator:
 @store_backend("chroma")
 def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
     """Chroma on disk in ``data_dir/chroma``, embedded with the offline MiniLM."""
-    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
+    from npc_engine.memory.chroma_store import ChromaMemoryStore
+    from npc_engine.memory.minilm import OfflineMiniLM
     from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache
     from npc_engine.runtime import ensure_installed
 
@@ -206,7 +207,8 @@ def _chroma_server(config: EngineConfig, embed: Any, progress: Progress) -> Memo
     import os
 
     from npc_engine.errors import is_unavailable
-    from npc_engine.memory.chroma_store import ChromaMemoryStore, connect_server
+    from npc_engine.memory.chroma_records import connect_server
+    from npc_engine.memory.chroma_store import ChromaMemoryStore
 
     settings = config.memory
     assert settings.url is not None

@@ -10,7 +10,9 @@ from servers import ChromaServer, free_port
 
 from npc_engine.config import load_config
 from npc_engine.errors import is_unavailable
-from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM, connect_server
+from npc_engine.memory.chroma_records import connect_server
+from npc_engine.memory.chroma_store import ChromaMemoryStore
+from npc_engine.memory.minilm import OfflineMiniLM
 from npc_engine.memory.types import Memory
 from npc_engine.model_registry import ModelCache
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from npc_engine.config import load_config
-from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM, RecordCache
+from npc_engine.memory.chroma_records import RecordCache
+from npc_engine.memory.chroma_store import ChromaMemoryStore
+from npc_engine.memory.minilm import OfflineMiniLM
 from npc_engine.memory.types import Memory, utc_now
 from npc_engine.model_registry import ModelCache
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from npc_engine.config import load_config
-from npc_engine.memory.chroma_store import OfflineMiniLM
+from npc_engine.memory.minilm import OfflineMiniLM
 from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache
 
 pytestmark = pytest.mark.slow

@@ -228,7 +228,7 @@ def test_chroma_archive_keeps_only_what_saves_name(tmp_path: Path) -> None:
     store.add([kept, Memory("mara", "Gulls stole the bread.")])
     store.create_save("s1")
     store.forget("mara", memory_ids=[kept.id])
-    archive = store._archive()
+    archive = store.saves._archive()
     assert archive.get(include=[])["ids"] == [kept.id]  # forgotten but named by s1
     unsaved = Memory("mara", "Fog rolled in.")
     store.add([unsaved])

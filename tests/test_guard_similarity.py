@@ -13,8 +13,8 @@ from npc_engine.dialogue import DialogueEngine
 from npc_engine.game_state import Standing
 from npc_engine.generation.scripted import ScriptedGenerator
 from npc_engine.guard import ReplyGuard
-from npc_engine.memory.chroma_store import OfflineMiniLM
 from npc_engine.memory.in_memory import InMemoryStore
+from npc_engine.memory.minilm import OfflineMiniLM
 from npc_engine.model_registry import ModelCache
 from npc_engine.persona.loader import load_personas
 

@@ -261,7 +261,7 @@ def test_lore_is_dropped_before_memories_when_the_prompt_is_too_long(tmp_path: P
 
 @pytest.fixture(scope="module")
 def minilm() -> object:
-    from npc_engine.memory.chroma_store import OfflineMiniLM
+    from npc_engine.memory.minilm import OfflineMiniLM
     from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache
     from npc_engine.runtime import ensure_installed
 

@@ -10,7 +10,9 @@ import pytest
 
 from npc_engine.config import load_config
 from npc_engine.dialogue import player_line_memory, reply_memory
-from npc_engine.memory.chroma_store import CONTENT_VECTORS, ChromaMemoryStore, OfflineMiniLM
+from npc_engine.memory.chroma_records import CONTENT_VECTORS
+from npc_engine.memory.chroma_store import ChromaMemoryStore
+from npc_engine.memory.minilm import OfflineMiniLM
 from npc_engine.memory.types import Memory, utc_now
 from npc_engine.model_registry import ModelCache
 
@@ -28,7 +30,7 @@ def test_vectors_come_from_what_was_said(tmp_path: Path, minilm: OfflineMiniLM) 
     assert line.text == 'The player p1 told me: "I used to be a blacksmith."'
     assert line.content == "I used to be a blacksmith."
     store.add([line])
-    collection = store._memory_collections()
+    collection = store.memory_collections()
     [stored] = [
         c.get(ids=[line.id], include=["embeddings", "metadatas", "documents"])
         for c in collection.values()
@@ -55,7 +57,7 @@ def test_reindex_converts_a_store_of_the_older_version(
     memories.append(Memory("mara", "A storm sank the herring fleet.", kind="event"))
     written_the_old_way = [Memory(**{**m.__dict__, "content": None}) for m in memories]
     old.add_with_embeddings(written_the_old_way, minilm([m.text for m in memories]))
-    old._saves().delete(ids=["\x1fformat"])
+    old.saves.saves_collection().delete(ids=["\x1fformat"])
     reopened = ChromaMemoryStore(path, minilm)
     assert reopened.embedding_format() is None  # older store: the engine says to reindex
 
@@ -66,7 +68,7 @@ def test_reindex_converts_a_store_of_the_older_version(
     for memory in reopened.recent("mara", "p1", 10):
         expected = memory.text.split(': "', 1)[1][:-1] if ': "' in memory.text else None
         assert memory.content == expected
-    for collection in reopened._memory_collections().values():
+    for collection in reopened.memory_collections().values():
         page = collection.get(include=["embeddings", "metadatas", "documents"])
         for vector, meta, document in zip(
             page["embeddings"], page["metadatas"], page["documents"], strict=True

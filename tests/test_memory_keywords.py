@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from npc_engine.memory.chroma_store import KEYWORD_INDEX, ChromaMemoryStore
+from npc_engine.memory.chroma_records import KEYWORD_INDEX
+from npc_engine.memory.chroma_store import ChromaMemoryStore
 from npc_engine.memory.keywords import KeywordIndex, query_terms
 from npc_engine.memory.types import Memory
 
@@ -206,7 +207,7 @@ def test_the_index_is_trusted_after_a_clean_close_and_compared_after_a_crash(
     store.add(world)
     store.close()
     reopened = ChromaMemoryStore(tmp_path / "chroma", same_vector)
-    assert reopened._index_synced.is_set()  # clean close: no comparison needed
+    assert reopened.index_synced.is_set()  # clean close: no comparison needed
     late = Memory(
         "mara", "The bell rang at midnight.", importance=9, created_at=world[-1].created_at
     )
@@ -215,7 +216,7 @@ def test_the_index_is_trusted_after_a_clean_close_and_compared_after_a_crash(
     reopened.add([late])
     reopened._keywords._db.close()  # the process dies: no clean close
     again = ChromaMemoryStore(tmp_path / "chroma", same_vector)
-    assert not again._index_synced.is_set()
+    assert not again.index_synced.is_set()
     since = world[0].created_at
     news = list(again.made_between("mara", since, late.created_at + timedelta(seconds=1), 9))
     assert late.id in [m.id for m in news]
@@ -233,7 +234,7 @@ def test_chromas_write_log_stays_short_as_a_collection_is_written(tmp_path: Path
     import chromadb
     from chromadb.config import Settings
 
-    from npc_engine.memory.chroma_store import MEMORY_COLLECTION_CONFIG, _own_name
+    from npc_engine.memory.chroma_records import MEMORY_COLLECTION_CONFIG, own_name
 
     def log_rows() -> int:
         with sqlite3.connect(tmp_path / "chroma" / "chroma.sqlite3") as db:
@@ -250,13 +251,13 @@ def test_chromas_write_log_stays_short_as_a_collection_is_written(tmp_path: Path
         path=str(tmp_path / "chroma"), settings=Settings(anonymized_telemetry=False)
     )
     old = client.get_or_create_collection(
-        _own_name("tom"), embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+        own_name("tom"), embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
     )
     assert old.configuration["hnsw"]["sync_threshold"] == 1000
     store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
     store.add([Memory("tom", "The gate closed early.")])
     wanted = MEMORY_COLLECTION_CONFIG["hnsw"]["sync_threshold"]
-    assert client.get_collection(_own_name("tom")).configuration["hnsw"]["sync_threshold"] == wanted
+    assert client.get_collection(own_name("tom")).configuration["hnsw"]["sync_threshold"] == wanted
     store.close()
 
 

@@ -14,8 +14,10 @@ from npc_engine.config import load_config
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.generation.base import GenerationParams, GenerationStats, RenderedPrompt
 from npc_engine.generation.scripted import ScriptedGenerator
-from npc_engine.memory.chroma_store import PLAYER_SHARDS, ChromaMemoryStore, OfflineMiniLM
+from npc_engine.memory.chroma_store import ChromaMemoryStore
 from npc_engine.memory.in_memory import InMemoryStore
+from npc_engine.memory.minilm import OfflineMiniLM
+from npc_engine.memory.save_imports import PLAYER_SHARDS
 from npc_engine.memory.types import Memory
 from npc_engine.memory.writer import MemoryWriter
 from npc_engine.model_registry import ModelCache

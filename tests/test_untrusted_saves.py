@@ -21,16 +21,12 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from npc_engine.ids import check_save_name, save_name_problem
-from npc_engine.memory import chroma_store, saves
-from npc_engine.memory.chroma_store import (
-    ONE_VECTOR,
-    PENDING_LOAD,
-    ChromaMemoryStore,
-    _own_name,
-    _player_shard,
-    read_import,
-)
+from npc_engine.memory import chroma_records, chroma_saves, saves
+from npc_engine.memory.chroma_records import own_name, player_shard
+from npc_engine.memory.chroma_saves import ONE_VECTOR, PENDING_LOAD
+from npc_engine.memory.chroma_store import ChromaMemoryStore
 from npc_engine.memory.in_memory import InMemoryStore
+from npc_engine.memory.save_imports import read_import
 from npc_engine.memory.saves import SaveError, check_save_id, decode_export, pack
 from npc_engine.memory.types import Memory, utc_now
 from npc_engine.protocol import REQUEST_ADAPTER
@@ -72,7 +68,7 @@ def as_file(document: dict[str, Any]) -> bytes:
 def record(memory: Memory, vector: list[float] | None = None) -> dict[str, Any]:
     return {
         "document": memory.text,
-        "metadata": chroma_store._metadata(memory),
+        "metadata": chroma_records.metadata_of(memory),
         "vector": vector if vector is not None else hashed_embed([memory.text])[0],
     }
 
@@ -118,7 +114,7 @@ def live_texts(store: ChromaMemoryStore) -> set[str]:
 def test_a_collection_name_with_a_trailing_newline_is_refused_at_import(world: Any) -> None:
     store, _, _ = world
     fake = Memory("mara", "FORGED TEXT")
-    name = _own_name("mara") + "\n"
+    name = own_name("mara") + "\n"
     before = snapshot(store)
     with pytest.raises(SaveError) as refused:
         store.import_save("evil", crafted({name: [fake.id]}, {fake.id: record(fake)}))
@@ -130,21 +126,21 @@ def test_a_collection_name_with_a_trailing_newline_is_refused_at_import(world: A
 
 def plant_damaged_save(store: ChromaMemoryStore, manifest: dict[str, Any]) -> None:
     """A save as an engine without these checks imported it: stored, never validated."""
-    store._saves().upsert(
+    store.saves.saves_collection().upsert(
         ids=["damaged"],
         metadatas=[{"kind": "save", "created_at": 1.0, "memories": 1, "manifest": pack(manifest)}],
         embeddings=ONE_VECTOR,
     )
-    store._referenced_ids = None
+    store.saves._referenced_ids = None
 
 
 DAMAGED = {
     "newline in a collection": lambda x: {
-        "memories": {_own_name("mara"): [x.id], _own_name("guard") + "\n": ["m1"]},
+        "memories": {own_name("mara"): [x.id], own_name("guard") + "\n": ["m1"]},
         "state": {},
     },
     "state document not text": lambda x: {
-        "memories": {_own_name("mara"): [x.id]},
+        "memories": {own_name("mara"): [x.id]},
         "state": {"trust:mara:p1": [123, {}]},
     },
 }
@@ -168,16 +164,16 @@ def test_a_damaged_save_neither_loads_halfway_nor_bricks_the_next_start(
     assert snapshot(store) == before  # refused before anything moved
     # A load of it left pending (an older engine crashed, or failed, partway): the next
     # start gives it up with a logged error instead of raising at every start.
-    store._saves().upsert(
+    store.saves.saves_collection().upsert(
         ids=[PENDING_LOAD],
         metadatas=[{"kind": "pending", "save_id": "damaged"}],
         embeddings=ONE_VECTOR,
     )
     store.close()
-    with caplog.at_level(logging.ERROR, logger="npc_engine.memory.chroma_store"):
+    with caplog.at_level(logging.ERROR, logger="npc_engine.memory.chroma_saves"):
         reopened = store_at(path)
     assert "could not finish loading save 'damaged'" in caplog.text
-    assert not reopened._saves().get(ids=[PENDING_LOAD])["ids"]
+    assert not reopened.saves.saves_collection().get(ids=[PENDING_LOAD])["ids"]
     reopened.close()
     again = store_at(path)  # and stays startable
     again.load_save("s1")
@@ -194,7 +190,7 @@ def test_a_pending_load_the_store_can_finish_is_finished(tmp_path: Path) -> None
     store.add([Memory("mara", "Before.")])
     store.create_save("s1")
     store.add([Memory("mara", "After.")])
-    store._saves().upsert(
+    store.saves.saves_collection().upsert(
         ids=[PENDING_LOAD], metadatas=[{"kind": "pending", "save_id": "s1"}], embeddings=ONE_VECTOR
     )
     store.close()
@@ -224,7 +220,7 @@ def test_an_imported_id_that_exists_here_cannot_rewrite_another_save(world: Any)
     store, x, _ = world
     store.forget("mara", memory_ids=[x.id])
     forged = Memory("mara", "FORGED TEXT", kind="event", id=x.id)
-    info = store.import_save("evil", crafted({_own_name("mara"): [x.id]}, {x.id: record(forged)}))
+    info = store.import_save("evil", crafted({own_name("mara"): [x.id]}, {x.id: record(forged)}))
     assert info.memories == 1
     store.load_save("s1")
     assert store.recent("mara", None, 10)[0].text == "The bell rang twice."
@@ -250,7 +246,7 @@ def test_record_metadata_must_agree_with_its_collection(world: Any, where: str) 
     store, _, _ = world
     memory = Memory("mara", "I owe p1 nothing.", player_id="p1")
     moved = OTHER_PLACE[where](memory)
-    shard = _player_shard("mara", "p1")
+    shard = player_shard("mara", "p1")
     for bad in (
         crafted({shard: [memory.id]}, {memory.id: record(moved)}),
         crafted(
@@ -274,7 +270,7 @@ def test_a_refused_import_over_max_saves_writes_nothing(
     world: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, _, theirs = world
-    monkeypatch.setattr(chroma_store, "MAX_SAVES", 1)
+    monkeypatch.setattr(chroma_saves, "MAX_SAVES", 1)
     before = snapshot(store)
     with pytest.raises(SaveError) as refused:
         store.import_save("second", theirs)
@@ -423,7 +419,7 @@ def test_vectors_of_another_dimension_are_refused(tmp_path: Path) -> None:
     short = Memory("mara", "Three numbers only.")
     with pytest.raises(SaveError, match="dimensions"):
         store.import_save(
-            "evil", crafted({_own_name("mara"): [short.id]}, {short.id: record(short, [0.5] * 3)})
+            "evil", crafted({own_name("mara"): [short.id]}, {short.id: record(short, [0.5] * 3)})
         )
     kept = Memory("mara", "The bell rang twice.")
     store.add([kept])
@@ -438,8 +434,8 @@ def test_collections_beyond_the_engines_shards_are_refused(world: Any) -> None:
     store, _, _ = world
     memory = Memory("mara", "In a ninth shard.", player_id="p1")
     for name in (
-        _own_name("mara").replace("-own", "-players-9"),
-        _own_name("mara").replace("-own", "-players-08"),
+        own_name("mara").replace("-own", "-players-9"),
+        own_name("mara").replace("-own", "-players-08"),
         "npc-engine-game-state",
         "npc-engine-archive",
     ):
@@ -529,10 +525,10 @@ JSON = st.recursive(
     | st.text(max_size=12)
     | st.sampled_from(
         [
-            _own_name("mara") + "\n",
-            _own_name("mara").replace("-own", "-players-9"),
-            _own_name("mara"),
-            _player_shard("mara", "p1"),
+            own_name("mara") + "\n",
+            own_name("mara").replace("-own", "-players-9"),
+            own_name("mara"),
+            player_shard("mara", "p1"),
             "trust:mara:p1",
             "player:p1",
             "history:mara\x1fp1",
@@ -559,7 +555,7 @@ def base_document(dimension: int) -> dict[str, Any]:
         "save_id": "theirs",
         "created_at": "2026-01-01T00:00:00Z",
         "manifest": {
-            "memories": {_own_name("mara"): [own.id], _player_shard("mara", "p1"): [fact.id]},
+            "memories": {own_name("mara"): [own.id], player_shard("mara", "p1"): [fact.id]},
             "state": {
                 "trust:mara:p1": [json.dumps({"trust": 20}), {"kind": "trust"}],
                 "player:p1": [json.dumps({"flags": {"paid": True}, "game_time": 3.0}), {}],
@@ -569,7 +565,7 @@ def base_document(dimension: int) -> dict[str, Any]:
         "records": {
             m.id: {
                 "document": m.text,
-                "metadata": chroma_store._metadata(m),
+                "metadata": chroma_records.metadata_of(m),
                 "vector": [0.5] * dimension,
             }
             for m in (own, fact)

@@ -376,7 +376,8 @@ async def test_scene_preparation_is_counted_and_dropped_with_its_scene() -> None
 
 @pytest.mark.timeout(180)
 def test_rumour_rules_hold_on_chroma(tmp_path: Path) -> None:
-    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
+    from npc_engine.memory.chroma_store import ChromaMemoryStore
+    from npc_engine.memory.minilm import OfflineMiniLM
     from npc_engine.model_registry import ModelCache
 
     folder = tmp_path / "personas"

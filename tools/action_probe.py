@@ -139,7 +139,7 @@ def probe_engine(model: str | None, data_dir: Path, **settings: Any) -> list[Set
 def calibrate(data_dir: Path) -> None:
     """Grid search of (gate, accept, margin) on the labelled set's embedding scores."""
     from npc_engine.game_state import Standing
-    from npc_engine.memory.chroma_store import OfflineMiniLM
+    from npc_engine.memory.minilm import OfflineMiniLM
     from npc_engine.model_registry import ModelCache
     from npc_engine.persona.loader import load_personas
 

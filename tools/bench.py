@@ -617,7 +617,8 @@ def tick_world(folder: Path, npcs: int) -> list[str]:
 
 
 def target_tick(root: Path, report: Report, npcs: int, per_npc: int) -> None:
-    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
+    from npc_engine.memory.chroma_store import ChromaMemoryStore
+    from npc_engine.memory.minilm import OfflineMiniLM
     from npc_engine.memory.types import Memory
     from npc_engine.model_registry import ModelCache
     from npc_engine.server import NpcServer
@@ -1167,7 +1168,8 @@ def target_overhead(runtime: EngineRuntime, bare: BareLlama, report: Report, tur
 
 def target_memory(root: Path, report: Report, npcs: int, per_npc: int, others: int) -> None:
     from npc_engine.config import RetrievalConfig
-    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM
+    from npc_engine.memory.chroma_store import ChromaMemoryStore
+    from npc_engine.memory.minilm import OfflineMiniLM
     from npc_engine.memory.scoring import score_candidates
     from npc_engine.memory.types import Memory, utc_now
     from npc_engine.memory.writer import MemoryWriter

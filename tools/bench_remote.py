@@ -313,7 +313,9 @@ def _replicas(
 
 def _retrieval(root: Path, report: Any, row: Any, memory_url: str, count: int) -> None:
     from npc_engine.config import load_config
-    from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM, connect_server
+    from npc_engine.memory.chroma_records import connect_server
+    from npc_engine.memory.chroma_store import ChromaMemoryStore
+    from npc_engine.memory.minilm import OfflineMiniLM
     from npc_engine.memory.types import Memory
     from npc_engine.model_registry import ModelCache
 

@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))
 from npc_engine.config import ServerLimits, load_config  # noqa: E402
 from npc_engine.dialogue import DialogueEngine, player_line_memory, reply_memory  # noqa: E402
 from npc_engine.generation.scripted import ScriptedGenerator  # noqa: E402
-from npc_engine.memory.chroma_store import ChromaMemoryStore, OfflineMiniLM  # noqa: E402
+from npc_engine.memory.chroma_store import ChromaMemoryStore  # noqa: E402
+from npc_engine.memory.minilm import OfflineMiniLM  # noqa: E402
 from npc_engine.memory.types import Memory, utc_now  # noqa: E402
 from npc_engine.model_registry import ModelCache  # noqa: E402
 from npc_engine.persona.loader import load_personas  # noqa: E402
