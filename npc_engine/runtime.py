@@ -91,7 +91,7 @@ def open_engine(config: EngineConfig, progress: Progress = lambda _m: None) -> E
             lore_vectors=lore_vectors() if lore_vectors is not None else None,
         )
         started = time.perf_counter()
-        lore = engine.prepare_lore()
+        lore = engine.lore.prepare()
         if lore["entries"]:
             progress(
                 f"lorebook: {lore['entries']} entries looked up per turn, {lore['embedded']} "

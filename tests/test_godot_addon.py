@@ -69,8 +69,8 @@ def _function(name: str) -> str:
 def test_inbound_buffer_fits_the_largest_memory_answer() -> None:
     """Size arithmetic: the biggest 100-item memory.items the server can send, encoded as
     the server encodes it, fits the buffer the addon gives every socket it opens."""
-    from npc_engine.dialogue import MAX_MEMORY_CHARS
     from npc_engine.protocol import MemoryItem, MemoryItems, encode
+    from npc_engine.turns import MAX_MEMORY_CHARS
 
     longest_id = "x" * 64
     worst_text = f"The player {longest_id} told me: '" + "\U0001f41f" * MAX_MEMORY_CHARS + "'"

@@ -33,7 +33,7 @@ def test_default_threshold_on_the_labelled_set(sample_personas: Path) -> None:
     total = {True: 0, False: 0}
     for item in yaml.safe_load(LABELLED.read_text()):
         loaded = engine.persona(item["npc"])
-        rules = engine.guard_rules(loaded, Standing(0))
+        rules = engine.secrets.guard_rules(loaded, Standing(0))
         assert f"secrets.{item['secret']}" in {s.entry for s in rules.secrets}
         for leak, lines in ((True, item["leak"]), (False, item["harmless"])):
             for line in lines:

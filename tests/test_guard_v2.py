@@ -154,7 +154,7 @@ def streamed(rules: GuardRules, text: str, cuts: list[int]) -> tuple[bool, str]:
 def test_the_same_cut_and_the_same_text_for_any_chunking(data: Any) -> None:
     npc, text = data.draw(st.sampled_from(REPLIES))
     engine = hashed_engine()
-    rules = engine.guard_rules(engine.persona(npc), Standing(0))
+    rules = engine.secrets.guard_rules(engine.persona(npc), Standing(0))
     cuts = data.draw(st.lists(st.integers(1, max(len(text) - 1, 1)), max_size=len(text)))
     assert streamed(rules, text, cuts) == streamed(rules, text, [])
 

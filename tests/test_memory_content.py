@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from npc_engine.config import load_config
-from npc_engine.dialogue import player_line_memory, reply_memory
 from npc_engine.memory.chroma_records import CONTENT_VECTORS
 from npc_engine.memory.chroma_store import ChromaMemoryStore
 from npc_engine.memory.minilm import OfflineMiniLM
 from npc_engine.memory.types import Memory, utc_now
 from npc_engine.model_registry import ModelCache
+from npc_engine.turns import player_line_memory, reply_memory
 
 from .conftest import REPO, run_cli
 

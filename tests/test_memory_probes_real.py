@@ -12,11 +12,11 @@ import pytest
 
 from npc_engine.client import NpcClient
 from npc_engine.config import load_config
-from npc_engine.dialogue import player_line_memory
 from npc_engine.memory.facts import fact_memories
 from npc_engine.memory.types import utc_now
 from npc_engine.runtime import open_engine
 from npc_engine.server import NpcServer
+from npc_engine.turns import player_line_memory
 
 from .conftest import REPO
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from npc_engine.config import load_config
-from npc_engine.dialogue import DialogueEngine, scene_key
+from npc_engine.dialogue import DialogueEngine
 from npc_engine.errors import FieldError
 from npc_engine.generation.scripted import ScriptedGenerator
 from npc_engine.memory.in_memory import InMemoryStore
@@ -20,6 +20,7 @@ from npc_engine.memory.types import Memory
 from npc_engine.persona.loader import load_personas
 from npc_engine.rumours import confidants, worth_telling
 from npc_engine.scenes import Scene, SceneLine, addressed, closes_talk, next_speaker
+from npc_engine.turns import scene_key
 
 from .conftest import FAKE_STORE_RETRIEVAL, SAMPLE_PERSONAS
 
@@ -87,11 +88,13 @@ def test_scene_lines_each_npc_prompt_and_memories() -> None:
     )
     generator = ScriptedGenerator(respond=lambda _p: next(said))
     eng = engine(generator)
-    scene = eng.start_scene("pier", ["mara", "guard_tom", "wren"], player_id="p1", topic="the pier")
+    scene = eng.scenes.start(
+        "pier", ["mara", "guard_tom", "wren"], player_id="p1", topic="the pier"
+    )
     results = []
     while scene.over() is None and scene.spoken < 3:
-        speaker = eng.next_in_scene(scene)
-        results.append((speaker, eng.scene_line(scene, speaker)))
+        speaker = eng.scenes.next_speaker(scene)
+        results.append((speaker, eng.scenes.line(scene, speaker)))
     assert [s for s, _ in results] == ["mara", "guard_tom", "wren"]
     tom_prompt = generator.prompts[1]
     assert "# You are Tom Hale" in tom_prompt
@@ -103,8 +106,8 @@ def test_scene_lines_each_npc_prompt_and_memories() -> None:
     wren_prompt = generator.prompts[2]
     assert 'Tom Hale says: "Aye. Ask Wren, she saw it."' in wren_prompt
     # Mara's next prompt: her first one, her line, then only what she has not heard
-    eng.scene_hears_player(scene, "Mara, who set the fire?")
-    mara_again = eng.scene_line(scene, eng.next_in_scene(scene, facing="guard_tom"))
+    eng.scenes.hear_player(scene, "Mara, who set the fire?")
+    mara_again = eng.scenes.line(scene, eng.scenes.next_speaker(scene, facing="guard_tom"))
     assert mara_again.npc_id == "mara"
     last = generator.prompts[-1]
     first = generator.prompts[0]
@@ -127,13 +130,13 @@ def test_scene_lines_each_npc_prompt_and_memories() -> None:
 
 def test_scene_without_a_player_remembers_untied_and_refuses_player_lines() -> None:
     eng = engine(ScriptedGenerator(respond=lambda _p: "Fine weather for it."))
-    scene = eng.start_scene("gate", ["guard_tom", "mara"])
-    eng.scene_line(scene, eng.next_in_scene(scene))
+    scene = eng.scenes.start("gate", ["guard_tom", "mara"])
+    eng.scenes.line(scene, eng.scenes.next_speaker(scene))
     eng.writer.flush()
     (memory,) = eng.store.recent("mara", None, 5)
     assert memory.player_id is None and memory.text.startswith("Tom Hale told me:")
     with pytest.raises(FieldError) as refused:
-        eng.scene_hears_player(scene, "Hello?")
+        eng.scenes.hear_player(scene, "Hello?")
     assert refused.value.field == "scene_id"
 
 
@@ -144,15 +147,15 @@ def test_scene_without_a_player_remembers_untied_and_refuses_player_lines() -> N
 def test_scene_start_checks_its_npcs(npc_ids: list[str], field: str) -> None:
     eng = engine(ScriptedGenerator(["x"]))
     with pytest.raises(FieldError) as refused:
-        eng.start_scene("s", npc_ids)
+        eng.scenes.start("s", npc_ids)
     assert refused.value.field == field
 
 
 def test_secrets_are_guarded_in_scenes_as_in_one_to_one_talk() -> None:
     # Mara's guarded secret: the Fog Runners' brandy in her cellar (key "brandy")
     eng = engine(ScriptedGenerator(respond=lambda _p: "Between us, the brandy sits in my cellar."))
-    scene = eng.start_scene("s", ["mara", "guard_tom"])
-    result = eng.scene_line(scene, "mara")
+    scene = eng.scenes.start("s", ["mara", "guard_tom"])
+    result = eng.scenes.line(scene, "mara")
     assert result.guard is not None and "brandy" not in result.text
     assert "brandy" not in scene.lines[-1].text
 
@@ -230,14 +233,14 @@ def test_a_prepared_speaker_prompt_is_the_prefix_of_its_next_line() -> None:
     said = itertools.cycle(["The fog is thick tonight.", "Aye, thick as stew.", "Hm."])
     generator = ScriptedGenerator(respond=lambda _p: next(said))
     eng = engine(generator)
-    scene = eng.start_scene("fog", ["mara", "guard_tom", "wren"], player_id="p1", topic="fog")
-    eng.scene_line(scene, "mara")
-    eng.scene_line(scene, "guard_tom")
-    assert eng.likely_next(scene, "mara", 2) == ["wren", "guard_tom"]
-    eng.prepare_scene_line(scene, "wren")  # while Mara would be speaking
+    scene = eng.scenes.start("fog", ["mara", "guard_tom", "wren"], player_id="p1", topic="fog")
+    eng.scenes.line(scene, "mara")
+    eng.scenes.line(scene, "guard_tom")
+    assert eng.scenes.likely_next(scene, "mara", 2) == ["wren", "guard_tom"]
+    eng.scenes.prepare_line(scene, "wren")  # while Mara would be speaking
     prepared = generator.prompts[-1]
-    eng.scene_line(scene, "mara")
-    eng.scene_line(scene, "wren")
+    eng.scenes.line(scene, "mara")
+    eng.scenes.line(scene, "wren")
     real = generator.prompts[-1]
     heard_part = prepared[: prepared.rindex("<|im_end|>")]
     assert 'Tom Hale says: "Aye, thick as stew."' in heard_part

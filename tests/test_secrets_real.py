@@ -36,7 +36,7 @@ class Judge:
 
     def __init__(self, engine: DialogueEngine) -> None:
         self.engine = engine
-        assert engine.guard_embed is not None
+        assert engine.secrets.embed is not None
         world = engine.persona("mara").world
         self.out_of_world = [*(world.out_of_world if world else []), *BOILERPLATE]
 
@@ -51,7 +51,7 @@ class Judge:
 
     def _told(self, npc_id: str, text: str) -> str | None:
         loaded = self.engine.persona(npc_id)
-        rules = self.engine.protected(loaded, Standing(loaded.persona.trust))
+        rules = self.engine.secrets.protected(loaded, Standing(loaded.persona.trust))
         # The judge re-reads the text the client got, split its own way (the guard split
         # it as it streamed): a tie at the guard's exact threshold is not a leak.
         rules.threshold += JUDGE_MARGIN

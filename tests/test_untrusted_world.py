@@ -346,7 +346,7 @@ async def test_scene_preparation_is_counted_and_dropped_with_its_scene() -> None
         load_config(retrieval=FAKE_STORE_RETRIEVAL),
     )
     prepared: list[str] = []
-    eng.prepare_scene_line = lambda scene, npc_id: prepared.append(npc_id)  # type: ignore[method-assign]
+    eng.scenes.prepare_line = lambda scene, npc_id: prepared.append(npc_id)  # type: ignore[method-assign]
     server = await started_server(eng)
     try:
         async with await NpcClient.connect(server.url) as client:

@@ -537,17 +537,17 @@ def target_scene(runtime: EngineRuntime, report: Report, lines: int) -> None:
         warm.append((result.timings.ttft_ms or 0) / 1000)
     for npc in ("guard_tom", "wren", "ysolde"):  # their heads, as a game's earlier talk would
         engine.say(npc, "Good evening.", player_id="scene-bench", max_tokens=8)
-    scene = engine.start_scene(
+    scene = engine.scenes.start(
         "bench", ["mara", "guard_tom", "wren", "ysolde"], topic="the burned pier", max_turns=lines
     )
     firsts, shares, speakers = [], [], []
     while scene.over() is None:
-        speaker = engine.next_in_scene(scene)
+        speaker = engine.scenes.next_speaker(scene)
         # As the server does: the likely next speakers read what they heard so far in
         # spare batch slots while this line is generated, from its first token on.
         preparing = [
-            threading.Thread(target=engine.prepare_scene_line, args=(scene, npc))
-            for npc in engine.likely_next(scene, speaker, 2)
+            threading.Thread(target=engine.scenes.prepare_line, args=(scene, npc))
+            for npc in engine.scenes.likely_next(scene, speaker, 2)
         ]
 
         def start_preparing(_piece: str, threads: list[threading.Thread] = preparing) -> None:
@@ -555,7 +555,7 @@ def target_scene(runtime: EngineRuntime, report: Report, lines: int) -> None:
                 if not thread.is_alive() and thread.ident is None:
                     thread.start()
 
-        result = engine.scene_line(scene, speaker, max_tokens=24, on_delta=start_preparing)
+        result = engine.scenes.line(scene, speaker, max_tokens=24, on_delta=start_preparing)
         for thread in preparing:
             if thread.ident is not None:
                 thread.join()

@@ -120,7 +120,7 @@ def measure(engine: Any, data: dict[str, Any], only: set[str] | None = None) -> 
     from npc_engine.guard import find_term
 
     def rules_of(npc: str) -> Any:
-        return engine.guard_rules(engine.persona(npc), Standing(0))
+        return engine.secrets.guard_rules(engine.persona(npc), Standing(0))
 
     def run(text: str, rules: Any) -> tuple[Streamed, bool]:
         runs = [stream(rules, text, pieces) for pieces in chunkings(text)]

@@ -70,7 +70,7 @@ def open_world(config: EngineConfig) -> tuple[Any, Opened]:
     started = time.perf_counter()
     runtime = open_engine(config)
     seconds = time.perf_counter() - started
-    books = [runtime.engine.lorebook(w) for w in runtime.registry.worlds.values()]
+    books = [runtime.engine.lore.lorebook(w) for w in runtime.registry.worlds.values()]
     embedded = sum(b.vectors.embedded for b in books if b.vectors is not None)
     return runtime, Opened(seconds, sum(len(b) for b in books), embedded)
 
@@ -78,7 +78,7 @@ def open_world(config: EngineConfig) -> tuple[Any, Opened]:
 def ask(engine: Any, probes: list[dict[str, Any]], settings: LoreSettings) -> ProbeResult:
     loaded = engine.persona(NPC)
     assert loaded.world is not None
-    book = engine.lorebook(loaded.world)
+    book = engine.lore.lorebook(loaded.world)
     hits, misses, chosen_total = 0, [], 0
     for probe in probes:
         chosen = book.choose(

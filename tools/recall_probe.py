@@ -40,13 +40,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from npc_engine.config import ServerLimits, load_config  # noqa: E402
-from npc_engine.dialogue import DialogueEngine, player_line_memory, reply_memory  # noqa: E402
+from npc_engine.dialogue import DialogueEngine  # noqa: E402
 from npc_engine.generation.scripted import ScriptedGenerator  # noqa: E402
 from npc_engine.memory.chroma_store import ChromaMemoryStore  # noqa: E402
 from npc_engine.memory.minilm import OfflineMiniLM  # noqa: E402
 from npc_engine.memory.types import Memory, utc_now  # noqa: E402
 from npc_engine.model_registry import ModelCache  # noqa: E402
 from npc_engine.persona.loader import load_personas  # noqa: E402
+from npc_engine.turns import player_line_memory, reply_memory  # noqa: E402
 
 PROBES = REPO / "tests/probes/recall_facts.yaml"
 NEVER_TOLD = REPO / "tests/probes/never_told.yaml"
@@ -166,7 +167,7 @@ async def probe_server(
 ) -> ServerOutcome:
     """All three probes against the server at ``url`` (players ``probe-*``, ``update-*``)."""
     from npc_engine.client import NpcClient
-    from npc_engine.dialogue import sanitize_for_memory
+    from npc_engine.turns import sanitize_for_memory
 
     probes = load_probes()
     chatter = [said for said, _answer in probes["chatter"]]

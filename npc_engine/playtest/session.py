@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from npc_engine.config import EngineConfig
-from npc_engine.dialogue import TurnResult
 from npc_engine.errors import NpcEngineError
 from npc_engine.lore import lore_summary
 from npc_engine.persona.loader import load_personas
 from npc_engine.runtime import EngineRuntime, open_engine
+from npc_engine.turns import TurnResult
 
 DeltaCallback = Callable[[str], None]
 Progress = Callable[[str], None]
@@ -314,7 +314,7 @@ class LocalSession:
         on_line: Callable[[TurnView], None],
     ) -> str:
         engine = self.engine
-        scene = engine.start_scene(
+        scene = engine.scenes.start(
             f"playtest-{uuid.uuid4().hex[:8]}",
             npc_ids,
             player_id=player_id,
@@ -323,9 +323,9 @@ class LocalSession:
         )
         cancel = self._cancel = threading.Event()
         while (reason := scene.over()) is None:
-            speaker = await self._run(engine.next_in_scene, scene)
+            speaker = await self._run(engine.scenes.next_speaker, scene)
             result: TurnResult = await self._run(
-                engine.scene_line, scene, speaker, max_tokens=max_tokens, cancel=cancel
+                engine.scenes.line, scene, speaker, max_tokens=max_tokens, cancel=cancel
             )
             if result.memory_write is not None:
                 await asyncio.wrap_future(result.memory_write)
@@ -366,7 +366,8 @@ class LocalSession:
         self.engine.reset_conversation(npc_id, player_id)
 
     async def tells_secret(self, npc_id: str, entry: str, text: str) -> str | None:
-        return await self._run(self.engine.tells_secret, npc_id, entry, text)
+        loaded = self.engine.persona(npc_id)
+        return await self._run(self.engine.secrets.tells_secret, loaded, entry, text)
 
     async def set_state(
         self,

@@ -9,7 +9,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from npc_engine.dialogue import StateView
 from npc_engine.memory.saves import SaveError, read_save_file
 from npc_engine.memory.types import Memory
 from npc_engine.protocol import (
@@ -38,6 +37,7 @@ from npc_engine.protocol import (
 )
 from npc_engine.serving.routes import handles
 from npc_engine.serving.wire import memory_item, npc_infos, state_message
+from npc_engine.turns import StateView
 
 if TYPE_CHECKING:
     from npc_engine.serving.connection import Connection

@@ -14,7 +14,6 @@ from concurrent.futures import Future
 from functools import partial
 from typing import TYPE_CHECKING
 
-from npc_engine.dialogue import TurnResult
 from npc_engine.errors import FieldError, NpcEngineError, is_unavailable
 from npc_engine.protocol import Greet, ReplyStart, Say, SceneEnd, SceneStart
 from npc_engine.reply_stream import FinishedTurn, ReplyMessage, ReplyStream
@@ -22,6 +21,7 @@ from npc_engine.serving.admission import LineRequest, Refusal
 from npc_engine.serving.connection import Reply, SceneRun
 from npc_engine.serving.routes import handles
 from npc_engine.serving.wire import finished_turn
+from npc_engine.turns import TurnResult
 
 if TYPE_CHECKING:
     from npc_engine.serving.connection import Connection
@@ -132,7 +132,7 @@ async def scene_start(router: Router, conn: Connection, request: SceneStart) -> 
         router.engine.persona(npc_id)  # unknown_npc before anything is accepted
     if request.scene_id in conn.scenes:
         raise FieldError("scene_id", f"scene {request.scene_id!r} is already running")
-    scene = router.engine.start_scene(
+    scene = router.engine.scenes.start(
         request.scene_id,
         request.npc_ids,
         player_id=request.player_id,
@@ -183,7 +183,7 @@ async def _run_scene(router: Router, conn: Connection, run: SceneRun) -> None:
                 break
             said = run.says.popleft() if run.says else None
             if said is not None:
-                conn.track(router.engine.scene_hears_player(scene, said.text, said.game_time))
+                conn.track(router.engine.scenes.hear_player(scene, said.text, said.game_time))
             else:
                 over = scene.over()
                 if over is not None:
@@ -218,7 +218,7 @@ async def _scene_line(
     scene request. False: it did not end normally (cancelled, failed, shutdown)."""
     engine, scene, request = router.engine, run.scene, run.request
     reply_to = said.id if said is not None else request.id
-    speaker = await router.in_io(lambda f: engine.next_in_scene(scene, f), facing)
+    speaker = await router.in_io(lambda f: engine.scenes.next_speaker(scene, f), facing)
     while not run.reply.inbox.empty():  # wake-ups for player lines already taken in
         run.reply.inbox.get_nowait()
     stream = ReplyStream(
@@ -233,11 +233,11 @@ async def _scene_line(
     inspect = request.inspect or (said is not None and said.inspect)
     player = scene.player_id or ""
     loop = asyncio.get_running_loop()
-    waiting = engine.likely_next(scene, speaker, PREPARED_SPEAKERS)
+    waiting = engine.scenes.likely_next(scene, speaker, PREPARED_SPEAKERS)
 
     def prepare(npc_id: str) -> None:
         if not run.reply.cancel.is_set():  # the scene ended: nothing to prepare for
-            engine.prepare_scene_line(scene, npc_id)
+            engine.scenes.prepare_line(scene, npc_id)
 
     def prepare_next() -> None:
         # The NPCs likely to speak next read what they heard so far, in spare batch
@@ -263,7 +263,7 @@ async def _scene_line(
                 loop.call_soon_threadsafe(prepare_next)
             on_delta(piece)
 
-        return engine.scene_line(
+        return engine.scenes.line(
             scene,
             speaker,
             max_tokens=request.max_tokens,

@@ -25,7 +25,7 @@ from typing import Any
 
 from npc_engine import __version__
 from npc_engine.config import ServerLimits
-from npc_engine.dialogue import DialogueEngine, npc_of
+from npc_engine.dialogue import DialogueEngine
 from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError, is_unavailable
 from npc_engine.protocol import (
     Cancel,
@@ -45,6 +45,7 @@ from npc_engine.serving.admission import Admission, Refusal
 from npc_engine.serving.connection import Connection, Reply, SendFrame
 from npc_engine.serving.routes import ROUTES, advertised
 from npc_engine.serving.wire import npc_infos
+from npc_engine.turns import npc_of
 from npc_engine.world_ticks import TickQueue
 
 log = logging.getLogger(__name__)

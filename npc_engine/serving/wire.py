@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from npc_engine.dialogue import StateView, TurnResult
 from npc_engine.lore import lore_summary
 from npc_engine.memory.types import Memory
 from npc_engine.persona.loader import PersonaRegistry
@@ -17,6 +16,7 @@ from npc_engine.protocol import (
     Usage,
 )
 from npc_engine.reply_stream import FinishedTurn
+from npc_engine.turns import StateView, TurnResult
 
 
 def memory_item(memory: Memory, score: float | None = None) -> MemoryItem:
