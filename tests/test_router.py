@@ -1,0 +1,156 @@
+"""The request router without a socket: a connection whose frames land in a list.
+
+The WebSocket server only moves frames to and from ``Router``; these tests drive the
+router as any transport would, on the scripted generator and the in-memory store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from npc_engine.config import ServerLimits, load_config
+from npc_engine.dialogue import DialogueEngine
+from npc_engine.generation.scripted import ScriptedGenerator
+from npc_engine.memory.in_memory import InMemoryStore
+from npc_engine.persona.loader import load_personas
+from npc_engine.protocol import REQUEST_TYPES, Encoding, encode
+from npc_engine.serving.connection import Connection
+from npc_engine.serving.router import Router
+from npc_engine.serving.routes import ROUTES
+
+from .conftest import FAKE_STORE_RETRIEVAL
+
+pytestmark = pytest.mark.timeout(30)
+ANSWERED_ON_ARRIVAL = {"hello", "ping", "cancel"}  # by the router itself, never queued
+
+
+class Client:
+    """A transport of frames in a list: what a socket would carry, decoded."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.frames: list[dict[str, Any]] = []
+        self.arrived = asyncio.Event()
+        self.conn: Connection = router.open(self._send)
+        self.task = asyncio.create_task(router.serve_in_order(self.conn))
+
+    async def _send(self, message: BaseModel, encoding: Encoding) -> None:
+        self.frames.append(json.loads(encode(message, "json")))
+        self.arrived.set()
+
+    async def send(self, **frame: Any) -> None:
+        await self.router.receive(self.conn, json.dumps(frame))
+
+    async def until(self, **match: Any) -> dict[str, Any]:
+        while True:
+            for frame in self.frames:
+                if all(frame.get(k) == v for k, v in match.items()):
+                    return frame
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), 10)
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.router.close(self.conn)
+
+
+def make_router(sample_personas: Path, generator: ScriptedGenerator, **limits: Any) -> Router:
+    config = load_config(retrieval=FAKE_STORE_RETRIEVAL)
+    engine = DialogueEngine(load_personas(sample_personas), generator, InMemoryStore(), config)
+    return Router(engine, ServerLimits(**limits))
+
+
+def test_every_request_type_has_exactly_one_handler() -> None:
+    routed = {str(model.model_fields["type"].annotation.__args__[0]) for model in ROUTES}
+    assert routed == set(REQUEST_TYPES) - ANSWERED_ON_ARRIVAL
+
+
+async def _hello(client: Client) -> dict[str, Any]:
+    await client.send(type="hello", id="h", protocol="1")
+    return await client.until(re="h")
+
+
+def test_a_say_streams_its_reply_without_a_socket(sample_personas: Path) -> None:
+    async def run() -> None:
+        router = make_router(sample_personas, ScriptedGenerator(["Aye, one room left."]))
+        client = Client(router)
+        welcome = await _hello(client)
+        assert welcome["type"] == "welcome"
+        assert {"stream", "memory", "state", "saves", "scenes", "msgpack"} <= set(
+            welcome["capabilities"]
+        )
+        await client.send(type="say", id="s1", npc_id="mara", player_id="p1", text="Rooms?")
+        end = await client.until(type="reply.end", re="s1")
+        deltas = [f["text"] for f in client.frames if f["type"] == "reply.delta"]
+        assert "".join(deltas) == end["text"] == "Aye, one room left."
+        assert not router.connections.pop().ledger.replies  # the id is free again
+        client.close()
+        await router.stop_work()
+
+    asyncio.run(run())
+
+
+def test_refusals_name_their_reason_and_leave_the_connection_working(
+    sample_personas: Path,
+) -> None:
+    async def run() -> None:
+        router = make_router(sample_personas, ScriptedGenerator(respond=lambda _p: "Aye."))
+        client = Client(router)
+        await _hello(client)
+        await client.send(type="say", id="x", npc_id="nobody", player_id="p1", text="Hi")
+        unknown = await client.until(re="x", type="error")
+        assert unknown["code"] == "unknown_npc" and "mara" in unknown["details"]["known"]
+        await client.send(type="state.get", id="g", player_id="bad id!")
+        refused = await client.until(re="g", type="error")
+        assert refused["code"] == "invalid_request"
+        await client.send(type="say", id="ok", npc_id="mara", player_id="p1", text="Hi")
+        assert (await client.until(re="ok", type="reply.end"))["text"] == "Aye."
+        client.close()
+        await router.stop_work()
+
+    asyncio.run(run())
+
+
+def test_a_cancel_overtakes_a_queued_say(sample_personas: Path) -> None:
+    async def run() -> None:
+        router = make_router(sample_personas, ScriptedGenerator(respond=lambda _p: "Aye."))
+        client = Client(router)
+        await _hello(client)
+        # Both arrive before the connection's task serves the first: the second is queued
+        # when its cancel comes, and ends as cancelled without running.
+        await client.send(type="event", id="e", npc_ids=["mara"], text="Fog at dawn.")
+        await client.send(type="say", id="s", npc_id="mara", player_id="p1", text="Hi")
+        await client.send(type="cancel", id="c", target="s")
+        end = await client.until(re="s", type="reply.end")
+        assert end["reason"] == "cancelled"
+        assert (await client.until(re="c"))["type"] == "ok"
+        client.close()
+        await router.stop_work()
+
+    asyncio.run(run())
+
+
+def test_the_connection_queue_is_bounded(sample_personas: Path) -> None:
+    async def run() -> None:
+        router = make_router(
+            sample_personas,
+            ScriptedGenerator(respond=lambda _p: "Aye."),
+            max_pending_per_connection=2,
+        )
+        client = Client(router)
+        await _hello(client)
+        client.task.cancel()  # nothing is served: requests wait in the queue
+        for n in range(3):
+            await client.send(type="npc.list", id=f"n{n}")
+        busy = await client.until(re="n2")
+        assert busy["type"] == "error" and busy["code"] == "busy"
+        router.close(client.conn)
+        await router.stop_work()
+
+    asyncio.run(run())
