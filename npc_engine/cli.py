@@ -430,29 +430,16 @@ def cmd_say(args: argparse.Namespace) -> int:
 
 
 def _turn_json(result: Any, ids: list[str]) -> dict[str, Any]:
+    """The turn as ``reply.end`` reports it (with ``inspect``), and what only a local run
+    knows: who chose the game action, every timing, the ids of the memories stored."""
+    from npc_engine.serving.wire import reply_end
+
     return {
         "npc_id": result.npc_id,
         "player_id": result.player_id,
-        "text": result.text,
-        "reason": result.reason,
-        "error": result.error,
-        "prompt_tokens": result.prompt_tokens,
-        "cached_tokens": result.cached_tokens,
-        "completion_tokens": result.completion_tokens,
-        "game_action": result.game_action.as_dict() if result.game_action else None,
+        **reply_end(result).model_dump(mode="json", exclude={"type", "re", "scene_id"}),
         "game_action_by": result.action_by,  # "meaning" (the embedder), "model", or null
         "timings_ms": vars(result.timings),
-        "memories": [
-            {
-                "id": m.memory.id,
-                "text": m.memory.text,
-                "score": m.score,
-                "relevance": m.relevance,
-                "recency": m.recency,
-                "importance": m.importance,
-            }
-            for m in result.memories
-        ],
         "stored_memory_ids": ids,
     }
 

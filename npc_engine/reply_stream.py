@@ -46,6 +46,30 @@ class FinishedTurn:
     game_action: GameAction | None = None
 
 
+def end_message(
+    request_id: str, text: str, turn: FinishedTurn, scene_id: str | None = None
+) -> ReplyEnd:
+    """The ``reply.end`` of a turn that ran: the one shape every front end reports a
+    finished turn in (the server's frames, ``say --json``, the playtest's turn view)."""
+    error = None
+    if turn.reason == "error":
+        error = ErrorInfo(code=turn.error_code, message=turn.error or "generation failed")
+    reason = turn.reason if turn.reason in ("stop", "length", "error", "cancelled") else "stop"
+    return ReplyEnd(
+        re=request_id,
+        text=text,
+        reason=reason,
+        guard=turn.guard,
+        emotion=turn.emotion,
+        action=turn.action,
+        game_action=turn.game_action,
+        usage=turn.usage,
+        error=error,
+        inspect=turn.inspect,
+        scene_id=scene_id,
+    )
+
+
 @dataclass
 class ReplyStream:
     """The frames of one accepted ``say`` (its ``reply.start`` has gone out)."""
@@ -94,25 +118,8 @@ class ReplyStream:
             if stopping:
                 return out + self._end("error", ErrorInfo(code="shutdown", message=_SHUTDOWN))
             return out + self._end("cancelled")
-        error = None
-        if turn.reason == "error":
-            error = ErrorInfo(code=turn.error_code, message=turn.error or "generation failed")
-        reason = turn.reason if turn.reason in ("stop", "length", "error") else "stop"
-        end = ReplyEnd(
-            re=self.request_id,
-            text=self.text_sent,
-            reason=reason,
-            guard=turn.guard,
-            emotion=turn.emotion,
-            action=turn.action,
-            game_action=turn.game_action,
-            usage=turn.usage,
-            error=error,
-            inspect=turn.inspect,
-            scene_id=self.scene_id,
-        )
         self.ended = True
-        return [*out, end]
+        return [*out, end_message(self.request_id, self.text_sent, turn, self.scene_id)]
 
     def failed(self, code: ErrorCode, message: str) -> list[ReplyMessage]:
         """The turn could not run: the fallback line stands in if nothing was sent."""

@@ -100,7 +100,7 @@ def test_name_recalled_after_ten_turns_and_after_restart(real_config: EngineConf
         runtime.close()
     # A new process, the same data directory: the memory is still there and still recalled.
     turn = say_json(real_config, "mara", "aria", "What is my name?")
-    assert any("my name is Aria" in m["text"] for m in turn["memories"])
+    assert any("my name is Aria" in m["text"] for m in turn["inspect"]["memories"])
 
 
 def test_second_engine_on_same_data_dir_fails_fast(

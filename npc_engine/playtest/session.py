@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 from npc_engine.config import EngineConfig
 from npc_engine.errors import NpcEngineError
-from npc_engine.lore import lore_summary
 from npc_engine.persona.loader import load_personas
 from npc_engine.runtime import EngineRuntime, open_engine
+from npc_engine.serving.wire import reply_end
 from npc_engine.turns import TurnResult
 
 DeltaCallback = Callable[[str], None]
@@ -160,32 +160,9 @@ class PlaytestSession(Protocol):
 
 
 def turn_view(result: TurnResult, player_text: str) -> TurnView:
-    return TurnView(
-        npc_id=result.npc_id,
-        player_id=result.player_id,
-        player_text=player_text,
-        text=result.text,
-        reason=result.reason,
-        prompt=result.prompt,
-        memories=[MemoryView(**scored.summary()) for scored in result.memories],
-        prompt_tokens=result.prompt_tokens,
-        cached_tokens=result.cached_tokens,
-        completion_tokens=result.completion_tokens,
-        ttft_ms=result.timings.ttft_ms,
-        total_ms=result.timings.total_ms,
-        error=result.error,
-        dropped=result.dropped,
-        emotion=result.emotion,
-        action=result.action,
-        trust=result.standing.trust if result.standing is not None else None,
-        flags=dict(result.standing.flags) if result.standing is not None else {},
-        unlocked=list(result.unlocked),
-        lore=[dict(item) for item in lore_summary(result.lore)],
-        guard=result.guard.kind if result.guard is not None else None,
-        guard_entry=result.guard.entry if result.guard is not None else None,
-        guard_reason=result.guard.reason if result.guard is not None else None,
-        game_action=result.game_action.as_dict() if result.game_action is not None else None,
-    )
+    """A turn run in process, read through the same ``reply.end`` a server would send."""
+    end = reply_end(result).model_dump(mode="json")
+    return turn_from_end(result.npc_id, result.player_id, player_text, end)
 
 
 def persona_files_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:

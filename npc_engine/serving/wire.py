@@ -11,11 +11,12 @@ from npc_engine.protocol import (
     MemoryItem,
     NpcInfo,
     RecalledMemory,
+    ReplyEnd,
     State,
     TurnInspection,
     Usage,
 )
-from npc_engine.reply_stream import FinishedTurn
+from npc_engine.reply_stream import FinishedTurn, end_message
 from npc_engine.turns import StateView, TurnResult
 
 
@@ -73,6 +74,12 @@ def finished_turn(result: TurnResult, inspect: bool) -> FinishedTurn:
         error_code=result.error_code,
         inspect=inspection(result) if inspect else None,
     )
+
+
+def reply_end(result: TurnResult, request_id: str = "", *, inspect: bool = True) -> ReplyEnd:
+    """A finished turn as ``reply.end`` reports it, for front ends that ran it themselves
+    (``say --json``, the playtest in process): the server's mapping, no other."""
+    return end_message(request_id, result.text, finished_turn(result, inspect))
 
 
 def inspection(result: TurnResult) -> TurnInspection:
