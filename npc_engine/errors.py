@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 
 class NpcEngineError(Exception):
-    """Base class: the message is written for the person running the engine."""
+    """Base class: the message is written for the person running the engine.
+
+    ``code`` is the protocol error code a client gets for it and ``details()`` the error's
+    ``details`` (one mapping for every request: ``serving.router.refusal_of``)."""
+
+    code: ClassVar[str] = "invalid_request"
+
+    def details(self) -> dict[str, Any]:
+        return {}
 
 
 class FieldError(NpcEngineError):
@@ -13,6 +23,9 @@ class FieldError(NpcEngineError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(message)
         self.field = field_name
+
+    def details(self) -> dict[str, Any]:
+        return {"field": self.field}
 
 
 class ConfigError(NpcEngineError):
@@ -30,11 +43,16 @@ class DataDirInUseError(NpcEngineError):
 class UnknownNpcError(NpcEngineError):
     """No persona with the requested id is loaded."""
 
+    code = "unknown_npc"
+
     def __init__(self, npc_id: str, known: list[str]) -> None:
         self.npc_id = npc_id
         self.known = known
         listing = ", ".join(known) if known else "none loaded"
         super().__init__(f"No NPC with id {npc_id!r}. Known: {listing}.")
+
+    def details(self) -> dict[str, Any]:
+        return {"known": self.known}
 
 
 class GenerationError(NpcEngineError):
@@ -44,6 +62,8 @@ class GenerationError(NpcEngineError):
 class UnavailableError(NpcEngineError):
     """A server the engine needs (a Chroma server, a generation server) cannot be reached
     now; the request may be retried (protocol error code ``unavailable``)."""
+
+    code = "unavailable"
 
 
 class GenerationUnavailableError(GenerationError, UnavailableError):

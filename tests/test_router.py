@@ -154,3 +154,23 @@ def test_the_connection_queue_is_bounded(sample_personas: Path) -> None:
         await router.stop_work()
 
     asyncio.run(run())
+
+
+def test_every_engine_error_carries_a_protocol_error_code() -> None:
+    import typing
+
+    import npc_engine.cards  # noqa: F401  (defines errors of its own)
+    from npc_engine.errors import NpcEngineError, UnknownNpcError
+    from npc_engine.protocol import ErrorCode
+    from npc_engine.serving.router import refusal_of
+
+    codes = set(typing.get_args(ErrorCode))
+    pending, seen = [NpcEngineError], []
+    while pending:
+        cls = pending.pop()
+        seen.append(cls)
+        pending += cls.__subclasses__()
+    assert len(seen) > 8
+    assert all(cls.code in codes for cls in seen), [c for c in seen if c.code not in codes]
+    refusal = refusal_of(UnknownNpcError("nobody", ["mara"]))
+    assert (refusal.code, refusal.details) == ("unknown_npc", {"known": ["mara"]})

@@ -21,16 +21,17 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from npc_engine import __version__
 from npc_engine.config import ServerLimits
 from npc_engine.dialogue import DialogueEngine
-from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError, is_unavailable
+from npc_engine.errors import NpcEngineError, is_unavailable
 from npc_engine.protocol import (
     Cancel,
     Encoding,
     Error,
+    ErrorCode,
     Hello,
     Ok,
     Ping,
@@ -57,14 +58,10 @@ UNAVAILABLE = lines.UNAVAILABLE
 def refusal_of(exc: Exception) -> Refusal:
     """The error frame for an exception a handler raised (the one mapping for requests;
     a streamed line's failure is a ``reply.end`` instead: ``lines._line_over``)."""
-    if isinstance(exc, UnknownNpcError):
-        return Refusal("unknown_npc", str(exc), {"known": exc.known})
-    if isinstance(exc, FieldError):
-        return Refusal("invalid_request", str(exc), {"field": exc.field})
     if is_unavailable(exc):  # a Chroma server down: retry later, nothing broke
         return Refusal("unavailable", UNAVAILABLE)
     if isinstance(exc, NpcEngineError):
-        return Refusal("invalid_request", str(exc))
+        return Refusal(cast(ErrorCode, exc.code), str(exc), exc.details())
     return Refusal("internal", f"Internal error: {type(exc).__name__}")
 
 
