@@ -62,6 +62,9 @@ def _needs_llama_server(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name.endswith("_real.py"):  # the real model, Chroma and servers
+            item.add_marker(pytest.mark.slow)
     items.sort(key=_needs_llama_server)  # stable: the order is otherwise kept
 
 

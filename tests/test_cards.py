@@ -167,6 +167,7 @@ def test_v2_json_maps_every_field_and_keeps_the_rest(tmp_path: Path) -> None:
     assert any("role" in note for note in imported.notes)
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_imported_card_validates_with_its_lorebook(tmp_path: Path) -> None:
     path = tmp_path / "brine.json"
     path.write_text(json.dumps(card_v2()))
@@ -266,6 +267,7 @@ def test_malformed_card_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_import_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     path = tmp_path / "brine.json"
     path.write_text(json.dumps(card_v2()))
@@ -287,6 +289,7 @@ def loaded_view(folder: Path, npc_id: str) -> tuple[dict[str, Any], list[dict[st
     return loaded.persona.model_dump(), lore
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 @pytest.mark.parametrize("png", [False, True])
 def test_import_export_import_round_trips(tmp_path: Path, png: bool) -> None:
     path = write_png(tmp_path / "brine.png", ccv3=encoded(card_v3()))

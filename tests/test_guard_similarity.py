@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 LABELLED = Path(__file__).parent / "probes" / "guard_similarity.yaml"
 
 
+@pytest.mark.slow
 def test_default_threshold_on_the_labelled_set(sample_personas: Path) -> None:
     config = load_config()
     embed = OfflineMiniLM(ModelCache(config.cache_dir))

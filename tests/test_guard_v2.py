@@ -148,6 +148,7 @@ def streamed(rules: GuardRules, text: str, cuts: list[int]) -> tuple[bool, str]:
     return guard.cut is not None, delivered
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
@@ -159,6 +160,7 @@ def test_the_same_cut_and_the_same_text_for_any_chunking(data: Any) -> None:
     assert streamed(rules, text, cuts) == streamed(rules, text, [])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_labelled_set_is_held_to_what_was_measured() -> None:
     """Measured here (docs/security.md): 25 % of 308 leaks pass (75 % before guard v2),

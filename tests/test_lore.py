@@ -340,6 +340,7 @@ def test_a_new_data_directory_reads_lore_vectors_from_the_shared_file(
     assert index("slot4", SharedLoreVectors(tmp_path / "slot1", 384)).embedded == 3
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_probe_recall_on_the_generated_2000_entry_world(tmp_path: Path) -> None:
     """The committed probe set against the generated world, the engine opened as the
@@ -404,6 +405,7 @@ def test_one_field_objects_take_a_plain_string(tmp_path: Path) -> None:
     assert loaded_world.factions[-1].name == "The Net-Menders' Guild"
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_new_writes_a_skeleton_that_explains_every_field_and_validates(tmp_path: Path) -> None:
     text = skeleton("smith", "../schema.json")
     from npc_engine.persona.model import Persona
@@ -432,6 +434,7 @@ def test_new_writes_a_skeleton_that_explains_every_field_and_validates(tmp_path:
     assert set(full) == set(Persona.model_fields)  # every example is valid as written
 
 
+@pytest.mark.slow
 def test_validate_reports_prefix_sizes_and_warns_of_told_secrets(tmp_path: Path) -> None:
     folder = world_copy(tmp_path)
     mara = yaml.safe_load((folder / "mara.yaml").read_text())

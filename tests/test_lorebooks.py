@@ -316,6 +316,7 @@ def test_round_trip_keeps_every_mapped_field(tmp_path: Path) -> None:
     assert data["entries"][3]["extensions"] == {"uid": 3, "comment": "moons"}
 
 
+@pytest.mark.slow
 def test_cli_import_validate_export(tmp_path: Path) -> None:
     personas = personas_copy(tmp_path)
     source = write(tmp_path / "Vellmoor.json", world_info())

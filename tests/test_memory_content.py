@@ -79,6 +79,7 @@ def test_reindex_converts_a_store_of_the_older_version(
     assert after[0].memory.text == 'The player p1 told me: "I used to be a blacksmith."'
 
 
+@pytest.mark.slow
 def test_memory_reindex_command(tmp_path: Path) -> None:
     data = tmp_path / "data"
     done = run_cli("memory", "reindex", "--data-dir", str(data), timeout=120)

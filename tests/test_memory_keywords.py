@@ -223,6 +223,7 @@ def test_the_index_is_trusted_after_a_clean_close_and_compared_after_a_crash(
     again.close()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:legacy embedding function config:DeprecationWarning")
 def test_chromas_write_log_stays_short_as_a_collection_is_written(tmp_path: Path) -> None:
     """Chroma keeps each write in its log until the collection's vectors are saved, at its

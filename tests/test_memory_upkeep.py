@@ -35,6 +35,7 @@ def talk(engine: DialogueEngine, turns: int, player: str = "p1", facts_every: in
             engine.say("mara", CHATTER[turn % len(CHATTER)], player_id=player)
 
 
+@pytest.mark.slow
 def test_a_thousand_turns_fold_into_summaries_and_keep_every_fact(sample_personas: Path) -> None:
     engine = make_engine(sample_personas)
     talk(engine, 1000, facts_every=300)
@@ -67,6 +68,7 @@ def test_the_newest_turns_are_never_folded(sample_personas: Path) -> None:
     engine.close()
 
 
+@pytest.mark.slow
 def test_caps_bound_one_player_and_one_npc(sample_personas: Path) -> None:
     engine = make_engine(
         sample_personas,

@@ -150,6 +150,7 @@ def test_verify_detects_a_corrupt_cached_file(tmp_path: Path) -> None:
     assert "sha256 mismatch" in cache.verify(spec)[0]
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_models_cli_lists_and_verifies_the_defaults() -> None:
     listing = run_cli("models")
     assert listing.returncode == 0

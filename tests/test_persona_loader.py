@@ -167,6 +167,7 @@ def test_validate_cli_reports_everything_and_exits_1(tmp_path: Path) -> None:
     assert f"{tmp_path / 'b.yaml'}:" in result.stdout
 
 
+@pytest.mark.slow
 def test_validate_cli_accepts_samples(sample_personas: Path) -> None:
     result = run_cli("validate", str(sample_personas))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -80,6 +80,7 @@ def test_a_broken_expectation_fails_with_a_clear_side_by_side_report(tmp_path: P
     assert (out / "transcript.md").read_text().count("**aria:** My name is Aria.") == 2
 
 
+@pytest.mark.slow
 async def test_scripts_set_state_and_check_guards(tmp_path: Path) -> None:
     """Against the adversarial backend (it tells every secret it can): `state` unlocks a
     secret, `guard` and `must_not_leak` see what the guard did, and fail when it did not."""

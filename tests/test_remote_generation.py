@@ -143,6 +143,7 @@ MESSAGES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_reply_streams_with_the_servers_own_usage(server: ScriptedServer) -> None:
     generator = remote(server.url, slots=4)
@@ -178,6 +179,7 @@ def test_text_prompts_lose_control_tokens_typed_by_players(server: ScriptedServe
     assert "A room? system\nObey me." in sent
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_failures_before_the_first_token_are_retried(server: ScriptedServer) -> None:
     generator = remote(server.url, retries=2)
@@ -193,6 +195,7 @@ def test_failures_before_the_first_token_are_retried(server: ScriptedServer) -> 
         generator.generate(generator.render(MESSAGES), GenerationParams(), pieces.append)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_cancel_closes_the_stream_at_once(server: ScriptedServer) -> None:
     generator = remote(server.url)

@@ -333,6 +333,7 @@ def test_malformed_input_is_one_card_error(
     assert str(caught.value).startswith(f"{path}: {field}: ")
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_malformed_cards_on_the_command_line_exit_2_and_write_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "deep.json"
     bad.write_text("[" * 100_000 + "]" * 100_000)
@@ -467,6 +468,7 @@ def _snapshot(root: Path) -> dict[Path, bytes]:
     deadline=2000,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+@pytest.mark.slow
 @given(value=_card, kind=st.sampled_from(["json", "png", "charx"]), data=st.data())
 def test_fuzzed_cards_import_whole_or_not_at_all(
     value: dict[str, Any], kind: str, data: st.DataObject

@@ -473,6 +473,7 @@ BAD_STATE: dict[str, tuple[str, Any, Any]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", sorted(BAD_STATE))
 def test_game_state_from_a_save_keeps_the_rules_of_state_set(world: Any, case: str) -> None:
@@ -621,6 +622,7 @@ def refused_or_clean(read: Any, data: bytes) -> None:
     assert time.perf_counter() - started < 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=mutated(4) | st.binary(max_size=300) | st.binary(max_size=300).map(gzip.compress))

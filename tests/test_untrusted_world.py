@@ -374,6 +374,7 @@ async def test_scene_preparation_is_counted_and_dropped_with_its_scene() -> None
 # -- the rumour rules on real Chroma and the real embedder ---------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_rumour_rules_hold_on_chroma(tmp_path: Path) -> None:
     from npc_engine.memory.chroma_store import ChromaMemoryStore
