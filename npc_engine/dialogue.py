@@ -136,7 +136,7 @@ class DialogueEngine:
         return loaded.persona.trust if loaded is not None else 0
 
     def _count_tokens(self, text: str) -> int:
-        tokenize = getattr(self.generator, "tokenize", None)
+        tokenize = self.generator.features().tokenize
         return len(tokenize(text)) if tokenize is not None else len(text.split())
 
     # -- game state -----------------------------------------------------------

@@ -1508,7 +1508,7 @@ def target_batch(runtime: EngineRuntime, config: EngineConfig, report: Report, t
     ]
     single = streams_throughput(generator, prompts[:1], tokens)
     many = streams_throughput(generator, prompts, tokens)
-    slots = len(getattr(generator, "slots", [None]))
+    slots = generator.features().parallel
     report.details["batch"] = {"single_tps": single, "eight_tps": many, "slots": slots}
     report.rows.append(
         Row(

@@ -15,7 +15,13 @@ import threading
 import zlib
 from collections.abc import Callable, Sequence
 
-from npc_engine.generation.base import GenerationParams, GenerationStats, Message, RenderedPrompt
+from npc_engine.generation.base import (
+    GenerationParams,
+    GenerationStats,
+    GeneratorFeatures,
+    Message,
+    RenderedPrompt,
+)
 from npc_engine.generation.scripted import render_chatml_prompt
 
 SECRETS_HEADER = "Your secrets (you know them, but never reveal them to anyone):"
@@ -128,6 +134,9 @@ class AdversarialGenerator:
     def __init__(self, n_ctx: int = 4096) -> None:
         self.n_ctx = n_ctx
         self.prompts: list[str] = []
+
+    def features(self) -> GeneratorFeatures:
+        return GeneratorFeatures()
 
     def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
         return render_chatml_prompt(messages)

@@ -69,6 +69,18 @@ class GenerationStats:
     restored_snapshot: bool = False
 
 
+@dataclass(frozen=True)
+class GeneratorFeatures:
+    """What a generator offers beyond ``render`` and ``generate``, declared by it: the
+    engine and the server read this, never guess from attributes."""
+
+    parallel: int = 1  # conversations decoded at once (batch slots, a server's -np)
+    # The conversations whose KV state it holds ready (the scheduler runs those first).
+    warm_keys: Callable[[], set[str]] | None = None
+    # Its tokenizer, for token budgets (None: words are counted instead).
+    tokenize: Callable[[str], list[int]] | None = None
+
+
 class Generator(Protocol):
     name: str
     n_ctx: int
@@ -85,5 +97,7 @@ class Generator(Protocol):
         on_text: Callable[[str], None],
         cancel: threading.Event | None = None,
     ) -> GenerationStats: ...
+
+    def features(self) -> GeneratorFeatures: ...
 
     def close(self) -> None: ...

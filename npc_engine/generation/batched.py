@@ -36,6 +36,7 @@ from npc_engine.generation.base import (
     FinishReason,
     GenerationParams,
     GenerationStats,
+    GeneratorFeatures,
     Message,
     RenderedPrompt,
 )
@@ -175,6 +176,9 @@ class BatchedLlamaGenerator:
 
     def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
         return self.model.render(messages, shared)
+
+    def features(self) -> GeneratorFeatures:
+        return GeneratorFeatures(len(self.slots), self.warm_keys, self.tokenize)
 
     def warm_keys(self) -> set[str]:
         """Conversations held by free slots: a job for one of them starts without re-reading

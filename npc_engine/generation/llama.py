@@ -18,6 +18,7 @@ from npc_engine.generation.base import (
     FinishReason,
     GenerationParams,
     GenerationStats,
+    GeneratorFeatures,
     Message,
     RenderedPrompt,
 )
@@ -278,6 +279,9 @@ class LlamaGenerator:
 
     def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
         return self.model.render(messages, shared)
+
+    def features(self) -> GeneratorFeatures:
+        return GeneratorFeatures(1, self.warm_keys, self.tokenize)
 
     def warm_keys(self) -> set[str]:
         """The conversation the context holds (see ``GenerationScheduler``)."""

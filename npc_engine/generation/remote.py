@@ -44,6 +44,7 @@ from npc_engine.generation.base import (
     FinishReason,
     GenerationParams,
     GenerationStats,
+    GeneratorFeatures,
     Message,
     RenderedPrompt,
 )
@@ -294,6 +295,9 @@ class OpenAIGenerator:
 
     def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
         return list(self.model.tokenize(text, add_bos=add_bos))
+
+    def features(self) -> GeneratorFeatures:
+        return GeneratorFeatures(len(self.slots), None, self.tokenize)
 
     def _served_model(self) -> str:
         """``generation.model``, or the first model the server lists (asked once)."""

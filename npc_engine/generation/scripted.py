@@ -7,7 +7,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 from npc_engine.errors import GenerationError
-from npc_engine.generation.base import GenerationParams, GenerationStats, Message, RenderedPrompt
+from npc_engine.generation.base import (
+    GenerationParams,
+    GenerationStats,
+    GeneratorFeatures,
+    Message,
+    RenderedPrompt,
+)
 
 
 def _render_chatml(messages: Sequence[Message]) -> str:
@@ -41,6 +47,9 @@ class ScriptedGenerator:
         # What it answers under a grammar (the game-action question), from the prompt.
         self.action = action
         self.action_prompts: list[str] = []
+
+    def features(self) -> GeneratorFeatures:
+        return GeneratorFeatures()
 
     def render(self, messages: Sequence[Message], shared: int = 0) -> RenderedPrompt:
         return render_chatml_prompt(messages)

@@ -80,10 +80,10 @@ class Router:
         self.admission = Admission(limits, allow_inspect)
         self.exports_dir = engine.config.data_dir / "exports"  # save.export / save.import
         # As many replies at once as the generator decodes together (its slots).
-        slots = getattr(engine.generator, "slots", None)
-        warm_keys = getattr(engine.generator, "warm_keys", None)
+        features = engine.generator.features()
+        warm_keys = features.warm_keys
         self.generation = GenerationScheduler(
-            workers=len(slots) if slots else 1,
+            workers=max(features.parallel, 1),
             warm=(lambda: {npc_of(key) for key in warm_keys()}) if warm_keys else None,
         )
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="npc-memory")
