@@ -69,7 +69,7 @@ def _llama(config: EngineConfig, progress: Progress) -> Generator:
     from npc_engine.generation.llama import LlamaGenerator
     from npc_engine.generation.prefix_store import PrefixStore, model_fingerprint
     from npc_engine.generation.snapshots import SnapshotCache
-    from npc_engine.runtime import resolve_chat_model
+    from npc_engine.model_files import resolve_chat_model
 
     model_path, chat_format = resolve_chat_model(config, progress)
     snapshots = (
@@ -120,7 +120,7 @@ def _openai(config: EngineConfig, progress: Progress) -> Generator:
 
     from npc_engine.generation.llama import ChatModel, load_vocabulary
     from npc_engine.generation.remote import OpenAIGenerator
-    from npc_engine.runtime import resolve_chat_model
+    from npc_engine.model_files import resolve_chat_model
 
     settings = config.generation
     if not settings.url:
@@ -181,8 +181,8 @@ def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
     """Chroma on disk in ``data_dir/chroma``, embedded with the offline MiniLM."""
     from npc_engine.memory.chroma_store import ChromaMemoryStore
     from npc_engine.memory.minilm import OfflineMiniLM
+    from npc_engine.model_files import ensure_installed
     from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache
-    from npc_engine.runtime import ensure_installed
 
     cache = ModelCache(config.cache_dir)
     ensure_installed(cache, MODELS[EMBEDDING_MODEL], progress)

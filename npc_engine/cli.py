@@ -249,8 +249,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _prefix_sizes(registry: Any, config: EngineConfig) -> dict[str, int]:
+    from npc_engine.model_files import resolve_chat_model
     from npc_engine.persona.authoring import prefix_sizes
-    from npc_engine.runtime import resolve_chat_model
 
     try:
         model_path, chat_format = resolve_chat_model(config, _progress)

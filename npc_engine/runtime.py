@@ -3,43 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from npc_engine.config import EngineConfig
 from npc_engine.datadir import DataDirLock
 from npc_engine.dialogue import DialogueEngine
-from npc_engine.errors import ConfigError, ModelUnavailableError, NpcEngineError
-from npc_engine.model_registry import MODELS, ModelCache, ModelSpec
+from npc_engine.errors import NpcEngineError
+from npc_engine.model_files import Progress
 from npc_engine.persona.loader import PersonaRegistry, load_personas
-
-Progress = Callable[[str], None]
-
-
-def ensure_installed(cache: ModelCache, spec: ModelSpec, progress: Progress) -> Path:
-    if not cache.is_installed(spec):
-        progress(f"First run: installing model {spec.id!r} into {cache.model_dir(spec)}")
-        cache.install(spec, progress)
-    return cache.require(spec)
-
-
-def resolve_chat_model(config: EngineConfig, progress: Progress) -> tuple[Path, str | None]:
-    """The GGUF to load and the chat format to force (None: use the GGUF's template)."""
-    if config.model in MODELS:
-        spec = MODELS[config.model]
-        if spec.kind != "chat":
-            raise ConfigError(f"Model {spec.id!r} is an embedding model, not a chat model.")
-        cache = ModelCache(config.cache_dir)
-        ensure_installed(cache, spec, progress)
-        return cache.path_of(spec), config.chat_format or spec.chat_format
-    path = Path(config.model).expanduser()
-    if not path.is_file():
-        known = ", ".join(sorted(MODELS))
-        raise ModelUnavailableError(
-            f"Model {config.model!r} is neither a known model ({known}) nor an existing GGUF file."
-        )
-    return path, config.chat_format
 
 
 def load_registry(config: EngineConfig) -> PersonaRegistry:

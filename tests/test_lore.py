@@ -262,8 +262,8 @@ def test_lore_is_dropped_before_memories_when_the_prompt_is_too_long(tmp_path: P
 @pytest.fixture(scope="module")
 def minilm() -> object:
     from npc_engine.memory.minilm import OfflineMiniLM
+    from npc_engine.model_files import ensure_installed
     from npc_engine.model_registry import EMBEDDING_MODEL, MODELS, ModelCache
-    from npc_engine.runtime import ensure_installed
 
     cache = ModelCache(load_config().cache_dir)
     ensure_installed(cache, MODELS[EMBEDDING_MODEL], lambda _m: None)

@@ -174,7 +174,7 @@ def test_gguf_without_template_is_refused(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_chat_template_comes_from_the_gguf_or_an_explicit_format() -> None:
     from npc_engine.generation.llama import LlamaGenerator
-    from npc_engine.runtime import resolve_chat_model
+    from npc_engine.model_files import resolve_chat_model
     from tests.conftest import load_config
 
     path, _ = resolve_chat_model(load_config(), lambda _m: None)

@@ -15,7 +15,8 @@ from npc_engine.generation.base import GenerationParams, RenderedPrompt
 from npc_engine.generation.batched import BatchedLlamaGenerator, StopMatcher
 from npc_engine.generation.llama import LlamaGenerator
 from npc_engine.generation.snapshots import SnapshotCache, common_prefix_length
-from npc_engine.runtime import EngineRuntime, open_engine, resolve_chat_model
+from npc_engine.model_files import resolve_chat_model
+from npc_engine.runtime import EngineRuntime, open_engine
 
 
 def tokens(*values: int) -> np.ndarray:

@@ -13,9 +13,9 @@ from npc_engine.config import load_config
 from npc_engine.generation.llama import LlamaGenerator
 from npc_engine.generation.tokens import PromptTokenizer, placeholder, split_rendered
 from npc_engine.memory.types import Memory, ScoredMemory
+from npc_engine.model_files import resolve_chat_model
 from npc_engine.persona.loader import load_personas
 from npc_engine.prompt import PromptBuilder
-from npc_engine.runtime import resolve_chat_model
 from tests.conftest import SAMPLE_PERSONAS
 
 pytestmark = pytest.mark.timeout(120)

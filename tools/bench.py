@@ -61,7 +61,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # bench_remote and servers, beside this file
 
 from npc_engine.config import EngineConfig, load_config  # noqa: E402
-from npc_engine.runtime import EngineRuntime, open_engine, resolve_chat_model  # noqa: E402
+from npc_engine.model_files import resolve_chat_model  # noqa: E402
+from npc_engine.runtime import EngineRuntime, open_engine  # noqa: E402
 
 EXTRA_LORE = [
     "Every spring the fleet is blessed on the quay; the chapel bell rings once per boat.",

@@ -40,7 +40,7 @@ QUESTIONS = [
 
 def target_remote(root: Path, report: Any, row: Any, config: Any, quick: bool) -> None:
     """Adds the scale-out rows to ``report`` (``row`` builds one)."""
-    from npc_engine.runtime import resolve_chat_model
+    from npc_engine.model_files import resolve_chat_model
 
     model, _format = resolve_chat_model(config, lambda _message: None)
     binary = llama_server_binary()
