@@ -83,6 +83,7 @@ class DialogueEngine:
         self.registry = registry
         self.embed = embed  # sentence vectors (None: key terms only)
         self.generator = generator
+        self._tokenize = generator.features().tokenize  # declared (generation/base.py)
         self.store = store
         self.config = config
         self.clock = clock
@@ -136,7 +137,7 @@ class DialogueEngine:
         return loaded.persona.trust if loaded is not None else 0
 
     def _count_tokens(self, text: str) -> int:
-        tokenize = self.generator.features().tokenize
+        tokenize = self._tokenize
         return len(tokenize(text)) if tokenize is not None else len(text.split())
 
     # -- game state -----------------------------------------------------------

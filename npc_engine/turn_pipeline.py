@@ -133,7 +133,7 @@ class TurnPipeline:
         greeting: bool = False,
         scene: Scene | None = None,
     ) -> TurnResult:
-        """One line of an NPC. In a ``scene`` (``scene_line``): its history is its own part
+        """One line of an NPC. In a ``scene`` (``SceneLines.line``): its history is its own part
         of the scene, ``text`` is only what memories and lore are looked up by, the player
         (if present) is ``scene.player_id``, and the caller stores what was said."""
         engine = self._engine
@@ -317,7 +317,7 @@ class TurnPipeline:
 
         result.emotion = infer_emotion(result.text, loaded.persona.mood)
         result.action = infer_action(result.text)
-        if scene is not None:  # the scene keeps its own turns; scene_line stores the line
+        if scene is not None:  # the scene keeps its own turns; SceneLines.line stores the line
             if built is not None and result.reason != "cancelled":
                 result.scene_turn = turn_of(
                     text, result, built, set(), heard=scene.heard_text(npc_id)

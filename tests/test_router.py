@@ -41,7 +41,7 @@ class Client:
         self.task = asyncio.create_task(router.serve_in_order(self.conn))
 
     async def _send(self, message: BaseModel, encoding: Encoding) -> None:
-        self.frames.append(json.loads(encode(message, "json")))
+        self.frames.append({**json.loads(encode(message, "json")), "encoding": encoding})
         self.arrived.set()
 
     async def send(self, **frame: Any) -> None:
@@ -174,3 +174,27 @@ def test_every_engine_error_carries_a_protocol_error_code() -> None:
     assert all(cls.code in codes for cls in seen), [c for c in seen if c.code not in codes]
     refusal = refusal_of(UnknownNpcError("nobody", ["mara"]))
     assert (refusal.code, refusal.details) == ("unknown_npc", {"known": ["mara"]})
+
+
+def test_a_refusal_answers_in_the_encoding_of_the_frame_it_refuses(sample_personas: Path) -> None:
+    """protocol.md: an error answering a frame uses that frame's encoding, also when the
+    refusal comes when the request's turn to be accepted comes (inspect, queue, id)."""
+    import msgpack
+
+    async def run() -> None:
+        router = make_router(sample_personas, ScriptedGenerator(respond=lambda _p: "Aye."))
+        client = Client(router)
+        hello = {"type": "hello", "id": "h", "protocol": "1"}
+        await router.receive(client.conn, msgpack.packb(hello, use_bin_type=True))
+        assert (await client.until(re="h"))["encoding"] == "msgpack"
+        await client.send(
+            type="say", id="i", npc_id="mara", player_id="p1", text="Hi", inspect=True
+        )
+        refused = await client.until(re="i")
+        assert (refused["code"], refused["encoding"]) == ("unauthorized", "json")
+        await client.send(type="say", id="x", npc_id="nobody", player_id="p1", text="Hi")
+        assert (await client.until(re="x"))["encoding"] == "json"
+        client.close()
+        await router.stop_work()
+
+    asyncio.run(run())

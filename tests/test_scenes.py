@@ -227,7 +227,7 @@ def test_an_npc_does_not_gossip_its_own_secret(tmp_path: Path) -> None:
 
 
 def test_a_prepared_speaker_prompt_is_the_prefix_of_its_next_line() -> None:
-    """prepare_scene_line reads an NPC's part of the scene up to what it heard while
+    """scenes.prepare_line reads an NPC's part of the scene up to what it heard while
     another NPC speaks: its next real prompt must start with exactly that text (the heard
     lines come before the line's own notes), or the prepared KV cells would be wasted."""
     said = itertools.cycle(["The fog is thick tonight.", "Aye, thick as stew.", "Hm."])

@@ -99,9 +99,7 @@ def build_engine() -> Any:
     cached: dict[str, Any] = {}
     personas = load_personas(ROOT / "personas")
     engine = DialogueEngine(personas, ScriptedGenerator([]), InMemoryStore(), config, embed=embed)
-    # (an engine from before guard v2 has no guard_embed: its guard used ``embed``)
-    attribute = "guard_embed" if hasattr(engine, "guard_embed") else "embed"
-    guard_embed = getattr(engine, attribute)
+    guard_embed = engine.secrets.embed  # the guard's (MiniLM, or MiniLM and USE paired)
     assert guard_embed is not None
 
     def remembered(texts: Any) -> Any:  # each sentence embedded once over the chunkings
@@ -111,7 +109,7 @@ def build_engine() -> Any:
                 cached[text] = vector
         return [cached[t] for t in texts]
 
-    setattr(engine, attribute, remembered)
+    engine.secrets.embed = remembered
     return engine
 
 

@@ -352,7 +352,7 @@ def unit_rows(vectors: Any) -> Any:
 class NoKeywordIndex:
     """The keyword index of a store on a Chroma server: none kept here (a local index would
     miss what other replicas wrote); keyword matches come from the server's full-text
-    search instead (``ChromaMemoryStore._server_keyword_matches``)."""
+    search instead (``chroma_server_search.ServerSearch._keyword_matches``)."""
 
     def add(self, memories: Sequence[Memory]) -> None:
         """Nothing to index locally."""

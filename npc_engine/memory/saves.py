@@ -52,7 +52,7 @@ MAX_HISTORY_TURNS = 1000
 MAX_TURN_TEXT = 200_000
 MAX_TIMESTAMP = 1e11  # seconds since 1970: year ~5100; datetime cannot go far past it
 _ID = re.compile(ID_PATTERN)
-# Game-state keys, as game_state.py and dialogue.py write them (ids: the id alphabet).
+# Game-state keys, as game_state.py and conversations.py write them (ids: the id alphabet).
 _ID_CHARS = r"[A-Za-z0-9_.:@-]{1,64}"
 _TRUST_KEY = re.compile(rf"trust:{_ID_CHARS}:{_ID_CHARS}")
 _PLAYER_KEY = re.compile(rf"player:{_ID_CHARS}")

@@ -116,6 +116,8 @@ class Connection:
     # these alone, not for every other connection's writes.
     writes: set[Future[list[str]]] = field(default_factory=set)
     serving: bool = False  # a request is being served (a long world.tick, a save)
+    # The encoding of the frame of the request being served: its errors answer in it.
+    frame_encoding: Encoding = "json"
 
     def __post_init__(self) -> None:
         self.ledger = RequestLedger(self.session)

@@ -209,7 +209,7 @@ async def stats(router: Router, conn: Connection, request: Stats) -> None:
         StatsReport(
             re=request.id,
             connections=len(router.connections),
-            replies=sum(len(c.ledger.replies) for c in router.connections),
+            replies=len(router.replies()),  # connections gone: until their replies end
             queued_generations=router.queued,
             conversations=router.engine.conversation_count(),
             memory_write_failures=router.engine.memory_write_failures,

@@ -65,7 +65,7 @@ async def _one_to_one(router: Router, conn: Connection, request: Say | Greet) ->
     router.engine.persona(request.npc_id)  # unknown_npc before anything is accepted
     refusal = _refused(router, conn, request)
     if refusal is not None:
-        await router.refuse(conn, request, refusal)
+        await router.refuse(conn, request, refusal, conn.frame_encoding)
         return
     reply = Reply()
     if cancelled:
@@ -141,7 +141,7 @@ async def scene_start(router: Router, conn: Connection, request: SceneStart) -> 
     )
     refusal = _refused(router, conn, request)
     if refusal is not None:
-        await router.refuse(conn, request, refusal)
+        await router.refuse(conn, request, refusal, conn.frame_encoding)
         return
     run = SceneRun(scene, request, Reply())
     if cancelled:
@@ -166,7 +166,7 @@ async def scene_say(router: Router, conn: Connection, request: Say) -> None:
         raise FieldError("id", f"Request id {request.id!r} is still in flight.")
     refusal = router.admission.scene_line_waiting(len(run.says))
     if refusal is not None:
-        await router.refuse(conn, request, refusal)
+        await router.refuse(conn, request, refusal, conn.frame_encoding)
         return
     conn.ledger.accept(request.id, run.reply)  # its cancel ends the scene
     run.says.append(request)
@@ -203,7 +203,7 @@ async def _run_scene(router: Router, conn: Connection, run: SceneRun) -> None:
         for unanswered in run.says:  # lines the scene ended before answering
             conn.ledger.finish(unanswered.id)
             ended = Refusal("invalid_request", "The scene ended.", {"field": "scene_id"})
-            await router.refuse(conn, unanswered, ended)
+            await router.refuse(conn, unanswered, ended, conn.encoding)
         conn.scenes.pop(scene.scene_id, None)
         conn.ledger.finish(request.id)
         await conn.send(

@@ -26,7 +26,7 @@ from typing import Any, cast
 from npc_engine import __version__
 from npc_engine.config import ServerLimits
 from npc_engine.dialogue import DialogueEngine
-from npc_engine.errors import NpcEngineError, is_unavailable
+from npc_engine.errors import FieldError, NpcEngineError, UnknownNpcError, is_unavailable
 from npc_engine.protocol import (
     Cancel,
     Encoding,
@@ -58,6 +58,8 @@ UNAVAILABLE = lines.UNAVAILABLE
 def refusal_of(exc: Exception) -> Refusal:
     """The error frame for an exception a handler raised (the one mapping for requests;
     a streamed line's failure is a ``reply.end`` instead: ``lines._line_over``)."""
+    if isinstance(exc, UnknownNpcError | FieldError):  # the request named something wrong
+        return Refusal(cast(ErrorCode, exc.code), str(exc), exc.details())
     if is_unavailable(exc):  # a Chroma server down: retry later, nothing broke
         return Refusal("unavailable", UNAVAILABLE)
     if isinstance(exc, NpcEngineError):
@@ -171,7 +173,7 @@ class Router:
         """The connection's task: its queued requests, one at a time, in order."""
         while True:
             request, encoding = await conn.pending.get()
-            conn.serving = True
+            conn.serving, conn.frame_encoding = True, encoding
             try:
                 await ROUTES[type(request)].handler(self, conn, request)
             except asyncio.CancelledError:
