@@ -621,13 +621,13 @@ def cmd_save(args: argparse.Namespace) -> int:
     store = make_store(config, _progress)
     try:
         if args.action == "list":
-            for info in store.list_saves():
+            for info in store.saves.list_saves():
                 print(f"{info.save_id}\t{info.iso_created_at()}\t{info.memories} memories")
         elif args.action == "export":
-            args.file.write_bytes(store.export_save(args.save_id))
+            args.file.write_bytes(store.saves.export_save(args.save_id))
             print(f"wrote {args.file}")
         else:
-            info = store.import_save(args.save_id, read_save_file(args.file))
+            info = store.saves.import_save(args.save_id, read_save_file(args.file))
             print(f"imported {info.save_id} ({info.memories} memories)")
     finally:
         store.close()

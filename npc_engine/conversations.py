@@ -82,7 +82,7 @@ class Conversations:
             if key in self._unsaved:
                 turns = list(self._unsaved[key])
             else:
-                record = self._store.load_state(history_key(npc_id, player_id)) or {}
+                record = self._store.state.load_state(history_key(npc_id, player_id)) or {}
                 turns = [Turn.from_record(r) for r in record.get("turns", [])]
         except Exception as exc:  # a damaged record must not silence the NPC
             if is_unavailable(exc):  # a store that is down is not an empty history
@@ -189,12 +189,12 @@ class Conversations:
     ) -> None:
         """Apply a forget to the histories in the store, not only those in RAM."""
         prefix = history_key(npc_id, "")
-        for key in self._store.state_keys({"kind": "history", "npc_id": npc_id}):
+        for key in self._store.state.state_keys({"kind": "history", "npc_id": npc_id}):
             player = key[len(prefix) :]
             if ids is None and not everything and player != player_id:
                 continue
             if ids is None:
-                self._store.delete_state([key])
+                self._store.state.delete_state([key])
                 continue
             with self.lock:
                 turns = [turn.without(ids) for turn in self._conversation(npc_id, player)]

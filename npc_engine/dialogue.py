@@ -207,7 +207,7 @@ class DialogueEngine:
         """Save every NPC's memories, histories, trust and flags under ``save_id``."""
         with self._saves_lock:
             self.writer.flush()  # everything acknowledged so far is in the save
-            return self.store.create_save(save_id)
+            return self.store.saves.create_save(save_id)
 
     def load_save(self, save_id: str) -> SaveInfo:
         """Make the world what it was at the save. A turn still running meanwhile stores
@@ -218,26 +218,26 @@ class DialogueEngine:
             self.conversations.note_load()
             self.writer.flush()
             with self._world.loading():
-                info = self.store.load_save(save_id)
+                info = self.store.saves.load_save(save_id)
                 self.conversations.clear()
                 self.state.clear()
                 self.upkeep.forgotten()
             return info
 
     def list_saves(self) -> list[SaveInfo]:
-        return self.store.list_saves()
+        return self.store.saves.list_saves()
 
     def delete_save(self, save_id: str) -> bool:
         with self._saves_lock:
-            return self.store.delete_save(save_id)
+            return self.store.saves.delete_save(save_id)
 
     def export_save(self, save_id: str) -> bytes:
         with self._saves_lock:
-            return self.store.export_save(save_id)
+            return self.store.saves.export_save(save_id)
 
     def import_save(self, save_id: str, data: bytes) -> SaveInfo:
         with self._saves_lock:
-            return self.store.import_save(save_id, data)
+            return self.store.saves.import_save(save_id, data)
 
     # -- memory --------------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ class GameState:
         if key in self._trust:
             self._trust.move_to_end(key)
             return self._trust[key]
-        record = self._store.load_state(f"trust:{npc_id}:{player_id}")
+        record = self._store.state.load_state(f"trust:{npc_id}:{player_id}")
         trust = int(record["trust"]) if record else self._start_trust(npc_id)
         self._remember(self._trust, key, trust)
         return trust
@@ -149,7 +149,7 @@ class GameState:
         if player_id in self._players:
             self._players.move_to_end(player_id)
             return self._players[player_id]
-        record = self._store.load_state(f"player:{player_id}") or {}
+        record = self._store.state.load_state(f"player:{player_id}") or {}
         player = {"flags": dict(record.get("flags", {})), "game_time": record.get("game_time")}
         self._remember(self._players, player_id, player)
         return player
@@ -206,7 +206,7 @@ class GameState:
                 raise StateError("flags", f"at most {MAX_FLAGS_PER_PLAYER} flags per player")
             if flags or game_time is not None:
                 time = game_time if game_time is not None else player["game_time"]
-                self._store.save_state(
+                self._store.state.save_state(
                     f"player:{player_id}", {"flags": new_flags, "game_time": time}
                 )
                 self._remember(self._players, player_id, {"flags": new_flags, "game_time": time})
@@ -214,7 +214,7 @@ class GameState:
                 current = self._trust_of(npc_id, player_id)
                 wanted = trust if trust is not None else current + (trust_delta or 0)
                 clamped = max(TRUST_MIN, min(TRUST_MAX, wanted))
-                self._store.save_state(f"trust:{npc_id}:{player_id}", {"trust": clamped})
+                self._store.state.save_state(f"trust:{npc_id}:{player_id}", {"trust": clamped})
                 self._remember(self._trust, (npc_id, player_id), clamped)
 
 

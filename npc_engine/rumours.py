@@ -215,7 +215,7 @@ class WorldTicker:
             return 0
         with self.lock:
             now = self._clock()
-            record = self._store.load_state(TICK_STATE) or {}
+            record = self._store.state.load_state(TICK_STATE) or {}
             last = record.get("last")
             game_now = self._game_time(game_time, record.get("game_time"))
             # The first tick ever passes on the last day's news, not a whole history.
@@ -272,7 +272,9 @@ class WorldTicker:
                 if stop is not None and stop.is_set():
                     return start
                 self._write(pending[start : start + TICK_WRITE_BATCH]).result(120)
-            self._store.save_state(TICK_STATE, {"last": now.timestamp(), "game_time": game_now})
+            self._store.state.save_state(
+                TICK_STATE, {"last": now.timestamp(), "game_time": game_now}
+            )
             return len(pending)
 
     def _news(self, npc_id: str, since: datetime, now: datetime) -> Iterator[Memory]:

@@ -226,7 +226,7 @@ def test_chroma_archive_keeps_only_what_saves_name(tmp_path: Path) -> None:
     store = ChromaMemoryStore(tmp_path / "chroma", hashed_embed)
     kept = Memory("mara", "The bell rang twice.")
     store.add([kept, Memory("mara", "Gulls stole the bread.")])
-    store.create_save("s1")
+    store.saves.create_save("s1")
     store.forget("mara", memory_ids=[kept.id])
     archive = store.saves._archive()
     assert archive.get(include=[])["ids"] == [kept.id]  # forgotten but named by s1
@@ -234,7 +234,7 @@ def test_chroma_archive_keeps_only_what_saves_name(tmp_path: Path) -> None:
     store.add([unsaved])
     store.forget("mara", memory_ids=[unsaved.id])
     assert archive.get(include=[])["ids"] == [kept.id]  # no save names it: gone for good
-    store.delete_save("s1")
+    store.saves.delete_save("s1")
     assert archive.get(include=[])["ids"] == []
 
 
@@ -244,21 +244,21 @@ def test_export_import_into_another_store(tmp_path: Path) -> None:
         Memory("mara", f"Fact number {n} about the harbour.", player_id="p1") for n in range(5)
     ]
     source.add(memories)
-    source.save_state("trust:mara:p1", {"trust": 30})
-    source.create_save("slot")
-    data = source.export_save("slot")
+    source.state.save_state("trust:mara:p1", {"trust": 30})
+    source.saves.create_save("slot")
+    data = source.saves.export_save("slot")
     target = ChromaMemoryStore(tmp_path / "b", hashed_embed)
-    assert target.import_save("imported", data).memories == 5
+    assert target.saves.import_save("imported", data).memories == 5
     assert target.recent("mara", "p1", 10) == []  # waits in the archive until loaded
-    target.load_save("imported")
+    target.saves.load_save("imported")
     assert sorted(m.text for m in target.recent("mara", "p1", 10)) == sorted(
         m.text for m in memories
     )
-    assert target.load_state("trust:mara:p1") == {"trust": 30}
+    assert target.state.load_state("trust:mara:p1") == {"trust": 30}
     hits = target.search("mara", "p1", "Fact number 3 about the harbour.", 1)
     assert hits[0].memory.text == "Fact number 3 about the harbour."
     with pytest.raises(FieldError) as bad:
-        target.import_save("junk", b"not a save")
+        target.saves.import_save("junk", b"not a save")
     assert bad.value.field == "file"
 
 

@@ -186,11 +186,11 @@ SAVING_SCRIPT = textwrap.dedent(
     if store.count("mara") == 0:
         store.add([Memory("mara", f"Fact {n} about the tide.", player_id=f"p{n % 7}")
                    for n in range(int(sys.argv[2]))])
-    store.save_state("trust:mara:p1", {"trust": 10})
+    store.state.save_state("trust:mara:p1", {"trust": 10})
     print("ready", flush=True)
     n = 0
     while True:
-        store.create_save(f"s{n % 40}")
+        store.saves.create_save(f"s{n % 40}")
         n += 1
     """
 )
@@ -220,13 +220,13 @@ def test_kill_9_during_save_create_leaves_the_store_and_saves_whole(tmp_path: Pa
     store.add([Memory("mara", "Whales sang under the lighthouse.", player_id="p3")])
     top = store.search("mara", "p3", "Whales sang under the lighthouse.", 1)
     assert top[0].memory.text == "Whales sang under the lighthouse."  # the index still takes writes
-    saves = store.list_saves()
+    saves = store.saves.list_saves()
     assert saves, "some saves finished before the kills"
     for info in saves:
         assert info.memories == count
-        store.load_save(info.save_id)
+        store.saves.load_save(info.save_id)
         assert store.count("mara") == count  # as saved (the whale line came later)
-        assert store.load_state("trust:mara:p1") == {"trust": 10}
+        assert store.state.load_state("trust:mara:p1") == {"trust": 10}
 
 
 def test_warm_makes_the_first_say_start_at_the_head(shared_runtime: Any) -> None:

@@ -94,13 +94,13 @@ def world(tmp_path: Path) -> tuple[ChromaMemoryStore, Memory, bytes]:
     store = store_at(tmp_path / "chroma")
     x = Memory("mara", "The bell rang twice.", kind="event")
     store.add([x, Memory("mara", "p1 paid in silver.", player_id="p1")])
-    store.save_state("trust:mara:p1", {"trust": 40})
-    store.create_save("s1")
+    store.state.save_state("trust:mara:p1", {"trust": 40})
+    store.saves.create_save("s1")
     other = store_at(tmp_path / "other")
     other.add([Memory("mara", "Gulls stole the bread.", player_id="p2")])
-    other.save_state("trust:mara:p2", {"trust": -10})
-    other.create_save("theirs")
-    return store, x, other.export_save("theirs")
+    other.state.save_state("trust:mara:p2", {"trust": -10})
+    other.saves.create_save("theirs")
+    return store, x, other.saves.export_save("theirs")
 
 
 def live_texts(store: ChromaMemoryStore) -> set[str]:
@@ -117,10 +117,10 @@ def test_a_collection_name_with_a_trailing_newline_is_refused_at_import(world: A
     name = own_name("mara") + "\n"
     before = snapshot(store)
     with pytest.raises(SaveError) as refused:
-        store.import_save("evil", crafted({name: [fake.id]}, {fake.id: record(fake)}))
+        store.saves.import_save("evil", crafted({name: [fake.id]}, {fake.id: record(fake)}))
     assert refused.value.field == "file"
     assert snapshot(store) == before
-    store.load_save("s1")
+    store.saves.load_save("s1")
     assert "The bell rang twice." in live_texts(store)
 
 
@@ -155,11 +155,11 @@ def test_a_damaged_save_neither_loads_halfway_nor_bricks_the_next_start(
     store = store_at(path)
     x = Memory("mara", "The bell rang twice.")
     store.add([x, Memory("mara", "Made after every save.")])
-    store.create_save("s1")
+    store.saves.create_save("s1")
     plant_damaged_save(store, DAMAGED[damage](x))
     before = snapshot(store)
     with pytest.raises(SaveError) as refused:
-        store.load_save("damaged")
+        store.saves.load_save("damaged")
     assert refused.value.field == "save_id"
     assert snapshot(store) == before  # refused before anything moved
     # A load of it left pending (an older engine crashed, or failed, partway): the next
@@ -176,7 +176,7 @@ def test_a_damaged_save_neither_loads_halfway_nor_bricks_the_next_start(
     assert not reopened.saves.saves_collection().get(ids=[PENDING_LOAD])["ids"]
     reopened.close()
     again = store_at(path)  # and stays startable
-    again.load_save("s1")
+    again.saves.load_save("s1")
     assert {m.text for m in again.recent("mara", None, 10)} == {
         "The bell rang twice.",
         "Made after every save.",
@@ -188,7 +188,7 @@ def test_a_pending_load_the_store_can_finish_is_finished(tmp_path: Path) -> None
     path = tmp_path / "chroma"
     store = store_at(path)
     store.add([Memory("mara", "Before.")])
-    store.create_save("s1")
+    store.saves.create_save("s1")
     store.add([Memory("mara", "After.")])
     store.saves.saves_collection().upsert(
         ids=[PENDING_LOAD], metadatas=[{"kind": "pending", "save_id": "s1"}], embeddings=ONE_VECTOR
@@ -208,9 +208,9 @@ def test_a_record_the_manifest_does_not_name_is_refused(world: Any) -> None:
     forged = Memory("guard", "FORGED TEXT", player_id="p9", id=x.id)
     before = snapshot(store)
     with pytest.raises(SaveError):
-        store.import_save("evil", crafted({}, {x.id: record(forged)}))
+        store.saves.import_save("evil", crafted({}, {x.id: record(forged)}))
     assert snapshot(store) == before
-    store.load_save("s1")
+    store.saves.load_save("s1")
     assert "The bell rang twice." in live_texts(store)
     assert "FORGED TEXT" not in live_texts(store)
 
@@ -220,17 +220,19 @@ def test_an_imported_id_that_exists_here_cannot_rewrite_another_save(world: Any)
     store, x, _ = world
     store.forget("mara", memory_ids=[x.id])
     forged = Memory("mara", "FORGED TEXT", kind="event", id=x.id)
-    info = store.import_save("evil", crafted({own_name("mara"): [x.id]}, {x.id: record(forged)}))
+    info = store.saves.import_save(
+        "evil", crafted({own_name("mara"): [x.id]}, {x.id: record(forged)})
+    )
     assert info.memories == 1
-    store.load_save("s1")
+    store.saves.load_save("s1")
     assert store.recent("mara", None, 10)[0].text == "The bell rang twice."
     assert store.recent("mara", None, 10)[0].id == x.id
-    store.load_save("evil")  # the import's own copy, under an id of its own
+    store.saves.load_save("evil")  # the import's own copy, under an id of its own
     [mine] = store.recent("mara", None, 10)
     assert mine.text == "FORGED TEXT" and mine.id != x.id
-    store.load_save("s1")
+    store.saves.load_save("s1")
     assert [m.text for m in store.recent("mara", None, 10)] == ["The bell rang twice."]
-    assert store.load_state("trust:mara:p1") == {"trust": 40}
+    assert store.state.load_state("trust:mara:p1") == {"trust": 40}
 
 
 OTHER_PLACE = {
@@ -261,7 +263,7 @@ def test_record_metadata_must_agree_with_its_collection(world: Any, where: str) 
     ):
         before = snapshot(store)
         with pytest.raises(SaveError):
-            store.import_save("evil", bad)
+            store.saves.import_save("evil", bad)
         assert snapshot(store) == before
 
 
@@ -273,10 +275,10 @@ def test_a_refused_import_over_max_saves_writes_nothing(
     monkeypatch.setattr(chroma_saves, "MAX_SAVES", 1)
     before = snapshot(store)
     with pytest.raises(SaveError) as refused:
-        store.import_save("second", theirs)
+        store.saves.import_save("second", theirs)
     assert refused.value.field == "save_id"
     assert snapshot(store) == before
-    assert store.import_save("s1", theirs).memories == 1  # replacing one is allowed
+    assert store.saves.import_save("s1", theirs).memories == 1  # replacing one is allowed
 
 
 @pytest.mark.timeout(60)
@@ -292,13 +294,13 @@ def test_export_import_renames_consistently(tmp_path: Path) -> None:
     turn = {"player_text": "Hi", "reply_text": "Aye.", "memory_ids": [new.id], "noted": []}
     turn["noted"] = [[new.id, "- p1 is called Rob."]]
     labels = {"kind": "history", "npc_id": "mara", "player_id": "p1"}
-    source.save_state("history:mara\x1fp1", {"turns": [turn]}, labels)
-    source.save_state("player:p1", {"flags": {"paid": True}, "game_time": 30.0})
-    source.save_state("world-tick", {"last": 1000.0})
-    source.create_save("slot")
+    source.state.save_state("history:mara\x1fp1", {"turns": [turn]}, labels)
+    source.state.save_state("player:p1", {"flags": {"paid": True}, "game_time": 30.0})
+    source.state.save_state("world-tick", {"last": 1000.0})
+    source.saves.create_save("slot")
     target = store_at(tmp_path / "b")
-    assert target.import_save("copy", source.export_save("slot")).memories == 4
-    target.load_save("copy")
+    assert target.saves.import_save("copy", source.saves.export_save("slot")).memories == 4
+    target.saves.load_save("copy")
     facts = {m.text: m for m in target.of_player("mara", "p1")}
     renamed_new = facts["p1 is called Rob."]
     assert renamed_new.id != new.id
@@ -306,12 +308,12 @@ def test_export_import_renames_consistently(tmp_path: Path) -> None:
     [rumour] = target.rumours_of("wren")
     [mine] = target.rumours_of("mara")
     assert rumour.origin == f"mara/{mine.id}" and mine.origin == "wren/abc"
-    history = target.load_state("history:mara\x1fp1")
+    history = target.state.load_state("history:mara\x1fp1")
     assert history is not None
     assert history["turns"][0]["memory_ids"] == [renamed_new.id]
     assert history["turns"][0]["noted"] == [[renamed_new.id, "- p1 is called Rob."]]
-    assert target.load_state("player:p1") == {"flags": {"paid": True}, "game_time": 30.0}
-    assert target.state_keys({"kind": "history", "npc_id": "mara"}) == ["history:mara\x1fp1"]
+    assert target.state.load_state("player:p1") == {"flags": {"paid": True}, "game_time": 30.0}
+    assert target.state.state_keys({"kind": "history", "npc_id": "mara"}) == ["history:mara\x1fp1"]
 
 
 # -- 3. decompression bombs ---------------------------------------------------------------
@@ -329,8 +331,8 @@ def test_a_decompression_bomb_is_refused_quickly_without_inflating_it(tmp_path: 
     assert len(data) < 1_200_000
     for importer in (
         decode_export,
-        lambda d: InMemoryStore().import_save("s", d),
-        lambda d: store_at(tmp_path / "c").import_save("s", d),
+        lambda d: InMemoryStore().saves.import_save("s", d),
+        lambda d: store_at(tmp_path / "c").saves.import_save("s", d),
     ):
         tracemalloc.start()
         started = time.perf_counter()
@@ -391,7 +393,7 @@ def test_unsafe_save_names_are_refused_everywhere(name: str) -> None:
     with pytest.raises(SaveError):
         check_save_id(name)
     with pytest.raises(SaveError):
-        InMemoryStore().create_save(name)
+        InMemoryStore().saves.create_save(name)
     for request in (
         {"type": "save.create", "id": "1", "save_id": name},
         {"type": "save.import", "id": "1", "save_id": "ok", "file": f"{name}.npcsave"},
@@ -418,14 +420,14 @@ def test_vectors_of_another_dimension_are_refused(tmp_path: Path) -> None:
     store = store_at(tmp_path / "chroma")  # empty archive: the first write would fix it
     short = Memory("mara", "Three numbers only.")
     with pytest.raises(SaveError, match="dimensions"):
-        store.import_save(
+        store.saves.import_save(
             "evil", crafted({own_name("mara"): [short.id]}, {short.id: record(short, [0.5] * 3)})
         )
     kept = Memory("mara", "The bell rang twice.")
     store.add([kept])
-    store.create_save("s1")
+    store.saves.create_save("s1")
     store.forget("mara", memory_ids=[kept.id])  # moved into the archive: its dimension
-    store.load_save("s1")
+    store.saves.load_save("s1")
     assert [m.text for m in store.recent("mara", None, 5)] == ["The bell rang twice."]
 
 
@@ -441,7 +443,9 @@ def test_collections_beyond_the_engines_shards_are_refused(world: Any) -> None:
     ):
         before = snapshot(store)
         with pytest.raises(SaveError):
-            store.import_save("evil", crafted({name: [memory.id]}, {memory.id: record(memory)}))
+            store.saves.import_save(
+                "evil", crafted({name: [memory.id]}, {memory.id: record(memory)})
+            )
         assert snapshot(store) == before
 
 
@@ -481,7 +485,7 @@ def test_game_state_from_a_save_keeps_the_rules_of_state_set(world: Any, case: s
     key, value, labels = BAD_STATE[case]
     before = snapshot(store)
     with pytest.raises(SaveError):
-        store.import_save("evil", crafted({}, {}, {key: [json.dumps(value), labels]}))
+        store.saves.import_save("evil", crafted({}, {}, {key: [json.dumps(value), labels]}))
     assert snapshot(store) == before
     memory_store = InMemoryStore()
     file = saves.encode_export(
@@ -490,8 +494,8 @@ def test_game_state_from_a_save_keeps_the_rules_of_state_set(world: Any, case: s
         {},
     )
     with pytest.raises(SaveError):
-        memory_store.import_save("evil", file)
-    assert memory_store.list_saves() == []
+        memory_store.saves.import_save("evil", file)
+    assert memory_store.saves.list_saves() == []
 
 
 @pytest.mark.timeout(60)
@@ -499,11 +503,11 @@ def test_the_in_memory_store_refuses_what_the_chroma_store_refuses() -> None:
     source = InMemoryStore()
     memory = Memory("mara", "The bell rang twice.")
     source.add([memory])
-    source.save_state("trust:mara:p1", {"trust": 5})
-    source.create_save("slot")
-    good = as_document(source.export_save("slot"))
+    source.state.save_state("trust:mara:p1", {"trust": 5})
+    source.saves.create_save("slot")
+    good = as_document(source.saves.export_save("slot"))
     target = InMemoryStore()
-    assert target.import_save("copy", as_file(good)).memories == 1
+    assert target.saves.import_save("copy", as_file(good)).memories == 1
     unnamed = copy.deepcopy(good)
     unnamed["manifest"]["memories"]["all"] = []
     bad_kind = copy.deepcopy(good)
@@ -512,8 +516,8 @@ def test_the_in_memory_store_refuses_what_the_chroma_store_refuses() -> None:
     naive["records"][memory.id]["memory"]["created_at"] = "2026-01-01T00:00:00"
     for bad in (unnamed, bad_kind, naive):
         with pytest.raises(SaveError):
-            target.import_save("evil", as_file(bad))
-    assert [info.save_id for info in target.list_saves()] == ["copy"]
+            target.saves.import_save("evil", as_file(bad))
+    assert [info.save_id for info in target.saves.list_saves()] == ["copy"]
 
 
 # -- fuzz: only SaveError, nothing changed on a refusal, bounded time ---------------------
@@ -628,7 +632,7 @@ def refused_or_clean(read: Any, data: bytes) -> None:
 @given(data=mutated(4) | st.binary(max_size=300) | st.binary(max_size=300).map(gzip.compress))
 def test_fuzz_reading_a_save_file_only_ever_refuses(data: bytes) -> None:
     refused_or_clean(lambda d: read_import(d, 4), data)
-    refused_or_clean(lambda d: InMemoryStore().import_save("fuzz", d), data)
+    refused_or_clean(lambda d: InMemoryStore().saves.import_save("fuzz", d), data)
 
 
 @pytest.mark.timeout(60)
@@ -643,8 +647,8 @@ def test_fuzz_imports_into_a_real_store_change_nothing_when_refused(tmp_path: Pa
     store = store_at(tmp_path / "chroma")
     x = Memory("mara", "The bell rang twice.")
     store.add([x, Memory("mara", "p1 paid.", player_id="p1")])
-    store.save_state("trust:mara:p1", {"trust": 40})
-    store.create_save("s1")
+    store.state.save_state("trust:mara:p1", {"trust": 40})
+    store.saves.create_save("s1")
     store.forget("mara", memory_ids=[x.id])
     accepted = []
 
@@ -654,20 +658,20 @@ def test_fuzz_imports_into_a_real_store_change_nothing_when_refused(tmp_path: Pa
         before = snapshot(store)
         started = time.perf_counter()
         try:
-            store.import_save("fuzz", data)
+            store.saves.import_save("fuzz", data)
         except SaveError:
             assert snapshot(store) == before
         else:
             accepted.append(1)
-            store.load_save("fuzz")
-            store.load_save("s1")
-            assert store.delete_save("fuzz")
+            store.saves.load_save("fuzz")
+            store.saves.load_save("s1")
+            assert store.saves.delete_save("fuzz")
         assert time.perf_counter() - started < 10
 
     one()
-    store.load_save("s1")
+    store.saves.load_save("s1")
     assert live_texts(store) == {"The bell rang twice.", "p1 paid."}
-    assert store.load_state("trust:mara:p1") == {"trust": 40}
+    assert store.state.load_state("trust:mara:p1") == {"trust": 40}
 
 
 @pytest.mark.timeout(30)

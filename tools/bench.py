@@ -1035,7 +1035,7 @@ store = ChromaMemoryStore(Path(sys.argv[1]), lambda texts: [[0.0] * 384 for _ in
 if sys.argv[2] == "ahead":
     store.open_collections_in_background().join()
 started = time.perf_counter()
-store.create_save("first-after-start")
+store.saves.create_save("first-after-start")
 print(time.perf_counter() - started)
 """
 

@@ -50,7 +50,6 @@ from npc_engine.memory.chroma_records import (
 from npc_engine.memory.chroma_saves import ChromaGameState, ChromaSaves
 from npc_engine.memory.chroma_server_search import ServerSearch
 from npc_engine.memory.keywords import KeywordIndex
-from npc_engine.memory.saves import SaveInfo
 from npc_engine.memory.types import (
     Candidate,
     Memory,
@@ -124,6 +123,7 @@ class ChromaMemoryStore:
         # Whether the local index holds every live memory (see _synced_index).
         self.index_synced = threading.Event()
         self._sync_lock = threading.RLock()
+        # The store's two other ports (``MemoryStore.state``, ``.saves``).
         self.state = ChromaGameState(self.collection)
         self.saves = ChromaSaves(self, self.state)
         self.saves.resume_interrupted_load()
@@ -626,40 +626,6 @@ class ChromaMemoryStore:
         """Forget every cached record and player vector (Chroma changed under them)."""
         self._records.clear()
         self._player_vectors.drop()
-
-    # -- game state and saves: ``chroma_saves.py`` ---------------------------------------
-
-    def load_state(self, key: str) -> dict[str, Any] | None:
-        return self.state.load_state(key)
-
-    def save_state(
-        self, key: str, value: dict[str, Any], labels: dict[str, str] | None = None
-    ) -> None:
-        self.state.save_state(key, value, labels)
-
-    def state_keys(self, labels: dict[str, str]) -> list[str]:
-        return self.state.state_keys(labels)
-
-    def delete_state(self, keys: list[str]) -> None:
-        self.state.delete_state(keys)
-
-    def list_saves(self) -> list[SaveInfo]:
-        return self.saves.list_saves()
-
-    def create_save(self, save_id: str) -> SaveInfo:
-        return self.saves.create_save(save_id)
-
-    def delete_save(self, save_id: str) -> bool:
-        return self.saves.delete_save(save_id)
-
-    def load_save(self, save_id: str) -> SaveInfo:
-        return self.saves.load_save(save_id)
-
-    def export_save(self, save_id: str) -> bytes:
-        return self.saves.export_save(save_id)
-
-    def import_save(self, save_id: str, data: bytes) -> SaveInfo:
-        return self.saves.import_save(save_id, data)
 
     def memory_collections(self) -> dict[str, Any]:
         names = [c.name for c in self._client.list_collections()]

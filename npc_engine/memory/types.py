@@ -131,8 +131,49 @@ class ScoredMemory:
         }
 
 
+class StateStore(Protocol):
+    """Game-state records by key: JSON objects, labelled to be found again."""
+
+    def load_state(self, key: str) -> dict[str, Any] | None:
+        """A game-state record (trust, flags), or None if never saved."""
+        ...
+
+    def save_state(
+        self, key: str, value: dict[str, Any], labels: dict[str, str] | None = None
+    ) -> None:
+        """Replace a game-state record; durable when this returns. ``labels`` (default:
+        the key's first part as ``kind``) let ``state_keys`` find records."""
+        ...
+
+    def state_keys(self, labels: dict[str, str]) -> list[str]: ...
+
+    def delete_state(self, keys: list[str]) -> None: ...
+
+
+class SaveStore(Protocol):
+    """Save slots (``npc_engine/memory/saves.py``): every memory, history, trust and flag."""
+
+    def create_save(self, save_id: str) -> SaveInfo: ...
+
+    def load_save(self, save_id: str) -> SaveInfo: ...
+
+    def list_saves(self) -> list[SaveInfo]: ...
+
+    def delete_save(self, save_id: str) -> bool: ...
+
+    def export_save(self, save_id: str) -> bytes: ...
+
+    def import_save(self, save_id: str, data: bytes) -> SaveInfo:
+        """Keep an exported save file as ``save_id``. ``data`` is untrusted (someone
+        else's file): bounded when inflated, checked whole, kept whole or not at all
+        (SaveError, nothing changed), and never able to change another save."""
+        ...
+
+
 class MemoryStore(Protocol):
-    """Where memories live. Implementations: Chroma on disk, and an in-memory fake for tests.
+    """Where memories live, searched by meaning and keywords; its ``state`` and ``saves``
+    are the two other ports of the same store. Implementations: Chroma on disk or on a
+    server, and an in-memory fake for tests.
 
     ``player_id=None`` in a query means: only the NPC's own memories (tied to no player).
     With a player id: that player's memories plus the NPC's own; never another player's.
@@ -210,36 +251,14 @@ class MemoryStore(Protocol):
         """The ids of its rumours that faded (see ``faded_at``)."""
         ...
 
-    def load_state(self, key: str) -> dict[str, Any] | None:
-        """A game-state record (trust, flags), or None if never saved."""
+    @property
+    def state(self) -> StateStore:
+        """Game-state records (trust, flags, histories) kept beside the memories."""
         ...
 
-    def save_state(
-        self, key: str, value: dict[str, Any], labels: dict[str, str] | None = None
-    ) -> None:
-        """Replace a game-state record; durable when this returns. ``labels`` (default:
-        the key's first part as ``kind``) let ``state_keys`` find records."""
-        ...
-
-    def state_keys(self, labels: dict[str, str]) -> list[str]: ...
-
-    def delete_state(self, keys: list[str]) -> None: ...
-
-    # Save slots (npc_engine/memory/saves.py): every memory, history, trust and flag.
-    def create_save(self, save_id: str) -> SaveInfo: ...
-
-    def load_save(self, save_id: str) -> SaveInfo: ...
-
-    def list_saves(self) -> list[SaveInfo]: ...
-
-    def delete_save(self, save_id: str) -> bool: ...
-
-    def export_save(self, save_id: str) -> bytes: ...
-
-    def import_save(self, save_id: str, data: bytes) -> SaveInfo:
-        """Keep an exported save file as ``save_id``. ``data`` is untrusted (someone
-        else's file): bounded when inflated, checked whole, kept whole or not at all
-        (SaveError, nothing changed), and never able to change another save."""
+    @property
+    def saves(self) -> SaveStore:
+        """Save slots of everything: memories, histories, trust and flags."""
         ...
 
     def close(self) -> None: ...

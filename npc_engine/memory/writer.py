@@ -106,9 +106,9 @@ class MemoryWriter:
     def _write_states(self, states: Sequence[StateWrite]) -> None:
         for key, value, labels in states:
             if value is None:
-                self._store.delete_state([key])
+                self._store.state.delete_state([key])
             else:
-                self._store.save_state(key, value, labels)
+                self._store.state.save_state(key, value, labels)
 
     def _write_alone(self, write: _Write) -> bool:
         try:
