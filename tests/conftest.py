@@ -8,6 +8,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,6 +97,33 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         print(f"\nstopped {len(leftovers)} process(es) that tests left running:")
         for command in leftovers:
             print(f"  {command}")
+
+
+def fake_engine(
+    generator: Any = None,
+    *,
+    personas: Path = SAMPLE_PERSONAS,
+    store: Any = None,
+    reply: str = "Aye.",
+    fake_retrieval: bool = True,
+    **config: Any,
+) -> Any:
+    """A ``DialogueEngine`` on the fakes, no model: the scripted generator (answering
+    ``reply`` unless one is given) and the in-memory store. ``fake_retrieval``: recall keeps
+    every memory (the fake store's vectors are not MiniLM's: its scores are not meaningful)."""
+    from npc_engine.dialogue import DialogueEngine
+    from npc_engine.generation.scripted import ScriptedGenerator
+    from npc_engine.memory.in_memory import InMemoryStore
+    from npc_engine.persona.loader import load_personas
+
+    if fake_retrieval:
+        config.setdefault("retrieval", FAKE_STORE_RETRIEVAL)
+    return DialogueEngine(
+        load_personas(personas),
+        generator if generator is not None else ScriptedGenerator(respond=lambda _p: reply),
+        store if store is not None else InMemoryStore(),
+        load_config(**config),
+    )
 
 
 @pytest.fixture

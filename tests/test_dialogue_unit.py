@@ -7,23 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from npc_engine.config import load_config
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.errors import UnknownNpcError
 from npc_engine.generation.scripted import ScriptedGenerator
-from npc_engine.memory.in_memory import InMemoryStore
-from npc_engine.persona.loader import load_personas
 
-from .conftest import FAKE_STORE_RETRIEVAL
+from .conftest import fake_engine
 
 
 def make_engine(
     sample_personas: Path, generator: ScriptedGenerator, **config: object
 ) -> DialogueEngine:
-    config.setdefault("retrieval", FAKE_STORE_RETRIEVAL)
-    return DialogueEngine(
-        load_personas(sample_personas), generator, InMemoryStore(), load_config(**config)
-    )
+    engine: DialogueEngine = fake_engine(generator, personas=sample_personas, **config)
+    return engine
 
 
 def test_reply_streams_and_memories_are_third_person(sample_personas: Path) -> None:

@@ -25,7 +25,7 @@ from npc_engine.persona.model import GameActionSpec
 from npc_engine.prompt import greeting_message
 from npc_engine.sentences import SentenceTrim
 
-from .conftest import FAKE_STORE_RETRIEVAL
+from .conftest import fake_engine
 
 DAY = 1440  # game minutes
 
@@ -36,10 +36,8 @@ def make_engine(
     store: MemoryStore | None = None,
     **config: object,
 ) -> DialogueEngine:
-    config.setdefault("retrieval", FAKE_STORE_RETRIEVAL)
-    return DialogueEngine(
-        load_personas(personas), generator, store or InMemoryStore(), load_config(**config)
-    )
+    engine: DialogueEngine = fake_engine(generator, personas=personas, store=store, **config)
+    return engine
 
 
 def hashed_embed(texts: list[str]) -> list[list[float]]:

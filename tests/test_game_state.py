@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from npc_engine.config import load_config
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.game_state import MAX_FLAGS_PER_PLAYER, StateError
 from npc_engine.generation.scripted import ScriptedGenerator
 from npc_engine.guard import PUZZLED_LINES
 from npc_engine.memory.in_memory import InMemoryStore
-from npc_engine.persona.loader import load_personas
+
+from .conftest import fake_engine
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,9 +26,10 @@ BELL = "The chapel bell rang by itself"
 def make_engine(
     sample_personas: Path, generator: ScriptedGenerator, store: InMemoryStore | None = None
 ) -> DialogueEngine:
-    return DialogueEngine(
-        load_personas(sample_personas), generator, store or InMemoryStore(), load_config()
+    engine: DialogueEngine = fake_engine(
+        generator, personas=sample_personas, store=store, fake_retrieval=False
     )
+    return engine
 
 
 def test_trust_and_flags_are_set_clamped_and_read_back(sample_personas: Path) -> None:

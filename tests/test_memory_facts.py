@@ -10,16 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from npc_engine.config import load_config
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.generation.scripted import ScriptedGenerator
 from npc_engine.memory.chroma_store import ChromaMemoryStore
 from npc_engine.memory.facts import extract_facts
-from npc_engine.memory.in_memory import InMemoryStore
 from npc_engine.memory.types import MemoryStore
-from npc_engine.persona.loader import load_personas
 
-from .conftest import REPO
+from .conftest import REPO, fake_engine
 from .test_game_loop import hashed_embed
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,12 +26,14 @@ FACT_LINES = REPO / "tests/probes/fact_lines.yaml"
 def make_engine(
     personas: Path, store: MemoryStore | None = None, **config: object
 ) -> DialogueEngine:
-    return DialogueEngine(
-        load_personas(personas),
-        ScriptedGenerator(respond=lambda _prompt: "Is that so, love?"),
-        store or InMemoryStore(),
-        load_config(**config),
+    engine: DialogueEngine = fake_engine(
+        personas=personas,
+        store=store,
+        reply="Is that so, love?",
+        fake_retrieval=False,
+        **config,
     )
+    return engine
 
 
 def test_fact_rules_are_precise_on_the_committed_set() -> None:

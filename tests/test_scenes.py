@@ -11,18 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from npc_engine.config import load_config
 from npc_engine.dialogue import DialogueEngine
 from npc_engine.errors import FieldError
 from npc_engine.generation.scripted import ScriptedGenerator
-from npc_engine.memory.in_memory import InMemoryStore
 from npc_engine.memory.types import Memory
 from npc_engine.persona.loader import load_personas
 from npc_engine.rumours import confidants, worth_telling
 from npc_engine.scenes import Scene, SceneLine, addressed, closes_talk, next_speaker
 from npc_engine.turns import scene_key
 
-from .conftest import FAKE_STORE_RETRIEVAL, SAMPLE_PERSONAS
+from .conftest import SAMPLE_PERSONAS, fake_engine
 
 pytestmark = pytest.mark.timeout(60)
 NAMES = {"mara": "Mara Saltwhistle", "guard_tom": "Tom Hale", "wren": "Old Wren"}
@@ -31,8 +29,8 @@ NAMES = {"mara": "Mara Saltwhistle", "guard_tom": "Tom Hale", "wren": "Old Wren"
 def engine(
     generator: ScriptedGenerator, folder: Path = SAMPLE_PERSONAS, **config: object
 ) -> DialogueEngine:
-    config.setdefault("retrieval", FAKE_STORE_RETRIEVAL)
-    return DialogueEngine(load_personas(folder), generator, InMemoryStore(), load_config(**config))
+    built: DialogueEngine = fake_engine(generator, personas=folder, **config)
+    return built
 
 
 def scene_of(*lines: tuple[str, str]) -> Scene:

@@ -31,7 +31,7 @@ from npc_engine.rumours import MAX_REPORTED_CHARS, bounded_words, steers
 from npc_engine.server import NpcServer
 from npc_engine.world_ticks import TickQueue
 
-from .conftest import FAKE_STORE_RETRIEVAL, SAMPLE_PERSONAS
+from .conftest import FAKE_STORE_RETRIEVAL, SAMPLE_PERSONAS, fake_engine
 from .test_server_faults import FaultyGenerator
 
 pytestmark = pytest.mark.timeout(60)
@@ -43,13 +43,10 @@ INJECTION = (
 
 
 def engine(folder: Path = SAMPLE_PERSONAS, store: Any = None, **config: Any) -> DialogueEngine:
-    config.setdefault("retrieval", FAKE_STORE_RETRIEVAL)
-    return DialogueEngine(
-        load_personas(folder),
-        ScriptedGenerator(respond=lambda _p: "Well I never."),
-        store if store is not None else InMemoryStore(),
-        load_config(**config),
+    engine: DialogueEngine = fake_engine(
+        personas=folder, store=store, reply="Well I never.", **config
     )
+    return engine
 
 
 def ticking(eng: DialogueEngine) -> list[datetime]:
