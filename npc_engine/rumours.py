@@ -254,7 +254,7 @@ class WorldTicker:
                 )
                 for listener in listeners:
                     origins = [origin_of(m) for m in passed]
-                    known = self._store.origins_known(listener, origins)
+                    known = self._store.rumours.origins_known(listener, origins)
                     for memory, origin in zip(passed, origins, strict=True):
                         first_teller = origin.split("/", 1)[0]
                         if origin in known or listener in (first_teller, memory.source):
@@ -282,7 +282,7 @@ class WorldTicker:
         only as many are read as are checked: the first tick of a 100-NPC town read every
         memory of the day, 3,300 of them)."""
         settings = self._settings
-        for memory in self._store.made_between(npc_id, since, now, settings.min_importance):
+        for memory in self._store.rumours.made_between(npc_id, since, now, settings.min_importance):
             if worth_telling(memory, settings.min_importance, settings.max_hops):
                 yield memory
 
@@ -301,6 +301,6 @@ class WorldTicker:
         return min(asked, float(last) + self._settings.max_tick_minutes)
 
     def _fade(self, npc_id: str, now: datetime, game_now: float | None) -> None:
-        old = self._store.faded_rumours(npc_id, now, game_now, self._settings.fade_minutes)
+        old = self._store.rumours.faded_rumours(npc_id, now, game_now, self._settings.fade_minutes)
         if old:
             self._forget(npc_id, old)

@@ -173,25 +173,27 @@ def test_a_tick_reads_the_index_as_it_would_read_chroma(tmp_path: Path) -> None:
     since, until = world[3].created_at, world[25].created_at
 
     def news(store: ChromaMemoryStore) -> list[tuple[str, int]]:
-        return [(m.id, m.importance) for m in store.made_between("mara", since, until, 4)]
+        return [(m.id, m.importance) for m in store.rumours.made_between("mara", since, until, 4)]
 
     expected = sorted(
         (m for m in world[:36] if since <= m.created_at < until and m.importance >= 4),
         key=lambda m: (-m.importance, m.created_at),
     )
     assert news(local) == news(scanning) == [(m.id, m.importance) for m in expected]
-    read_back = next(iter(local.made_between("mara", since, until, 4)))
+    read_back = next(iter(local.rumours.made_between("mara", since, until, 4)))
     assert read_back.text == expected[0].text and read_back.player_id == expected[0].player_id
     now = world[29].created_at
     for game_now, fade in ((None, 40 * 60.0), (1000.0, 600.0)):  # real time, game time
-        fading = local.faded_rumours("mara", now, game_now, fade)
-        assert sorted(fading) == sorted(scanning.faded_rumours("mara", now, game_now, fade))
+        fading = local.rumours.faded_rumours("mara", now, game_now, fade)
+        assert sorted(fading) == sorted(scanning.rumours.faded_rumours("mara", now, game_now, fade))
         assert len(fading) == 4  # some faded, some not: the rule is exercised both ways
     asked = ["wren/origin-1", "wren/origin-5", "wren/origin-9", "nobody/else"]
-    assert local.origins_known("mara", asked) == scanning.origins_known("mara", asked)
-    assert local.origins_known("mara", asked) == {"wren/origin-1", "wren/origin-5"}
+    assert local.rumours.origins_known("mara", asked) == scanning.rumours.origins_known(
+        "mara", asked
+    )
+    assert local.rumours.origins_known("mara", asked) == {"wren/origin-1", "wren/origin-5"}
     local.forget("mara", memory_ids=[world[30].id])
-    assert "wren/origin-0" not in local.origins_known("mara", ["wren/origin-0"])
+    assert "wren/origin-0" not in local.rumours.origins_known("mara", ["wren/origin-0"])
     local.close()
     scanning.close()
 
@@ -218,7 +220,9 @@ def test_the_index_is_trusted_after_a_clean_close_and_compared_after_a_crash(
     again = ChromaMemoryStore(tmp_path / "chroma", same_vector)
     assert not again.index_synced.is_set()
     since = world[0].created_at
-    news = list(again.made_between("mara", since, late.created_at + timedelta(seconds=1), 9))
+    news = list(
+        again.rumours.made_between("mara", since, late.created_at + timedelta(seconds=1), 9)
+    )
     assert late.id in [m.id for m in news]
     again.close()
 

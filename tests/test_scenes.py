@@ -197,22 +197,28 @@ def test_a_tick_spreads_news_along_relationships_once_and_it_fades(tmp_path: Pat
     eng.writer.flush()
     now[0] += timedelta(minutes=1)
     assert eng.world_tick(game_time=660) == 2  # Tom and Wren (not Ysolde: distrusted)
-    (tom,) = eng.store.rumours_of("guard_tom")
+    (tom,) = eng.store.rumours.rumours_of("guard_tom")
     assert (
         tom.text.startswith("Mara Saltwhistle said the player p1 claims:") and NEWS[:30] in tom.text
     )
     # a player's words stay with that player (docs/security.md)
     assert tom.source == "mara" and tom.hops == 1 and tom.player_id == "p1" and tom.importance >= 5
-    assert eng.store.rumours_of("hermit") == [] and eng.store.rumours_of("ysolde") == []
+    assert (
+        eng.store.rumours.rumours_of("hermit") == []
+        and eng.store.rumours.rumours_of("ysolde") == []
+    )
     now[0] += timedelta(minutes=1)
     # second hop: Tom tells Mara? she is where it began; Wren tells Mara and Tom? both know
     assert eng.world_tick(game_time=720) == 0
-    assert len(eng.store.rumours_of("mara")) == 0 and len(eng.store.rumours_of("guard_tom")) == 1
+    assert (
+        len(eng.store.rumours.rumours_of("mara")) == 0
+        and len(eng.store.rumours.rumours_of("guard_tom")) == 1
+    )
     # three game days later the rumour has faded (a tick moves game time a day at most)
     for day in (1, 2, 3):
         now[0] += timedelta(minutes=1)
         eng.world_tick(game_time=660 + day * 1440 + 1)
-    assert eng.store.rumours_of("guard_tom") == []
+    assert eng.store.rumours.rumours_of("guard_tom") == []
 
 
 def test_an_npc_does_not_gossip_its_own_secret(tmp_path: Path) -> None:

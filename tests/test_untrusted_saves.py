@@ -305,8 +305,8 @@ def test_export_import_renames_consistently(tmp_path: Path) -> None:
     renamed_new = facts["p1 is called Rob."]
     assert renamed_new.id != new.id
     assert facts["p1 is called Bob."].superseded_by == renamed_new.id
-    [rumour] = target.rumours_of("wren")
-    [mine] = target.rumours_of("mara")
+    [rumour] = target.rumours.rumours_of("wren")
+    [mine] = target.rumours.rumours_of("mara")
     assert rumour.origin == f"mara/{mine.id}" and mine.origin == "wren/abc"
     history = target.state.load_state("history:mara\x1fp1")
     assert history is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +29,6 @@ from npc_engine.memory.chroma_records import (
     PLAYER_VECTORS_BYTES,
     SAVES_COLLECTION,
     STORE_FORMAT,
-    TICK_READ_BATCH,
     Lru,
     NoKeywordIndex,
     PlayerVectors,
@@ -47,6 +46,7 @@ from npc_engine.memory.chroma_records import (
     timestamp,
     unit_rows,
 )
+from npc_engine.memory.chroma_rumours import ChromaRumours
 from npc_engine.memory.chroma_saves import ChromaGameState, ChromaSaves
 from npc_engine.memory.chroma_server_search import ServerSearch
 from npc_engine.memory.keywords import KeywordIndex
@@ -54,7 +54,6 @@ from npc_engine.memory.types import (
     Candidate,
     Memory,
     MemoryKind,
-    faded_at,
 )
 from npc_engine.model_registry import EMBEDDING_MODEL
 
@@ -120,12 +119,13 @@ class ChromaMemoryStore:
             KeywordIndex(path / KEYWORD_INDEX) if path is not None else NoKeywordIndex()
         )
         self._player_vectors = PlayerVectors(0 if self.shared else PLAYER_VECTORS_BYTES)
-        # Whether the local index holds every live memory (see _synced_index).
+        # Whether the local index holds every live memory (see synced_index).
         self.index_synced = threading.Event()
         self._sync_lock = threading.RLock()
         # The store's two other ports (``MemoryStore.state``, ``.saves``).
         self.state = ChromaGameState(self.collection)
         self.saves = ChromaSaves(self, self.state)
+        self.rumours = ChromaRumours(self)
         self.saves.resume_interrupted_load()
         fresh = self._mark_if_new()
         if isinstance(self._keywords, KeywordIndex) and (
@@ -162,7 +162,7 @@ class ChromaMemoryStore:
             self._collections.remember(name, collection)
             return collection
 
-    def _all_of(self, npc_id: str) -> list[Any]:
+    def all_of(self, npc_id: str) -> list[Any]:
         found = [self.collection(name, npc_id, create=False) for name in names_of(npc_id)]
         return [c for c in found if c is not None]
 
@@ -320,7 +320,7 @@ class ChromaMemoryStore:
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
         similarity = unit_rows @ (query / max(float(np.linalg.norm(query)), 1e-12))
         best = np.argsort(-similarity)[:limit]
-        records = self._cached_records(collection, [ids[i] for i in best])
+        records = self.cached_records(collection, [ids[i] for i in best])
         return [Candidate(records[ids[i]], float(similarity[i])) for i in best if ids[i] in records]
 
     def _query(
@@ -331,14 +331,14 @@ class ChromaMemoryStore:
         )
         ids = result["ids"][0]
         distances = (result.get("distances") or [[]])[0]
-        found = self._cached_records(collection, ids)
+        found = self.cached_records(collection, ids)
         return [
             Candidate(found[memory_id], 1.0 - float(distance))
             for memory_id, distance in zip(ids, distances, strict=True)
             if memory_id in found  # deleted between the query and the fetch
         ]
 
-    def _cached_records(self, collection: Any, ids: Sequence[str]) -> dict[str, Memory]:
+    def cached_records(self, collection: Any, ids: Sequence[str]) -> dict[str, Memory]:
         found = {i: m for i in ids if (m := self._records.get(i)) is not None}
         missing = [i for i in ids if i not in found]
         if missing:
@@ -397,7 +397,7 @@ class ChromaMemoryStore:
             key=lambda pair: float((pair[1] or {}).get("created_at", 0)),
             reverse=True,
         )
-        found = self._cached_records(shard, [memory_id for memory_id, _ in stamped[:limit]])
+        found = self.cached_records(shard, [memory_id for memory_id, _ in stamped[:limit]])
         return list(found.values())
 
     def touch(
@@ -446,7 +446,7 @@ class ChromaMemoryStore:
     ) -> int:
         where: dict[str, Any] | None = None
         if everything or memory_ids is not None:
-            scopes = self._all_of(npc_id)
+            scopes = self.all_of(npc_id)
         elif player_id is not None:
             shard = self.collection(player_shard(npc_id, player_id), npc_id, create=False)
             scopes = [shard] if shard is not None else []
@@ -500,7 +500,7 @@ class ChromaMemoryStore:
         """Reads every matching record's metadata (Chroma cannot sort): for the rare
         trim of an NPC over its cap, not for a turn."""
         found: list[Memory] = []
-        for collection in self._all_of(npc_id):
+        for collection in self.all_of(npc_id):
             result = collection.get(
                 where={"kind": {"$in": list(kinds)}}, include=["documents", "metadatas"]
             )
@@ -508,87 +508,7 @@ class ChromaMemoryStore:
         found.sort(key=lambda m: m.created_at)
         return found[:limit]
 
-    # -- rumours (see npc_engine/rumours.py) ---------------------------------------------
-
-    def made_between(
-        self, npc_id: str, since: datetime, until: datetime, min_importance: int
-    ) -> Iterator[Memory]:
-        """The NPC's memories (its own and every player's) made in [since, until) with at
-        least this importance, most important first, then oldest: what it may pass on at
-        a world tick. Read lazily, a few at a time: a tick stops once it has chosen."""
-        index = self._synced_index()
-        if index is None:  # no local index on a shared server: scan its collections
-            yield from sorted(
-                self._scan_made_between(npc_id, since, until, min_importance),
-                key=lambda m: (-m.importance, m.created_at),
-            )
-            return
-        rows = index.made_between(npc_id, timestamp(since), timestamp(until), min_importance)
-        for start in range(0, len(rows), TICK_READ_BATCH):
-            chunk = rows[start : start + TICK_READ_BATCH]
-            wanted: dict[str, list[str]] = {}
-            for memory_id, player_id in chunk:
-                name = own_name(npc_id) if player_id is None else player_shard(npc_id, player_id)
-                wanted.setdefault(name, []).append(memory_id)
-            found: dict[str, Memory] = {}
-            for name, ids in wanted.items():
-                collection = self.collection(name, npc_id, create=False)
-                if collection is not None:
-                    found.update(self._cached_records(collection, ids))
-            yield from (found[i] for i, _player in chunk if i in found)
-
-    def _scan_made_between(
-        self, npc_id: str, since: datetime, until: datetime, min_importance: int
-    ) -> list[Memory]:
-        # One range condition only: Chroma plans "$and" with importance as a scan of every
-        # collection's metadata (~0.5 s a shard at 100,000 memories, against ~10 ms).
-        where = {"created_at": {"$gte": timestamp(since)}}
-        found: list[Memory] = []
-        for collection in self._all_of(npc_id):
-            got = memories_of(collection.get(where=where, include=["documents", "metadatas"]))
-            found += [m for m in got if m.created_at < until and m.importance >= min_importance]
-        return found
-
-    def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]:
-        """Which of these rumour origins the NPC already has a memory of (rumours of a
-        player's words live with that player's memories: every collection is read)."""
-        if not origins:
-            return set()
-        index = self._synced_index()
-        if index is not None:
-            return index.origins_known(npc_id, origins)
-        known: set[str] = set()
-        for collection in self._all_of(npc_id):
-            got = collection.get(where={"origin": {"$in": list(origins)}}, include=["metadatas"])
-            known |= {str((m or {}).get("origin")) for m in got.get("metadatas") or []}
-        return known
-
-    def faded_rumours(
-        self, npc_id: str, now: datetime, game_now: float | None, fade_minutes: float
-    ) -> list[str]:
-        """The ids of the NPC's rumours older than ``fade_minutes`` (in game time where
-        both the rumour and the tick have one, else in real time)."""
-        index = self._synced_index()
-        if index is None:
-            return [
-                m.id
-                for m in self.rumours_of(npc_id)
-                if faded_at(m.created_at, m.game_time, now, game_now, fade_minutes)
-            ]
-        return [
-            memory_id
-            for memory_id, created, game_time in index.rumours_of(npc_id)
-            if faded_at(from_timestamp(created), game_time, now, game_now, fade_minutes)
-        ]
-
-    def rumours_of(self, npc_id: str) -> list[Memory]:
-        found: list[Memory] = []
-        for collection in self._all_of(npc_id):
-            got = collection.get(where={"kind": "rumour"}, include=["documents", "metadatas"])
-            found += memories_of(got)
-        return found
-
-    def _synced_index(self) -> KeywordIndex | None:
+    def synced_index(self) -> KeywordIndex | None:
         """The local index, once it holds every live memory (None on a shared server): it
         is filled from Chroma in the background when the store opens (and remade after a
         schema change), and a tick must not pass on a rumour twice meanwhile."""
@@ -603,7 +523,7 @@ class ChromaMemoryStore:
     def count(self, npc_id: str, player_id: str | None = None) -> int:
         """Memories of an NPC, or (with ``player_id``) those tied to that player."""
         if player_id is None:
-            return sum(int(c.count()) for c in self._all_of(npc_id))
+            return sum(int(c.count()) for c in self.all_of(npc_id))
         shard = self.collection(player_shard(npc_id, player_id), npc_id, create=False)
         if shard is None:
             return 0

@@ -79,7 +79,11 @@ class InMemoryStore:
 
     @property
     def state(self) -> InMemoryStore:
-        return self  # one object plays all three ports of the store
+        return self  # one object plays every port of the store
+
+    @property
+    def rumours(self) -> InMemoryStore:
+        return self
 
     @property
     def saves(self) -> InMemoryStore:

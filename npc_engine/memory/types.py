@@ -131,6 +131,27 @@ class ScoredMemory:
         }
 
 
+class RumourQueries(Protocol):
+    """What a world tick asks of the store: who heard what, and when."""
+
+    def made_between(
+        self, npc_id: str, since: datetime, until: datetime, min_importance: int
+    ) -> Iterable[Memory]:
+        """Its memories made in [since, until) of at least this importance (rumours), most
+        important first, then oldest; a store may read them lazily."""
+        ...
+
+    def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]: ...
+
+    def rumours_of(self, npc_id: str) -> list[Memory]: ...
+
+    def faded_rumours(
+        self, npc_id: str, now: datetime, game_now: float | None, fade_minutes: float
+    ) -> list[str]:
+        """The ids of its rumours that faded (see ``faded_at``)."""
+        ...
+
+
 class StateStore(Protocol):
     """Game-state records by key: JSON objects, labelled to be found again."""
 
@@ -234,21 +255,9 @@ class MemoryStore(Protocol):
 
     def count(self, npc_id: str) -> int: ...
 
-    def made_between(
-        self, npc_id: str, since: datetime, until: datetime, min_importance: int
-    ) -> Iterable[Memory]:
-        """Its memories made in [since, until) of at least this importance (rumours), most
-        important first, then oldest; a store may read them lazily."""
-        ...
-
-    def origins_known(self, npc_id: str, origins: Sequence[str]) -> set[str]: ...
-
-    def rumours_of(self, npc_id: str) -> list[Memory]: ...
-
-    def faded_rumours(
-        self, npc_id: str, now: datetime, game_now: float | None, fade_minutes: float
-    ) -> list[str]:
-        """The ids of its rumours that faded (see ``faded_at``)."""
+    @property
+    def rumours(self) -> RumourQueries:
+        """What a world tick asks (``npc_engine/rumours.py``)."""
         ...
 
     @property
