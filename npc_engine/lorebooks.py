@@ -352,6 +352,10 @@ def lorebook_to_lore(
     braces = 0
     for index, source in enumerate(sources):
         entry, has_char = _lore_entry(source, index, chosen, exported_as, used, known_by, warnings)
+        if file_known_by and entry.get("known_by") == file_known_by:
+            # Said again of one entry, the file's own readers are inherited: stored as an
+            # export writes it, so a book imported, exported and imported again is the same.
+            del entry["known_by"]
         braces += has_char
         entries.append(entry)
     if braces:
