@@ -16,6 +16,9 @@ import yaml
 
 MAX_FILE_BYTES = 256 * 1024
 MAX_NODES = 20_000
+# libyaml's composer, where PyYAML was built with it: ~17x faster on the sample world
+# (0.07 s of every engine start and `validate`). It stops at 1,000 levels by itself.
+_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_DEPTH = 50  # a persona is a few levels deep; deeper is a mistake or an attack
 
 Location = tuple[str | int, ...]
@@ -148,13 +151,18 @@ def parse_yaml_file(path: Path) -> ParsedYaml:
         )
         return parsed
     try:
-        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        documents = list(yaml.compose_all(text, Loader=_COMPOSER))
     except RecursionError:  # PyYAML's composer recurses once per nesting level
         parsed.problems.append(
             SourceProblem(1, "(document)", f"nested more than {MAX_DEPTH} levels deep")
         )
         return parsed
     except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(getattr(exc, "problem", "")):  # libyaml's own limit
+            parsed.problems.append(
+                SourceProblem(1, "(document)", f"nested more than {MAX_DEPTH} levels deep")
+            )
+            return parsed
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         problem = getattr(exc, "problem", None) or str(exc)
