@@ -30,16 +30,20 @@ from recall_probe import (
 )
 
 
-@pytest.mark.timeout(1200)
+# The first 30 of the 60 facts: 1,670 turns, ~90 s on 2 cores (all 60 took ~170 s;
+# `tools/recall_probe.py --server` runs them). Each player's memories are its own, so these
+# 30 and their paired never-told questions measure as in the whole run; issue 16's bars are
+# kept (recall@3 >= 0.97 of 30 allows no miss).
+@pytest.mark.timeout(450)
 def test_recall_updates_and_abstention_probes(tmp_path: Path) -> None:
-    """60 facts told once, recalled after 10 and 50 unrelated turns (recall@3 >= 0.97;
+    """30 facts told once, recalled after 10 and 50 unrelated turns (recall@3 >= 0.97;
     asked in the third person as designers do, >= 0.95);
     30 never-told questions (at most 1 memory recalled in all); 20 fact updates (the
     newer value wins in >= 95 %)."""
-    outcome = serve_and_probe(tmp_path, (10, 50))
+    outcome = serve_and_probe(tmp_path, (10, 50), facts=30)
     print_server(outcome)
     for turns, result in outcome.recall.items():
-        assert result.total == 60
+        assert result.total == 30
         assert result.recall >= 0.97, (turns, result.misses)
         # The same facts asked as a designer asks them: "Where did the player grow up?"
         designer = outcome.designer[turns]
