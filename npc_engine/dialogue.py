@@ -451,11 +451,12 @@ class DialogueEngine:
     def world_tick(
         self,
         game_time: float | None = None,
-        busy: Callable[[], bool] = lambda: False,
+        wait_idle: Callable[[float], object] | None = None,
         stop: threading.Event | None = None,
     ) -> int:
-        """Pass on what NPCs heard since the last tick (``rumours.WorldTicker``)."""
-        return self.ticker.tick(game_time, busy, stop)
+        """Pass on what NPCs heard since the last tick (``rumours.WorldTicker``);
+        ``wait_idle`` is the line scheduler's (the tick yields to lines)."""
+        return self.ticker.tick(game_time, wait_idle, stop)
 
     # -- warm-up -------------------------------------------------------------------------
 

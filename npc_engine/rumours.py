@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
@@ -167,12 +166,13 @@ def tells_no_secret(secrets: GuardRules, memory: Memory) -> bool:
     return not secrets.secrets or tells_secret(secrets, _sentences(memory)) is None
 
 
-def _yield_to(busy: Callable[[], bool], longest: float = 10.0) -> None:
-    """Background work waits while lines are being generated (at most ``longest`` s)."""
-    waited = 0.0
-    while busy() and waited < longest:
-        time.sleep(0.01)
-        waited += 0.01
+# A tick waits at most this long for lines to end before going on: a town that talks
+# without pause still gets its rumours passed on.
+LONGEST_YIELD_S = 10.0
+
+
+def _already_idle(_longest: float) -> bool:
+    return True
 
 
 class WorldTicker:
@@ -203,16 +203,18 @@ class WorldTicker:
     def tick(
         self,
         game_time: float | None = None,
-        busy: Callable[[], bool] = lambda: False,
+        wait_idle: Callable[[float], object] | None = None,
         stop: threading.Event | None = None,
     ) -> int:
         """Pass on what NPCs heard since the last tick and forget rumours that faded.
-        ``busy``: whether lines are being generated; the tick waits between NPCs while
-        they are (background priority). ``stop``: set at shutdown; the tick ends between
-        NPCs, writing nothing more. Returns how many rumours were passed on."""
+        ``wait_idle(longest)``: returns once no line is being generated (at most
+        ``longest`` s); the tick calls it between NPCs (background priority).
+        ``stop``: set at shutdown; the tick ends between NPCs, writing nothing more.
+        Returns how many rumours were passed on."""
         settings = self._settings
         if not settings.enabled:
             return 0
+        wait_idle = wait_idle or _already_idle
         with self.lock:
             now = self._clock()
             record = self._store.state.load_state(TICK_STATE) or {}
@@ -228,7 +230,7 @@ class WorldTicker:
             personas = dict(sorted(self._personas().items()))
             tellers: dict[str, tuple[LoadedPersona, list[str]]] = {}
             for npc_id, loaded in personas.items():
-                _yield_to(busy)
+                wait_idle(LONGEST_YIELD_S)
                 if stop is not None and stop.is_set():
                     return 0
                 self._fade(npc_id, now, game_now)
@@ -245,7 +247,7 @@ class WorldTicker:
                 secrets.embed([s for head in heads.values() for m in head for s in _sentences(m)])
             told: dict[tuple[str, str], Memory] = {}  # (listener, origin) -> its rumour
             for npc_id, (loaded, listeners) in tellers.items():
-                _yield_to(busy)
+                wait_idle(LONGEST_YIELD_S)
                 if stop is not None and stop.is_set():
                     return 0
                 candidates = chain(heads[npc_id], news[npc_id])
@@ -268,7 +270,7 @@ class WorldTicker:
             # Grouped by listener and player: a batch writes to few collections.
             pending = sorted(told.values(), key=lambda m: (m.npc_id, m.player_id or ""))
             for start in range(0, len(pending), TICK_WRITE_BATCH):
-                _yield_to(busy)
+                wait_idle(LONGEST_YIELD_S)
                 if stop is not None and stop.is_set():
                     return start
                 self._write(pending[start : start + TICK_WRITE_BATCH]).result(120)

@@ -97,6 +97,15 @@ class GenerationScheduler:
         with self._condition:
             return bool(self._waiting or self._running)
 
+    def wait_idle(self, longest: float) -> bool:
+        """Block until no line is waiting or being generated, at most ``longest`` s: work
+        outside the scheduler (a world tick) yields to lines. Woken by the line's end
+        itself, not a poll. Returns whether the scheduler is idle."""
+        with self._condition:
+            return self._condition.wait_for(
+                lambda: self._closed or not (self._waiting or self._running), longest
+            )
+
     def close(self, wait: bool = True) -> None:
         """Run what is already queued, then stop the workers."""
         with self._condition:

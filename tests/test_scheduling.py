@@ -148,3 +148,23 @@ def test_workers_run_conversations_together_but_never_one_conversation_twice() -
         future.result(10)
     scheduler.close()
     assert overlap["most"] >= 2 and overlap["same_conversation"] == 1
+
+
+def test_wait_idle_returns_when_the_last_line_ends_and_at_once_when_idle() -> None:
+    scheduler = GenerationScheduler()
+    try:
+        assert scheduler.wait_idle(0.0)  # nothing queued: idle at once
+        gate = hold_worker(scheduler, "mara")
+        waited: list[bool] = []
+        waiter = threading.Thread(target=lambda: waited.append(scheduler.wait_idle(30)))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # a line is being generated: background work waits
+        gate.set()
+        waiter.join(10)  # woken by the line's end, long before its 30 s
+        assert waited == [True]
+        gate = hold_worker(scheduler, "mara")
+        assert scheduler.wait_idle(0.05) is False  # the longest wait ends it
+        gate.set()
+    finally:
+        scheduler.close()

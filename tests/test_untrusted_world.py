@@ -200,11 +200,11 @@ def test_a_save_load_waits_for_a_running_world_tick() -> None:
     now[0] += timedelta(minutes=1)
     ticking_now, release = threading.Event(), threading.Event()
 
-    def busy() -> bool:  # the tick yields while lines are generated: hold it there
-        ticking_now.set()
-        return not release.is_set()
+    def wait_idle(longest: float) -> bool:  # the tick yields while lines are generated:
+        ticking_now.set()  # hold it there
+        return release.wait(longest)
 
-    ticker, spread = in_thread(lambda: eng.world_tick(game_time=660, busy=busy))
+    ticker, spread = in_thread(lambda: eng.world_tick(game_time=660, wait_idle=wait_idle))
     assert ticking_now.wait(10)
     loader, loaded = in_thread(lambda: eng.load_save("s1"))
     time.sleep(0.3)

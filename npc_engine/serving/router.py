@@ -222,7 +222,7 @@ class Router:
             partial(
                 self.engine.world_tick,
                 game_time,
-                busy=self.generation.busy,
+                wait_idle=self.generation.wait_idle,
                 stop=self._stop_ticks,
             ),
         )
