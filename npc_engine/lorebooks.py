@@ -29,16 +29,15 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from npc_engine.card_files import CardError, read_card
 from npc_engine.cards import (
     _USER,
     ENGINE_KEY,
     PLAYER_WORDS,
     RESERVED_IDS,
     BookEntry,
-    CardError,
     _message,
     _slug,
-    read_card,
 )
 from npc_engine.persona.model import LORE_ID_PATTERN, NPC_ID_PATTERN, LoreFile, WorldLore
 from npc_engine.persona.yaml_source import MAX_DEPTH as MAX_YAML_DEPTH

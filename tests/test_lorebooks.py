@@ -19,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from npc_engine.cards import CardError
+from npc_engine.card_files import CardError
 from npc_engine.lore import KeyMatcher
 from npc_engine.lorebooks import (
     CHARACTER_BOOK,

@@ -23,13 +23,8 @@ from hypothesis import strategies as st
 from PIL import PngImagePlugin
 from pydantic import TypeAdapter, ValidationError
 
-from npc_engine.cards import (
-    MAX_CARD_BYTES,
-    CardError,
-    card_to_persona,
-    check_target,
-    parse_examples,
-)
+from npc_engine.card_files import MAX_CARD_BYTES, CardError
+from npc_engine.cards import card_to_persona, check_target, parse_examples
 from npc_engine.errors import NpcEngineError
 from npc_engine.lore import KeyMatcher
 from npc_engine.persona.authoring import write_persona_files
