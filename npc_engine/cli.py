@@ -324,7 +324,7 @@ def _import_lorebook(args: argparse.Namespace, folder: Path, book: dict[str, Any
 
 
 def _export_lorebook(args: argparse.Namespace) -> int:
-    from npc_engine.lorebooks import lore_to_lorebook, read_lore_file, write_lorebook_json
+    from npc_engine.lorebook_export import lore_to_lorebook, read_lore_file, write_lorebook_json
     from npc_engine.persona.loader import LORE_FOLDER
 
     path = Path(args.lore)
