@@ -19,7 +19,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
-from npc_engine.config import ConsolidationConfig, MemoryConfig
+from npc_engine.config_sections import ConsolidationConfig, MemoryConfig
 from npc_engine.memory.facts import fact_memories, source_line_id, superseding
 from npc_engine.memory.types import Memory, MemoryKind, MemoryStore
 
