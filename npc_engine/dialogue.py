@@ -31,7 +31,7 @@ from npc_engine.generation.base import GenerationParams, Generator, RenderedProm
 from npc_engine.guard import (
     Embed,
 )
-from npc_engine.guard import preload as preload_guard
+from npc_engine.guard_rules import preload as preload_guard
 from npc_engine.ids import check_id
 from npc_engine.lore import LoreVectors
 from npc_engine.memory.importance import rate_importance
