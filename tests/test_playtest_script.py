@@ -84,8 +84,8 @@ def test_a_broken_expectation_fails_with_a_clear_side_by_side_report(tmp_path: P
 async def test_scripts_set_state_and_check_guards(tmp_path: Path) -> None:
     """Against the adversarial backend (it tells every secret it can): `state` unlocks a
     secret, `guard` and `must_not_leak` see what the guard did, and fail when it did not."""
+    from npc_engine.playtest.local_session import LocalSession
     from npc_engine.playtest.script import run_script
-    from npc_engine.playtest.session import LocalSession
 
     script_file = tmp_path / "guarded.yaml"
     script_file.write_text(

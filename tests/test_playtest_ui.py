@@ -14,7 +14,8 @@ from textual.widgets import Input, Static
 
 from npc_engine.config import EngineConfig
 from npc_engine.playtest.app import ChatLine, PlaytestApp
-from npc_engine.playtest.session import LocalSession, PlaytestSession
+from npc_engine.playtest.local_session import LocalSession
+from npc_engine.playtest.session import PlaytestSession
 
 pytestmark = pytest.mark.slow
 

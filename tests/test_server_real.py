@@ -232,7 +232,7 @@ async def test_idle_connections_are_closed_but_not_while_a_reply_runs(
 
 
 async def test_playtest_remote_session_gets_prompt_and_scored_memories(server: NpcServer) -> None:
-    from npc_engine.playtest.session import RemoteSession
+    from npc_engine.playtest.remote_session import RemoteSession
 
     session = await RemoteSession.open(server.url, None)
     try:

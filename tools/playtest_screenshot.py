@@ -15,7 +15,8 @@ from pathlib import Path
 
 from npc_engine.config import load_config
 from npc_engine.playtest.app import PlaytestApp
-from npc_engine.playtest.session import LocalSession, PlaytestSession
+from npc_engine.playtest.local_session import LocalSession
+from npc_engine.playtest.session import PlaytestSession
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from npc_engine.config import EngineConfig
 from npc_engine.errors import NpcEngineError
+from npc_engine.playtest.local_session import LocalSession
+from npc_engine.playtest.remote_session import RemoteSession
 from npc_engine.playtest.script import (
     ModelRun,
     load_script,
@@ -17,7 +19,7 @@ from npc_engine.playtest.script import (
     scratch_data_dir,
     write_reports,
 )
-from npc_engine.playtest.session import LocalSession, PlaytestSession, RemoteSession
+from npc_engine.playtest.session import PlaytestSession
 
 Progress = Callable[[str], None]
 
