@@ -13,9 +13,10 @@ from textual.pilot import Pilot
 from textual.widgets import Input, Static
 
 from npc_engine.config import EngineConfig
-from npc_engine.playtest.app import ChatLine, PlaytestApp
+from npc_engine.playtest.app import PlaytestApp
 from npc_engine.playtest.local_session import LocalSession
 from npc_engine.playtest.session import PlaytestSession
+from npc_engine.playtest.widgets import ChatLine
 
 pytestmark = pytest.mark.slow
 
