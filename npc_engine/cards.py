@@ -1,5 +1,6 @@
-"""Character Card V2/V3 (the format SillyTavern and its peers share characters in) to and
-from personas: ``npc-engine import FILE`` and ``npc-engine export NPC_ID``.
+"""Character Card V2/V3 (the format SillyTavern and its peers share characters in) to
+personas: ``npc-engine import FILE`` (``card_export.py`` is the way back,
+``npc-engine export NPC_ID``; ``card_files.py`` reads the files).
 
 Read: ``.json`` (V1, V2 or V3), ``.png`` (the ``ccv3`` text chunk, else ``chara``: base64
 JSON), ``.charx`` (a zip with ``card.json``). Written: a V3 card as JSON, or as a PNG
@@ -17,10 +18,7 @@ secrets, trust, relationships...) travel in the card's ``extensions.npc_engine``
 
 from __future__ import annotations
 
-import base64
-import io
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,6 @@ from npc_engine.persona.model import (
     NPC_ID_PATTERN,
     LoreFile,
     Persona,
-    WorldLore,
 )
 from npc_engine.persona.yaml_source import MAX_FILE_BYTES as MAX_YAML_BYTES
 
@@ -485,96 +482,3 @@ def check_target(card: Path, folder: Path, imported: ImportedCard) -> None:
             entry_id = entry.get("id") or f"{npc_id}.{index}"
             if entry_id in taken:
                 raise CardError(card, "id", f"lore id {entry_id!r} is taken; pass --id")
-
-
-# -- persona → card ----------------------------------------------------------------------
-
-
-def _as_card_text(text: str, name: str) -> str:
-    """The engine's words back into the card's macros (import turns them back again)."""
-    text = re.sub(rf"\b{re.escape(PLAYER_WORDS)}\b", "{{user}}", text)
-    return re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", "{{char}}", text)
-
-
-def persona_to_card(persona: Persona, lore: list[WorldLore]) -> dict[str, Any]:
-    """A V3 card of ``persona``; ``lore``: the entries of its own lorebook (known by it)."""
-    name = persona.name
-    extensions = dict(persona.extensions)
-    kept = dict(extensions.pop(CARD_KEY, {}) or {})
-    kept.pop("spec", None)
-    book_settings = dict(kept.pop("character_book", {}) or {})
-    disabled = list(book_settings.pop("disabled_entries", []) or [])
-    unparsed = list(kept.pop("unparsed_examples", []) or [])
-    engine = persona.model_dump(mode="json", exclude=CARD_MAPPED, exclude_defaults=True)
-    engine["id"] = persona.id
-    engine["role"] = persona.role
-    extensions[ENGINE_KEY] = engine
-    blocks = [
-        f"{{{{user}}}}: {_as_card_text(e.player, name)}\n{{{{char}}}}: {_as_card_text(e.npc, name)}"
-        for e in persona.example_dialogue
-    ] + unparsed
-    data: dict[str, Any] = {
-        "name": name,
-        "description": _as_card_text(persona.description, name),
-        "personality": _as_card_text(", ".join(persona.personality), name),
-        "scenario": _as_card_text(persona.scenario, name),
-        "first_mes": _as_card_text(persona.greeting, name),
-        "mes_example": "\n".join(f"<START>\n{block}" for block in blocks),
-        "creator_notes": persona.creator_notes,
-        "system_prompt": kept.pop("system_prompt", ""),
-        "post_history_instructions": kept.pop("post_history_instructions", ""),
-        "alternate_greetings": [_as_card_text(g, name) for g in persona.alternate_greetings],
-        "tags": list(persona.tags),
-        "creator": kept.pop("creator", ""),
-        "character_version": kept.pop("character_version", ""),
-        "extensions": extensions,
-        "group_only_greetings": kept.pop("group_only_greetings", []),
-    }
-    data.update(kept)  # V3 and unknown fields the import kept
-    if lore or disabled or book_settings:
-        entries = [_book_entry(entry, index, persona) for index, entry in enumerate(lore)]
-        data["character_book"] = {**book_settings, "entries": entries + disabled}
-    return {"spec": "chara_card_v3", "spec_version": "3.0", "data": data}
-
-
-def _book_entry(entry: WorldLore, index: int, persona: Persona) -> dict[str, Any]:
-    kept = dict(entry.extensions)
-    decorators = [str(line) for line in kept.pop("decorators", []) or []]
-    ours: dict[str, Any] = {"id": entry.id}
-    if entry.reveal_when:
-        ours["reveal_when"] = entry.reveal_when
-    if entry.known_by and entry.known_by != [persona.id]:
-        ours["known_by"] = list(entry.known_by)
-    out: dict[str, Any] = {
-        "keys": list(entry.keys),
-        "content": "\n".join([*decorators, _as_card_text(entry.text, persona.name)]),
-        "extensions": {**dict(kept.pop("extensions", {}) or {}), ENGINE_KEY: ours},
-        "enabled": True,
-        "insertion_order": index,
-        "constant": entry.constant,
-        "priority": entry.priority,
-    }
-    out.update(kept)  # what the import kept of the card's entry (its name, order, flags)
-    return out
-
-
-def write_card_json(card: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_card_png(card: dict[str, Any], avatar: Path, path: Path) -> None:
-    """The avatar re-saved as PNG with the card in ``ccv3`` (V3) and ``chara`` (the same
-    card labelled V2, for readers that know only that chunk)."""
-    from PIL import Image, PngImagePlugin
-
-    v2 = {**card, "spec": "chara_card_v2", "spec_version": "2.0"}
-    info = PngImagePlugin.PngInfo()
-    info.add_text("chara", base64.b64encode(json.dumps(v2).encode()).decode("ascii"))
-    info.add_text("ccv3", base64.b64encode(json.dumps(card).encode()).decode("ascii"))
-    try:
-        with Image.open(avatar) as image:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG", pnginfo=info)
-    except (OSError, ValueError) as exc:
-        raise CardError(avatar, "(file)", f"not a readable image ({exc})") from None
-    path.write_bytes(buffer.getvalue())

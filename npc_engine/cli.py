@@ -163,7 +163,7 @@ def _export_lorebook(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from npc_engine.cards import persona_to_card, write_card_json, write_card_png
+    from npc_engine.card_export import persona_to_card, write_card_json, write_card_png
     from npc_engine.errors import UnknownNpcError
     from npc_engine.persona.authoring import own_lore
     from npc_engine.runtime import load_registry

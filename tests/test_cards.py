@@ -14,8 +14,9 @@ import pytest
 import yaml
 from PIL import Image, PngImagePlugin
 
+from npc_engine.card_export import persona_to_card
 from npc_engine.card_files import CardError, read_card
-from npc_engine.cards import card_to_persona, persona_to_card
+from npc_engine.cards import card_to_persona
 from npc_engine.persona.authoring import own_lore, write_persona_files
 from npc_engine.persona.loader import load_personas
 
