@@ -96,7 +96,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from npc_engine.card_files import read_card
     from npc_engine.cards import card_to_persona, check_target
-    from npc_engine.lorebooks import lorebook_format
+    from npc_engine.lorebook_formats import lorebook_format
     from npc_engine.persona.authoring import check_written, write_persona_files
 
     folder = args.out or _config(args).personas_dir

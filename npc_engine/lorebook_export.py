@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from npc_engine.cards import ENGINE_KEY, PLAYER_WORDS, BookEntry
-from npc_engine.lorebooks import (
+from npc_engine.lorebook_formats import (
     BOOK_KEY,
     FORMATS,
     LOGIC,

@@ -22,14 +22,8 @@ from hypothesis import strategies as st
 from npc_engine.card_files import CardError
 from npc_engine.lore import KeyMatcher
 from npc_engine.lorebook_export import lore_to_lorebook, read_lore_file
-from npc_engine.lorebooks import (
-    CHARACTER_BOOK,
-    LOREBOOK_V3,
-    WORLD_INFO,
-    check_lore_target,
-    lorebook_to_lore,
-    write_lorebook,
-)
+from npc_engine.lorebook_formats import CHARACTER_BOOK, LOREBOOK_V3, WORLD_INFO
+from npc_engine.lorebooks import check_lore_target, lorebook_to_lore, write_lorebook
 from npc_engine.persona.loader import load_personas
 from npc_engine.persona.model import LoreFile, WorldLore
 
