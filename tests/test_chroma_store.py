@@ -123,3 +123,24 @@ def test_recent_finds_the_newest_even_when_stored_out_of_order(
     assert with_player == ["Aria paid for her room.", latest.text]
     assert len(store.recent("mara", None, 100)) == 34
     assert store.recent("mara", None, 0) == []
+
+
+def test_a_player_vector_fill_kept_before_the_writes_extend_holds_no_duplicate() -> None:
+    """Found by a parallel test run: a search read the player's shard just after a write
+    reached Chroma and kept what it read before the write appended the same ids to the
+    cache; the next search asked Chroma for one id twice (DuplicateIDError)."""
+    import numpy as np
+
+    from npc_engine.memory.chroma_records import PlayerVectors, unit_rows
+
+    cache = PlayerVectors(1 << 20)
+    key = ("mara", "hero")
+    rows = unit_rows(np.eye(3, dtype=np.float32))
+    entry, epoch = cache.get(key)  # a search starts filling: nothing cached yet
+    assert entry is None
+    cache.put(key, ["m1", "m2"], rows[:2], epoch)  # it read m2, already in Chroma
+    cache.extend(key, ["m2", "m3"], rows[1:])  # the write of m2 (and m3) appends
+    (ids, matrix), _ = cache.get(key)
+    assert ids == ["m1", "m2", "m3"]
+    assert matrix.shape == (3, 3)
+    assert np.allclose(matrix, rows)

@@ -282,9 +282,10 @@ class PlayerVectors:
     """The unit vectors of recently searched players' memories, in RAM, least recently
     used out past a byte budget. Reading a player's 400 vectors from Chroma on every search
     cost ~9 ms (mostly turning lists into arrays). Kept current by the store: new memories
-    are appended, a forget or reload drops what it touched. A fill that raced a write is
-    not kept (``epoch``); a deleted id left in a matrix is harmless, since its record is
-    gone and search drops it."""
+    are appended, a forget or reload drops what it touched. A fill that started before a
+    write and ended after it is not kept (``epoch``); one that read the write and was kept
+    before the write's ``extend`` already holds its ids (``extend`` skips them). A deleted
+    id left in a matrix is harmless, since its record is gone and search drops it."""
 
     def __init__(self, budget_bytes: int) -> None:
         self._budget = budget_bytes
@@ -319,9 +320,15 @@ class PlayerVectors:
             if entry is None:
                 return
             self._bytes -= entry[1].nbytes
-            matrix = np.vstack([entry[1], unit_vectors]) if len(entry[0]) else unit_vectors
+            # A fill that read the shard after these were written, and was kept before
+            # this call, holds them already: a second copy would be a duplicate id.
+            known = set(entry[0])
+            new = [index for index, memory_id in enumerate(ids) if memory_id not in known]
+            added = [ids[index] for index in new]
+            rows = unit_vectors[new] if len(new) != len(ids) else unit_vectors
+            matrix = np.vstack([entry[1], rows]) if len(entry[0]) else rows
             if self._bytes + matrix.nbytes <= self._budget:
-                self._pairs[key] = (entry[0] + ids, matrix)
+                self._pairs[key] = (entry[0] + added, matrix)
                 self._bytes += matrix.nbytes
 
     def drop(self, npc_id: str | None = None) -> None:
