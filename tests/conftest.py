@@ -45,6 +45,19 @@ TEST_MODEL_ENV = "NPC_ENGINE_MODEL"
 os.environ[TEST_MODEL_ENV] = TINY_CHAT_MODEL
 KEPT_ENV = {HEAD_CACHE_ENV, LORE_VECTORS_ENV, TEST_MODEL_ENV}
 
+# With pytest-xdist (-n N) the cores are shared out between the workers: llama.cpp and
+# onnxruntime each start a thread per core and spin while they wait, so two workers with
+# every core each ran no faster than one (measured: user time +38 %, the same wall time).
+# The share travels through the environment to every server and CLI a worker starts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _share = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _name in ("NPC_ENGINE_N_THREADS", "NPC_ENGINE_MEMORY__EMBED_THREADS"):
+        os.environ[_name] = _share
+        KEPT_ENV.add(_name)
+    for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, _share)
+
 
 # The in-memory store ranks by bag-of-words cosine, not MiniLM's: the relevance bars are
 # calibrated for MiniLM (tools/recall_probe.py --calibrate), so tests on it lower them.

@@ -73,6 +73,9 @@ if [ "${1:-}" = "test" ]; then
     echo "== mypy ==" >&2
     "$VENV/bin/mypy" npc_engine
     echo "== pytest ==" >&2
-    exec "$VENV/bin/python" -m pytest "$@"
+    # Two workers (pytest-xdist), each given half the cores (tests/conftest.py): much of a
+    # test's time is Python, disk and subprocess start-up, which the other worker overlaps.
+    # PYTEST_WORKERS=0 runs the suite in one process.
+    exec "$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" --dist worksteal "$@"
 fi
 exec "$VENV/bin/npc-engine" "$@"
