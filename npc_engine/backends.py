@@ -192,7 +192,7 @@ def _chroma(config: EngineConfig, progress: Progress) -> MemoryStore:
     store = ChromaMemoryStore(
         config.data_dir / "chroma", embed, lore_cache=config.lore_vector_cache
     )
-    if store.embedding_format() is None:
+    if store.format.current() is None:
         progress(
             "note: this data directory's memories were embedded by an older npc-engine; "
             "recall is better after a one-off `npc-engine memory reindex` (server stopped)"

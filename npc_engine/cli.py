@@ -415,17 +415,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     from npc_engine.backends import make_store
+    from npc_engine.memory.chroma_store import ChromaMemoryStore
 
     store = make_store(_config(args), _progress)
-    reindex = getattr(store, "reindex", None)
-    if reindex is None:
+    if not isinstance(store, ChromaMemoryStore):
+        store.close()
         raise NpcEngineError("memory reindex needs the Chroma store (memory.backend: chroma).")
     try:
 
         def report(done: int, total: int) -> None:
             print(f"\rre-embedded {done} of {total} memories", end="", file=sys.stderr)
 
-        count = reindex(report)
+        count = store.format.reindex(report)
         print(f"\nreindexed {count} memories", file=sys.stderr)
     finally:
         store.close()

@@ -41,7 +41,7 @@ def test_vectors_come_from_what_was_said(tmp_path: Path, minilm: OfflineMiniLM) 
     vector = np.asarray(stored["embeddings"][0])
     assert np.allclose(vector, minilm([line.content])[0], atol=1e-5)
     assert not np.allclose(vector, minilm([line.text])[0], atol=1e-3)
-    assert store.embedding_format() == CONTENT_VECTORS
+    assert store.format.current() == CONTENT_VECTORS
 
 
 def test_reindex_converts_a_store_of_the_older_version(
@@ -59,12 +59,12 @@ def test_reindex_converts_a_store_of_the_older_version(
     old.add_with_embeddings(written_the_old_way, minilm([m.text for m in memories]))
     old.saves.saves_collection().delete(ids=["\x1fformat"])
     reopened = ChromaMemoryStore(path, minilm)
-    assert reopened.embedding_format() is None  # older store: the engine says to reindex
+    assert reopened.format.current() is None  # older store: the engine says to reindex
 
     seen: list[tuple[int, int]] = []
-    assert reopened.reindex(lambda done, total: seen.append((done, total))) == 5
+    assert reopened.format.reindex(lambda done, total: seen.append((done, total))) == 5
     assert seen[-1] == (5, 5)
-    assert reopened.embedding_format() == CONTENT_VECTORS
+    assert reopened.format.current() == CONTENT_VECTORS
     for memory in reopened.recent("mara", "p1", 10):
         expected = memory.text.split(': "', 1)[1][:-1] if ': "' in memory.text else None
         assert memory.content == expected

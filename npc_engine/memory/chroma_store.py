@@ -18,16 +18,12 @@ from typing import Any
 
 from npc_engine.errors import is_unavailable
 from npc_engine.memory.chroma_disk_search import DiskSearch
+from npc_engine.memory.chroma_format import EmbeddingFormat
 from npc_engine.memory.chroma_records import (
-    ARCHIVE_COLLECTION,
-    CONTENT_VECTORS,
     KEYWORD_INDEX,
     MEMORY_COLLECTION_CONFIG,
     MEMORY_COLLECTION_NAME,
-    ONE_VECTOR,
     PLAYER_VECTORS_BYTES,
-    SAVES_COLLECTION,
-    STORE_FORMAT,
     Lru,
     NoKeywordIndex,
     PlayerVectors,
@@ -40,7 +36,6 @@ from npc_engine.memory.chroma_records import (
     names_of,
     own_name,
     player_shard,
-    said,
     save_vectors_often,
     timestamp,
     unit_rows,
@@ -131,7 +126,8 @@ class ChromaMemoryStore:
         self.saves = ChromaSaves(self, self.state)
         self.rumours = ChromaRumours(self)
         self.saves.resume_interrupted_load()
-        fresh = self._mark_if_new()
+        self.format = EmbeddingFormat(self)
+        fresh = self.format.mark_if_new()
         if isinstance(self._keywords, KeywordIndex) and (
             self._keywords.opened_clean or (fresh and not self._keywords.count())
         ):
@@ -443,79 +439,13 @@ class ChromaMemoryStore:
         self._records.clear()
         self._player_vectors.drop()
 
+    def memory_collection_names(self) -> list[str]:
+        names = [c.name for c in self._client.list_collections()]
+        return [n for n in names if MEMORY_COLLECTION_NAME.fullmatch(n)]
+
     def memory_collections(self) -> dict[str, Any]:
-        names = [c.name for c in self._client.list_collections()]
-        found = {n: self.collection(n, "", create=False) for n in names}
-        return {
-            n: c for n, c in found.items() if c is not None and MEMORY_COLLECTION_NAME.fullmatch(n)
-        }
-
-    # -- embedding format ----------------------------------------------------------------
-
-    def embedding_format(self) -> str | None:
-        """How this store's vectors were made: CONTENT_VECTORS, or None for a store of an
-        older version (vectors of the whole third-person text: run ``reindex``)."""
-        saves = self.collection(SAVES_COLLECTION, "", create=False)
-        if saves is not None:
-            found = saves.get(ids=[STORE_FORMAT], include=["metadatas"])
-            if found["ids"]:
-                return str((found["metadatas"][0] or {}).get("embedding"))
-        return None
-
-    def _mark_if_new(self) -> bool:
-        """A store without memories yet is written the current way from the start.
-        Returns whether it has no memories."""
-        names = [c.name for c in self._client.list_collections()]
-        fresh = not any(MEMORY_COLLECTION_NAME.fullmatch(name) for name in names)
-        if fresh and self.embedding_format() is None:
-            self._mark_format()
-        return fresh
-
-    def _mark_format(self) -> None:
-        self.saves.saves_collection().upsert(
-            ids=[STORE_FORMAT],
-            metadatas=[{"kind": "format", "embedding": CONTENT_VECTORS}],
-            embeddings=ONE_VECTOR,
-        )
-
-    def reindex(self, progress: Any = None, batch: int = 256) -> int:
-        """Re-embed every memory (live and archived) from what was said: the one-off step
-        that converts a store written before content vectors. Returns how many."""
-        names = [*self.memory_collections(), ARCHIVE_COLLECTION]
-        collections = [self.collection(n, "", create=n == ARCHIVE_COLLECTION) for n in names]
-        total = sum(int(c.count()) for c in collections if c is not None)
-        done = 0
-        for collection in collections:
-            if collection is None:
-                continue
-            count = int(collection.count())
-            for offset in range(0, count, batch):
-                page = collection.get(
-                    limit=batch, offset=offset, include=["documents", "metadatas"]
-                )
-                contents = [
-                    str((meta or {}).get("content") or said(document or ""))
-                    for document, meta in zip(page["documents"], page["metadatas"], strict=True)
-                ]
-                collection.update(
-                    ids=page["ids"],
-                    embeddings=self._embed(contents),
-                    metadatas=[
-                        {"content": content}
-                        if content != document
-                        else {"kind": str((meta or {}).get("kind", "dialogue"))}
-                        for content, document, meta in zip(
-                            contents, page["documents"], page["metadatas"], strict=True
-                        )
-                    ],
-                )
-                done += len(page["ids"])
-                if progress is not None:
-                    progress(done, total)
-        self.drop_caches()
-        self._mark_format()
-        self.sync_keywords(rewrite=True)
-        return done
+        found = {n: self.collection(n, "", create=False) for n in self.memory_collection_names()}
+        return {n: c for n, c in found.items() if c is not None}
 
     def open_collections_in_background(self) -> threading.Thread:
         """Read every memory collection once on a background thread: Chroma loads a
