@@ -87,6 +87,7 @@ __all__ = [
 ]
 
 
+# A unit of the reply: a whole word with the white space after it (leading space kept).
 _UNIT = re.compile(r"\s*\S+\s+")
 # A sentence ends at . ! ? … (and closing quotes) followed by white space, or at a line end
 # -- unless what ends is a single letter ("B. R. A. N. D. Y.": one sentence, read whole).

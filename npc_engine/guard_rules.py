@@ -72,7 +72,6 @@ UNREAD_BELOW = 0.25  # MiniLM's cosine under which it did not understand the sen
 DEFAULT_WORLD_THRESHOLD = 0.46  # tuned on tests/probes/guard_leaks.yaml (out_of_world)
 RARE_ZIPF = 3.8  # words rarer than this (wordfreq's Zipf scale) are distinctive
 LONE_ZIPF = 2.5  # a derived key at least this common needs a second word of its secret
-# A unit of the reply: a whole word with the white space after it (leading space kept).
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 _LETTERS = re.compile(r"[^\W\d_]+")
 

@@ -92,15 +92,11 @@ class GenerationScheduler:
             self._condition.notify_all()
         return job.future
 
-    def busy(self) -> bool:
-        """Whether any line is waiting or being generated (background work yields)."""
-        with self._condition:
-            return bool(self._waiting or self._running)
-
     def wait_idle(self, longest: float) -> bool:
         """Block until no line is waiting or being generated, at most ``longest`` s: work
         outside the scheduler (a world tick) yields to lines. Woken by the line's end
-        itself, not a poll. Returns whether the scheduler is idle."""
+        itself, not a poll. Returns whether it is idle (True once closed: shutting down,
+        nothing is worth waiting for)."""
         with self._condition:
             return self._condition.wait_for(
                 lambda: self._closed or not (self._waiting or self._running), longest

@@ -4,7 +4,7 @@ The guard itself (``guard.py``, ``leak_forms.py``) reads a reply against ``Guard
 this room makes those rules: a persona's guarded secrets (key terms, person rewrites and
 their vectors, computed once per persona object), the world's out-of-world terms, every
 NPC's secrets for rumours, and the scripted ``must_not_leak`` check. One similarity
-implementation serves all of them: ``guard.tells_secret`` on these rules.
+implementation serves all of them: ``guard_rules.tells_secret`` on these rules.
 """
 
 from __future__ import annotations

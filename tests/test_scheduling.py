@@ -152,19 +152,21 @@ def test_workers_run_conversations_together_but_never_one_conversation_twice() -
 
 def test_wait_idle_returns_when_the_last_line_ends_and_at_once_when_idle() -> None:
     scheduler = GenerationScheduler()
+    gates: list[threading.Event] = []
     try:
         assert scheduler.wait_idle(0.0)  # nothing queued: idle at once
-        gate = hold_worker(scheduler, "mara")
+        gates.append(hold_worker(scheduler, "mara"))
         waited: list[bool] = []
         waiter = threading.Thread(target=lambda: waited.append(scheduler.wait_idle(30)))
         waiter.start()
         waiter.join(0.3)
         assert waiter.is_alive()  # a line is being generated: background work waits
-        gate.set()
+        gates[0].set()
         waiter.join(10)  # woken by the line's end, long before its 30 s
         assert waited == [True]
-        gate = hold_worker(scheduler, "mara")
+        gates.append(hold_worker(scheduler, "mara"))
         assert scheduler.wait_idle(0.05) is False  # the longest wait ends it
-        gate.set()
     finally:
+        for gate in gates:
+            gate.set()  # a failed assert must not leave close() waiting on a held worker
         scheduler.close()

@@ -171,7 +171,9 @@ def llama_server(binary: Path, model: Path, slots: int, n_ctx: int, *extra: str)
     flags); yields its /v1 URL."""
     port = free_port()
     command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["-np", str(slots), "-c", str(n_ctx * slots), "-t", str(os.cpu_count() or 1)]
+    # The cores this run may use (tests/conftest.py shares them out between test workers).
+    threads = os.environ.get("NPC_ENGINE_N_THREADS") or str(os.cpu_count() or 1)
+    command += ["-np", str(slots), "-c", str(n_ctx * slots), "-t", threads]
     command += ["--no-webui", "--log-disable", *extra]
     with running(command, f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}/v1"

@@ -4,7 +4,7 @@ Every call is a round trip and nothing may be cached: the nearest of each collec
 the keyword matches come with their records in one request each, the requests run at once
 (a search takes about the longest of them), and a shard's other players are dropped here
 (a ``where`` on player_id made the server's query 8x slower: it filters before the vector
-search). The store on disk searches in ``chroma_store.ChromaMemoryStore.search``.
+search). The store on disk searches in ``chroma_disk_search.DiskSearch.search``.
 """
 
 from __future__ import annotations
