@@ -156,7 +156,20 @@ class NpcClient:
         """``wss://`` URLs use TLS: the system's trusted CAs by default, or ``ssl`` (e.g. a
         context that trusts the studio's own certificate)."""
         websocket = await connect(url, max_size=None, ssl=ssl)
-        client = cls(websocket, encoding)
+        return await cls.attach(websocket, token=token, client_name=client_name, encoding=encoding)
+
+    @classmethod
+    async def attach(
+        cls,
+        link: Any,
+        *,
+        token: str | None = None,
+        client_name: str = "npc-engine-python",
+        encoding: str = "json",
+    ) -> NpcClient:
+        """A client over an open connection: a WebSocket, or a ``serving.in_process``
+        link to a router in this process. Says hello first."""
+        client = cls(link, encoding)
         hello: dict[str, Any] = {"type": "hello", "protocol": "1", "client": client_name}
         if token is not None:
             hello["token"] = token

@@ -111,7 +111,9 @@ async def test_talk_inspect_event_and_cancel(
         await type_line(pilot, "Tell me the whole long history of Saltwhistle, every detail.")
         await wait_for(pilot, lambda: "whole long history" in app.last_turn.player_text)  # type: ignore[union-attr]
         assert app.last_turn is not None and app.last_turn.reason == "cancelled"
-        assert npc_lines(app)[-1].deltas < app.last_turn.completion_tokens + 3
+        # Esc at the second piece: a few more at most (the cancel crosses the router and
+        # the model stops between tokens); uncancelled, 400 tokens would stream.
+        assert npc_lines(app)[-1].deltas <= 12
         monkeypatch.undo()
 
         # Other slash commands answer in the conversation.

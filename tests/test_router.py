@@ -198,3 +198,30 @@ def test_a_refusal_answers_in_the_encoding_of_the_frame_it_refuses(sample_person
         await router.stop_work()
 
     asyncio.run(run())
+
+
+def test_the_python_client_talks_to_a_router_in_process(sample_personas: Path) -> None:
+    """The playtest's in-process session: NpcClient over serving.in_process, no socket."""
+    from npc_engine.client import NpcClient, ProtocolError
+    from npc_engine.serving.in_process import InProcessLink
+
+    async def run() -> None:
+        router = make_router(sample_personas, ScriptedGenerator(respond=lambda _p: "Aye."))
+        link = InProcessLink(router)
+        client = await NpcClient.attach(link, client_name="test")
+        try:
+            assert client.welcome["type"] == "welcome"
+            stream = await client.say("mara", "Any rooms?", player_id="p1")
+            text = "".join([piece async for piece in stream])
+            end = await stream.result()
+            assert text == end["text"] == "Aye."
+            with pytest.raises(ProtocolError, match="unknown_npc"):
+                await (await client.say("nobody", "Hello?", player_id="p1")).result()
+            assert (await client.ping())["type"] == "pong"  # the connection still works
+        finally:
+            await client.close()
+            await router.stop_replies()
+            await router.stop_work()
+        assert link.close_code == 1000 and link.connection not in router.connections
+
+    asyncio.run(run())

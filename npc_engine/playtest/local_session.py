@@ -1,61 +1,66 @@
-"""The playtest's in-process session: the engine in this process, on one worker thread (one
-``Llama``, one generation at a time)."""
+"""The playtest's in-process session: the engine in this process, driven through the same
+request router as ``npc-engine serve`` (``serving/in_process.py``), with no socket."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from npc_engine.config import EngineConfig
 from npc_engine.persona.loader import load_personas
+from npc_engine.playtest.remote_session import RemoteSession
 from npc_engine.playtest.session import (
     DeltaCallback,
     MemoryView,
-    NpcCard,
     Progress,
     TurnView,
     persona_files_signature,
-    turn_view,
 )
 from npc_engine.runtime import EngineRuntime, open_engine
-from npc_engine.turns import TurnResult
+from npc_engine.serving.in_process import InProcessLink
+from npc_engine.serving.router import Router
 
 
-class LocalSession:
-    """The engine in this process, on the embedded default model or any GGUF."""
+class LocalSession(RemoteSession):
+    """The engine in this process, on the embedded default model or any GGUF. Its requests
+    go through the same router as a server's (``serving.in_process``): admission, the line
+    scheduler and scenes are the ones a game meets. What protocol v1 has no message for
+    (``/reset``, ``/retry``, ``must_not_leak`` checks, reloading persona files, memories
+    with their score parts) is asked of the engine directly."""
 
-    def __init__(self, runtime: EngineRuntime, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        client: Any,
+        link: InProcessLink,
+        router: Router,
+        runtime: EngineRuntime,
+        config: EngineConfig,
+    ) -> None:
+        super().__init__(client, "in-process")
+        self.link = link
+        self.router = router
         self.runtime = runtime
         self.config = config
         self.description = f"in-process · model {config.model}"
-        # One worker: one Llama serves one generation at a time; memory calls share it so
-        # the tool never runs two engine calls at once.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="playtest")
-        self._cancel: threading.Event | None = None
         self._signature = persona_files_signature(config.personas_dir)
 
     @classmethod
-    async def open(cls, config: EngineConfig, progress: Progress) -> LocalSession:
+    async def open(cls, config: EngineConfig, progress: Progress) -> LocalSession:  # type: ignore[override]
+        from npc_engine.client import NpcClient
+
         runtime = await asyncio.to_thread(open_engine, config, progress)
-        return cls(runtime, config)
-
-    @property
-    def engine(self) -> Any:
-        return self.runtime.engine
-
-    async def _run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, lambda: function(*args, **kwargs))
-
-    async def npcs(self) -> list[NpcCard]:
-        return [
-            NpcCard(npc_id, p.persona.name, p.persona.role, p.persona.mood)
-            for npc_id, p in sorted(self.engine.registry.personas.items())
-        ]
+        # The designer at the keyboard is no hostile client: the rate limits a server puts
+        # on a connection would only slow a script down; inspect is the tool's whole point.
+        limits = config.limits.model_copy(update={"rate_per_second": 1000.0, "rate_burst": 1000})
+        router = Router(runtime.engine, limits, allow_inspect=True)
+        link = InProcessLink(router)
+        try:
+            client = await NpcClient.attach(link, client_name="npc-engine-playtest")
+        except BaseException:
+            await asyncio.to_thread(runtime.close)
+            raise
+        return cls(client, link, router, runtime, config)
 
     async def say(
         self,
@@ -67,33 +72,13 @@ class LocalSession:
         max_tokens: int | None = None,
         on_delta: DeltaCallback | None = None,
     ) -> TurnView:
-        self.engine.persona(npc_id)  # unknown NPC: a clear error before anything runs
-        loop = asyncio.get_running_loop()
-        cancel = self._cancel = threading.Event()
-
-        def deliver(piece: str) -> None:
-            if on_delta is not None:
-                loop.call_soon_threadsafe(on_delta, piece)
-
-        result: TurnResult = await self._run(
-            self.engine.say,
-            npc_id,
-            text,
-            player_id=player_id,
-            context=context,
-            max_tokens=max_tokens,
-            on_delta=deliver,
-            cancel=cancel,
+        turn = await super().say(
+            npc_id, player_id, text, context=context, max_tokens=max_tokens, on_delta=on_delta
         )
-        if result.memory_write is not None:
-            # The tool shows memories right after a turn: wait for this turn's write.
-            await asyncio.wrap_future(result.memory_write)
-        await asyncio.sleep(0)  # let queued deltas reach the UI before the turn ends
-        return turn_view(result, text)
-
-    async def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel.set()
+        # The tool shows memories right after a turn, and the next turn recalls them: wait
+        # for this turn's write, as a game's next line (seconds later) finds it done.
+        await self.router.own_writes(self.link.connection)
+        return turn
 
     async def scene(
         self,
@@ -105,37 +90,23 @@ class LocalSession:
         max_tokens: int | None,
         on_line: Callable[[TurnView], None],
     ) -> str:
-        engine = self.engine
-        scene = engine.scenes.start(
-            f"playtest-{uuid.uuid4().hex[:8]}",
+        reason = await super().scene(
             npc_ids,
             player_id=player_id,
             topic=topic,
             max_turns=max_turns,
+            max_tokens=max_tokens,
+            on_line=on_line,
         )
-        cancel = self._cancel = threading.Event()
-        while (reason := scene.over()) is None:
-            speaker = await self._run(engine.scenes.next_speaker, scene)
-            result: TurnResult = await self._run(
-                engine.scenes.line, scene, speaker, max_tokens=max_tokens, cancel=cancel
-            )
-            if result.memory_write is not None:
-                await asyncio.wrap_future(result.memory_write)
-            on_line(turn_view(result, ""))
-            if cancel.is_set():
-                return "cancelled"
-            if result.reason not in ("stop", "length"):
-                return "error"
+        await self.router.own_writes(self.link.connection)
         return reason
 
-    async def world_tick(self) -> int:
-        return int(await self._run(self.engine.world_tick))
+    @property
+    def engine(self) -> Any:
+        return self.runtime.engine
 
-    async def event(
-        self, npc_ids: list[str], text: str, player_id: str | None, importance: int | None
-    ) -> list[str]:
-        done = self.engine.add_event(npc_ids, text, player_id=player_id, importance=importance)
-        return list(await asyncio.wrap_future(done))
+    async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
     async def memories(
         self, npc_id: str, player_id: str | None, query: str | None, limit: int = 10
@@ -151,34 +122,12 @@ class LocalSession:
             for m in recent
         ]
 
-    async def forget(self, npc_id: str, player_id: str) -> int:
-        return int(await self._run(self.engine.forget, npc_id, player_id=player_id))
-
     async def reset(self, npc_id: str, player_id: str) -> None:
         self.engine.reset_conversation(npc_id, player_id)
 
     async def tells_secret(self, npc_id: str, entry: str, text: str) -> str | None:
         loaded = self.engine.persona(npc_id)
         return await self._run(self.engine.secrets.tells_secret, loaded, entry, text)
-
-    async def set_state(
-        self,
-        npc_id: str,
-        player_id: str,
-        *,
-        trust: int | None = None,
-        trust_delta: int | None = None,
-        flags: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        view = await self._run(
-            self.engine.set_state,
-            player_id,
-            npc_id=npc_id,
-            trust=trust,
-            trust_delta=trust_delta,
-            flags=flags,
-        )
-        return {"trust": view.trust, "flags": view.flags, "unlocked": list(view.unlocked or [])}
 
     async def retry_text(self, npc_id: str, player_id: str) -> str | None:
         turn = self.engine.drop_last_turn(npc_id, player_id)
@@ -197,7 +146,7 @@ class LocalSession:
         return []
 
     async def close(self) -> None:
-        if self._cancel is not None:
-            self._cancel.set()
-        self._worker.shutdown(wait=True)
+        await self.client.close()
+        await self.router.stop_replies()
+        await self.router.stop_work()
         await asyncio.to_thread(self.runtime.close)

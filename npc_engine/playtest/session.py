@@ -1,11 +1,10 @@
 """What the playtest tool talks to: the engine in this process (``local_session.py``), or a
 server over protocol v1 (``remote_session.py``), behind one ``PlaytestSession``.
 
-Both sessions give the UI and script mode the same view of a turn (``TurnView``): the
-reply, the exact prompt, the recalled memories with their score parts, token counts and
-timings. In-process the engine runs on one worker thread (one ``Llama``, one generation at
-a time); over ``--url`` the server sends the same data because the tool asks for it with
-``say.inspect``.
+Both sessions speak protocol v1 (in process through the server's own router, with no
+socket), so the UI and script mode get the same view of a turn (``TurnView``) from the
+``reply.end`` they ask for with ``say.inspect``: the reply, the exact prompt, the recalled
+memories with their score parts, token counts and timings.
 """
 
 from __future__ import annotations
@@ -14,9 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-from npc_engine.serving.wire import reply_end
-from npc_engine.turns import TurnResult
 
 DeltaCallback = Callable[[str], None]
 Progress = Callable[[str], None]
@@ -150,12 +146,6 @@ class PlaytestSession(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def turn_view(result: TurnResult, player_text: str) -> TurnView:
-    """A turn run in process, read through the same ``reply.end`` a server would send."""
-    end = reply_end(result).model_dump(mode="json")
-    return turn_from_end(result.npc_id, result.player_id, player_text, end)
 
 
 def persona_files_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
