@@ -105,7 +105,7 @@ def test_scenes_over_protocol_stream_lines_take_player_lines_and_cancel(
     assert joined["end"]["text"].strip() and joined["end"]["scene_id"] == "inn"
     assert joined["scene_end"]["reason"] in ("max_turns", "ended")
     heard = [m["text"] for m in out["player_memories"]]
-    assert any(t.startswith("The player p1 told me") and "road north" in t for t in heard)
+    assert any(t.startswith("The player p1 told me") and "road north" in t for t in heard), heard
 
     assert out["cancelled"]["reason"] == "cancelled" and out["cancelled"]["turns"] < 40
     assert out["refused"]["code"] == "invalid_request"

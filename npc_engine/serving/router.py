@@ -273,7 +273,19 @@ class Router:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(Exception):
             await loop.run_in_executor(None, self.engine.writer.flush, 60.0)
-        # Workers finish what they run (each cancelled) in their own time, off the loop.
+        # Workers finish what they run (each cancelled) within a token or a batch. Wait
+        # for them, off the loop and bounded: whoever stops the router closes the model
+        # next, and a worker still decoding into freed weights crashes the process.
         self.generation.close(wait=False)
         self._io.shutdown(wait=False)
         self._ticks.shutdown(wait=False)
+        joined = loop.run_in_executor(None, self._join_workers)
+        try:
+            await asyncio.wait_for(joined, self.limits.shutdown_grace + 10)
+        except TimeoutError:
+            log.warning("workers still running after the shutdown grace; closing anyway")
+
+    def _join_workers(self) -> None:
+        self.generation.close(wait=True)
+        self._io.shutdown(wait=True)
+        self._ticks.shutdown(wait=True)
