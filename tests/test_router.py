@@ -225,3 +225,36 @@ def test_the_python_client_talks_to_a_router_in_process(sample_personas: Path) -
         assert link.close_code == 1000 and link.connection not in router.connections
 
     asyncio.run(run())
+
+
+def test_each_ok_carries_only_the_fields_of_its_request(sample_personas: Path) -> None:
+    """``ok`` is one type on the wire; what it carries is its request's (``OK_ANSWERS``),
+    with no null fields of the others."""
+    from npc_engine.protocol import OK_ANSWERS
+
+    def fields_of(request_type: str) -> set[str]:
+        return set(OK_ANSWERS[request_type].model_fields)
+
+    async def run() -> None:
+        router = make_router(sample_personas, ScriptedGenerator(["Aye."]))
+        client = Client(router)
+        await _hello(client)
+        requests = {
+            "event": {"npc_ids": ["mara"], "text": "A storm broke the pier."},
+            "memory.forget": {"npc_id": "mara", "player_id": "p1"},
+            "npc.warm": {"npc_ids": ["mara"]},
+            "world.tick": {},
+            "cancel": {"target": "nothing-running"},
+        }
+        for index, (request_type, fields) in enumerate(requests.items()):
+            await client.send(type=request_type, id=f"r{index}", **fields)
+            answer = await client.until(re=f"r{index}")
+            answer.pop("encoding")
+            assert answer["type"] == "ok", answer
+            assert set(answer) == fields_of(request_type), (request_type, answer)
+        assert fields_of("cancel") == {"type", "re"}
+        assert fields_of("save.create") == {"type", "re", "save_id", "memories"}
+        client.close()
+        await router.stop_work()
+
+    asyncio.run(run())

@@ -15,22 +15,29 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from npc_engine.protocol.messages import (
+    OK_ANSWERS,
     ChosenLoreItem,
     Error,
     ErrorInfo,
+    EventWritten,
     GameAction,
+    MemoryForgotten,
     MemoryItem,
     MemoryItems,
     NpcInfo,
     NpcItems,
+    NpcsWarmed,
     Ok,
     Pong,
     RecalledMemory,
     ReplyDelta,
     ReplyEnd,
     ReplyStart,
+    SaveDeleted,
+    SaveExported,
     SaveItem,
     SaveItems,
+    SaveWritten,
     SceneEnd,
     ServerMessage,
     State,
@@ -38,6 +45,7 @@ from npc_engine.protocol.messages import (
     TurnInspection,
     Usage,
     Welcome,
+    WorldTicked,
     encode,
 )
 from npc_engine.protocol.requests import (
@@ -97,6 +105,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "MAX_CONTEXT_KEYS",
     "MAX_CONTEXT_VALUE_CHARS",
+    "OK_ANSWERS",
     "PROTOCOL_VERSION",
     "REQUEST_ADAPTER",
     "REQUEST_TYPES",
@@ -114,6 +123,7 @@ __all__ = [
     "ErrorCode",
     "ErrorInfo",
     "Event",
+    "EventWritten",
     "FlagName",
     "FlagValue",
     "GameAction",
@@ -121,6 +131,7 @@ __all__ = [
     "Greet",
     "Hello",
     "MemoryForget",
+    "MemoryForgotten",
     "MemoryItem",
     "MemoryItems",
     "MemoryList",
@@ -128,6 +139,7 @@ __all__ = [
     "NpcItems",
     "NpcList",
     "NpcWarm",
+    "NpcsWarmed",
     "Ok",
     "Outcome",
     "Ping",
@@ -141,7 +153,9 @@ __all__ = [
     "RequestId",
     "SaveCreate",
     "SaveDelete",
+    "SaveDeleted",
     "SaveExport",
+    "SaveExported",
     "SaveFile",
     "SaveId",
     "SaveImport",
@@ -149,6 +163,7 @@ __all__ = [
     "SaveItems",
     "SaveList",
     "SaveLoad",
+    "SaveWritten",
     "Say",
     "SceneEnd",
     "SceneStart",
@@ -163,6 +178,7 @@ __all__ = [
     "Usage",
     "Welcome",
     "WorldTick",
+    "WorldTicked",
     "encode",
     "protocol_schema",
 ]
@@ -177,5 +193,16 @@ def protocol_schema() -> dict[str, Any]:
         "$id": "https://npc-engine.dev/schemas/protocol-v1.schema.json",
         "title": "npc-engine protocol v1",
         "$defs": {**requests.pop("$defs", {}), **messages.pop("$defs", {})},
-        "properties": {"request": requests, "server_message": messages},
+        "properties": {
+            "request": requests,
+            "server_message": messages,
+            # Which ``ok`` answers which request (an annotation: every one has type "ok").
+            "ok_answers": {
+                "type": "object",
+                "properties": {
+                    request: {"$ref": f"#/$defs/{answer.__name__}"}
+                    for request, answer in OK_ANSWERS.items()
+                },
+            },
+        },
     }

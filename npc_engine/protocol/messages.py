@@ -175,16 +175,73 @@ class State(_Message):
 
 
 class Ok(_Message):
+    """A request done. ``cancel`` gets it bare; the others below add their own fields, and
+    only those (``OK_ANSWERS`` says which request gets which)."""
+
     type: Literal["ok"] = "ok"
     re: str
-    memory_ids: list[str] | None = None
-    count: int | None = None
-    save_id: str | None = None
-    memories: int | None = Field(None, description="save.*: memories the save holds.")
-    path: str | None = Field(None, description="save.export: the file written.")
-    warmed: list[str] | None = Field(None, description="npc.warm: the NPCs prepared.")
-    ms: int | None = Field(None, description="npc.warm: how long it took.")
-    spread: int | None = Field(None, description="world.tick: rumours passed on.")
+
+
+class EventWritten(Ok):
+    """``event``: the memories written, on disk when this arrives."""
+
+    memory_ids: list[str]
+
+
+class MemoryForgotten(Ok):
+    """``memory.forget``: how many memories were forgotten."""
+
+    count: int
+
+
+class SaveWritten(Ok):
+    """``save.create``, ``save.load``, ``save.import``: the save and how many memories it
+    holds."""
+
+    save_id: str
+    memories: int
+
+
+class SaveDeleted(Ok):
+    """``save.delete``."""
+
+    save_id: str
+
+
+class SaveExported(Ok):
+    """``save.export``: the file written in the exports folder (what ``save.import``
+    takes), never a path."""
+
+    save_id: str
+    path: str
+
+
+class NpcsWarmed(Ok):
+    """``npc.warm``: the NPCs prepared, and how long it took."""
+
+    warmed: list[str]
+    ms: int
+
+
+class WorldTicked(Ok):
+    """``world.tick``: rumours passed on."""
+
+    spread: int
+
+
+# Which ``ok`` answers which request: the schema publishes it, a client reads these fields.
+OK_ANSWERS: dict[str, type[Ok]] = {
+    "cancel": Ok,
+    "event": EventWritten,
+    "memory.forget": MemoryForgotten,
+    "save.create": SaveWritten,
+    "save.load": SaveWritten,
+    "save.import": SaveWritten,
+    "save.delete": SaveDeleted,
+    "save.export": SaveExported,
+    "npc.warm": NpcsWarmed,
+    "world.tick": WorldTicked,
+}
 
 
 class SaveItem(_Message):
@@ -244,6 +301,13 @@ ServerMessage = (
     | ReplyDelta
     | ReplyEnd
     | Ok
+    | EventWritten
+    | MemoryForgotten
+    | SaveWritten
+    | SaveDeleted
+    | SaveExported
+    | NpcsWarmed
+    | WorldTicked
     | SaveItems
     | MemoryItems
     | NpcItems

@@ -13,27 +13,33 @@ from npc_engine.memory.saves import SaveError, read_save_file
 from npc_engine.memory.types import Memory
 from npc_engine.protocol import (
     Event,
+    EventWritten,
     MemoryForget,
+    MemoryForgotten,
     MemoryItem,
     MemoryItems,
     MemoryList,
     NpcItems,
     NpcList,
+    NpcsWarmed,
     NpcWarm,
-    Ok,
     SaveCreate,
     SaveDelete,
+    SaveDeleted,
     SaveExport,
+    SaveExported,
     SaveImport,
     SaveItem,
     SaveItems,
     SaveList,
     SaveLoad,
+    SaveWritten,
     StateGet,
     StateSet,
     Stats,
     StatsReport,
     WorldTick,
+    WorldTicked,
 )
 from npc_engine.serving.routes import handles
 from npc_engine.serving.wire import memory_item, npc_infos, state_message
@@ -59,7 +65,7 @@ async def event(router: Router, conn: Connection, request: Event) -> None:
     )
     conn.track(done)
     ids = await router.acknowledged(done)
-    await conn.send(Ok(re=request.id, memory_ids=ids))
+    await conn.send(EventWritten(re=request.id, memory_ids=ids))
 
 
 @handles(MemoryList, capabilities=("memory",))
@@ -91,7 +97,7 @@ async def memory_forget(router: Router, conn: Connection, request: MemoryForget)
         ),
         request,
     )
-    await conn.send(Ok(re=request.id, count=count))
+    await conn.send(MemoryForgotten(re=request.id, count=count))
 
 
 @handles(StateSet, StateGet, capabilities=("state",))
@@ -130,18 +136,18 @@ async def saves(
         await conn.send(SaveItems(re=request.id, saves=items))
     elif isinstance(request, SaveCreate):
         info = await router.in_io(lambda r: engine.create_save(r.save_id), request)
-        await conn.send(Ok(re=request.id, save_id=info.save_id, memories=info.memories))
+        await conn.send(SaveWritten(re=request.id, save_id=info.save_id, memories=info.memories))
     elif isinstance(request, SaveLoad):
         known = await router.in_io(lambda _r: engine.list_saves(), request)
         if request.save_id not in {i.save_id for i in known}:
             raise SaveError("save_id", f"No save with id {request.save_id!r}.")
         await router.end_all_replies()  # a world has one timeline: every reply ends
         info = await router.in_io(lambda r: engine.load_save(r.save_id), request)
-        await conn.send(Ok(re=request.id, save_id=info.save_id, memories=info.memories))
+        await conn.send(SaveWritten(re=request.id, save_id=info.save_id, memories=info.memories))
     else:
         if not await router.in_io(lambda r: engine.delete_save(r.save_id), request):
             raise SaveError("save_id", f"No save with id {request.save_id!r}.")
-        await conn.send(Ok(re=request.id, save_id=request.save_id))
+        await conn.send(SaveDeleted(re=request.id, save_id=request.save_id))
 
 
 @handles(SaveExport, SaveImport, capabilities=("saves",))
@@ -164,7 +170,7 @@ async def save_file(router: Router, conn: Connection, request: SaveExport | Save
         path = await router.in_io(export, request)
         # The file's name in the exports folder (what save.import takes), never the
         # data directory's absolute path: the client has no business knowing it.
-        await conn.send(Ok(re=request.id, save_id=request.save_id, path=path.name))
+        await conn.send(SaveExported(re=request.id, save_id=request.save_id, path=path.name))
         return
     source = folder / request.file
     if not source.is_file():
@@ -172,7 +178,7 @@ async def save_file(router: Router, conn: Connection, request: SaveExport | Save
     info = await router.in_io(
         lambda r: router.engine.import_save(r.save_id, read_save_file(source)), request
     )
-    await conn.send(Ok(re=request.id, save_id=info.save_id, memories=info.memories))
+    await conn.send(SaveWritten(re=request.id, save_id=info.save_id, memories=info.memories))
 
 
 @handles(NpcWarm, capabilities=("warm",))
@@ -189,13 +195,13 @@ async def warm(router: Router, conn: Connection, request: NpcWarm) -> None:
         if await asyncio.wrap_future(job):
             warmed.append(npc_id)
     ms = round((time.perf_counter() - started) * 1000)
-    await conn.send(Ok(re=request.id, warmed=warmed, ms=ms))
+    await conn.send(NpcsWarmed(re=request.id, warmed=warmed, ms=ms))
 
 
 @handles(WorldTick, capabilities=("rumours",))
 async def world_tick(router: Router, conn: Connection, request: WorldTick) -> None:
     spread = await router.world_ticks.tick(request.game_time)
-    await conn.send(Ok(re=request.id, spread=spread))
+    await conn.send(WorldTicked(re=request.id, spread=spread))
 
 
 @handles(NpcList)
