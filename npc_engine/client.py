@@ -18,13 +18,42 @@ from types import TracebackType
 from typing import Any
 
 import msgpack
+from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from npc_engine.protocol import (
+    Cancel,
+    Event,
+    Greet,
+    Hello,
+    MemoryForget,
+    MemoryList,
+    NpcList,
+    NpcWarm,
+    Ping,
+    SaveCreate,
+    SaveDelete,
+    SaveExport,
+    SaveImport,
+    SaveList,
+    SaveLoad,
+    Say,
+    SceneStart,
+    StateGet,
+    StateSet,
+    WorldTick,
+)
 
-def _request(kind: str, **fields: Any) -> dict[str, Any]:
-    """A request message; optional fields left as None are not sent."""
-    return {"type": kind, **{key: value for key, value in fields.items() if value is not None}}
+
+def _request(model: type[BaseModel], request_id: str, **fields: Any) -> dict[str, Any]:
+    """A request built by its protocol model, the one the server reads it with: a bad id or
+    an over-long text fails here (pydantic's ``ValidationError`` names the field) before
+    anything is sent. Optional fields left as None are not sent."""
+    kind = model.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
+    given = {key: value for key, value in fields.items() if value is not None}
+    built = model(type=kind, id=request_id, **given)
+    return built.model_dump(mode="json", exclude_unset=True)
 
 
 class ProtocolError(Exception):
@@ -170,11 +199,8 @@ class NpcClient:
         """A client over an open connection: a WebSocket, or a ``serving.in_process``
         link to a router in this process. Says hello first."""
         client = cls(link, encoding)
-        hello: dict[str, Any] = {"type": "hello", "protocol": "1", "client": client_name}
-        if token is not None:
-            hello["token"] = token
         try:
-            client.welcome = await client.request(hello)
+            client.welcome = await client.ask(Hello, protocol="1", client=client_name, token=token)
         except BaseException:
             await client.close()
             raise
@@ -211,6 +237,10 @@ class NpcClient:
         except ConnectionClosed as exc:
             raise ConnectionError(f"connection closed: {exc}") from exc
 
+    async def ask(self, model: type[BaseModel], **fields: Any) -> dict[str, Any]:
+        """Send one request of ``model`` and wait for its single answer."""
+        return await self.request(_request(model, self._next_id(), **fields))
+
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its single answer (raises ``ProtocolError``)."""
         request_id = message.setdefault("id", self._next_id())
@@ -239,7 +269,7 @@ class NpcClient:
         """With ``scene_id``: the player speaks in that running scene; the reply is the
         scene's next line (``reply.start`` names the NPC)."""
         return await self._stream(
-            "say",
+            Say,
             npc_id=npc_id,
             player_id=player_id,
             text=text,
@@ -271,8 +301,8 @@ class NpcClient:
         self._streams[request_id] = stream
         await self.send_raw(
             _request(
-                "scene.start",
-                id=request_id,
+                SceneStart,
+                request_id,
                 scene_id=scene_id,
                 npc_ids=npc_ids,
                 player_id=player_id,
@@ -287,7 +317,7 @@ class NpcClient:
 
     async def world_tick(self, game_time: float | None = None) -> int:
         """``world.tick``: rumours spread; returns how many were passed on."""
-        return int((await self.request(_request("world.tick", game_time=game_time)))["spread"])
+        return int((await self.ask(WorldTick, game_time=game_time))["spread"])
 
     async def greet(
         self,
@@ -301,7 +331,7 @@ class NpcClient:
         """The player walks up: the persona's greeting at a first meeting (at once), else
         a greeting from what the NPC remembers. Streams like ``say``."""
         return await self._stream(
-            "greet",
+            Greet,
             npc_id=npc_id,
             player_id=player_id,
             context=context,
@@ -309,40 +339,41 @@ class NpcClient:
             game_time=game_time,
         )
 
-    async def _stream(self, kind: str, **fields: Any) -> ReplyStream:
+    async def _stream(self, model: type[BaseModel], **fields: Any) -> ReplyStream:
         request_id = self._next_id()
+        message = _request(model, request_id, **fields)
         stream = ReplyStream(request_id)
         self._streams[request_id] = stream
-        await self.send_raw(_request(kind, id=request_id, **fields))
+        await self.send_raw(message)
         return stream
 
     async def warm(self, npc_ids: list[str]) -> dict[str, Any]:
         """``npc.warm`` (``["*"]``: every NPC): returns ``{"warmed": [...], "ms": ...}``."""
-        return await self.request(_request("npc.warm", npc_ids=npc_ids))
+        return await self.ask(NpcWarm, npc_ids=npc_ids)
 
     async def save_create(self, save_id: str) -> dict[str, Any]:
-        return await self.request(_request("save.create", save_id=save_id))
+        return await self.ask(SaveCreate, save_id=save_id)
 
     async def save_load(self, save_id: str) -> dict[str, Any]:
-        return await self.request(_request("save.load", save_id=save_id))
+        return await self.ask(SaveLoad, save_id=save_id)
 
     async def save_list(self) -> list[dict[str, Any]]:
-        return list((await self.request(_request("save.list")))["saves"])
+        return list((await self.ask(SaveList))["saves"])
 
     async def save_delete(self, save_id: str) -> dict[str, Any]:
-        return await self.request(_request("save.delete", save_id=save_id))
+        return await self.ask(SaveDelete, save_id=save_id)
 
     async def save_export(self, save_id: str) -> str:
         """Writes the save as one file in the server's exports folder; returns its name there
         (what ``save_import`` takes)."""
-        return str((await self.request(_request("save.export", save_id=save_id)))["path"])
+        return str((await self.ask(SaveExport, save_id=save_id))["path"])
 
     async def save_import(self, save_id: str, file: str) -> dict[str, Any]:
         """Reads ``file`` (a name in the server's exports folder) as ``save_id``."""
-        return await self.request(_request("save.import", save_id=save_id, file=file))
+        return await self.ask(SaveImport, save_id=save_id, file=file)
 
     async def cancel(self, target: str) -> dict[str, Any]:
-        return await self.request({"type": "cancel", "target": target})
+        return await self.ask(Cancel, target=target)
 
     async def event(
         self,
@@ -353,15 +384,15 @@ class NpcClient:
         importance: int | None = None,
         game_time: float | None = None,
     ) -> list[str]:
-        message = _request(
-            "event",
+        written = await self.ask(
+            Event,
             npc_ids=npc_ids,
             text=text,
             player_id=player_id,
             importance=importance,
             game_time=game_time,
         )
-        return list((await self.request(message))["memory_ids"])
+        return list(written["memory_ids"])
 
     async def memory_list(
         self,
@@ -371,15 +402,13 @@ class NpcClient:
         query: str | None = None,
         limit: int = 10,
     ) -> list[dict[str, Any]]:
-        message = _request(
-            "memory.list", npc_id=npc_id, limit=limit, player_id=player_id, query=query
+        listed = await self.ask(
+            MemoryList, npc_id=npc_id, limit=limit, player_id=player_id, query=query
         )
-        return list((await self.request(message))["items"])
+        return list(listed["items"])
 
     async def memory_forget(self, npc_id: str, **what: Any) -> int:
-        return int(
-            (await self.request({"type": "memory.forget", "npc_id": npc_id, **what}))["count"]
-        )
+        return int((await self.ask(MemoryForget, npc_id=npc_id, **what))["count"])
 
     async def set_state(
         self,
@@ -393,27 +422,25 @@ class NpcClient:
     ) -> dict[str, Any]:
         """``state.set``: trust (needs ``npc_id``) and flags (``None`` deletes one); returns
         the ``state`` answer (trust, flags, unlocked entries)."""
-        return await self.request(
-            _request(
-                "state.set",
-                player_id=player_id,
-                npc_id=npc_id,
-                trust=trust,
-                trust_delta=trust_delta,
-                flags=flags,
-                game_time=game_time,
-            )
+        return await self.ask(
+            StateSet,
+            player_id=player_id,
+            npc_id=npc_id,
+            trust=trust,
+            trust_delta=trust_delta,
+            flags=flags,
+            game_time=game_time,
         )
 
     async def get_state(self, player_id: str, *, npc_id: str | None = None) -> dict[str, Any]:
         """``state.get``: the player's flags, and with ``npc_id`` that NPC's trust."""
-        return await self.request(_request("state.get", player_id=player_id, npc_id=npc_id))
+        return await self.ask(StateGet, player_id=player_id, npc_id=npc_id)
 
     async def npcs(self) -> list[dict[str, Any]]:
-        return list((await self.request({"type": "npc.list"}))["npcs"])
+        return list((await self.ask(NpcList))["npcs"])
 
     async def ping(self) -> dict[str, Any]:
-        return await self.request({"type": "ping"})
+        return await self.ask(Ping)
 
     async def _read(self) -> None:
         reason = "the client closed it"

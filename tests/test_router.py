@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from npc_engine.config import ServerLimits, load_config
 from npc_engine.dialogue import DialogueEngine
@@ -218,6 +218,20 @@ def test_the_python_client_talks_to_a_router_in_process(sample_personas: Path) -
             with pytest.raises(ProtocolError, match="unknown_npc"):
                 await (await client.say("nobody", "Hello?", player_id="p1")).result()
             assert (await client.ping())["type"] == "pong"  # the connection still works
+            # Requests are built by the protocol models: a bad id fails here, naming the
+            # field, and nothing is sent.
+            sent: list[str | bytes] = []
+            forward = link.send
+
+            async def counted(frame: str | bytes) -> None:
+                sent.append(frame)
+                await forward(frame)
+
+            link.send = counted  # type: ignore[method-assign]
+            with pytest.raises(ValidationError, match="player_id"):
+                await client.say("mara", "Hello?", player_id="no spaces allowed")
+            assert sent == []
+            assert (await client.ping())["type"] == "pong" and len(sent) == 1
         finally:
             await client.close()
             await router.stop_replies()
