@@ -134,3 +134,38 @@ def test_telling_words_are_caught_in_any_form_before_they_go_out() -> None:
         sent, _end = stream(guard, reply, seed)
         assert "".join(sent).startswith("Well") and "s" not in "".join(sent)[4:]
         assert guard.cut is not None
+
+
+def test_read_ahead_embeds_in_one_batch_every_probe_the_checks_then_need() -> None:
+    """A world tick reads its candidates ahead: the one-by-one checks that follow must find
+    every vector remembered (they once embedded lower-cased texts the batch had not)."""
+    from npc_engine.guard_rules import read_ahead, tells_secret
+    from npc_engine.multilingual import PairedEmbedder
+
+    embedded: list[list[str]] = []
+
+    def english(texts: list[str]) -> list[list[float]]:
+        embedded.append(list(texts))
+        return [[1.0, float(len(t) % 7)] for t in texts]
+
+    def multilingual(texts: list[str]) -> list[list[float]]:
+        return [[float(len(t) % 5), 1.0] for t in texts]
+
+    rules = GuardRules(
+        [GuardedSecret("secrets.0", BRANDY.text, ())],
+        (),
+        PairedEmbedder(english, lambda: multilingual),
+        1.01,
+    )
+    memories = [
+        ["I saw Boat 3 come in with 40 crates.", "Then it sank."],
+        ["The tide was high, and the gulls were loud, while the nets lay drying on the quay."],
+        ["Aye."],
+    ]
+    rules.secret_vectors()
+    embedded.clear()
+    read_ahead(rules, memories)
+    assert len(embedded) == 1 and len(embedded[0]) >= 5  # sentences, clauses, pairs at once
+    for sentences in memories:
+        assert tells_secret(rules, sentences) is None
+    assert len(embedded) == 1  # nothing more was embedded
