@@ -134,7 +134,10 @@ def test_saves_greetings_and_warm_up_over_protocol_across_a_restart(
             errors = {}
             for name, call in {
                 "unknown": client.save_load("slot9"),
-                "path": client.save_import("x", "../../etc/passwd.npcsave"),
+                # A hostile client's raw frame: the Python client itself refuses the name.
+                "path": client.request(
+                    {"type": "save.import", "save_id": "x", "file": "../../etc/passwd.npcsave"}
+                ),
                 "missing": client.save_import("x", "nothing.npcsave"),
             }.items():
                 try:
