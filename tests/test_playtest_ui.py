@@ -1,4 +1,6 @@
-"""The playtest UI driven as a user would, through Textual's Pilot, on the real model."""
+"""The playtest UI driven as a user would, through Textual's Pilot: on the scripted
+generator and the in-RAM store in the fast lane (the UI's own behaviour), and on the real
+model (what a designer sees)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,15 @@ from rich.console import Console
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
 
-from npc_engine.config import EngineConfig
+from npc_engine.config import EngineConfig, load_config
 from npc_engine.playtest.app import PlaytestApp
 from npc_engine.playtest.local_session import LocalSession
 from npc_engine.playtest.session import PlaytestSession
 from npc_engine.playtest.widgets import ChatLine
+from tests.conftest import FAKE_STORE_RETRIEVAL, SAMPLE_PERSONAS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.timeout(240)
+SCRIPTED_REPLY = "Aye, one room left upstairs, love. Five bits a night."
 
 
 def plain(widget: Static) -> str:
@@ -58,6 +62,52 @@ def local_app(config: EngineConfig, **kwargs: Any) -> PlaytestApp:
     return PlaytestApp(open_session, **kwargs)
 
 
+@pytest.fixture
+def scripted_config(tmp_path: Path) -> EngineConfig:
+    """No model: the scripted generator and the in-RAM store."""
+    return load_config(
+        personas_dir=SAMPLE_PERSONAS,
+        data_dir=tmp_path / "data",
+        generation={"backend": "scripted", "scripted_reply": SCRIPTED_REPLY},
+        memory={"backend": "memory"},
+        retrieval=FAKE_STORE_RETRIEVAL,
+    )
+
+
+@pytest.mark.timeout(60)
+async def test_the_ui_talks_records_events_and_runs_commands_without_a_model(
+    scripted_config: EngineConfig,
+) -> None:
+    app = local_app(scripted_config, npc_id="mara", player_id="aria")
+    async with app.run_test(size=(160, 50)) as pilot:
+        await wait_for(pilot, lambda: not app.query_one("#line").disabled, timeout=30)
+        assert "Mara Saltwhistle" in plain(app.query_one("#who", Static))
+        await type_line(pilot, "Hello! My name is Aria.", key_by_key=True)
+        await wait_for(pilot, lambda: app.last_turn is not None, timeout=30)
+        assert app.last_turn is not None and app.last_turn.text == SCRIPTED_REPLY
+        assert npc_lines(app)[-1].body.endswith(SCRIPTED_REPLY)
+        await pilot.press("f2")
+        assert "Hello! My name is Aria." in plain(app.query_one("#inspect-prompt", Static))
+
+        await type_line(pilot, "/event The chapel bell cracked during the storm.")
+        await wait_for(pilot, lambda: "event stored" in plain(list(app.query(ChatLine))[-1]))
+        await type_line(pilot, "/memories chapel bell")
+        await wait_for(pilot, lambda: "bell cracked" in plain(list(app.query(ChatLine))[-1]))
+        await type_line(pilot, "/trust 50")
+        await type_line(pilot, "/flag quest_pier=2 paid=true")
+        state = plain(list(app.query(ChatLine))[-1])
+        assert "trusts aria: 50" in state and "unlocked: knowledge.3, secrets.1" in state
+        await type_line(pilot, "/nonsense")
+        assert "Unknown command /nonsense" in plain(list(app.query(ChatLine))[-1])
+        await type_line(pilot, "/npc guard_tom")
+        assert app.npc_id == "guard_tom"
+        await type_line(pilot, "/scene mara guard_tom -- the fog")
+        await wait_for(pilot, lambda: "The scene ended" in plain(list(app.query(ChatLine))[-1]))
+        spoken = [line for line in app.query(ChatLine) if line.kind == "npc"][-2:]
+        assert {line.speaker for line in spoken} == {"Mara Saltwhistle", "Tom Hale"}
+
+
+@pytest.mark.slow
 async def test_talk_inspect_event_and_cancel(
     real_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,12 +193,13 @@ async def test_talk_inspect_event_and_cancel(
         )
 
 
+@pytest.mark.timeout(60)
 async def test_persona_hot_reload_keeps_the_last_good_version(
-    real_config: EngineConfig, tmp_path: Path
+    scripted_config: EngineConfig, tmp_path: Path
 ) -> None:
     personas = tmp_path / "personas"
-    shutil.copytree(real_config.personas_dir, personas)
-    config = real_config.model_copy(update={"personas_dir": personas})
+    shutil.copytree(scripted_config.personas_dir, personas)
+    config = scripted_config.model_copy(update={"personas_dir": personas})
     app = local_app(config, npc_id="wren", reload_interval=0.2)
     async with app.run_test(size=(140, 40)) as pilot:
         await wait_for(pilot, lambda: not app.query_one("#line").disabled)
