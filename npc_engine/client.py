@@ -44,15 +44,15 @@ from npc_engine.protocol import (
     StateSet,
     WorldTick,
 )
+from npc_engine.protocol.requests import request_type
 
 
 def _request(model: type[BaseModel], request_id: str, **fields: Any) -> dict[str, Any]:
     """A request built by its protocol model, the one the server reads it with: a bad id or
     an over-long text fails here (pydantic's ``ValidationError`` names the field) before
     anything is sent. Optional fields left as None are not sent."""
-    kind = model.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
     given = {key: value for key, value in fields.items() if value is not None}
-    built = model(type=kind, id=request_id, **given)
+    built = model(type=request_type(model), id=request_id, **given)
     return built.model_dump(mode="json", exclude_unset=True)
 
 

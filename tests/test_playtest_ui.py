@@ -21,7 +21,6 @@ from npc_engine.playtest.session import PlaytestSession
 from npc_engine.playtest.widgets import ChatLine
 from tests.conftest import FAKE_STORE_RETRIEVAL, SAMPLE_PERSONAS
 
-pytestmark = pytest.mark.timeout(240)
 SCRIPTED_REPLY = "Aye, one room left upstairs, love. Five bits a night."
 
 

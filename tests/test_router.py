@@ -20,6 +20,7 @@ from npc_engine.generation.scripted import ScriptedGenerator
 from npc_engine.memory.in_memory import InMemoryStore
 from npc_engine.persona.loader import load_personas
 from npc_engine.protocol import REQUEST_TYPES, Encoding, encode
+from npc_engine.protocol.requests import request_type
 from npc_engine.serving.connection import Connection
 from npc_engine.serving.router import Router
 from npc_engine.serving.routes import ROUTES
@@ -67,7 +68,7 @@ def make_router(sample_personas: Path, generator: ScriptedGenerator, **limits: A
 
 
 def test_every_request_type_has_exactly_one_handler() -> None:
-    routed = {str(model.model_fields["type"].annotation.__args__[0]) for model in ROUTES}
+    routed = {request_type(model) for model in ROUTES}
     assert routed == set(REQUEST_TYPES) - ANSWERED_ON_ARRIVAL
 
 
@@ -246,8 +247,8 @@ def test_each_ok_carries_only_the_fields_of_its_request(sample_personas: Path) -
     with no null fields of the others."""
     from npc_engine.protocol import OK_ANSWERS
 
-    def fields_of(request_type: str) -> set[str]:
-        return set(OK_ANSWERS[request_type].model_fields)
+    def fields_of(kind: str) -> set[str]:
+        return set(OK_ANSWERS[kind].model_fields)
 
     async def run() -> None:
         router = make_router(sample_personas, ScriptedGenerator(["Aye."]))
@@ -260,12 +261,12 @@ def test_each_ok_carries_only_the_fields_of_its_request(sample_personas: Path) -
             "world.tick": {},
             "cancel": {"target": "nothing-running"},
         }
-        for index, (request_type, fields) in enumerate(requests.items()):
-            await client.send(type=request_type, id=f"r{index}", **fields)
+        for index, (kind, fields) in enumerate(requests.items()):
+            await client.send(type=kind, id=f"r{index}", **fields)
             answer = await client.until(re=f"r{index}")
             answer.pop("encoding")
             assert answer["type"] == "ok", answer
-            assert set(answer) == fields_of(request_type), (request_type, answer)
+            assert set(answer) == fields_of(kind), (kind, answer)
         assert fields_of("cancel") == {"type", "re"}
         assert fields_of("save.create") == {"type", "re", "save_id", "memories"}
         client.close()

@@ -294,8 +294,12 @@ Request = Annotated[
     Field(discriminator="type"),
 ]
 REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)
+
+
+def request_type(model: type[BaseModel]) -> str:
+    """The ``type`` a request model declares: ``Literal["say"]`` -> ``"say"``."""
+    return str(model.model_fields["type"].annotation.__args__[0])  # type: ignore[union-attr]
+
+
 # Every request type, read off the models so a new one cannot be forgotten here.
-REQUEST_TYPES = {
-    str(member.model_fields["type"].annotation.__args__[0])  # Literal["say"] -> "say"
-    for member in Request.__origin__.__args__  # type: ignore[attr-defined]
-}
+REQUEST_TYPES = {request_type(member) for member in Request.__origin__.__args__}  # type: ignore[attr-defined]
