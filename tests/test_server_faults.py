@@ -45,8 +45,9 @@ class SlowStore:
 
 
 class FaultyGenerator:
-    """The real generator; fails after ``fail_after`` pieces of text (0: before any), or
-    with ``hold`` set, streams one piece and then waits, deaf to cancel."""
+    """The real generator; fails after ``fail_after`` pieces of text (0: before any; at
+    the reply's end if it is shorter), or with ``hold`` set, streams one piece and then
+    waits, deaf to cancel."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -77,7 +78,12 @@ class FaultyGenerator:
             if self.fail_after is not None and seen >= self.fail_after:
                 raise RuntimeError("the GPU fell off mid-reply")
 
-        return self._real.generate(prompt, params, counting, cancel)
+        stats = self._real.generate(prompt, params, counting, cancel)
+        if self.fail_after is not None and seen:
+            # The reply ended before that piece (its length follows the CPU and what the
+            # shared conversation held): the fault comes after its last piece instead.
+            raise RuntimeError("the GPU fell off at the end of the reply")
+        return stats
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)

@@ -281,14 +281,22 @@ def longest_copied_run(reply: str, source: str) -> int:
 
 @pytest.mark.slow
 def test_dry_stops_the_reply_copying_a_long_run_of_its_prompt(real_config: EngineConfig) -> None:
-    """The tiny model asked to repeat a sentence copies it word for word; with DRY it
-    cannot continue a run of the prompt past a few tokens (the batched generator's own
-    sampler chain; docs/models.md, "Repetition")."""
+    """The tiny model that said a sentence twice says it a third time word for word; with
+    DRY it cannot continue a run of the prompt past a few tokens (the batched generator's
+    own sampler chain; docs/models.md, "Repetition")."""
     path, chat_format = resolve_chat_model(real_config, lambda _m: None)
     generator = BatchedLlamaGenerator(Path(path), n_ctx=1024, chat_format=chat_format, slots=1)
     said = "The old lighthouse keeper counted seven grey ships sailing past the broken pier."
+    # Its own earlier turns, not a request to repeat: asked to repeat, the 135M copied on
+    # one CPU and rambled on another (AVX-512); after two identical turns it copies on both.
     prompt = generator.render(
-        [{"role": "user", "content": f'Repeat exactly what I say: "{said}"\nSay it again.'}]
+        [
+            {"role": "user", "content": "Say the line."},
+            {"role": "assistant", "content": said},
+            {"role": "user", "content": "Again."},
+            {"role": "assistant", "content": said},
+            {"role": "user", "content": "Again."},
+        ]
     )
     try:
         replies = {}
