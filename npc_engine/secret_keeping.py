@@ -62,7 +62,9 @@ class SecretKeeper:
             cached = self._secret_cache.get(id(persona))
             if cached is not None and cached[0] is persona:
                 return cached[1], cached[2]
-        public = self._public_words(loaded)
+        # The whole world's public words, read only for an NPC with secrets (reading them
+        # for each of 100 villagers took seconds of a town's first tick).
+        public = self._public_words(loaded) if any(not s.keys for s in persona.secrets) else ""
         secrets = [
             GuardedSecret(
                 f"secrets.{index}",

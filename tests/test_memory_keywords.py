@@ -157,7 +157,9 @@ def test_a_tick_reads_the_index_as_it_would_read_chroma(tmp_path: Path) -> None:
 
     store = ChromaMemoryStore(tmp_path / "chroma", same_vector)
     world = tick_world()
-    store.add(world)
+    # Into Chroma itself (as an import writes), rumours too: a scan must see them all (a
+    # tick's own rumours wait outside Chroma, tests/test_held_rumours.py).
+    store.add_with_embeddings(world, same_vector([m.searchable for m in world]))
     store.close()
     with sqlite3.connect(tmp_path / "chroma" / KEYWORD_INDEX) as db:  # an older layout
         db.execute("PRAGMA user_version=2")

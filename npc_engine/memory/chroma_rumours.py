@@ -43,13 +43,17 @@ class ChromaRumours:
         rows = index.made_between(npc_id, timestamp(since), timestamp(until), min_importance)
         for start in range(0, len(rows), TICK_READ_BATCH):
             chunk = rows[start : start + TICK_READ_BATCH]
+            # The rumours of earlier ticks still held out of Chroma are read where they are
+            # held: the teller's collections are not filled for this.
+            found = self._store.held_records([memory_id for memory_id, _ in chunk])
             wanted: dict[str, list[str]] = {}
             for memory_id, player_id in chunk:
+                if memory_id in found:
+                    continue
                 name = own_name(npc_id) if player_id is None else player_shard(npc_id, player_id)
                 wanted.setdefault(name, []).append(memory_id)
-            found: dict[str, Memory] = {}
             for name, ids in wanted.items():
-                collection = self._store.collection(name, npc_id, create=False)
+                collection = self._store.collection(name, npc_id, create=False, deliver=False)
                 if collection is not None:
                     found.update(self._store.cached_records(collection, ids))
             yield from (found[i] for i, _player in chunk if i in found)

@@ -234,6 +234,9 @@ class ChromaSaves:
 
     def _apply(self, manifest: dict[str, Any]) -> None:
         self._store.index_synced.clear()  # until sync_keywords below: Chroma changes under it
+        # Rumours still held were passed on after every save was made (making a save moves
+        # them into Chroma first): no save names them, so the load drops them.
+        self._store.drop_held(None)
         wanted: dict[str, list[str]] = manifest.get("memories", {})
         live = self._store.live_ids()
         referenced = self._referenced()

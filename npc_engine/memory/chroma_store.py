@@ -43,6 +43,7 @@ from npc_engine.memory.chroma_records import (
 from npc_engine.memory.chroma_rumours import ChromaRumours
 from npc_engine.memory.chroma_saves import ChromaGameState, ChromaSaves
 from npc_engine.memory.chroma_server_search import ServerSearch
+from npc_engine.memory.held_rumours import HELD_RUMOURS_FILE, HeldRumours
 from npc_engine.memory.keywords import KeywordIndex
 from npc_engine.memory.types import (
     Candidate,
@@ -121,6 +122,12 @@ class ChromaMemoryStore:
         # Whether the local index holds every live memory (see synced_index).
         self.index_synced = threading.Event()
         self._sync_lock = threading.RLock()
+        # A tick's rumours, held until their collection is next read (``held_rumours.py``);
+        # on a server other replicas read the collections directly: written at once there.
+        self._held = HeldRumours(path / HELD_RUMOURS_FILE) if path is not None else None
+        # Held while rumours move into Chroma and while forget drops held ones: a rumour
+        # forgotten as it moves must not land in Chroma.
+        self._held_lock = threading.RLock()
         # The store's two other ports (``MemoryStore.state``, ``.saves``).
         self.state = ChromaGameState(self.collection)
         self.saves = ChromaSaves(self, self.state)
@@ -133,7 +140,19 @@ class ChromaMemoryStore:
         ):
             self.index_synced.set()
 
-    def collection(self, name: str, npc_id: str, *, create: bool = True) -> Any | None:
+    def collection(
+        self, name: str, npc_id: str, *, create: bool = True, deliver: bool = True
+    ) -> Any | None:
+        """The collection ``name`` (None if absent and not ``create``), with the rumours
+        held for it moved in first unless ``deliver`` is False (the tick's own reads, and
+        the writes that move them)."""
+        waiting = deliver and self._held is not None and self._held.waits_for(name)
+        collection = self._handle(name, npc_id, create or waiting)
+        if waiting and collection is not None:
+            self._deliver(name, collection)
+        return collection
+
+    def _handle(self, name: str, npc_id: str, create: bool) -> Any | None:
         with self._lock:
             collection = self._collections.get(name)
             if collection is not None:
@@ -162,13 +181,52 @@ class ChromaMemoryStore:
             self._collections.remember(name, collection)
             return collection
 
-    def all_of(self, npc_id: str) -> list[Any]:
-        found = [self.collection(name, npc_id, create=False) for name in names_of(npc_id)]
+    def all_of(self, npc_id: str, *, deliver: bool = True) -> list[Any]:
+        found = [
+            self.collection(name, npc_id, create=False, deliver=deliver)
+            for name in names_of(npc_id)
+        ]
         return [c for c in found if c is not None]
 
     def add(self, memories: Sequence[Memory]) -> None:
+        if self._held is not None:
+            rumours = [m for m in memories if m.kind == "rumour"]
+            if rumours:
+                self._hold(rumours)
+                memories = [m for m in memories if m.kind != "rumour"]
         if memories:
             self.add_with_embeddings(memories, self._embed([m.searchable for m in memories]))
+
+    def _hold(self, rumours: Sequence[Memory]) -> None:
+        assert self._held is not None
+        self._held.hold(rumours)
+        try:
+            self._keywords.add(rumours)  # a tick's reads find them there, as if stored
+        except BaseException:
+            self.index_synced.clear()
+            raise
+
+    def _deliver(self, name: str, collection: Any) -> None:
+        """Move the rumours held for this collection into it (embedded now)."""
+        assert self._held is not None
+        with self._held_lock:
+            held = self._held.held_for(name)
+            if not held:
+                return
+            vectors = self._embed([m.searchable for m in held])
+            # Upsert: after a crash between this write and the release they move again.
+            collection.upsert(
+                ids=[m.id for m in held],
+                embeddings=vectors,
+                documents=[m.text for m in held],
+                metadatas=[metadata_of(m) for m in held],
+            )
+            self._remember_written(held, vectors)
+            self._held.release(name, [m.id for m in held])
+
+    def held_records(self, memory_ids: Sequence[str]) -> dict[str, Memory]:
+        """The rumours among these ids still held out of Chroma."""
+        return self._held.records(memory_ids) if self._held is not None else {}
 
     def add_with_embeddings(self, memories: Sequence[Memory], vectors: Sequence[Any]) -> None:
         """Store memories whose vectors are already computed (imports, benchmarks)."""
@@ -183,7 +241,7 @@ class ChromaMemoryStore:
         for index, memory in enumerate(memories):
             by_collection.setdefault((home_name(memory), memory.npc_id), []).append(index)
         for (name, npc_id), indexes in by_collection.items():
-            collection = self.collection(name, npc_id)
+            collection = self.collection(name, npc_id, deliver=False)
             assert collection is not None
             collection.add(
                 ids=[memories[i].id for i in indexes],
@@ -191,6 +249,12 @@ class ChromaMemoryStore:
                 documents=[memories[i].text for i in indexes],
                 metadatas=[metadata_of(memories[i]) for i in indexes],
             )
+        self._remember_written(memories, vectors)
+        self._keywords.add(memories)
+
+    def _remember_written(self, memories: Sequence[Memory], vectors: Sequence[Any]) -> None:
+        """Caches of what was just written to Chroma: players' vectors, and the records
+        (likely recalled on the next turn)."""
         by_player: dict[tuple[str, str], list[int]] = {}
         for index, memory in enumerate(memories):
             if memory.player_id is not None:
@@ -199,8 +263,6 @@ class ChromaMemoryStore:
             self._player_vectors.extend(
                 key, [memories[i].id for i in indexes], unit_rows([vectors[i] for i in indexes])
             )
-        self._keywords.add(memories)
-        # Just written, likely recalled on the next turn: cache them as stored.
         self._records.put([memory_of(m.id, m.text, metadata_of(m)) for m in memories])
 
     def search(
@@ -337,15 +399,30 @@ class ChromaMemoryStore:
         everything: bool = False,
     ) -> int:
         where: dict[str, Any] | None = None
+        if not (everything or memory_ids is not None or player_id is not None):
+            raise ValueError("forget needs player_id, memory_ids or everything=True")
+        # Held rumours go without ever reaching Chroma.
+        dropped = set(
+            self.drop_held(
+                npc_id,
+                memory_ids=None if everything else memory_ids,
+                player_id=None if everything or memory_ids is not None else player_id,
+            )
+        )
+        count = len(dropped)
+        if memory_ids is not None and not everything:
+            memory_ids = [i for i in memory_ids if i not in dropped]
+            if not memory_ids:
+                return count
+        # What is still held was not asked for: it stays held (deliver=False).
         if everything or memory_ids is not None:
-            scopes = self.all_of(npc_id)
-        elif player_id is not None:
-            shard = self.collection(player_shard(npc_id, player_id), npc_id, create=False)
+            scopes = self.all_of(npc_id, deliver=False)
+        else:
+            assert player_id is not None
+            name = player_shard(npc_id, player_id)
+            shard = self.collection(name, npc_id, create=False, deliver=False)
             scopes = [shard] if shard is not None else []
             where = {"player_id": player_id}
-        else:
-            raise ValueError("forget needs player_id, memory_ids or everything=True")
-        count = 0
         for collection in scopes:
             if memory_ids is not None and not everything:
                 doomed = collection.get(ids=list(memory_ids), include=[])["ids"]
@@ -364,6 +441,31 @@ class ChromaMemoryStore:
                     self._player_vectors.drop(npc_id)
                 count += len(doomed)
         return count
+
+    def drop_held(
+        self,
+        npc_id: str | None,
+        *,
+        memory_ids: Sequence[str] | None = None,
+        player_id: str | None = None,
+    ) -> list[str]:
+        """Forget held rumours: of one NPC (these ids, this player's, or all of them), or
+        with ``npc_id`` None every one (a save load replaces the world)."""
+        if self._held is None:
+            return []
+        with self._held_lock:
+            if npc_id is None:
+                dropped = self._held.clear()
+            else:
+                dropped = self._held.drop(npc_id, memory_ids=memory_ids, player_id=player_id)
+            if dropped:
+                try:
+                    self._keywords.delete(dropped)
+                except BaseException:
+                    self.index_synced.clear()
+                    raise
+                self._records.discard(dropped)
+        return dropped
 
     def of_player(self, npc_id: str, player_id: str) -> list[Memory]:
         """Every memory tied to this player (superseded ones too), in no set order."""
@@ -414,12 +516,14 @@ class ChromaMemoryStore:
 
     def count(self, npc_id: str, player_id: str | None = None) -> int:
         """Memories of an NPC, or (with ``player_id``) those tied to that player."""
+        held = self._held.count(npc_id, player_id) if self._held is not None else 0
         if player_id is None:
-            return sum(int(c.count()) for c in self.all_of(npc_id))
-        shard = self.collection(player_shard(npc_id, player_id), npc_id, create=False)
+            return held + sum(int(c.count()) for c in self.all_of(npc_id, deliver=False))
+        name = player_shard(npc_id, player_id)
+        shard = self.collection(name, npc_id, create=False, deliver=False)
         if shard is None:
-            return 0
-        return len(shard.get(where={"player_id": player_id}, include=[])["ids"])
+            return held
+        return held + len(shard.get(where={"player_id": player_id}, include=[])["ids"])
 
     def lore_vectors(self) -> Any:
         """The lorebook's vectors, in this store's Chroma (see ``lore_vectors.py``)."""
@@ -440,11 +544,18 @@ class ChromaMemoryStore:
         self._player_vectors.drop()
 
     def memory_collection_names(self) -> list[str]:
+        """Every memory collection, and those only held rumours wait for."""
         names = [c.name for c in self._client.list_collections()]
-        return [n for n in names if MEMORY_COLLECTION_NAME.fullmatch(n)]
+        waiting = self._held.waiting() if self._held is not None else {}
+        return [n for n in dict.fromkeys([*names, *waiting]) if MEMORY_COLLECTION_NAME.fullmatch(n)]
 
-    def memory_collections(self) -> dict[str, Any]:
-        found = {n: self.collection(n, "", create=False) for n in self.memory_collection_names()}
+    def memory_collections(self, *, deliver: bool = True) -> dict[str, Any]:
+        """Every memory collection, open; with ``deliver``, held rumours moved in."""
+        waiting = self._held.waiting() if self._held is not None else {}
+        found = {
+            n: self.collection(n, waiting.get(n, ""), create=False, deliver=deliver)
+            for n in self.memory_collection_names()
+        }
         return {n: c for n, c in found.items() if c is not None}
 
     def open_collections_in_background(self) -> threading.Thread:
@@ -457,7 +568,7 @@ class ChromaMemoryStore:
                 if self.shared:  # on a server there is no local index to fill
                     return
                 if self.index_synced.is_set():  # in step since the last clean close
-                    for collection in self.memory_collections().values():
+                    for collection in self.memory_collections(deliver=False).values():
                         collection.count()
                 else:
                     self.sync_keywords()
@@ -476,16 +587,17 @@ class ChromaMemoryStore:
             return self._sync_keywords(rewrite)
 
     def _sync_keywords(self, rewrite: bool) -> int:
-        live = self.live_ids()
+        live = self.live_ids(deliver=False)
         indexed = set() if rewrite else self._keywords.ids()
-        wanted = {i for ids in live.values() for i in ids}
+        held = self._held.every() if self._held is not None else []
+        wanted = {i for ids in live.values() for i in ids} | {m.id for m in held}
         if rewrite:
             self._keywords.rebuild([])
         self._keywords.delete(sorted(indexed - wanted))
         added = 0
         for name, ids in live.items():
             missing = [i for i in ids if i not in indexed]
-            collection = self.collection(name, "", create=False)
+            collection = self.collection(name, "", create=False, deliver=False)
             for start in range(0, len(missing), 1000):
                 if collection is None:
                     break
@@ -494,13 +606,20 @@ class ChromaMemoryStore:
                 )
                 self._keywords.add(memories_of(found))
                 added += len(found["ids"])
+        missing_held = [m for m in held if m.id not in indexed]
+        self._keywords.add(missing_held)
+        added += len(missing_held)
         if added:
             log.info("keyword index: %d memories indexed anew", added)
         self.index_synced.set()
         return added
 
-    def live_ids(self) -> dict[str, list[str]]:
-        found = {n: list(c.get(include=[])["ids"]) for n, c in self.memory_collections().items()}
+    def live_ids(self, *, deliver: bool = True) -> dict[str, list[str]]:
+        """Each memory collection's ids; with ``deliver``, held rumours moved in first."""
+        found = {
+            n: list(c.get(include=[])["ids"])
+            for n, c in self.memory_collections(deliver=deliver).items()
+        }
         return {name: ids for name, ids in found.items() if ids}
 
     def dimension(self) -> int:
@@ -516,5 +635,7 @@ class ChromaMemoryStore:
             self._keywords.close()
         with self._lock:
             self._collections.clear()
+        if self._held is not None:
+            self._held.close()
         if self._shared_lore is not None:
             self._shared_lore.close()
