@@ -19,6 +19,7 @@ from typing import Any
 from npc_engine.errors import is_unavailable
 from npc_engine.memory.chroma_disk_search import DiskSearch
 from npc_engine.memory.chroma_format import EmbeddingFormat
+from npc_engine.memory.chroma_index_sync import IndexSync
 from npc_engine.memory.chroma_records import (
     KEYWORD_INDEX,
     MEMORY_COLLECTION_CONFIG,
@@ -119,15 +120,18 @@ class ChromaMemoryStore:
         self._server_search = (
             ServerSearch(self._disk_search.exact, self.OVERFETCH) if self.shared else None
         )
-        # Whether the local index holds every live memory (see synced_index).
-        self.index_synced = threading.Event()
-        self._sync_lock = threading.RLock()
         # A tick's rumours, held until their collection is next read (``held_rumours.py``);
         # on a server other replicas read the collections directly: written at once there.
         self._held = HeldRumours(path / HELD_RUMOURS_FILE) if path is not None else None
-        # Held while rumours move into Chroma and while forget drops held ones: a rumour
-        # forgotten as it moves must not land in Chroma.
-        self._held_lock = threading.RLock()
+        self._index_sync = (
+            IndexSync(self, self._keywords, self._held)
+            if isinstance(self._keywords, KeywordIndex) and self._held is not None
+            else None
+        )
+        # Whether the local index holds every live memory (see synced_index).
+        self.index_synced = (
+            self._index_sync.synced if self._index_sync is not None else threading.Event()
+        )
         # The store's two other ports (``MemoryStore.state``, ``.saves``).
         self.state = ChromaGameState(self.collection)
         self.saves = ChromaSaves(self, self.state)
@@ -207,22 +211,9 @@ class ChromaMemoryStore:
             raise
 
     def _deliver(self, name: str, collection: Any) -> None:
-        """Move the rumours held for this collection into it (embedded now)."""
+        """Move the rumours held for this collection into it."""
         assert self._held is not None
-        with self._held_lock:
-            held = self._held.held_for(name)
-            if not held:
-                return
-            vectors = self._embed([m.searchable for m in held])
-            # Upsert: after a crash between this write and the release they move again.
-            collection.upsert(
-                ids=[m.id for m in held],
-                embeddings=vectors,
-                documents=[m.text for m in held],
-                metadatas=[metadata_of(m) for m in held],
-            )
-            self._remember_written(held, vectors)
-            self._held.release(name, [m.id for m in held])
+        self._held.move_into(name, collection, self._embed, self._remember_written)
 
     def held_records(self, memory_ids: Sequence[str]) -> dict[str, Memory]:
         """The rumours among these ids still held out of Chroma."""
@@ -453,18 +444,19 @@ class ChromaMemoryStore:
         with ``npc_id`` None every one (a save load replaces the world)."""
         if self._held is None:
             return []
-        with self._held_lock:
-            if npc_id is None:
-                dropped = self._held.clear()
-            else:
-                dropped = self._held.drop(npc_id, memory_ids=memory_ids, player_id=player_id)
-            if dropped:
-                try:
-                    self._keywords.delete(dropped)
-                except BaseException:
-                    self.index_synced.clear()
-                    raise
-                self._records.discard(dropped)
+        # Not while they move into Chroma (the file's lock): one forgotten as it moved
+        # would land there.
+        if npc_id is None:
+            dropped = self._held.clear()
+        else:
+            dropped = self._held.drop(npc_id, memory_ids=memory_ids, player_id=player_id)
+        if dropped:
+            try:
+                self._keywords.delete(dropped)
+            except BaseException:
+                self.index_synced.clear()
+                raise
+            self._records.discard(dropped)
         return dropped
 
     def of_player(self, npc_id: str, player_id: str) -> list[Memory]:
@@ -503,16 +495,8 @@ class ChromaMemoryStore:
         return found[:limit]
 
     def synced_index(self) -> KeywordIndex | None:
-        """The local index, once it holds every live memory (None on a shared server): it
-        is filled from Chroma in the background when the store opens (and remade after a
-        schema change), and a tick must not pass on a rumour twice meanwhile."""
-        if not isinstance(self._keywords, KeywordIndex):
-            return None
-        if not self.index_synced.is_set():
-            with self._sync_lock:  # the background fill may be at it: wait for that one
-                if not self.index_synced.is_set():
-                    self.sync_keywords()
-        return self._keywords
+        """The local index, once it holds every live memory (None on a shared server)."""
+        return self._index_sync.synced_index() if self._index_sync is not None else None
 
     def count(self, npc_id: str, player_id: str | None = None) -> int:
         """Memories of an NPC, or (with ``player_id``) those tied to that player."""
@@ -559,60 +543,16 @@ class ChromaMemoryStore:
         return {n: c for n, c in found.items() if c is not None}
 
     def open_collections_in_background(self) -> threading.Thread:
-        """Read every memory collection once on a background thread: Chroma loads a
-        collection's segments on first use (~25 ms each; 0.8 s for 10 NPCs), which would
-        otherwise land on the first save (it lists them all) or an NPC's first recall."""
-
-        def open_all() -> None:
-            try:
-                if self.shared:  # on a server there is no local index to fill
-                    return
-                if self.index_synced.is_set():  # in step since the last clean close
-                    for collection in self.memory_collections(deliver=False).values():
-                        collection.count()
-                else:
-                    self.sync_keywords()
-            except Exception:  # only a warm-up: the real call reports its own failure
-                log.debug("opening collections ahead failed", exc_info=True)
-
-        thread = threading.Thread(target=open_all, name="npc-chroma-open", daemon=True)
+        """Open every memory collection on a background thread (``IndexSync``)."""
+        if self._index_sync is not None:
+            return self._index_sync.open_in_background()
+        thread = threading.Thread(target=lambda: None, daemon=True)  # a server: no index
         thread.start()
         return thread
 
     def sync_keywords(self, *, rewrite: bool = False) -> int:
-        """Make the keyword index hold exactly the live memories (Chroma is the record):
-        adds what is missing, drops what is gone, or with ``rewrite`` remakes it all.
-        Returns how many memories were indexed anew."""
-        with self._sync_lock:
-            return self._sync_keywords(rewrite)
-
-    def _sync_keywords(self, rewrite: bool) -> int:
-        live = self.live_ids(deliver=False)
-        indexed = set() if rewrite else self._keywords.ids()
-        held = self._held.every() if self._held is not None else []
-        wanted = {i for ids in live.values() for i in ids} | {m.id for m in held}
-        if rewrite:
-            self._keywords.rebuild([])
-        self._keywords.delete(sorted(indexed - wanted))
-        added = 0
-        for name, ids in live.items():
-            missing = [i for i in ids if i not in indexed]
-            collection = self.collection(name, "", create=False, deliver=False)
-            for start in range(0, len(missing), 1000):
-                if collection is None:
-                    break
-                found = collection.get(
-                    ids=missing[start : start + 1000], include=["documents", "metadatas"]
-                )
-                self._keywords.add(memories_of(found))
-                added += len(found["ids"])
-        missing_held = [m for m in held if m.id not in indexed]
-        self._keywords.add(missing_held)
-        added += len(missing_held)
-        if added:
-            log.info("keyword index: %d memories indexed anew", added)
-        self.index_synced.set()
-        return added
+        """Make the local index hold exactly the live memories (``IndexSync.sync``)."""
+        return self._index_sync.sync(rewrite=rewrite) if self._index_sync is not None else 0
 
     def live_ids(self, *, deliver: bool = True) -> dict[str, list[str]]:
         """Each memory collection's ids; with ``deliver``, held rumours moved in first."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from npc_engine.memory.chroma_records import home_name, memory_of, metadata_of
 from npc_engine.memory.types import Memory
@@ -78,6 +79,31 @@ class HeldRumours:
             ).fetchall()
         return [memory_of(i, document, json.loads(meta)) for i, document, meta in rows]
 
+    def move_into(
+        self,
+        name: str,
+        collection: Any,
+        embed: Callable[[list[str]], Any],
+        written: Callable[[list[Memory], Any], None],
+    ) -> None:
+        """Write the rumours held for collection ``name`` into it, embedded now, and let
+        them go from here; ``written`` (the store's caches) sees them before any forget
+        can (the lock is held throughout, and ``drop`` takes it)."""
+        with self._lock:
+            held = self.held_for(name)
+            if not held:
+                return
+            vectors = embed([m.searchable for m in held])
+            # Upsert: after a crash between this write and the release they move again.
+            collection.upsert(
+                ids=[m.id for m in held],
+                embeddings=vectors,
+                documents=[m.text for m in held],
+                metadatas=[metadata_of(m) for m in held],
+            )
+            written(held, vectors)
+            self.release(name, [m.id for m in held])
+
     def records(self, memory_ids: Sequence[str]) -> dict[str, Memory]:
         """The held rumours among these ids."""
         found: dict[str, Memory] = {}
@@ -124,18 +150,19 @@ class HeldRumours:
     ) -> list[str]:
         """Forget held rumours of this NPC: these ids, or this player's, or (neither) all.
         Returns the ids dropped."""
-        if memory_ids is not None:
-            wanted = set(memory_ids)
-            found = [(i, n) for i, n in self._select("npc_id = ?", (npc_id,)) if i in wanted]
-        elif player_id is not None:
-            found = self._select("npc_id = ? AND player_id = ?", (npc_id, player_id))
-        else:
-            found = self._select("npc_id = ?", (npc_id,))
-        if found:
-            with self._lock, self._db:
-                doomed = [(i,) for i, _ in found]
-                self._db.executemany("DELETE FROM held WHERE memory_id = ?", doomed)
-                self._forget_empty({name for _, name in found})
+        with self._lock:  # one step: none may move into Chroma between reading and deleting
+            if memory_ids is not None:
+                wanted = set(memory_ids)
+                found = [(i, n) for i, n in self._select("npc_id = ?", (npc_id,)) if i in wanted]
+            elif player_id is not None:
+                found = self._select("npc_id = ? AND player_id = ?", (npc_id, player_id))
+            else:
+                found = self._select("npc_id = ?", (npc_id,))
+            if found:
+                with self._db:
+                    doomed = [(i,) for i, _ in found]
+                    self._db.executemany("DELETE FROM held WHERE memory_id = ?", doomed)
+                    self._forget_empty({name for _, name in found})
         return [i for i, _ in found]
 
     def clear(self) -> list[str]:
