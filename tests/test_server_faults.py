@@ -179,7 +179,7 @@ async def test_a_real_generation_failure_ends_the_reply_consistently(
             if fail_after == 0:
                 assert end["text"] in fallbacks  # the persona speaks, not silence
             else:
-                assert len(deltas) >= 2 and end["text"] not in fallbacks  # what was sent stays
+                assert deltas and end["text"] not in fallbacks  # what was sent stays
             generator.fail_after = None
             again = await client.say("mara", "Hello again.", max_tokens=8)
             assert (await again.result())["reason"] in ("stop", "length")
