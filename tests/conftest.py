@@ -199,8 +199,11 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``npc-engine`` in a new process, as a user would."""
-    full_env = {**os.environ, **(env or {})}
+    """Run ``npc-engine`` in a new process, as a user would. A native crash (SIGSEGV,
+    SIGABRT) prints every thread's Python stack into the captured stderr: the playtest's
+    restart crashed in two fresh-clone runs (munmap_chunk, then a double free) and
+    never when run alone."""
+    full_env = {"PYTHONFAULTHANDLER": "1", **os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "npc_engine.cli", *args],
         capture_output=True,
