@@ -73,11 +73,7 @@ class HeldRumours:
         return name in self._waiting  # a dict lookup: read without the lock
 
     def held_for(self, name: str) -> list[Memory]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT memory_id, document, metadata FROM held WHERE collection = ?", (name,)
-            ).fetchall()
-        return [memory_of(i, document, json.loads(meta)) for i, document, meta in rows]
+        return self._memories("WHERE collection = ?", [name])
 
     def move_into(
         self,
@@ -106,22 +102,21 @@ class HeldRumours:
 
     def records(self, memory_ids: Sequence[str]) -> dict[str, Memory]:
         """The held rumours among these ids."""
-        found: dict[str, Memory] = {}
+        found: list[Memory] = []
         ids = list(memory_ids)
-        with self._lock:
-            for start in range(0, len(ids), 500):  # SQLite's bound on parameters
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for memory_id, document, meta in self._db.execute(
-                    f"SELECT memory_id, document, metadata FROM held WHERE memory_id IN ({marks})",
-                    chunk,
-                ):
-                    found[memory_id] = memory_of(memory_id, document, json.loads(meta))
-        return found
+        for start in range(0, len(ids), 500):  # SQLite's bound on parameters
+            chunk = ids[start : start + 500]
+            found += self._memories(f"WHERE memory_id IN ({','.join('?' * len(chunk))})", chunk)
+        return {m.id: m for m in found}
 
     def every(self) -> list[Memory]:
+        return self._memories("", [])
+
+    def _memories(self, where: str, values: Sequence[str]) -> list[Memory]:
         with self._lock:
-            rows = self._db.execute("SELECT memory_id, document, metadata FROM held").fetchall()
+            rows = self._db.execute(
+                f"SELECT memory_id, document, metadata FROM held {where}", list(values)
+            ).fetchall()
         return [memory_of(i, document, json.loads(meta)) for i, document, meta in rows]
 
     def count(self, npc_id: str, player_id: str | None = None) -> int:
